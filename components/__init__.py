@@ -1,0 +1,1 @@
+"""KFP v2 components: thin wrappers over the kfopt step functions."""

@@ -1,0 +1,305 @@
+"""One evaluator for every format: accuracy, agreement, size, sparsity and latency.
+
+Every candidate is measured the same way, in the format it will be deployed
+in, on the held-out test split. Ratios are like for like: a TFLite candidate
+is compared with the baseline converted to fp32 TFLite and run in the same
+interpreter, a SavedModel with the baseline exported as a plain SavedModel.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import _tf
+from .data import Data
+from .plugins.technique import ModelHandle
+from .sparsity import weight_sparsity
+
+#: Batch-1 invocations timed for latency (after WARMUP untimed ones).
+LATENCY_RUNS = 200
+WARMUP = 20
+THROUGHPUT_BATCH = 32
+THROUGHPUT_RUNS = 20
+
+
+# -- running a model of any format --------------------------------------------
+class Runner:
+    """Runs one model on numpy batches and returns class scores as float32."""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def prepared(self, x: np.ndarray):
+        """A zero-argument callable running the model once on ``x`` (input already fed), for timing."""
+        return lambda: self(x)
+
+
+class KerasRunner(Runner):
+    def __init__(self, model):
+        tf = _tf.tf()
+        self._fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def __call__(self, x):
+        return np.asarray(self._fn(np.asarray(x, np.float32)), np.float32)
+
+    def prepared(self, x):
+        tensor = _tf.tf().constant(np.asarray(x, np.float32))
+        return lambda: self._fn(tensor)
+
+
+class TFLiteRunner(Runner):
+    def __init__(self, content: bytes, threads: int = 1):
+        tf = _tf.tf()
+        with warnings.catch_warnings():  # tf.lite.Interpreter's notice about LiteRT
+            warnings.simplefilter("ignore")
+            self.interpreter = tf.lite.Interpreter(model_content=content, num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        self._batch = None
+
+    def _feed(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
+        if len(x) != self._batch:
+            shape = [len(x), *self._input["shape_signature"][1:]]
+            self.interpreter.resize_tensor_input(self._input["index"], shape)
+            self.interpreter.allocate_tensors()
+            self._input = self.interpreter.get_input_details()[0]
+            self._output = self.interpreter.get_output_details()[0]
+            self._batch = len(x)
+        dtype = self._input["dtype"]
+        if dtype in (np.int8, np.uint8):  # full-integer model: quantize the input as a device would
+            scale, zero = self._input["quantization"]
+            limits = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale + zero), limits.min, limits.max).astype(dtype)
+        self.interpreter.set_tensor(self._input["index"], x)
+
+    def __call__(self, x):
+        self._feed(x)
+        self.interpreter.invoke()
+        out = self.interpreter.get_tensor(self._output["index"])
+        if out.dtype in (np.int8, np.uint8):
+            scale, zero = self._output["quantization"]
+            out = (out.astype(np.float32) - zero) * scale
+        return out.astype(np.float32)
+
+    def prepared(self, x):
+        # Time the interpreter alone: an integer device is fed int8 directly.
+        self._feed(x)
+        return self.interpreter.invoke
+
+
+class SavedModelRunner(Runner):
+    def __init__(self, path: Path):
+        tf = _tf.tf()
+        self._loaded = tf.saved_model.load(str(path))
+        self._fn = self._loaded.signatures["serving_default"]
+        self._arg = next(iter(self._fn.structured_input_signature[1]))
+
+    def __call__(self, x):
+        outputs = self._fn(**{self._arg: np.asarray(x, np.float32)})
+        return np.asarray(next(iter(outputs.values())), np.float32)
+
+    def prepared(self, x):
+        kwargs = {self._arg: _tf.tf().constant(np.asarray(x, np.float32))}
+        return lambda: self._fn(**kwargs)
+
+
+def runner_for(handle: ModelHandle) -> Runner:
+    """A runner for ``handle`` in its own format (TFLite with the threads it asks for)."""
+    if handle.format == "keras":
+        return KerasRunner(handle.keras())
+    if handle.format == "tflite":
+        return TFLiteRunner(handle.tflite(), threads=int(handle.info.get("threads", 1)))
+    return SavedModelRunner(handle.saved_model_path())
+
+
+# -- measurements ---------------------------------------------------------------
+def artifact_sizes(path: Path) -> tuple[int, int]:
+    """(size_bytes, gzip_bytes) of a model file, or of a folder packed as a deterministic tar."""
+    path = Path(path)
+    if path.is_file():
+        data = path.read_bytes()
+        return len(data), len(gzip.compress(data, compresslevel=9, mtime=0))
+    buffer = io.BytesIO()
+    size = 0
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            size += file.stat().st_size
+            info = tar.gettarinfo(str(file), arcname=str(file.relative_to(path)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            with open(file, "rb") as f:
+                tar.addfile(info, f)
+    return size, len(gzip.compress(buffer.getvalue(), compresslevel=9, mtime=0))
+
+
+def tflite_sparsity(content: bytes) -> float | None:
+    """Fraction of zeros in a TFLite model's constant weight tensors (ndim >= 2)."""
+    interpreter = TFLiteRunner(content).interpreter
+    io_indices = {d["index"] for d in interpreter.get_input_details() + interpreter.get_output_details()}
+    zeros = total = 0
+    for detail in interpreter.get_tensor_details():
+        if detail["index"] in io_indices or len(detail["shape"]) < 2:
+            continue
+        try:
+            value = interpreter.get_tensor(detail["index"])
+        except ValueError:  # intermediate tensors hold no data
+            continue
+        name = detail["name"].lower()
+        if value.size == 0 or not any(k in name for k in ("matmul", "conv", "kernel", "weights", "dense")):
+            continue
+        zero_point = detail["quantization"][1] if value.dtype in (np.int8, np.uint8) else 0
+        zeros += int((value == zero_point).sum())
+        total += value.size
+    return zeros / total if total else None
+
+
+def latency(runner: Runner, sample: np.ndarray, runs: int = LATENCY_RUNS, warmup: int = WARMUP) -> tuple[float, float]:
+    """(p50, p95) milliseconds of batch-1 invocations after warm-up."""
+    run = runner.prepared(sample)
+    for _ in range(warmup):
+        run()
+    times = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        run()
+        times[i] = time.perf_counter() - start
+    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 95) * 1e3)
+
+
+def throughput(runner: Runner, batch: np.ndarray, runs: int = THROUGHPUT_RUNS) -> float:
+    """Inputs per second at batch size ``len(batch)``."""
+    run = runner.prepared(batch)
+    run()
+    start = time.perf_counter()
+    for _ in range(runs):
+        run()
+    return float(len(batch) * runs / (time.perf_counter() - start))
+
+
+class Evaluator:
+    """Measures the baseline and candidates on the same test split, side by side.
+
+    ``workdir`` holds the baseline converted to each candidate format, so the
+    ratios compare like with like.
+    """
+
+    def __init__(self, data: Data, baseline: ModelHandle, workdir: str | os.PathLike,
+                 latency_runs: int = LATENCY_RUNS):
+        self.data = data
+        self.baseline = baseline
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.latency_runs = latency_runs
+        self.x_test, self.y_test = data.test.arrays()
+        self._baseline_predictions = None
+        self._references: dict[str, dict] = {}
+
+    # The baseline, as deployed in each format, is what ratios are taken against.
+    def reference(self, format: str) -> dict:
+        """Size and latency of the baseline in ``format`` (computed once)."""
+        if format not in self._references:
+            handle = self._baseline_as(format)
+            path = handle.path or handle.save(self.workdir / format)
+            size, gz = artifact_sizes(path)
+            p50, p95 = latency(runner_for(handle), self.x_test[:1], self.latency_runs)
+            self._references[format] = {"format": format, "size_bytes": size, "gzip_bytes": gz,
+                                         "latency_p50_ms": p50, "latency_p95_ms": p95}
+        return self._references[format]
+
+    def _baseline_as(self, format: str) -> ModelHandle:
+        model = self.baseline.keras()
+        if format == "keras":
+            return self.baseline
+        if format == "tflite":
+            from .convert import to_tflite
+
+            return ModelHandle.from_tflite(to_tflite(model, "fp32"))
+        from .convert import to_saved_model
+
+        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+            handle = ModelHandle.from_saved_model(to_saved_model(model, Path(tmp) / "export"))
+            handle.save(self.workdir / format)
+        return handle
+
+    @property
+    def references(self) -> dict[str, dict]:
+        """The baseline's size and latency in every format measured so far."""
+        return dict(self._references)
+
+    def baseline_metrics(self) -> dict:
+        """The baseline's metrics in its Keras form (plus its like-for-like references)."""
+        metrics = self.evaluate(self.baseline)
+        metrics.pop("per_class_accuracy_change", None)
+        return metrics
+
+    def _predictions(self, runner: Runner) -> np.ndarray:
+        batches = [runner(self.x_test[i : i + 256]) for i in range(0, len(self.x_test), 256)]
+        return np.concatenate(batches).argmax(axis=1)
+
+    def evaluate(self, handle: ModelHandle) -> dict:
+        """All metrics of ``handle`` (saved first if it only lives in memory)."""
+        if handle.path is None:
+            handle.save(self.workdir / f"candidate-{handle.format}-{id(handle)}")
+        if self._baseline_predictions is None:
+            self._baseline_predictions = self._predictions(runner_for(self.baseline))
+        base_pred = self._baseline_predictions
+        runner = runner_for(handle)
+        pred = self._predictions(runner)
+        size, gz = artifact_sizes(handle.path)
+        p50, p95 = latency(runner, self.x_test[:1], self.latency_runs)
+        reference = self.reference(handle.format)
+        accuracy = float((pred == self.y_test).mean())
+        base_accuracy = float((base_pred == self.y_test).mean())
+        return {
+            "format": handle.format,
+            "accuracy": accuracy,
+            "accuracy_drop": base_accuracy - accuracy,
+            "agreement": float((pred == base_pred).mean()),
+            "size_bytes": size,
+            "gzip_bytes": gz,
+            "compression_ratio": reference["gzip_bytes"] / gz,
+            "sparsity": self._sparsity(handle),
+            "params": self._params(handle),
+            "latency_p50_ms": p50,
+            "latency_p95_ms": p95,
+            "throughput_per_s": throughput(runner, self._batch()),
+            "speedup": reference["latency_p50_ms"] / p50,
+            "per_class_accuracy_change": self._per_class_change(pred, base_pred),
+            "compared_with": reference,
+        }
+
+    def _batch(self) -> np.ndarray:
+        x = self.x_test[:THROUGHPUT_BATCH]
+        reps = -(-THROUGHPUT_BATCH // len(x))
+        return np.concatenate([x] * reps)[:THROUGHPUT_BATCH]
+
+    def _per_class_change(self, pred, base_pred) -> dict[str, float]:
+        change = {}
+        for label in np.unique(self.y_test):
+            mask = self.y_test == label
+            change[str(int(label))] = float((pred[mask] == label).mean() - (base_pred[mask] == label).mean())
+        return change
+
+    @staticmethod
+    def _sparsity(handle: ModelHandle) -> float | None:
+        if handle.format == "keras":
+            return weight_sparsity(handle.keras())
+        if handle.format == "tflite":
+            return tflite_sparsity(handle.tflite())
+        return handle.info.get("sparsity")
+
+    @staticmethod
+    def _params(handle: ModelHandle) -> int | None:
+        if handle.format == "keras":
+            return int(handle.keras().count_params())
+        return handle.info.get("params")

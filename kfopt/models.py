@@ -1,0 +1,116 @@
+"""Loading Keras models safely, and the demo baselines trained on the fly."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+from . import _tf
+from .errors import KfoptError
+
+DEMO_MODELS = ("demo:mlp", "demo:cnn")
+#: Input shape each demo model takes its digits in.
+DEMO_INPUT_SHAPES = {"demo:mlp": (64,), "demo:cnn": (28, 28, 1)}
+
+
+def load_keras(path: str | os.PathLike, *, unsafe: bool = False):
+    """Load a tf_keras model from a ``.keras`` file, ``.h5`` file or SavedModel directory.
+
+    Safe mode is on: a model containing a ``Lambda`` layer (arbitrary Python
+    code) is refused unless ``unsafe=True``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise KfoptError(f"Model '{path}' does not exist.", "check the path, or use demo:mlp / demo:cnn.")
+    config_text = _model_config_text(path)
+    if not unsafe and '"Lambda"' in config_text:
+        raise KfoptError(
+            f"Model '{path}' contains a Lambda layer, which runs arbitrary Python code when loaded; refused in safe mode.",
+            "pass --unsafe only if you trust where the model came from.",
+        )
+    keras = _tf.keras()
+    try:
+        if path.suffix == ".keras":
+            return keras.models.load_model(path, compile=False, safe_mode=not unsafe)
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:
+        raise KfoptError(
+            f"Model '{path}' could not be loaded as a Keras model ({type(exc).__name__}: {_first_line(exc)}).",
+            "pass a .keras file, an .h5 file or a SavedModel directory saved with tf_keras.",
+        ) from None
+
+
+def _model_config_text(path: Path) -> str:
+    """The model's architecture JSON, read without building the model."""
+    try:
+        if path.is_dir():
+            meta = path / "keras_metadata.pb"
+            if not (path / "saved_model.pb").exists():
+                raise ValueError("no saved_model.pb in the directory")
+            return meta.read_bytes().decode("utf-8", "replace") if meta.exists() else ""
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                return archive.read("config.json").decode()
+        if path.suffix in (".h5", ".hdf5"):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                config = f.attrs.get("model_config")
+                if config is None:
+                    raise ValueError("no model_config in the file (weights only?)")
+                return config.decode() if isinstance(config, bytes) else str(config)
+    except Exception as exc:
+        raise KfoptError(
+            f"Model '{path}' is not a readable Keras model ({_first_line(exc)}).",
+            "pass a .keras file, an .h5 file or a SavedModel directory saved with tf_keras.",
+        ) from None
+    raise KfoptError(
+        f"Model '{path}' has an unknown format (suffix '{path.suffix}').",
+        "pass a .keras file, an .h5 file, a SavedModel directory, or demo:mlp / demo:cnn.",
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def build_demo(name: str, num_classes: int = 10, seed: int = 0):
+    """An untrained demo architecture: ``demo:mlp`` (64 -> 256 -> 256 -> 10) or ``demo:cnn`` (28x28x1)."""
+    keras = _tf.keras()
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    if name == "demo:mlp":
+        return keras.Sequential(
+            [
+                keras.Input(shape=(64,)),
+                layers.Dense(256, activation="relu"),
+                layers.Dense(256, activation="relu"),
+                layers.Dense(num_classes, activation="softmax"),
+            ],
+            name="demo_mlp",
+        )
+    if name == "demo:cnn":
+        return keras.Sequential(
+            [
+                keras.Input(shape=(28, 28, 1)),
+                layers.Conv2D(16, 3, activation="relu"),
+                layers.MaxPooling2D(),
+                layers.Conv2D(32, 3, activation="relu"),
+                layers.MaxPooling2D(),
+                layers.Flatten(),
+                layers.Dense(64, activation="relu"),
+                layers.Dense(num_classes, activation="softmax"),
+            ],
+            name="demo_cnn",
+        )
+    raise KfoptError(f"Unknown demo model '{name}'.", f"use one of {', '.join(DEMO_MODELS)}.")
+
+
+def model_input_shape(spec: str, *, unsafe: bool = False) -> tuple:
+    """Input shape (no batch axis) of a model spec, loading the model only if needed."""
+    if spec in DEMO_INPUT_SHAPES:
+        return DEMO_INPUT_SHAPES[spec]
+    return tuple(load_keras(spec, unsafe=unsafe).input_shape[1:])
+

@@ -1,0 +1,84 @@
+"""Tables a person reads: techniques, and the baseline beside its candidates."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def techniques_table(registry) -> Table:
+    table = Table(title="kfopt techniques")
+    for column in ("technique", "kind", "accepts", "produces", "package", "config keys"):
+        table.add_column(column)
+    for technique in registry:
+        keys = ", ".join(f"{k}={_default(f)}" for k, f in technique.Config.model_fields.items())
+        table.add_row(technique.name, technique.kind, ", ".join(sorted(technique.accepts)),
+                      _produces(technique), registry.owners[technique.name], keys)
+    return table
+
+
+def techniques_json(registry) -> list[dict]:
+    return [
+        {
+            "name": t.name,
+            "kind": t.kind,
+            "accepts": sorted(t.accepts),
+            "produces": _produces(t),
+            "package": registry.owners[t.name],
+            "config_schema": t.Config.model_json_schema(),
+        }
+        for t in registry
+    ]
+
+
+def _produces(technique) -> str:
+    """What a technique returns; per option when it depends on the config."""
+    formats = set()
+    for name, field in technique.Config.model_fields.items():
+        choices = getattr(field.annotation, "__args__", None)
+        if choices and all(isinstance(c, str) for c in choices):
+            try:
+                formats = {c: technique.produces_for(technique.Config(**{name: c})) for c in choices}
+            except Exception:
+                continue
+            if len(set(formats.values())) > 1:
+                return ", ".join(f"{v} ({k})" for k, v in formats.items())
+    return technique.produces
+
+
+def _default(field) -> str:
+    return "required" if field.is_required() else repr(field.default)
+
+
+COLUMNS = (
+    ("accuracy", "accuracy", "{:.4f}"),
+    ("accuracy_drop", "drop", "{:+.4f}"),
+    ("agreement", "agree", "{:.3f}"),
+    ("gzip_bytes", "gzip KB", "{:,.1f}"),
+    ("compression_ratio", "ratio", "{:.1f}x"),
+    ("sparsity", "sparsity", "{:.2f}"),
+    ("latency_p50_ms", "p50 ms", "{:.4f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+)
+
+
+def results_table(result: dict) -> Table:
+    """Baseline and candidates, one row each; ratios are against the baseline in the candidate's format."""
+    table = Table(title=f"kfopt: {result.get('model')} on {result.get('data')} (test split)")
+    table.add_column("model")
+    table.add_column("format")
+    table.add_column("status")
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    rows = [("baseline", {**result["baseline"], "status": "ok"})]
+    rows += [(c["recipe"], c) for c in result["candidates"]]
+    for label, row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = row.get(key)
+            if value is None:
+                cells.append("-")
+            else:
+                cells.append(fmt.format(value / 1024 if key == "gzip_bytes" else value))
+        status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('reason')}"
+        table.add_row(label, row.get("format", "-"), status, *cells)
+    return table

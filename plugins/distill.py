@@ -1,0 +1,299 @@
+"""Knowledge distillation: train a smaller student on the teacher's softened logits.
+
+The loss is Hinton et al.'s: ``alpha * CE(y, student) + (1 - alpha) * T^2 *
+KL(softmax(teacher / T) || softmax(student / T))``. The ``T^2`` factor keeps the
+soft term's gradients on the same scale as the hard term's whatever ``T`` is.
+Both terms work on logits, so a model that ends in softmax is first given a
+logits view (see :func:`logits_model`); the student that comes back keeps the
+output convention it was built with (the teacher's, for a width-scaled student).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pydantic
+from pydantic import Field
+
+from kfopt import _tf
+from kfopt.errors import KfoptError
+from kfopt.progress import keras_callback
+
+from .spec import hookimpl
+from .technique import ModelHandle, StepContext, Technique
+
+#: Layer config keys that set a layer's width (Dense/RNN ``units``, Conv ``filters``).
+WIDTH_KEYS = ("units", "filters")
+#: Epochs without improvement of the validation distillation loss before stopping early.
+PATIENCE = 5
+#: Facts about the input model that do not hold for a new student.
+_STALE_INFO = ("sparsity", "params")
+
+
+class Distill(Technique):
+    """Train a smaller student (the teacher at a width multiplier, or a given model) by distillation."""
+
+    name = "distill"
+    kind = "distill"
+    accepts = {"keras"}
+    produces = "keras"
+    trains = True
+
+    class Config(Technique.Config):
+        width: float = Field(
+            0.5, gt=0, le=1,
+            description="Student width as a fraction of the teacher's: every Dense `units` and Conv `filters` "
+                        "is multiplied by it (at least 1), except the output layer. Ignored when `student` is given.",
+        )
+        student: str | None = Field(
+            None,
+            description="Path to a Keras model file to use as the student (trained from its current weights); "
+                        "it must take the teacher's inputs and give the teacher's number of classes.",
+        )
+        temperature: float = Field(
+            4.0, gt=0, description="Softmax temperature T for the soft targets; higher shows more of the teacher's "
+                                   "knowledge about wrong classes.",
+        )
+        alpha: float = Field(
+            0.1, ge=0, le=1, description="Weight of the hard-label cross-entropy; 1 - alpha weighs the distillation "
+                                         "(KL) term.",
+        )
+        epochs: int = Field(
+            30, ge=1, description=f"Maximum training epochs; stops early when the validation loss has not improved "
+                                  f"for {PATIENCE} epochs (keeping the best weights).",
+        )
+        learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate for the student.")
+
+    def apply(self, model: ModelHandle, config: "Distill.Config", ctx: StepContext) -> ModelHandle:
+        keras = _tf.keras()
+        teacher = model.keras()
+        keras.utils.set_random_seed(ctx.seed)
+        with ctx.strategy.scope():
+            # Work on copies built inside the strategy scope: the teacher must not
+            # be mutated, and on several GPUs/TPU cores its variables must be
+            # mirrored like the student's.
+            teacher_logits, _ = logits_model(_copy(teacher))
+            teacher_logits.trainable = False
+            if config.student:
+                student = _load_student(config.student, teacher)
+            else:
+                student = build_student(teacher, config.width)
+            student_logits, shares_weights = logits_model(student)
+            distiller = _distiller_class()(student_logits, teacher_logits, config.temperature, config.alpha)
+            distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+        val_x, val_y = ctx.validation.arrays()
+        distiller.fit(
+            **ctx.train.fit_args(),
+            validation_data=(val_x, val_y),
+            epochs=config.epochs,
+            callbacks=[
+                keras_callback(ctx.progress, "distill", config.epochs),
+                keras.callbacks.EarlyStopping(monitor="val_loss", patience=PATIENCE, restore_best_weights=True),
+            ],
+            verbose=0,
+            shuffle=True,
+        )
+        if not shares_weights:  # the logits view was a copy: put the trained weights back
+            student.set_weights(student_logits.get_weights())
+        info = {k: v for k, v in model.info.items() if k not in _STALE_INFO}
+        return ModelHandle.from_keras(student, info=info)
+
+
+# -- building the student ------------------------------------------------------
+def build_student(teacher, width: float):
+    """The teacher's architecture with Dense/Conv widths scaled by ``width``, freshly initialised.
+
+    Layers that set the model's output width (the last Dense/Conv on the path to
+    each output, through activations, reshapes, etc.) keep their size, so the
+    student gives the same outputs. Works for Sequential and functional models,
+    including nested ones.
+    """
+    keras = _tf.keras()
+    keep = _output_width_layers(teacher)
+
+    def scaled(layer):
+        if isinstance(layer, keras.Model):  # a nested Sequential/functional model
+            return keras.models.clone_model(layer, clone_function=scaled)
+        config = layer.get_config()
+        key = _width_key(layer)
+        if key and id(layer) not in keep:
+            config[key] = max(1, int(round(config[key] * width)))
+        return layer.__class__.from_config(config)
+
+    try:
+        student = keras.models.clone_model(teacher, clone_function=scaled)
+    except Exception as exc:  # e.g. a skip connection adding tensors whose widths now differ
+        raise KfoptError(
+            f"Cannot build a width-{width} student from the teacher's architecture "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).",
+            "use width=1, or pass a student model file with student=PATH.",
+        ) from None
+    return student
+
+
+def _width_key(layer) -> str | None:
+    if not hasattr(layer, "get_config"):
+        return None
+    config = layer.get_config()
+    return next((k for k in WIDTH_KEYS if isinstance(config.get(k), int)), None)
+
+
+def _output_width_layers(model) -> set[int]:
+    """ids of the layers whose width is the model's output width."""
+    keras = _tf.keras()
+    keep: set[int] = set()
+    if not model.outputs:  # a Sequential that was never built on an input shape
+        last = next((layer for layer in reversed(model.layers) if _width_key(layer)), None)
+        return {id(last)} if last is not None else keep
+    stack = list(model.outputs)
+    while stack:
+        layer, node_index, _ = stack.pop()._keras_history
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):
+            keep |= _output_width_layers(layer)
+        elif _width_key(layer):
+            keep.add(id(layer))
+        else:  # activation, reshape, add, ...: its width comes from its inputs
+            stack.extend(layer._inbound_nodes[node_index].keras_inputs)
+    return keep
+
+
+def _load_student(path: str, teacher):
+    from kfopt.models import load_keras
+
+    loaded = load_keras(path)
+    for what, got, want in (("input", loaded.input_shape, teacher.input_shape),
+                            ("output", loaded.output_shape, teacher.output_shape)):
+        if tuple(got[1:]) != tuple(want[1:]):
+            raise KfoptError(
+                f"Student model '{path}' has {what} shape {tuple(got[1:])}, but the teacher's is {tuple(want[1:])}.",
+                "pass a student that takes the same inputs and predicts the same classes as the teacher.",
+            )
+    return _copy(loaded)  # rebuilt in the caller's strategy scope
+
+
+def _copy(keras_model):
+    keras = _tf.keras()
+    copy = keras.models.clone_model(keras_model)
+    copy.set_weights(keras_model.get_weights())
+    return copy
+
+
+# -- logits --------------------------------------------------------------------
+def _activation_name(layer) -> str | None:
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    return getattr(activation, "__name__", str(activation))
+
+
+def logits_model(model):
+    """A model computing ``model``'s logits, and whether it shares ``model``'s weights.
+
+    - ends in a separate ``Softmax`` / ``Activation("softmax")`` layer: the model
+      cut before it (shares the weights, so training it trains ``model``);
+    - ends in a layer with ``activation="softmax"``: a copy whose last layer is
+      linear (a copy, so ``model`` is untouched; the caller copies weights back);
+    - ends without an activation: ``model`` itself.
+    """
+    keras = _tf.keras()
+    if not model.outputs or len(model.outputs) != 1:
+        raise KfoptError(
+            f"Distillation needs a built model with one output; '{model.name}' has "
+            f"{len(model.outputs or [])}.",
+            "distill a single-output classifier (build it with keras.Input first).",
+        )
+    last, node_index, _ = model.outputs[0]._keras_history
+    activation = _activation_name(last)
+    if isinstance(last, keras.Model):
+        raise KfoptError(
+            f"The output of '{model.name}' comes from the nested model '{last.name}', whose logits cannot be reached.",
+            "flatten the model so its last layer is a plain Keras layer.",
+        )
+    if type(last).__name__ == "Softmax" or (activation == "softmax" and not _width_key(last)):
+        logits = last._inbound_nodes[node_index].input_tensors
+        return keras.Model(model.inputs, logits, name=f"{model.name}_logits"), True
+    if activation == "softmax":
+        def linear_output(layer):
+            config = layer.get_config()
+            if layer is last:
+                config["activation"] = "linear"
+            return layer.__class__.from_config(config)
+
+        copy = keras.models.clone_model(model, clone_function=linear_output)
+        copy.set_weights(model.get_weights())
+        return copy, False
+    if activation in (None, "linear"):
+        return model, True
+    raise KfoptError(
+        f"The output layer '{last.name}' of '{model.name}' uses activation '{activation}'; distillation needs "
+        "class logits or a softmax.",
+        "distill a multi-class classifier whose last layer is linear or softmax.",
+    )
+
+
+# -- training ------------------------------------------------------------------
+@functools.cache
+def _distiller_class():
+    """The Keras model that trains a student against a frozen teacher (built lazily: tf_keras is heavy)."""
+    tf = _tf.tf()
+    keras = _tf.keras()
+
+    class Distiller(keras.Model):
+        def __init__(self, student, teacher, temperature: float, alpha: float):
+            super().__init__()
+            self.student, self.teacher = student, teacher
+            self.temperature, self.alpha = float(temperature), float(alpha)
+            self.loss_tracker = keras.metrics.Mean(name="loss")
+            self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+        @property
+        def metrics(self):
+            return [self.loss_tracker, self.accuracy]
+
+        def call(self, x, training=False):
+            return self.student(x, training=training)
+
+        def _loss(self, x, y, training: bool):
+            teacher = tf.cast(self.teacher(x, training=False), tf.float32)
+            student = tf.cast(self.student(x, training=training), tf.float32)
+            hard = keras.losses.sparse_categorical_crossentropy(y, student, from_logits=True)
+            t = self.temperature
+            soft_teacher = tf.nn.softmax(teacher / t)
+            kl = tf.reduce_sum(
+                soft_teacher * (tf.nn.log_softmax(teacher / t) - tf.nn.log_softmax(student / t)), axis=-1
+            )
+            per_example = self.alpha * hard + (1.0 - self.alpha) * (t * t) * kl
+            # Divides by the global batch size, so gradients summed over replicas
+            # (MirroredStrategy, TPU) equal the mean over the whole batch.
+            loss = tf.nn.compute_average_loss(per_example)
+            if self.student.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(self.student.losses))
+            return loss, student
+
+        def _report(self, loss, y, logits):
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            self.loss_tracker.update_state(loss * replicas)  # undo the per-replica scaling for display
+            self.accuracy.update_state(y, logits)
+            return {m.name: m.result() for m in self.metrics}
+
+        def train_step(self, data):
+            x, y = data[0], data[1]
+            with tf.GradientTape() as tape:
+                loss, logits = self._loss(x, y, training=True)
+            variables = self.student.trainable_variables
+            self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            return self._report(loss, y, logits)
+
+        def test_step(self, data):
+            x, y = data[0], data[1]
+            loss, logits = self._loss(x, y, training=False)
+            return self._report(loss, y, logits)
+
+    return Distiller
+
+
+@hookimpl
+def kfopt_register_techniques(register):
+    register(Distill())

@@ -1,0 +1,196 @@
+"""Built-in ``prune`` technique: magnitude, structured m:n, or L1-then-threshold pruning."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import numpy as np
+import pydantic
+from pydantic import Field
+
+from kfopt import _tf
+from kfopt.errors import KfoptError
+from kfopt.sparsity import weight_sparsity
+from kfopt.training import classifier_loss, fine_tune
+
+from .spec import hookimpl
+from .technique import ModelHandle, StepContext, Technique
+
+BATCH_SIZE = 32
+#: Fraction of the fine-tuning steps over which sparsity ramps up; the rest lets
+#: the network recover at the final sparsity before the masks are frozen.
+RAMP_FRACTION = 0.75
+#: How many times the magnitude masks are recomputed during the ramp.
+MASK_UPDATES = 16
+
+
+class Prune(Technique):
+    """Zero out weights so the model compresses well (and can run sparse kernels).
+
+    ``magnitude``: tfmot low-magnitude pruning, sparsity ramping from 0 to
+    ``target_sparsity`` on a polynomial schedule during fine-tuning.
+    ``structured``: tfmot m:n sparsity (e.g. 2 zeros in every 4 consecutive
+    input weights), the pattern sparse tensor cores and XNNPACK accelerate.
+    ``l1``: fine-tune with an L1 penalty on the kernels, then zero the
+    smallest weights model-wide until ``target_sparsity`` is reached; works on
+    any layer type, including those tfmot cannot wrap.
+
+    The input model is never modified; the returned model has no pruning wrappers.
+    """
+
+    name = "prune"
+    kind = "prune"
+    accepts = {"keras"}
+    produces = "keras"
+    trains = True
+
+    class Config(Technique.Config):
+        method: Literal["magnitude", "structured", "l1"] = Field(
+            "magnitude",
+            description="magnitude: tfmot low-magnitude pruning with a polynomial schedule; "
+            "structured: m:n sparsity (see m_by_n); l1: L1-regularised fine-tuning, then thresholding.",
+        )
+        target_sparsity: float = Field(
+            0.8, gt=0, lt=1,
+            description="Fraction of kernel weights to zero (magnitude and l1; structured gets m/n).",
+        )
+        epochs: int = Field(10, ge=1, description="Fine-tuning epochs while pruning.")
+        learning_rate: float = Field(3e-4, gt=0, description="Adam learning rate for fine-tuning.")
+        m_by_n: str = Field(
+            "2:4",
+            description="structured only: 'm:n' = m zeros in every n consecutive weights along each "
+            "kernel's input axis (tfmot semantics; 2:4 gives 50% sparsity).",
+        )
+        l1: float = Field(
+            1e-4, ge=0,
+            description="l1 only: strength of the L1 penalty on kernels (as keras.regularizers.L1).",
+        )
+
+        @pydantic.field_validator("m_by_n")
+        @classmethod
+        def _check_m_by_n(cls, value: str) -> str:
+            match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+            if not match or not 0 < int(match[1]) < int(match[2]):
+                raise ValueError(f"m_by_n must look like '2:4' with 0 < m < n, got {value!r}")
+            return f"{int(match[1])}:{int(match[2])}"
+
+        @pydantic.model_validator(mode="after")
+        def _structured_has_no_target(self):
+            # Silently ignoring a sparsity the user asked for would mislead them.
+            if self.method == "structured" and "target_sparsity" in self.model_fields_set:
+                raise ValueError(
+                    "target_sparsity does not apply to method=structured (its sparsity is m/n); "
+                    "set m_by_n instead, or use method=magnitude"
+                )
+            return self
+
+        def m_n(self) -> tuple[int, int]:
+            m, n = self.m_by_n.split(":")
+            return int(m), int(n)
+
+    def apply(self, model: ModelHandle, config: "Prune.Config", ctx: StepContext) -> ModelHandle:
+        keras = _tf.keras()
+        source = model.keras()
+        keras.utils.set_random_seed(ctx.seed)
+        # Decide the loss from the plain model: wrapped layers hide the softmax.
+        loss = classifier_loss(source)
+        if config.method == "l1":
+            pruned = _prune_l1(source, config, ctx, loss)
+        else:
+            pruned = _prune_tfmot(source, config, ctx, loss)
+        return ModelHandle.from_keras(pruned, info={**model.info, "sparsity": weight_sparsity(pruned)})
+
+
+def copy_model(keras_model):
+    """A new model with the same architecture and weights.
+
+    tfmot wrappers wrap the *same* layer objects, so training a wrapped model
+    would otherwise change the caller's weights.
+    """
+    keras = _tf.keras()
+    copy = keras.models.clone_model(keras_model)
+    copy.set_weights(keras_model.get_weights())
+    return copy
+
+
+def _steps_per_epoch(ctx: StepContext) -> int:
+    return max(1, -(-len(ctx.train) // BATCH_SIZE))
+
+
+def _prune_tfmot(source, config: Prune.Config, ctx: StepContext, loss):
+    tfmot = _tf.tfmot()
+    sparsity = tfmot.sparsity.keras
+    if config.method == "structured":
+        # tfmot computes m:n masks once, on the first step; the schedule is required but unused.
+        params = {"pruning_schedule": sparsity.ConstantSparsity(0.5, begin_step=0),
+                  "sparsity_m_by_n": config.m_n()}
+        description = f"pruning {config.m_by_n} structured"
+    else:
+        total = config.epochs * _steps_per_epoch(ctx)
+        frequency = max(1, int(total * RAMP_FRACTION) // MASK_UPDATES)
+        # PolynomialDecay only reaches final_sparsity on a step that is a multiple of frequency.
+        end_step = max(frequency, int(total * RAMP_FRACTION) // frequency * frequency)
+        params = {"pruning_schedule": sparsity.PolynomialDecay(
+            initial_sparsity=0.0, final_sparsity=config.target_sparsity,
+            begin_step=0, end_step=end_step, frequency=frequency)}
+        description = f"pruning to {config.target_sparsity:.0%} sparsity"
+
+    with ctx.strategy.scope():
+        copy = copy_model(source)
+        try:
+            wrapped = sparsity.prune_low_magnitude(copy, **params)
+        except ValueError as exc:
+            raise KfoptError(
+                f"prune(method={config.method}) cannot wrap this model: {exc}",
+                "use prune(method=l1), which works with any layer, or a Sequential/functional model "
+                "of layers tfmot supports.",
+            ) from None
+    fine_tune(wrapped, ctx, epochs=config.epochs, learning_rate=config.learning_rate,
+              description=description, loss=loss, batch_size=BATCH_SIZE,
+              callbacks=[sparsity.UpdatePruningStep()])
+    return sparsity.strip_pruning(wrapped)
+
+
+def _prune_l1(source, config: Prune.Config, ctx: StepContext, loss):
+    tf = _tf.tf()
+    with ctx.strategy.scope():
+        copy = copy_model(source)
+        kernels = [w for w in copy.trainable_weights if len(w.shape) >= 2]
+        strength = config.l1
+        for kernel in kernels:
+            # Callable losses are re-evaluated each step on the current weights.
+            copy.add_loss(lambda kernel=kernel: strength * tf.reduce_sum(tf.abs(kernel)))
+    fine_tune(copy, ctx, epochs=config.epochs, learning_rate=config.learning_rate,
+              description=f"L1 fine-tuning (l1={config.l1:g})", loss=loss, batch_size=BATCH_SIZE)
+
+    # The penalty lives on the copy; hand back a plain model without it.
+    result = copy_model(copy)
+    result.set_weights(threshold_global(copy.get_weights(), config.target_sparsity))
+    return result
+
+
+def threshold_global(weights: list[np.ndarray], target_sparsity: float) -> list[np.ndarray]:
+    """Zero the ``target_sparsity`` fraction of smallest-magnitude kernel weights (ndim >= 2), model-wide.
+
+    Uses a rank rather than a value threshold so ties cannot over- or under-shoot.
+    """
+    is_kernel = [w.ndim >= 2 for w in weights]
+    flat = np.concatenate([np.abs(w).ravel() for w, k in zip(weights, is_kernel) if k] or [np.zeros(0)])
+    count = int(round(target_sparsity * flat.size))
+    keep = np.ones(flat.size, dtype=bool)
+    if count:
+        keep[np.argpartition(flat, count - 1)[:count]] = False
+    out, offset = [], 0
+    for w, k in zip(weights, is_kernel):
+        if k:
+            mask = keep[offset : offset + w.size].reshape(w.shape)
+            offset += w.size
+            w = np.where(mask, w, 0).astype(w.dtype)
+        out.append(w)
+    return out
+
+
+@hookimpl
+def kfopt_register_techniques(register):
+    register(Prune())

@@ -1,0 +1,204 @@
+"""What a technique is, what it receives, and what it returns."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pydantic
+
+#: Model formats kfopt knows how to load, evaluate and save.
+FORMATS = ("keras", "tflite", "saved_model")
+
+#: File or folder name a model of each format is saved under.
+ARTIFACT_NAMES = {"keras": "model.keras", "tflite": "model.tflite", "saved_model": "saved_model"}
+
+
+class Technique:
+    """Base class for an optimization technique.
+
+    Subclasses set ``name`` (what recipes call it), ``kind`` (prune, quantize,
+    distill, accelerate, or a new word), ``accepts`` (formats it takes),
+    ``produces`` (format it returns), a pydantic ``Config``, and ``apply``.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    accepts: ClassVar[set[str]] = {"keras"}
+    produces: ClassVar[str] = "keras"
+    #: True when the technique trains (fine-tunes) and so belongs on the accelerator pool.
+    trains: ClassVar[bool] = False
+
+    class Config(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+
+    def produces_for(self, config: pydantic.BaseModel) -> str:
+        """Format this technique returns for ``config`` (override when it depends on the config)."""
+        return self.produces
+
+    def trains_for(self, config: pydantic.BaseModel) -> bool:
+        """Whether ``config`` fine-tunes the model (placement uses this)."""
+        return self.trains
+
+    def apply(self, model: "ModelHandle", config: Any, ctx: "StepContext") -> "ModelHandle":
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<Technique {self.name} ({self.kind}): {sorted(self.accepts)} -> {self.produces}>"
+
+
+class ModelHandle:
+    """A model in one format, in memory or on disk, plus facts measured on the way.
+
+    ``info`` carries facts a later step or the evaluator needs and the artifact
+    itself cannot tell (e.g. ``sparsity`` of the Keras model a TFLite file was
+    converted from, or the ``threads`` a TFLite model is meant to run with).
+    """
+
+    def __init__(self, format: str, *, keras_model=None, tflite_bytes: bytes | None = None,
+                 path: str | os.PathLike | None = None, info: dict | None = None):
+        if format not in FORMATS:
+            raise ValueError(f"unknown model format {format!r}; known: {', '.join(FORMATS)}")
+        self.format = format
+        self._keras = keras_model
+        self._tflite = tflite_bytes
+        self._path = Path(path) if path is not None else None
+        self.info: dict[str, Any] = dict(info or {})
+
+    # -- constructors -------------------------------------------------
+    @classmethod
+    def from_keras(cls, model, info: dict | None = None) -> "ModelHandle":
+        return cls("keras", keras_model=model, info=info)
+
+    @classmethod
+    def from_tflite(cls, data: bytes, info: dict | None = None) -> "ModelHandle":
+        return cls("tflite", tflite_bytes=bytes(data), info=info)
+
+    @classmethod
+    def from_saved_model(cls, path: str | os.PathLike, info: dict | None = None) -> "ModelHandle":
+        return cls("saved_model", path=path, info=info)
+
+    # -- accessors ----------------------------------------------------
+    def keras(self):
+        """The model as a tf_keras model (loads it from disk if needed)."""
+        if self.format != "keras":
+            raise TypeError(f"a {self.format} model cannot be used as a Keras model")
+        if self._keras is None:
+            from kfopt.models import load_keras
+
+            self._keras = load_keras(self._path)
+        return self._keras
+
+    def tflite(self) -> bytes:
+        """The model as TFLite flatbuffer bytes."""
+        if self.format != "tflite":
+            raise TypeError(f"a {self.format} model is not a TFLite model")
+        if self._tflite is None:
+            self._tflite = Path(self._path).read_bytes()
+        return self._tflite
+
+    def saved_model_path(self) -> Path:
+        """Directory of the SavedModel."""
+        if self.format != "saved_model":
+            raise TypeError(f"a {self.format} model is not a SavedModel")
+        return self._path
+
+    @property
+    def path(self) -> Path | None:
+        """Where the model is on disk, if it has been saved or loaded from a file."""
+        return self._path
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the deployable artifact into ``directory`` atomically; return its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / ARTIFACT_NAMES[self.format]
+        if self.format == "tflite":
+            _atomic_write_bytes(target, self.tflite())
+        elif self.format == "keras":
+            tmp = directory / f".{target.name}.{os.getpid()}.tmp.keras"
+            _without_optimizer(self.keras()).save(tmp)
+            os.replace(tmp, target)
+        else:
+            staging = Path(tempfile.mkdtemp(prefix=".saved_model.", dir=directory))
+            shutil.copytree(self._path, staging, dirs_exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        self._path = target
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, info: dict | None = None) -> "ModelHandle":
+        """Open a saved artifact, telling its format from its name."""
+        path = Path(path)
+        if path.suffix == ".tflite":
+            return cls("tflite", path=path, info=info)
+        if path.is_dir() and not (path / "keras_metadata.pb").exists():
+            return cls("saved_model", path=path, info=info)
+        return cls("keras", path=path, info=info)
+
+    def __repr__(self) -> str:
+        return f"<ModelHandle {self.format}{' at ' + str(self._path) if self._path else ''}>"
+
+
+def _without_optimizer(model):
+    """The model without its training state: a deployable file carries no optimizer slots."""
+    if getattr(model, "optimizer", None) is None:
+        return model
+    from kfopt import _tf
+
+    try:
+        copy = _tf.keras().models.clone_model(model)
+    except Exception:  # subclassed models cannot be cloned; save them as they are
+        return model
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _atomic_write_bytes(target: Path, data: bytes) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+@dataclass
+class StepContext:
+    """What a technique gets besides the model and its config.
+
+    ``train`` and ``validation`` are :class:`kfopt.data.Split` objects (numpy or
+    tf.data underneath; ``fit_args()`` hands them to Keras). The test split is
+    never given to techniques: it is kept for the final, honest evaluation.
+    """
+
+    train: Any
+    validation: Any
+    workdir: Path
+    seed: int = 0
+    device: str = "cpu"
+    progress: Any = None
+    num_classes: int | None = None
+    _strategy: Any = field(default=None, repr=False)
+
+    @property
+    def strategy(self):
+        """The ``tf.distribute`` strategy for this device (default, Mirrored on several GPUs, TPU)."""
+        if self._strategy is None:
+            from kfopt.device import strategy_for
+
+            self._strategy = strategy_for(self.device)
+        return self._strategy
+
+    def representative(self, samples: int = 200) -> Callable[[], Iterator[list]]:
+        """A TFLite representative-dataset generator of training inputs (batch 1, float32)."""
+        train = self.train
+
+        def generate():
+            yield from ([x] for x in train.samples(samples))
+
+        return generate

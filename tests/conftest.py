@@ -1,0 +1,64 @@
+"""Shared fixtures: real digits data, small real baselines trained once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KFOPT_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+import pytest
+
+from kfopt import _tf
+from kfopt.data import load_data
+from kfopt.plugins import StepContext
+from kfopt.training import train_demo
+
+
+@pytest.fixture(scope="session")
+def digits_flat():
+    """Digits as 64-vectors (for demo:mlp)."""
+    return load_data("digits", input_shape=(64,), seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_images():
+    """Digits resized to 28x28x1 (for demo:cnn)."""
+    return load_data("digits", input_shape=(28, 28, 1), seed=0)
+
+
+def make_ctx(data, tmp_path, seed=0):
+    return StepContext(train=data.train, validation=data.validation, workdir=tmp_path,
+                       seed=seed, num_classes=data.num_classes)
+
+
+@pytest.fixture
+def ctx_factory(tmp_path):
+    """Build a StepContext for some data in a fresh temp dir."""
+    return lambda data, seed=0: make_ctx(data, tmp_path, seed)
+
+
+@pytest.fixture(scope="session")
+def mlp(digits_flat, tmp_path_factory):
+    """demo:mlp trained briefly on digits (a real, accurate baseline: ~95%)."""
+    ctx = make_ctx(digits_flat, tmp_path_factory.mktemp("mlp"))
+    return train_demo("demo:mlp", ctx, epochs=15)
+
+
+@pytest.fixture(scope="session")
+def cnn(digits_images, tmp_path_factory):
+    """demo:cnn trained briefly on 28x28 digits."""
+    ctx = make_ctx(digits_images, tmp_path_factory.mktemp("cnn"))
+    return train_demo("demo:cnn", ctx, epochs=5)
+
+
+def accuracy(keras_model, data) -> float:
+    x, y = data.test.arrays()
+    return float((keras_model.predict(x, verbose=0).argmax(axis=1) == y).mean())
+
+
+def clone(keras_model):
+    """A copy with the same weights, so a test can check its input was not mutated."""
+    keras = _tf.keras()
+    copy = keras.models.clone_model(keras_model)
+    copy.set_weights(keras_model.get_weights())
+    return copy

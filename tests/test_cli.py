@@ -1,0 +1,93 @@
+"""The command line: tables, JSON, and one clear line with exit 2 for every bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kfopt.cli import main
+
+
+def run(*args):
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output, result.stderr if hasattr(result, "stderr") else ""
+
+
+def test_import_and_help_do_not_import_tensorflow():
+    code = "import sys, kfopt, kfopt.cli, kfopt.plugins; from kfopt.plugins.manager import registry; registry(); print('tensorflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    help_text = subprocess.run(["kfopt", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "optimize" in help_text and "plugins" in help_text
+
+
+def test_plugins_lists_the_four_techniques():
+    code, out, _ = run("plugins", "--json")
+    assert code == 0
+    listed = {p["name"]: p for p in json.loads(out)}
+    assert set(listed) == {"prune", "quantize", "distill", "accelerate"}
+    assert listed["quantize"]["produces"] == "tflite" and listed["prune"]["package"] == "kfopt"
+    code, out, _ = run("plugins")
+    assert code == 0 and "target_sparsity" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "missing.keras"], "Model 'missing.keras' does not exist"),
+        (["--recipe", "prun"], "Unknown technique 'prun'. Did you mean 'prune'?"),
+        (["--recipe", "prune(sparsity=0.5)"], "unknown config key 'sparsity'"),
+        (["--recipe", "prune(target_sparsity=1.5)"], "target_sparsity=1.5 is invalid"),
+        (["--recipe", "quantize(mode=int8)>prune"], "put 'prune' before 'quantize'"),
+        (["--data", "missing.npz"], "Data file 'missing.npz' does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    base = {"--model": "demo:mlp", "--data": "digits", "--recipe": "quantize(mode=dynamic)", "--out": str(tmp_path / "out")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    code, out, _ = run("optimize", *[x for kv in base.items() for x in kv])
+    assert code == 2, out
+    lines = [l for l in out.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], out
+    assert "Traceback" not in out
+
+
+def test_corrupt_model_and_unwritable_out(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"garbage")
+    code, out, _ = run("optimize", "--model", str(bad), "--recipe", "quantize", "--out", str(tmp_path / "o"))
+    assert code == 2 and "not a readable Keras model" in out
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, out, _ = run("optimize", "--model", "demo:mlp", "--recipe", "quantize", "--out", str(blocker / "sub"))
+    assert code == 2 and "is not writable" in out
+
+
+def test_data_that_does_not_fit_the_model(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=np.zeros((20, 10)), y_train=np.zeros(20), x_test=np.zeros((5, 10)), y_test=np.zeros(5))
+    code, out, _ = run("optimize", "--model", "demo:mlp", "--data", str(path), "--recipe", "quantize", "--out", str(tmp_path / "o"))
+    assert code == 2 and "inputs of shape (10,), but the model expects (64,)" in out
+
+
+@pytest.mark.slow
+def test_optimize_end_to_end_json(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        ["kfopt", "optimize", "--model", "demo:mlp", "--data", "digits", "--epochs", "5",
+         "--recipe", "quantize(mode=int8)", "--out", str(out), "--json"],
+        capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert set(result) >= {"baseline", "candidates", "winner", "pareto", "registered_model"}
+    candidate = result["candidates"][0]
+    assert candidate["status"] == "ok" and candidate["format"] == "tflite"
+    for key in ("accuracy", "accuracy_drop", "agreement", "size_bytes", "gzip_bytes", "compression_ratio",
+                "sparsity", "latency_p50_ms", "latency_p95_ms", "throughput_per_s", "speedup"):
+        assert candidate[key] is not None, key
+    assert candidate["compression_ratio"] > 3
+    assert json.loads((out / "metrics.json").read_text())["candidates"][0]["recipe"] == "quantize(mode=int8)"
+    assert not list(out.glob("**/.*.tmp"))
