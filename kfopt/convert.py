@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +39,10 @@ def to_tflite(keras_model, mode: str = "fp32", representative: Callable | None =
         converter.inference_output_type = tf.int8
     else:
         raise ValueError(f"unknown TFLite mode {mode!r}; known: {', '.join(TFLITE_MODES)}")
-    return converter.convert()
+    with warnings.catch_warnings():
+        # int8 conversion warns about missing input statistics; the representative dataset provides them.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return converter.convert()
 
 
 def to_saved_model(keras_model, path: str | os.PathLike, *, jit_compile: bool = False) -> Path:

@@ -114,3 +114,20 @@ def model_input_shape(spec: str, *, unsafe: bool = False) -> tuple:
         return DEMO_INPUT_SHAPES[spec]
     return tuple(load_keras(spec, unsafe=unsafe).input_shape[1:])
 
+
+def copy_model(keras_model):
+    """A new model with the same architecture and weights.
+
+    tfmot wrappers wrap the *same* layer objects, so training a wrapped model
+    would otherwise change the caller's weights.
+    """
+    keras = _tf.keras()
+    try:
+        copy = keras.models.clone_model(keras_model)
+    except ValueError as exc:  # subclassed models cannot be cloned
+        raise KfoptError(
+            f"Cannot copy model '{keras_model.name}' to optimize it: {exc}",
+            "save the model as a Sequential or functional tf_keras model.",
+        ) from None
+    copy.set_weights(keras_model.get_weights())
+    return copy

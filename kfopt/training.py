@@ -9,6 +9,8 @@ from .progress import keras_callback
 def outputs_probabilities(model) -> bool:
     """True when the model ends in a softmax (so losses must not treat outputs as logits)."""
     last = model.layers[-1]
+    while hasattr(last, "layer"):  # tfmot prune/quantize wrappers hide the wrapped layer
+        last = last.layer
     activation = getattr(last, "activation", None)
     name = getattr(activation, "__name__", str(activation))
     return name == "softmax" or type(last).__name__ == "Softmax"

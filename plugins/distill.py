@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 
-import pydantic
 from pydantic import Field
 
 from kfopt import _tf
 from kfopt.errors import KfoptError
+from kfopt.models import copy_model
 from kfopt.progress import keras_callback
 
 from .spec import hookimpl
@@ -72,7 +72,7 @@ class Distill(Technique):
             # Work on copies built inside the strategy scope: the teacher must not
             # be mutated, and on several GPUs/TPU cores its variables must be
             # mirrored like the student's.
-            teacher_logits, _ = logits_model(_copy(teacher))
+            teacher_logits, _ = logits_model(copy_model(teacher))
             teacher_logits.trainable = False
             if config.student:
                 student = _load_student(config.student, teacher)
@@ -132,9 +132,10 @@ def build_student(teacher, width: float):
 
 
 def _width_key(layer) -> str | None:
-    if not hasattr(layer, "get_config"):
+    try:
+        config = layer.get_config()
+    except NotImplementedError:  # a custom layer without a config cannot be resized
         return None
-    config = layer.get_config()
     return next((k for k in WIDTH_KEYS if isinstance(config.get(k), int)), None)
 
 
@@ -170,14 +171,7 @@ def _load_student(path: str, teacher):
                 f"Student model '{path}' has {what} shape {tuple(got[1:])}, but the teacher's is {tuple(want[1:])}.",
                 "pass a student that takes the same inputs and predicts the same classes as the teacher.",
             )
-    return _copy(loaded)  # rebuilt in the caller's strategy scope
-
-
-def _copy(keras_model):
-    keras = _tf.keras()
-    copy = keras.models.clone_model(keras_model)
-    copy.set_weights(keras_model.get_weights())
-    return copy
+    return copy_model(loaded)  # rebuilt in the caller's strategy scope
 
 
 # -- logits --------------------------------------------------------------------
@@ -246,11 +240,11 @@ def _distiller_class():
             self.student, self.teacher = student, teacher
             self.temperature, self.alpha = float(temperature), float(alpha)
             self.loss_tracker = keras.metrics.Mean(name="loss")
-            self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+            self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
         @property
         def metrics(self):
-            return [self.loss_tracker, self.accuracy]
+            return [self.loss_tracker, self.accuracy_tracker]
 
         def call(self, x, training=False):
             return self.student(x, training=training)
@@ -275,7 +269,7 @@ def _distiller_class():
         def _report(self, loss, y, logits):
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             self.loss_tracker.update_state(loss * replicas)  # undo the per-replica scaling for display
-            self.accuracy.update_state(y, logits)
+            self.accuracy_tracker.update_state(y, logits)
             return {m.name: m.result() for m in self.metrics}
 
         def train_step(self, data):

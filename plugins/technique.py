@@ -151,14 +151,13 @@ def _without_optimizer(model):
     """The model without its training state: a deployable file carries no optimizer slots."""
     if getattr(model, "optimizer", None) is None:
         return model
-    from kfopt import _tf
+    from kfopt.errors import KfoptError
+    from kfopt.models import copy_model
 
     try:
-        copy = _tf.keras().models.clone_model(model)
-    except Exception:  # subclassed models cannot be cloned; save them as they are
+        return copy_model(model)
+    except KfoptError:  # subclassed models cannot be cloned; save them as they are
         return model
-    copy.set_weights(model.get_weights())
-    return copy
 
 
 def _atomic_write_bytes(target: Path, data: bytes) -> None:

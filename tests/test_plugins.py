@@ -24,11 +24,10 @@ class RoundWeights(Technique):
         decimals: int = 2
 
     def apply(self, model, config, ctx):
-        from kfopt import _tf
+        from kfopt.models import copy_model
 
-        keras_model = model.keras()
-        copy = _tf.keras().models.clone_model(keras_model)
-        copy.set_weights([np.round(w, config.decimals) for w in keras_model.get_weights()])
+        copy = copy_model(model.keras())
+        copy.set_weights([np.round(w, config.decimals) for w in copy.get_weights()])
         return ModelHandle.from_keras(copy)
 
 

@@ -1,0 +1,126 @@
+"""distill: width-scaled students, logits handling, real training on digits."""
+
+import numpy as np
+import pydantic
+import pytest
+from conftest import accuracy, clone
+
+from kfopt import _tf
+from kfopt.errors import KfoptError
+from kfopt.plugins import ModelHandle
+from kfopt.plugins.distill import Distill, build_student, logits_model
+
+
+def _widths(model):
+    return [layer.get_config().get("units") or layer.get_config().get("filters")
+            for layer in model.layers if "units" in layer.get_config() or "filters" in layer.get_config()]
+
+
+def _functional_cnn(softmax_layer: bool = True):
+    """A small functional model with a residual Add and a separate Softmax layer."""
+    keras = _tf.keras()
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 1))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    y = layers.Conv2D(8, 3, padding="same")(x)
+    x = layers.ReLU()(layers.Add()([x, y]))
+    x = layers.Dense(32, activation="relu")(layers.Flatten()(x))
+    x = layers.Dense(10)(x)
+    outputs = layers.Softmax()(x) if softmax_layer else x
+    return keras.Model(inputs, outputs, name="functional_cnn")
+
+
+def test_student_of_sequential_mlp_is_narrower_with_same_interface(mlp):
+    student = build_student(mlp, 0.5)
+    assert _widths(student) == [128, 128, 10]  # the output layer keeps the number of classes
+    assert student.input_shape == mlp.input_shape and student.output_shape == mlp.output_shape
+    assert 0.25 <= student.count_params() / mlp.count_params() <= 0.5
+    assert student.layers[-1].activation.__name__ == "softmax"  # same output convention as the teacher
+    assert _widths(mlp) == [256, 256, 10]  # teacher untouched
+
+
+def test_student_of_functional_model_scales_convs_and_keeps_residual_shapes():
+    teacher = _functional_cnn()
+    student = build_student(teacher, 0.5)
+    assert _widths(student) == [4, 4, 16, 10]
+    assert student.output_shape == teacher.output_shape
+    probabilities = student.predict(np.random.rand(3, 8, 8, 1).astype("float32"), verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_width_never_drops_a_layer_below_one_unit(mlp):
+    assert _widths(build_student(mlp, 0.001)) == [1, 1, 10]
+
+
+def test_logits_model_handles_softmax_activation_and_softmax_layer(mlp):
+    x = np.random.default_rng(0).random((5, 64)).astype("float32")
+    logits, shares = logits_model(mlp)
+    assert not shares and logits.layers[-1].activation.__name__ == "linear"
+    np.testing.assert_allclose(_tf.tf().nn.softmax(logits(x)).numpy(), mlp(x).numpy(), atol=1e-5)
+    assert mlp.layers[-1].activation.__name__ == "softmax"  # the original keeps its softmax
+
+    functional = _functional_cnn()
+    cut, shares = logits_model(functional)
+    assert shares and type(cut.layers[-1]).__name__ == "Dense"
+    plain = _functional_cnn(softmax_layer=False)
+    assert logits_model(plain) == (plain, True)
+
+
+@pytest.mark.slow
+def test_distill_trains_an_accurate_student_without_touching_the_teacher(mlp, digits_flat, ctx_factory):
+    before = clone(mlp).get_weights()
+    handle = ModelHandle.from_keras(mlp, info={"source": "test", "sparsity": 0.5})
+    result = Distill().apply(handle, Distill.Config(width=0.5, epochs=6), ctx_factory(digits_flat))
+    student = result.keras()
+    assert result.format == "keras"
+    assert student is not mlp and student.count_params() < mlp.count_params() / 2
+    assert accuracy(student, digits_flat) > 0.85
+    assert result.info == {"source": "test"}  # the teacher's sparsity does not describe the student
+    for old, new in zip(before, mlp.get_weights()):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_distill_a_functional_teacher_with_a_softmax_layer(digits_flat, ctx_factory):
+    keras = _tf.keras()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,))
+    hidden = keras.layers.Dense(64, activation="relu")(inputs)
+    outputs = keras.layers.Softmax()(keras.layers.Dense(10)(hidden))
+    teacher = keras.Model(inputs, outputs)
+    # Keras trains the teacher on its probabilities; distillation reaches under the Softmax for logits.
+    teacher.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    teacher.fit(digits_flat.train.x, digits_flat.train.y, epochs=5, verbose=0)
+    assert accuracy(teacher, digits_flat) > 0.85
+
+    config = Distill.Config(width=0.5, epochs=4, learning_rate=3e-3)
+    student = Distill().apply(ModelHandle.from_keras(teacher), config, ctx_factory(digits_flat)).keras()
+    assert type(student.layers[-1]).__name__ == "Softmax"
+    assert _widths(student) == [32, 10]
+    assert accuracy(student, digits_flat) > 0.8
+
+
+def test_student_from_a_file_is_used_as_given(mlp, digits_flat, ctx_factory, tmp_path):
+    keras = _tf.keras()
+    given = keras.Sequential([keras.Input((64,)), keras.layers.Dense(24, activation="relu"), keras.layers.Dense(10)])
+    given.save(tmp_path / "student.keras")
+    config = Distill.Config(student=str(tmp_path / "student.keras"), width=0.1, epochs=1)
+    student = Distill().apply(ModelHandle.from_keras(mlp), config, ctx_factory(digits_flat)).keras()
+    assert _widths(student) == [24, 10]  # width is ignored when a student is given
+    assert student.layers[-1].activation.__name__ == "linear"  # the file's own output convention
+
+    wrong = keras.Sequential([keras.Input((64,)), keras.layers.Dense(3)])
+    wrong.save(tmp_path / "wrong.keras")
+    with pytest.raises(KfoptError, match=r"output shape \(3,\)"):
+        Distill().apply(ModelHandle.from_keras(mlp), Distill.Config(student=str(tmp_path / "wrong.keras")),
+                        ctx_factory(digits_flat))
+
+
+@pytest.mark.parametrize("bad", [{"width": 0}, {"width": 1.5}, {"alpha": 2}, {"temperature": 0},
+                                 {"epochs": 0}, {"widht": 0.5}])
+def test_config_rejects_bad_values_and_unknown_keys(bad):
+    with pytest.raises(pydantic.ValidationError):
+        Distill.Config(**bad)
+
+
+def test_config_fields_are_documented():
+    assert all(field.description for field in Distill.Config.model_fields.values())

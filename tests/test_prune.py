@@ -1,0 +1,122 @@
+"""The built-in prune technique on a real trained model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydantic
+import pytest
+
+from conftest import accuracy, clone
+from kfopt import _tf
+from kfopt.errors import KfoptError
+from kfopt.plugins import ModelHandle
+from kfopt.plugins import prune as prune_module
+from kfopt.data import Split
+from kfopt.plugins.prune import Prune, steps_per_epoch, threshold_global
+from kfopt.sparsity import weight_sparsity
+
+
+def assert_same_weights(model, reference):
+    for got, want in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def run(model, data, ctx_factory, **config):
+    return Prune().apply(ModelHandle.from_keras(model, info={"from": "test"}),
+                         Prune.Config(**config), ctx_factory(data))
+
+
+def test_registers_through_the_hook():
+    registered = []
+    prune_module.kfopt_register_techniques(register=registered.append)
+    (technique,) = registered
+    assert (technique.name, technique.kind, technique.accepts, technique.produces) == ("prune", "prune", {"keras"}, "keras")
+    assert technique.trains_for(Prune.Config())
+
+
+@pytest.mark.parametrize("bad", [
+    {"target_sparsity": 1.5},
+    {"target_sparsity": 0},
+    {"method": "random"},
+    {"epochs": 0},
+    {"m_by_n": "4:2"},
+    {"m_by_n": "two:four"},
+    {"sparsity": 0.5},  # unknown key
+    {"method": "structured", "target_sparsity": 0.7},  # would be silently ignored
+])
+def test_config_rejects(bad):
+    with pytest.raises(pydantic.ValidationError):
+        Prune.Config(**bad)
+
+
+def test_magnitude_reaches_target_keeps_accuracy_and_input(mlp, digits_flat, ctx_factory):
+    before = clone(mlp)
+    out = run(mlp, digits_flat, ctx_factory, target_sparsity=0.8, epochs=3)
+
+    pruned = out.keras()
+    assert out.format == "keras"
+    assert abs(weight_sparsity(pruned) - 0.8) < 0.02
+    assert out.info == {"from": "test", "sparsity": pytest.approx(weight_sparsity(pruned))}
+    assert accuracy(pruned, digits_flat) > 0.85
+    # Wrappers are stripped: the same plain layers as the input.
+    assert [type(layer).__name__ for layer in pruned.layers] == [type(layer).__name__ for layer in mlp.layers]
+    assert_same_weights(mlp, before)
+
+
+def test_structured_2_4_has_two_zeros_in_every_group_of_four(mlp, digits_flat, ctx_factory):
+    before = clone(mlp)
+    out = run(mlp, digits_flat, ctx_factory, method="structured", m_by_n="2:4", epochs=2)
+
+    pruned = out.keras()
+    assert weight_sparsity(pruned) == pytest.approx(0.5, abs=0.01)
+    for kernel in (w for w in pruned.get_weights() if w.ndim == 2):
+        # tfmot groups consecutive weights along a Dense kernel's input axis (axis 0).
+        groups = kernel.reshape(kernel.shape[0] // 4, 4, kernel.shape[1])
+        zeros_per_group = (groups == 0).sum(axis=1)
+        assert (zeros_per_group == 2).all()
+    assert accuracy(pruned, digits_flat) > 0.85
+    assert_same_weights(mlp, before)
+
+
+def test_l1_reaches_target_and_keeps_input(mlp, digits_flat, ctx_factory):
+    before = clone(mlp)
+    out = run(mlp, digits_flat, ctx_factory, method="l1", target_sparsity=0.7, epochs=2)
+
+    pruned = out.keras()
+    assert weight_sparsity(pruned) == pytest.approx(0.7, abs=0.005)
+    assert out.info["sparsity"] == pytest.approx(weight_sparsity(pruned))
+    assert not pruned.losses  # the training penalty does not travel with the model
+    assert accuracy(pruned, digits_flat) > 0.85
+    assert_same_weights(mlp, before)
+
+
+def test_threshold_global_is_exact_with_ties_and_leaves_biases():
+    kernel = np.ones((10, 10), np.float32)  # all tied
+    bias = np.zeros(10, np.float32) + 0.5
+    out_kernel, out_bias = threshold_global([kernel, bias], 0.3)
+    assert (out_kernel == 0).sum() == 30
+    np.testing.assert_array_equal(out_bias, bias)
+
+
+def test_steps_per_epoch_follows_how_the_data_is_batched(digits_flat):
+    x, y = digits_flat.train.arrays()
+    assert steps_per_epoch(digits_flat.train) == -(-len(x) // 32)
+    dataset = _tf.tf().data.Dataset.from_tensor_slices((x, y)).batch(100)
+    assert steps_per_epoch(Split(dataset=dataset)) == -(-len(x) // 100)
+    unknown = dataset.filter(lambda *_: True)  # cardinality unknown: counted
+    assert steps_per_epoch(Split(dataset=unknown)) == -(-len(x) // 100)
+
+
+def test_unsupported_layer_is_a_clear_error(digits_flat, ctx_factory):
+    keras = _tf.keras()
+
+    class Custom(keras.layers.Layer):
+        def build(self, input_shape):
+            self.w = self.add_weight(name="w", shape=(input_shape[-1], 10))
+
+        def call(self, x):
+            return x @ self.w
+
+    model = keras.Sequential([keras.Input((64,)), Custom()])
+    with pytest.raises(KfoptError, match="method=l1"):
+        run(model, digits_flat, ctx_factory, target_sparsity=0.5, epochs=1)

@@ -1,0 +1,121 @@
+"""The built-in quantize technique: every mode yields a TFLite model that runs and stays accurate."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pydantic
+import pytest
+
+from conftest import accuracy, clone
+from kfopt import _tf
+from kfopt.plugins import ModelHandle
+from kfopt.plugins import quantize as quantize_module
+from kfopt.plugins.prune import threshold_global
+from kfopt.plugins.quantize import Quantize
+from kfopt.sparsity import weight_sparsity
+
+# tf.lite.Interpreter still works in TF 2.21; kfopt's evaluator decides on its successor.
+pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
+
+
+def interpreter(tflite_bytes):
+    tf = _tf.tf()
+    it = tf.lite.Interpreter(model_content=tflite_bytes)
+    it.allocate_tensors()
+    return it
+
+
+def tflite_accuracy(tflite_bytes, data) -> float:
+    """Test accuracy of a TFLite model, quantizing inputs when the model takes int8."""
+    it = interpreter(tflite_bytes)
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    x, y = data.test.arrays()
+    if inp["dtype"] == np.int8:
+        scale, zero_point = inp["quantization"]
+        x = np.clip(np.round(x / scale + zero_point), -128, 127)
+    it.resize_tensor_input(inp["index"], x.shape)
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x.astype(inp["dtype"]))
+    it.invoke()
+    # Argmax is unaffected by the int8 output's (positive) scale, so no dequantizing.
+    return float((it.get_tensor(out["index"]).argmax(axis=1) == y).mean())
+
+
+def kernel_sparsity(tflite_bytes) -> float:
+    """Fraction of zeros in the Dense layers' weight tensors stored in the flatbuffer."""
+    it = interpreter(tflite_bytes)
+    kernels = [it.get_tensor(d["index"]) for d in it.get_tensor_details()
+               if "MatMul" in d["name"] and len(d["shape"]) == 2 and d["shape"][0] > 1]
+    assert kernels, "no Dense weight tensors found"
+    return sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)
+
+
+def run(model, data, ctx_factory, **config):
+    return Quantize().apply(ModelHandle.from_keras(model, info={"from": "test"}),
+                            Quantize.Config(**config), ctx_factory(data))
+
+
+@pytest.fixture(scope="module")
+def sparse_mlp(mlp):
+    """The mlp with its 80% smallest kernel weights zeroed (a stand-in for a pruned model)."""
+    model = clone(mlp)
+    model.set_weights(threshold_global(model.get_weights(), 0.8))
+    return model
+
+
+def test_registers_through_the_hook():
+    registered = []
+    quantize_module.kfopt_register_techniques(register=registered.append)
+    (technique,) = registered
+    assert (technique.name, technique.kind, technique.accepts, technique.produces) == ("quantize", "quantize", {"keras"}, "tflite")
+    assert technique.trains_for(Quantize.Config(mode="qat"))
+    assert not technique.trains_for(Quantize.Config(mode="int8"))
+
+
+@pytest.mark.parametrize("bad", [{"mode": "int4"}, {"bits": 8}, {"calibration_samples": 0}])
+def test_config_rejects(bad):
+    with pytest.raises(pydantic.ValidationError):
+        Quantize.Config(**bad)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "float16", "int8"])
+def test_post_training_modes_run_and_keep_accuracy(mode, mlp, digits_flat, ctx_factory):
+    out = run(mlp, digits_flat, ctx_factory, mode=mode, calibration_samples=100)
+
+    assert out.format == "tflite"
+    assert out.info == {"from": "test", "sparsity": 0.0, "params": mlp.count_params(), "quantization": mode}
+    assert tflite_accuracy(out.tflite(), digits_flat) >= accuracy(mlp, digits_flat) - 0.02
+    io_types = {d["dtype"] for d in (*interpreter(out.tflite()).get_input_details(),
+                                     *interpreter(out.tflite()).get_output_details())}
+    assert io_types == ({np.int8} if mode == "int8" else {np.float32})
+
+
+def test_int8_keeps_zero_weights_of_a_pruned_model(mlp, sparse_mlp, digits_flat, ctx_factory):
+    dense = run(mlp, digits_flat, ctx_factory, mode="int8").tflite()
+    out = run(sparse_mlp, digits_flat, ctx_factory, mode="int8")
+
+    assert out.info["sparsity"] == pytest.approx(0.8, abs=0.005)
+    assert kernel_sparsity(out.tflite()) >= 0.8
+    assert len(gzip.compress(out.tflite())) < 0.5 * len(gzip.compress(dense))
+
+
+def test_qat_yields_accurate_int8_model(mlp, digits_flat, ctx_factory):
+    before = clone(mlp)
+    out = run(mlp, digits_flat, ctx_factory, mode="qat", epochs=1)
+
+    it = interpreter(out.tflite())
+    assert it.get_input_details()[0]["dtype"] == np.int8
+    assert it.get_output_details()[0]["dtype"] == np.int8
+    assert out.info["quantization"] == "qat"
+    assert tflite_accuracy(out.tflite(), digits_flat) >= accuracy(mlp, digits_flat) - 0.03
+    for got, want in zip(mlp.get_weights(), before.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_qat_preserves_sparsity_of_a_pruned_model(sparse_mlp, digits_flat, ctx_factory):
+    out = run(sparse_mlp, digits_flat, ctx_factory, mode="qat", epochs=1)
+
+    assert kernel_sparsity(out.tflite()) >= 0.8
+    assert out.info["sparsity"] == pytest.approx(weight_sparsity(sparse_mlp))
