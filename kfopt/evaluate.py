@@ -42,11 +42,16 @@ class Runner:
         """A zero-argument callable running the model once on ``x`` (input already fed), for timing."""
         return lambda: self(x)
 
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input, without the batch dimension (for example inputs)."""
+        raise NotImplementedError
+
 
 class KerasRunner(Runner):
     def __init__(self, model):
         tf = _tf.tf()
         self._fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self._model = model
 
     def __call__(self, x):
         return np.asarray(self._fn(np.asarray(x, np.float32)), np.float32)
@@ -54,6 +59,9 @@ class KerasRunner(Runner):
     def prepared(self, x):
         tensor = _tf.tf().constant(np.asarray(x, np.float32))
         return lambda: self._fn(tensor)
+
+    def input_shape(self):
+        return tuple(self._model.input_shape[1:])
 
 
 class TFLiteRunner(Runner):
@@ -97,6 +105,9 @@ class TFLiteRunner(Runner):
         self._feed(x)
         return self.interpreter.invoke
 
+    def input_shape(self):
+        return tuple(int(d) for d in self._input["shape"][1:])
+
 
 class SavedModelRunner(Runner):
     def __init__(self, path: Path):
@@ -112,6 +123,9 @@ class SavedModelRunner(Runner):
     def prepared(self, x):
         kwargs = {self._arg: _tf.tf().constant(np.asarray(x, np.float32))}
         return lambda: self._fn(**kwargs)
+
+    def input_shape(self):
+        return tuple(self._fn.structured_input_signature[1][self._arg].shape[1:])
 
 
 def runner_for(handle: ModelHandle) -> Runner:

@@ -81,8 +81,8 @@ def context(data: Data, workdir, seed: int, reporter: Reporter | None, device: s
 
 
 def run_recipe(recipe: Recipe, planned, baseline: ModelHandle, data: Data, evaluator: Evaluator,
-               out: Path, *, seed: int = 0, reporter: Reporter | None = None) -> dict:
-    """Apply each step, save the candidate under ``out/candidate``, and measure it.
+               target: Path, *, seed: int = 0, reporter: Reporter | None = None) -> dict:
+    """Apply each step, save the candidate into the directory ``target``, and measure it.
 
     A technique that cannot run here gives status ``skipped``; one that raises
     gives ``failed`` with its name in the reason. Neither raises: a failed
@@ -94,7 +94,8 @@ def run_recipe(recipe: Recipe, planned, baseline: ModelHandle, data: Data, evalu
     candidate = {"recipe": recipe.label, "steps": [p.as_dict() for p in planned], "status": "ok", "reason": None}
     started = time.perf_counter()
     handle = baseline
-    with tempfile.TemporaryDirectory(prefix=".work-", dir=out) as workdir:
+    target = Path(target)
+    with tempfile.TemporaryDirectory(prefix=".work-", dir=target.parent) as workdir:
         ctx = context(data, workdir, seed, reporter)
         for index, step in enumerate(planned, start=1):
             name = step.technique.name
@@ -120,7 +121,6 @@ def run_recipe(recipe: Recipe, planned, baseline: ModelHandle, data: Data, evalu
                 break
             handle = result
         if candidate["status"] == "ok":
-            target = out / "candidate"
             if target.exists():
                 shutil.rmtree(target)
             path = handle.save(target)
@@ -131,18 +131,26 @@ def run_recipe(recipe: Recipe, planned, baseline: ModelHandle, data: Data, evalu
 
 
 def optimize(model: str, data: str, recipe: str | Recipe, out: str | os.PathLike, *, seed: int = 0,
-             unsafe: bool = False, epochs: int = 40, extra_plugins=(), reporter: Reporter | None = None) -> dict:
+             unsafe: bool = False, epochs: int = 40, extra_plugins=(), reporter: Reporter | None = None,
+             tracking: dict | None = None) -> dict:
     """Run one recipe on one model in-process; write models and ``metrics.json`` under ``out``.
 
     Everything the user can get wrong (recipe, configs, formats, output dir,
-    model, data) is checked before any training starts.
+    model, data, tracking URI) is checked before any training starts.
+    ``tracking`` holds keyword arguments of :func:`kfopt.observers.observer_context`
+    (``registered_model``, ``tracking_uri``, ``experiment``, ...); MLflow
+    trouble never raises: it shows as ``result["tracking"]["status"] == "failed"``.
     """
+    from .observers import Observers, observer_context
     from .plugins.manager import registry
 
     reporter = reporter or Reporter(enabled=False)
     parsed = parse_recipe(recipe)
-    planned = plan(parsed, registry(extra_plugins))
+    techniques = registry(extra_plugins)
+    planned = plan(parsed, techniques)
     out = writable_dir(out)
+    observers = Observers(techniques.pm, observer_context(out, **(tracking or {})))
+    observers.run_started({"model": model, "data": data, "seed": seed, "recipes": [parsed.label], "out": str(out)})
     baseline, dataset = prepare(model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out)
     baseline.save(out / "baseline")
     evaluator = Evaluator(dataset, baseline, out / "baseline")
@@ -157,11 +165,16 @@ def optimize(model: str, data: str, recipe: str | Recipe, out: str | os.PathLike
         "pareto": [],
         "registered_model": None,
     }
-    candidate = run_recipe(parsed, planned, baseline, dataset, evaluator, out, seed=seed, reporter=reporter)
+    candidate = run_recipe(parsed, planned, baseline, dataset, evaluator, out / "candidate", seed=seed, reporter=reporter)
     result["candidates"].append(candidate)
+    observers.candidate_finished(candidate)
     if candidate["status"] == "ok":
         result["winner"] = candidate["recipe"]
         result["pareto"] = [candidate["recipe"]]
     result["baseline"]["references"] = evaluator.references
     write_json(out / METRICS_FILE, result)
+    updates = observers.run_finished(result)
+    if updates:
+        result.update(updates)
+        write_json(out / METRICS_FILE, result)
     return result

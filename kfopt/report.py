@@ -6,13 +6,13 @@ from rich.table import Table
 
 
 def techniques_table(registry) -> Table:
-    table = Table(title="kfopt techniques")
-    for column in ("technique", "kind", "accepts", "produces", "package", "config keys"):
-        table.add_column(column)
+    table = Table(title="kfopt techniques", show_lines=True)
+    for column in ("technique", "kind", "formats", "package", "config keys (defaults)"):
+        table.add_column(column, overflow="fold")
     for technique in registry:
-        keys = ", ".join(f"{k}={_default(f)}" for k, f in technique.Config.model_fields.items())
-        table.add_row(technique.name, technique.kind, ", ".join(sorted(technique.accepts)),
-                      _produces(technique), registry.owners[technique.name], keys)
+        keys = "\n".join(f"{k}={_default(f)}" for k, f in technique.Config.model_fields.items())
+        formats = f"{'|'.join(sorted(technique.accepts))} ->\n{_produces(technique)}"
+        table.add_row(technique.name, technique.kind, formats, registry.owners[technique.name], keys)
     return table
 
 
@@ -41,12 +41,12 @@ def _produces(technique) -> str:
             except Exception:
                 continue
             if len(set(formats.values())) > 1:
-                return ", ".join(f"{v} ({k})" for k, v in formats.items())
+                return "\n".join(f"{v} ({name}={k})" for k, v in formats.items())
     return technique.produces
 
 
 def _default(field) -> str:
-    return "required" if field.is_required() else repr(field.default)
+    return "required" if field.is_required() else str(field.default)
 
 
 COLUMNS = (
@@ -81,4 +81,26 @@ def results_table(result: dict) -> Table:
                 cells.append(fmt.format(value / 1024 if key == "gzip_bytes" else value))
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('reason')}"
         table.add_row(label, row.get("format", "-"), status, *cells)
+    return table
+
+
+def history_table(name: str, rows: list[dict]) -> Table:
+    """Versions of a registered model, newest first: aliases, metrics, and each promotion decision."""
+    from rich import box
+
+    table = Table(title=f"{name}: versions, newest first", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in ("ver", "aliases", "accuracy", "gzip KB", "p50 ms", "decision"):
+        table.add_column(column, no_wrap=True, justify="left" if column in ("aliases", "decision") else "right")
+    table.add_column("recipe, reason, when and by whom", ratio=1, overflow="fold")
+    for row in rows:
+        def number(key, fmt, scale=1.0):
+            return "-" if row.get(key) is None else fmt.format(row[key] / scale)
+
+        details = [row.get("recipe") or "-"]
+        if row.get("decision"):
+            when = (row.get("decided_at") or "-").replace("T", " ")[:16]
+            details += [row.get("reason") or "-", f"{when} UTC by {row.get('decided_by') or '-'}"]
+        table.add_row(str(row["version"]), "\n".join(row["aliases"]) or "-", number("accuracy", "{:.4f}"),
+                      number("gzip_bytes", "{:,.1f}", 1024), number("latency_p50_ms", "{:.3f}"),
+                      row.get("decision") or "-", "\n".join(details))
     return table

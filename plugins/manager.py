@@ -16,12 +16,13 @@ from .technique import Technique
 
 ENTRY_POINT_GROUP = "kfopt"
 
-#: Built-in techniques, registered through the same hook as third-party plugins.
+#: Built-in techniques and observers, registered through the same hooks as third-party plugins.
 DEFAULT_PLUGINS = (
     "kfopt.plugins.prune",
     "kfopt.plugins.quantize",
     "kfopt.plugins.distill",
     "kfopt.plugins.accelerate",
+    "kfopt.plugins.mlflow_tracker",
 )
 
 
@@ -38,7 +39,13 @@ class Registry:
         self.owners: dict[str, str] = {}
         for impl in pm.hook.kfopt_register_techniques.get_hookimpls():
             owner = _owner_of(pm, impl.plugin)
-            impl.function(register=lambda t, owner=owner: self._add(t, owner))
+            try:
+                impl.function(register=lambda t, owner=owner: self._add(t, owner))
+            except KfoptError:
+                raise
+            except Exception as exc:  # a plugin's bug must not break every command
+                warnings.warn(f"kfopt plugin {owner} failed to register its techniques and was skipped: "
+                              f"{type(exc).__name__}: {exc}", PluginLoadWarning, stacklevel=2)
 
     def _add(self, technique: Technique, owner: str) -> None:
         if not isinstance(technique, Technique):
@@ -97,7 +104,8 @@ def build_manager(extra_plugins=()) -> KfoptPluginManager:
     if os.environ.get("KFOPT_DISABLE_PLUGIN_AUTOLOAD") != "1":
         _load_entry_points(pm)
     for plugin in extra_plugins:
-        pm.register(plugin)
+        if not pm.is_registered(plugin):  # e.g. a test passing a plugin that is also installed
+            pm.register(plugin)
     pm.check_pending()
     return pm
 

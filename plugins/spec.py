@@ -24,3 +24,35 @@ def kfopt_register_techniques(register: Callable[["Technique"], None]) -> None:
     Called once when the plugin manager is built. Return value is ignored.
     Registering a name that is already taken raises an error naming both owners.
     """
+
+
+# -- observer hooks: tracking and progress display ----------------------------------
+# ``context`` is one dict per run, the same object for all three calls, so an
+# observer can keep its own state in it (under a key named after the observer).
+# It carries the run's settings: ``out`` (the run directory), and for tracking
+# ``tracking`` (True, False or None for "when asked"), ``tracking_uri``,
+# ``experiment``, ``registered_model``, ``max_accuracy_drop`` and ``objective``.
+# See kfopt.observers.observer_context. An observer that raises is reported as a
+# warning; it never fails the run.
+
+
+@hookspec
+def kfopt_run_started(run: dict, context: dict) -> None:
+    """Called once before any work: ``run`` names the ``model``, ``data``, ``seed``,
+    ``recipes`` (labels) and ``out`` directory. Return value is ignored."""
+
+
+@hookspec
+def kfopt_candidate_finished(candidate: dict, context: dict) -> None:
+    """Called once per candidate after it is saved and measured, whatever its
+    ``status`` (ok, skipped, failed); ``candidate`` is the entry of metrics.json.
+    Return value is ignored."""
+
+
+@hookspec
+def kfopt_run_finished(result: dict, context: dict) -> dict | None:
+    """Called once after ``metrics.json`` is written; ``result`` is its content.
+
+    Return a dict of fields to add to the result (e.g. ``registered_model``,
+    ``tracking``), or None. Returned fields are written back to metrics.json.
+    """

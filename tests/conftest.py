@@ -8,8 +8,8 @@ os.environ.setdefault("KFOPT_DISABLE_PLUGIN_AUTOLOAD", "1")
 
 import pytest
 
-from kfopt import _tf
 from kfopt.data import load_data
+from kfopt.models import copy_model
 from kfopt.plugins import StepContext
 from kfopt.training import train_demo
 
@@ -58,7 +58,14 @@ def accuracy(keras_model, data) -> float:
 
 def clone(keras_model):
     """A copy with the same weights, so a test can check its input was not mutated."""
-    keras = _tf.keras()
-    copy = keras.models.clone_model(keras_model)
-    copy.set_weights(keras_model.get_weights())
-    return copy
+    return copy_model(keras_model)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, local artifacts) on a free port, for the whole session."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()

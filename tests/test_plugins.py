@@ -71,6 +71,19 @@ def test_plugin_error_fails_its_candidate_with_its_name(tmp_path):
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "baseline" / "model.keras").is_file()
 
 
+def test_plugin_that_raises_while_registering_warns_and_is_skipped():
+    class Broken:
+        @hookimpl
+        def kfopt_register_techniques(self, register):
+            raise ImportError("needs a library that is not installed")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        techniques = registry([Broken()])
+    assert "prune" in [t.name for t in techniques]
+    assert any("failed to register its techniques" in str(w.message) for w in caught)
+
+
 def test_duplicate_name_is_refused():
     class Dup:
         @hookimpl
@@ -128,6 +141,7 @@ def test_broken_plugin_warns_and_is_skipped(tmp_path, monkeypatch):
     _fake_distribution(tmp_path, "kfopt-broken", "broken = kfopt_module_that_does_not_exist")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("KFOPT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.setenv("KFOPT_PLUGINS", "broken")  # leave out plugins installed here (examples/kfopt-cluster)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         techniques = registry()

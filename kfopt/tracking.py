@@ -1,0 +1,412 @@
+"""Logging a kfopt run to MLflow: one parent run, one nested child run per candidate.
+
+What has been logged is recorded in ``tracking.json`` in the run directory, per
+tracking URI and experiment, so an attempt that stopped half-way (MLflow was
+down) resumes with ``kfopt promote --from DIR`` without logging anything twice.
+MLflow is imported only when something is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from contextlib import contextmanager, redirect_stdout
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from . import __version__
+from .errors import KfoptError
+
+TRACKING_FILE = "tracking.json"
+#: Numeric metrics of the vocabulary (DESIGN.md) logged on each candidate's run.
+METRICS = ("accuracy", "accuracy_drop", "agreement", "size_bytes", "gzip_bytes", "compression_ratio",
+           "sparsity", "params", "latency_p50_ms", "latency_p95_ms", "throughput_per_s", "speedup")
+#: kfopt's defaults for MLflow's own HTTP retry settings (each can be overridden in the
+#: environment): a few retries with exponential backoff ride out a restarting server
+#: (connection errors, 429 and 5xx) without leaving a user waiting minutes on a dead one.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "failed": "FAILED"}
+
+
+class TrackingFailed(KfoptError):
+    """MLflow could not be reached or refused a request; results stay on disk."""
+
+    exit_code = 3
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store ``mlflow.db`` in the current directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_uri(uri: str) -> None:
+    """Fail before any work when MLflow would not know what to do with ``uri``."""
+    try:  # the registry MLflow itself picks a store from, including stores added by MLflow plugins
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry as stores
+    except ImportError:  # a future MLflow moved it: MLflow will say so itself on first use
+        stores = None
+    try:
+        if stores is not None:
+            stores.get_store_builder(uri)
+    except Exception:
+        schemes = sorted(s for s in getattr(stores, "_registry", {}) if s)
+        raise KfoptError(
+            f"Unexpected URI scheme in tracking URI '{uri}'. Valid schemes are: {', '.join(schemes)}.",
+            "pass e.g. --tracking-uri http://localhost:5000 or sqlite:///mlflow.db (or set MLFLOW_TRACKING_URI).",
+        ) from None
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise KfoptError(f"The folder of the SQLite tracking store '{uri}' does not exist.",
+                             f"create {folder} first, or pass another --tracking-uri.")
+
+
+def failure(uri: str, exc: BaseException, directory: str | os.PathLike) -> TrackingFailed:
+    """The one line a user sees when MLflow failed, and the command that finishes the job."""
+    return TrackingFailed(f"MLflow tracking at {uri} failed: {short_reason(exc)}.",
+                          f"check the server (or --tracking-uri / MLFLOW_TRACKING_URI), then run "
+                          f"`kfopt promote --from {directory}`: it resumes where this stopped.")
+
+
+def short_reason(exc: BaseException) -> str:
+    text = str(exc)
+    errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if errno:
+        return errno.group(0).strip()
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def mlflow_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "MLflow failed" rather than "kfopt has a bug"."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.RequestException, OSError)
+
+
+def read_result(directory: str | os.PathLike) -> dict:
+    """The ``metrics.json`` that ``kfopt optimize`` (or the pipeline) wrote into ``directory``."""
+    from .optimize import METRICS_FILE
+
+    path = Path(directory) / METRICS_FILE
+    if not path.is_file():
+        raise KfoptError(f"No {METRICS_FILE} in '{directory}'.",
+                         "pass --from the --out directory of a finished `kfopt optimize` (or pipeline) run.")
+    try:
+        result = json.loads(path.read_text())
+    except ValueError as exc:
+        raise KfoptError(f"'{path}' is not valid JSON ({exc}).", "re-run `kfopt optimize` to write it again.") from None
+    if not isinstance(result, dict) or not isinstance(result.get("candidates"), list):
+        raise KfoptError(f"'{path}' has no list of candidates.", "pass the directory of a kfopt run.")
+    return result
+
+
+def resolve_artifact(directory: str | os.PathLike, artifact: str) -> Path:
+    """Find a candidate's model file whether ``artifact`` is absolute, cwd-relative, or
+    written on another machine (a pipeline pod): the longest tail of it inside ``directory`` wins."""
+    directory, given = Path(directory), Path(artifact)
+    parts = [p for p in given.parts if p != given.anchor]
+    for start in range(len(parts)):
+        candidate = directory.joinpath(*parts[start:])
+        if candidate.exists():
+            return candidate
+    if given.exists():
+        return given
+    raise KfoptError(f"Model file '{artifact}' named in {directory}/metrics.json is missing.",
+                     "keep the run directory as `kfopt optimize` wrote it (baseline/, candidate/, metrics.json).")
+
+
+def run_key(result: dict) -> str:
+    """A fingerprint of what a run measured (model, data, seed, baseline, candidates, winner).
+
+    Tagged on the parent run, it finds an earlier attempt's runs when
+    ``tracking.json`` is gone, e.g. when a pipeline retries promotion in a fresh pod.
+    """
+    import hashlib
+
+    from .optimize import _jsonable
+
+    content = {k: result.get(k) for k in ("model", "data", "seed", "baseline", "candidates", "winner")}
+    normal = json.dumps(json.loads(json.dumps(content, default=_jsonable)), sort_keys=True)
+    return hashlib.sha256(normal.encode()).hexdigest()[:32]
+
+
+def _versions() -> dict[str, str]:
+    def of(package):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return {"kfopt_version": __version__, "tensorflow_version": of("tensorflow"), "tf_keras_version": of("tf-keras")}
+
+
+def _param(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def candidate_params(candidate: dict, result: dict) -> dict[str, str]:
+    """Params of a candidate's run: recipe, every step's config, versions, seed."""
+    params = {"recipe": candidate["recipe"], "steps": _param(candidate.get("steps", [])),
+              "seed": str(result.get("seed", 0)), "model": str(result.get("model")), "data": str(result.get("data")),
+              **_versions()}
+    for index, step in enumerate(candidate.get("steps", []), start=1):
+        params[f"step{index}.technique"] = step["technique"]
+        for key, value in step.get("config", {}).items():
+            params[f"step{index}.{step['technique']}.{key}"] = _param(value)
+    return params
+
+
+def numeric_metrics(row: dict, prefix: str = "") -> dict[str, float]:
+    """The vocabulary's numeric metrics in ``row`` (None and non-numbers skipped)."""
+    return {prefix + k: float(row[k]) for k in METRICS
+            if isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)}
+
+
+@contextmanager
+def _fluent_uri(uri: str):
+    """Point MLflow's fluent API (used by log_model) at ``uri``, then restore it.
+
+    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in the
+    environment; left behind, it would turn tracking on for later runs.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved_uri
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+class RunLogger:
+    """Logs one run directory to one MLflow experiment, resuming from ``tracking.json``."""
+
+    def __init__(self, directory: str | os.PathLike, uri: str, experiment: str):
+        from mlflow import MlflowClient
+
+        for key, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        self.directory = Path(directory)
+        self.uri = uri
+        self.experiment = experiment
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        path = self.directory / TRACKING_FILE
+        try:
+            self._file = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            raise KfoptError(f"'{path}' is not valid JSON.",
+                             f"delete it and run `kfopt promote --from {self.directory}` again: "
+                             "runs logged before are found again in MLflow.") from None
+        self.state = self._file.setdefault(f"{uri} {experiment}", {"uri": uri, "experiment": experiment, "candidates": {}})
+
+    def save(self) -> None:
+        from .optimize import write_json
+
+        write_json(self.directory / TRACKING_FILE, self._file)
+
+    # -- the experiment and the parent run ---------------------------------
+    def experiment_id(self) -> str:
+        if "experiment_id" not in self.state:
+            from mlflow.exceptions import MlflowException
+
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                location = None
+                if self.uri.startswith("sqlite:///"):
+                    # Next to the database, not in whatever directory this process runs in
+                    # (MLflow's default, ./mlruns, scatters artifacts across working directories).
+                    location = (Path(self.uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+                try:
+                    self.client.create_experiment(self.experiment, artifact_location=location)
+                except MlflowException as exc:  # created meanwhile by a concurrent run
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                found = self.client.get_experiment_by_name(self.experiment)
+            if found.lifecycle_stage == "deleted":
+                raise KfoptError(f"MLflow experiment '{self.experiment}' is deleted.",
+                                 f"restore it (`mlflow experiments restore --experiment-id {found.experiment_id}`) "
+                                 "or pass another --experiment.")
+            self.state["experiment_id"] = found.experiment_id
+            self.save()
+        return self.state["experiment_id"]
+
+    def start(self, run: dict, key: str | None = None) -> str:
+        """Create the parent run (once); return its id. ``key`` is the results' run_key, when known."""
+        if self.state.get("parent_run_id"):
+            return self.state["parent_run_id"]
+        tags = {"kfopt.out": str(self.directory.resolve()), "kfopt.model": str(run.get("model")),
+                "kfopt.data": str(run.get("data")), **({"kfopt.run_key": key} if key else {})}
+        parent = self.client.create_run(self.experiment_id(), run_name=f"kfopt {self.directory.name}", tags=tags)
+        run_id = parent.info.run_id
+        self.state.update(parent_run_id=run_id, finished=False)
+        self.save()
+        params = {"model": str(run.get("model")), "data": str(run.get("data")), "seed": str(run.get("seed", 0)),
+                  "recipes": _param(run.get("recipes", [])), **_versions()}
+        self._log_batch(run_id, params=params)
+        return run_id
+
+    def finish(self, result: dict) -> None:
+        """Log the baseline and metrics.json on the parent run and close it (once)."""
+        from .optimize import METRICS_FILE
+
+        run_id = self.start(result)
+        if self.state.get("finished"):
+            return
+        self._log_batch(run_id, metrics=numeric_metrics(result.get("baseline", {}), prefix="baseline_"))
+        self.client.set_tag(run_id, "kfopt.winner", str(result.get("winner")))
+        self.client.set_tag(run_id, "kfopt.run_key", run_key(result))
+        self.client.log_dict(run_id, result.get("baseline", {}), "baseline.json")
+        self.client.log_dict(run_id, result, METRICS_FILE)
+        self._terminate(run_id, "FINISHED")
+        self.state["finished"] = True
+        self.save()
+
+    def log_result(self, result: dict) -> None:
+        """Log everything in ``result`` that is not logged yet (what ``promote --from`` does)."""
+        if self.state.get("parent_run_id") and not self._exists(self.state["parent_run_id"]):
+            # The store was reset since (a new database at the same URI): log afresh.
+            self.state.clear()
+            self.state.update(uri=self.uri, experiment=self.experiment, candidates={})
+        if not self.state.get("parent_run_id"):
+            self._adopt(run_key(result))
+        recipes = [c["recipe"] for c in result["candidates"]]
+        self.start({**result, "recipes": recipes}, key=run_key(result))
+        for candidate in result["candidates"]:
+            self.log_candidate(candidate, result)
+        self.finish(result)
+
+    def _adopt(self, key: str) -> None:
+        """Take over the runs an earlier attempt logged for the same results (found by ``run_key``)."""
+        experiment_id = self.experiment_id()
+        parents = self.client.search_runs([experiment_id], f"tags.`kfopt.run_key` = '{key}'",
+                                          order_by=["attributes.start_time ASC"], max_results=1)
+        if not parents:
+            return
+        parent = parents[0]
+        self.state.update(parent_run_id=parent.info.run_id, finished=parent.info.status == "FINISHED")
+        children = self.client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        for child in children:
+            tags = child.data.tags
+            if tags.get("kfopt.logged") == "true" and tags.get("kfopt.recipe"):
+                model_id = tags.get("kfopt.model_id") or None
+                self.state["candidates"][tags["kfopt.recipe"]] = {
+                    "run_id": child.info.run_id, "complete": True, "model_id": model_id,
+                    "model_uri": f"models:/{model_id}" if model_id else None}
+            elif child.info.status == "RUNNING":  # that attempt stopped half-way through this candidate
+                self._terminate(child.info.run_id, "KILLED")
+        self.save()
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage != "deleted"
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+
+    # -- candidates ---------------------------------------------------------
+    def logged(self, recipe: str) -> dict | None:
+        """What was logged for the candidate ``recipe``: run_id, model_id, model_uri (None if not complete)."""
+        entry = self.state["candidates"].get(recipe)
+        return entry if entry and entry.get("complete") else None
+
+    def log_candidate(self, candidate: dict, result: dict) -> dict:
+        """One child run: params, metrics, the model (as an MLflow model and as the raw file), candidate.json."""
+        label = candidate["recipe"]
+        if self.logged(label):
+            return self.logged(label)
+        parent_id = self.start(result)
+        stale = self.state["candidates"].get(label)
+        if stale:  # an earlier attempt stopped half-way: close that run, log afresh
+            try:
+                self._terminate(stale["run_id"], "KILLED")
+            except Exception:
+                pass
+        status = candidate.get("status", "ok")
+        tags = {"mlflow.parentRunId": parent_id, "kfopt.recipe": label, "kfopt.status": status,
+                "kfopt.format": str(candidate.get("format"))}
+        if candidate.get("reason"):
+            tags["kfopt.reason"] = _param(candidate["reason"])
+        run_id = self.client.create_run(self.experiment_id(), run_name=label, tags=tags).info.run_id
+        entry = self.state["candidates"][label] = {"run_id": run_id, "complete": False}
+        self.save()
+        self._log_batch(run_id, params=candidate_params(candidate, result), metrics=numeric_metrics(candidate))
+        self.client.log_dict(run_id, {k: v for k, v in candidate.items() if k != "traceback"}, "candidate.json")
+        if status == "ok" and candidate.get("artifact"):
+            path = resolve_artifact(self.directory, candidate["artifact"])
+            if path.is_dir():
+                self.client.log_artifacts(run_id, str(path), f"candidate/{path.name}")
+            else:
+                self.client.log_artifact(run_id, str(path), "candidate")
+            info = self._log_model(run_id, candidate["format"], path)
+            entry.update(model_id=info.model_id, model_uri=info.model_uri)
+            self.client.set_tag(run_id, "kfopt.model_id", info.model_id)
+        self.client.set_tag(run_id, "kfopt.logged", "true")  # complete: a later attempt may adopt this run
+        self._terminate(run_id, RUN_STATUS.get(status, "FINISHED"))
+        entry["complete"] = True
+        self.save()
+        return entry
+
+    def _log_model(self, run_id: str, format: str, path: Path):
+        """Log the candidate as an MLflow model whose pyfunc predicts on a numpy batch.
+
+        Keras models use MLflow's tensorflow flavor (it saves tf_keras models
+        fine when TF_USE_LEGACY_KERAS=1, which kfopt._tf sets); TFLite and
+        SavedModel candidates are a small pyfunc wrapper around kfopt's runner.
+        """
+        import mlflow
+        import numpy as np
+        from mlflow.models import infer_signature
+
+        from . import _tf
+        from .evaluate import runner_for
+        from .plugins.technique import ModelHandle
+
+        tf = _tf.tf()
+        handle = ModelHandle(format, path=path)
+        runner = runner_for(handle)
+        example = np.zeros((2, *runner.input_shape()), np.float32)
+        signature = infer_signature(example, runner(example))
+        requirements = [f"tensorflow=={tf.__version__}", f"tf-keras=={_versions()['tf_keras_version']}",
+                        f"numpy=={np.__version__}"]
+        # Keras prints prediction progress bars on stdout; keep stdout for --json.
+        with _fluent_uri(self.uri), redirect_stdout(sys.stderr), \
+                mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            if format == "keras":
+                return mlflow.tensorflow.log_model(handle.keras(), name="model", signature=signature,
+                                                   input_example=example, pip_requirements=requirements)
+            return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                                           artifacts={"model": str(path)}, model_config={"format": format},
+                                           signature=signature, input_example=example,
+                                           pip_requirements=[*requirements, f"kfopt=={__version__}"])
+
+    def _terminate(self, run_id: str, status: str) -> None:
+        with redirect_stdout(sys.stderr):  # MLflow prints the run's URL on stdout; keep stdout for --json
+            self.client.set_terminated(run_id, status)
+
+    def _log_batch(self, run_id: str, params: dict | None = None, metrics: dict | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in (params or {}).items()],
+                              metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()])

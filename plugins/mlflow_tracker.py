@@ -1,0 +1,91 @@
+"""Built-in observer: logs each run to MLflow, then registers and promotes the winner.
+
+Active when the run's context asks for tracking (see
+:func:`kfopt.observers.observer_context`). MLflow trouble never fails the run:
+the result gets ``tracking.status = "failed"`` with the reason, everything
+stays on disk, and ``kfopt promote --from DIR`` finishes the job later.
+"""
+
+from __future__ import annotations
+
+from kfopt.errors import KfoptError
+
+from .spec import hookimpl
+
+#: Key of this observer's state in the run's context dict.
+STATE = "mlflow_tracker"
+
+
+@hookimpl(trylast=True)
+def kfopt_run_started(run: dict, context: dict) -> None:
+    if not context.get("tracking"):
+        return
+    from kfopt import tracking
+
+    uri = tracking.resolve_uri(context.get("tracking_uri"))
+    tracking.check_uri(uri)  # a wrong URI is the user's to fix, before any work: exit 2
+    # MLflow is first contacted when there is something to log: a run that stops
+    # on bad input before its first candidate leaves no half-open run behind.
+    context[STATE] = {"uri": uri, "run": run, "logger": None, "error": None}
+
+
+@hookimpl(trylast=True)
+def kfopt_candidate_finished(candidate: dict, context: dict) -> None:
+    state = context.get(STATE)
+    if not state or state["error"]:
+        return
+    try:
+        _logger(state, context).log_candidate(candidate, state["run"])
+    except Exception as exc:  # MLflow down: optimize on, say so at the end
+        state["error"] = _reason(exc)
+
+
+@hookimpl(trylast=True)
+def kfopt_run_finished(result: dict, context: dict) -> dict | None:
+    state = context.get(STATE)
+    if not state:
+        return None
+    name = context.get("registered_model")
+    registered = None
+    if not state["error"]:
+        from kfopt import promotion
+
+        try:
+            logger = _logger(state, context)
+            logger.log_result(result)  # whatever the per-candidate hook could not log
+            if name:
+                registered = promotion.promote(logger, result, name, max_accuracy_drop=context["max_accuracy_drop"],
+                                               objective=context["objective"])
+        except Exception as exc:
+            state["error"] = _reason(exc)
+    if name and registered is None:
+        registered = {"name": name, "version": None, "aliases": [], "promoted": False, "previous_champion": None,
+                      "reason": f"not registered: MLflow tracking failed ({state['error']})"}
+    logger = state["logger"]
+    return {
+        "tracking": {
+            "uri": state["uri"], "experiment": context["experiment"],
+            "status": "failed" if state["error"] else "ok", "error": state["error"],
+            "run_id": logger.state.get("parent_run_id") if logger else None,
+            "registered_model": name, "objective": context["objective"],
+            "max_accuracy_drop": context["max_accuracy_drop"],
+        },
+        "registered_model": registered,
+    }
+
+
+def _logger(state: dict, context: dict):
+    if state["logger"] is None:
+        from kfopt import tracking
+
+        state["logger"] = tracking.RunLogger(state["run"]["out"], state["uri"], context["experiment"])
+        state["logger"].start(state["run"])
+    return state["logger"]
+
+
+def _reason(exc: Exception) -> str:
+    from kfopt import tracking
+
+    if isinstance(exc, KfoptError):
+        return exc.one_line()
+    return tracking.short_reason(exc)

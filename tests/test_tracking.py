@@ -1,0 +1,309 @@
+"""MLflow tracking, registration and promotion, against a real `mlflow server` and a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kfopt.cli import main
+from kfopt.optimize import METRICS_FILE, optimize
+from kfopt.promotion import gate, promote_from
+from kfopt.tracking import TRACKING_FILE, RunLogger, read_result
+
+SMALLER = "prune(target_sparsity=0.5,epochs=1)>quantize(mode=dynamic)"  # tflite, zeros compress: smallest
+SMALL = "quantize(mode=dynamic)"                                           # tflite, int8 weights
+KERAS = "prune(target_sparsity=0.5,epochs=1)"                             # keras fp32: largest
+BUDGET = "0.05"  # three-epoch baselines; the budget is not what these tests are about
+
+
+def cli(*args):
+    """Exit code and everything printed (stdout and stderr); stdout alone for JSON is ``cli.stdout``."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    cli.stdout = result.stdout
+    return result.exit_code, result.output
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_tracking(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """Three finished `optimize` runs (no tracking asked for), trained once; tests promote copies of them."""
+    root = tmp_path_factory.mktemp("runs")
+    cwd, ambient = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(root)  # an untracked run must not leave an mlflow.db behind in the working directory
+    try:
+        for name, recipe in (("small", SMALL), ("smaller", SMALLER), ("keras", KERAS)):
+            result = optimize("demo:mlp", "digits", recipe, root / name, epochs=3)
+            assert result["candidates"][0]["status"] == "ok" and "tracking" not in result
+    finally:
+        os.chdir(cwd)
+        if ambient is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = ambient
+    assert not (root / "mlflow.db").exists() and not (root / "mlruns").exists()
+    assert not list(root.rglob(TRACKING_FILE))
+    return root
+
+
+@pytest.fixture
+def run_dir(finished_runs, tmp_path):
+    """A fresh copy of one of the finished runs, moved away from where it was written."""
+    def copy(name):
+        target = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(finished_runs / name, target)
+        return target
+    return copy
+
+
+def client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def digits_test():
+    from kfopt.data import load_data
+
+    return load_data("digits", input_shape=(64,), seed=0).test.arrays()
+
+
+def load_champion(uri, name):
+    import mlflow
+
+    from kfopt.tracking import _fluent_uri
+
+    with _fluent_uri(uri):
+        return mlflow.pyfunc.load_model(f"models:/{name}@champion")
+
+
+# -- the gate (no MLflow) ----------------------------------------------------------------
+def test_gate_budget_objective_and_ties():
+    champion = {"accuracy": 0.95, "gzip_bytes": 100, "latency_p50_ms": 1.0}
+    ok = lambda c, **kw: gate(c, champion, max_accuracy_drop=0.01, objective=kw.get("objective", "size"))[0]
+    assert gate({"accuracy": 0.9, "accuracy_drop": 0.0, "gzip_bytes": 1}, None, max_accuracy_drop=0.01, objective="size")[0]
+    assert ok({"accuracy": 0.945, "gzip_bytes": 99})                       # within budget, smaller
+    assert not ok({"accuracy": 0.93, "gzip_bytes": 10})                    # smaller but too inaccurate
+    assert not ok({"accuracy": 0.99, "gzip_bytes": 100})                   # a tie is not better
+    assert not ok({"accuracy": 0.99, "accuracy_drop": 0.05, "gzip_bytes": 1})  # blew its own baseline budget
+    assert ok({"accuracy": 0.95, "latency_p50_ms": 0.5}, objective="latency")
+    passed, reason = gate({"accuracy": 0.95, "gzip_bytes": 10}, {"accuracy": 0.95}, max_accuracy_drop=0.01,
+                          objective="size", champion_version="3")
+    assert not passed and "gzip_bytes missing" in reason and "v3" in reason
+
+
+@pytest.mark.slow
+def test_observer_hooks_see_the_run_and_a_broken_observer_does_not_fail_it(tmp_path, monkeypatch):
+    from kfopt.observers import ObserverWarning
+    from kfopt.plugins import hookimpl
+
+    seen = []
+
+    class Recorder:
+        @hookimpl
+        def kfopt_run_started(self, run):  # a subset of the arguments is fine, as in pluggy
+            seen.append(("started", run["recipes"]))
+
+        @hookimpl
+        def kfopt_candidate_finished(self, candidate, context):
+            seen.append(("candidate", candidate["status"], context["tracking"]))
+
+        @hookimpl
+        def kfopt_run_finished(self, result, context):
+            seen.append(("finished", result["winner"]))
+            return {"recorder": {"candidates": len(result["candidates"])}}
+
+    class Broken:
+        @hookimpl
+        def kfopt_candidate_finished(self, candidate):
+            raise RuntimeError("observer bug")
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(ObserverWarning, match="observer bug"):
+        result = optimize("demo:mlp", "digits", SMALL, tmp_path / "out", epochs=3, extra_plugins=[Recorder(), Broken()])
+    assert seen == [("started", [SMALL]), ("candidate", "ok", False), ("finished", SMALL)]
+    assert read_result(tmp_path / "out")["recorder"] == {"candidates": 1} == result["recorder"]
+
+
+# -- with a real tracking server ---------------------------------------------------------
+@pytest.mark.slow
+def test_better_run_becomes_champion_worse_one_stays_challenger(mlflow_server, tmp_path):
+    name, uri = "digits-size", mlflow_server.uri
+    common = ["--model", "demo:mlp", "--epochs", "3", "--registered-model", name, "--tracking-uri", uri,
+              "--max-accuracy-drop", BUDGET]
+    code, out = cli("optimize", *common, "--recipe", SMALL, "--out", tmp_path / "1", "--json")
+    assert code == 0, out
+    first = json.loads(cli.stdout)["registered_model"]
+    assert first["version"] == 1 and first["promoted"] and set(first["aliases"]) == {"champion", "challenger"}
+
+    code, out = cli("optimize", *common, "--recipe", SMALLER, "--out", tmp_path / "2")
+    assert code == 0, out
+    assert f"{name} v2 (challenger, champion): promoted to champion" in out
+    on_disk = read_result(tmp_path / "2")["registered_model"]
+    assert on_disk["version"] == 2 and on_disk["previous_champion"] == "1"
+
+    code, out = cli("optimize", *common, "--recipe", KERAS, "--out", tmp_path / "3")
+    assert code == 0, out
+    mlflow = client(uri)
+    v3 = mlflow.get_model_version(name, "3")
+    assert v3.tags["kfopt.decision"] == "rejected" and v3.tags["kfopt.previous_champion"] == "2"
+    assert "gzip_bytes" in v3.tags["kfopt.reason"] and "not below champion v2" in v3.tags["kfopt.reason"]
+    assert v3.tags["kfopt.objective"] == "size" and v3.tags["kfopt.decided_at"] and v3.tags["kfopt.decided_by"]
+    assert mlflow.get_registered_model(name).aliases == {"champion": "2", "challenger": "3"}
+    assert getattr(v3, "current_stage", None) in (None, "None")  # aliases only, never stages
+
+    # One parent run per optimize run, one nested child per candidate, with params, metrics and artifacts.
+    child = mlflow.get_run(v3.run_id)
+    parent = mlflow.get_run(child.data.tags["mlflow.parentRunId"])
+    assert child.data.params["step1.prune.target_sparsity"] == "0.5" and child.data.params["kfopt_version"]
+    assert child.data.params["tensorflow_version"].startswith("2.") and child.data.params["seed"] == "0"
+    assert {"accuracy", "gzip_bytes", "latency_p50_ms", "compression_ratio"} <= set(child.data.metrics)
+    assert "baseline_accuracy" in parent.data.metrics and parent.info.status == "FINISHED"
+    assert {a.path for a in mlflow.list_artifacts(parent.info.run_id)} >= {METRICS_FILE, "baseline.json"}
+    assert [a.path for a in mlflow.list_artifacts(child.info.run_id, "candidate")] == ["candidate/model.keras"]
+
+    # The champion (v2, TFLite) loads as a pyfunc and predicts digits.
+    x, y = digits_test()
+    scores = load_champion(uri, name).predict(x)
+    assert scores.shape == (len(x), 10) and (scores.argmax(axis=1) == y).mean() > 0.85
+
+    code, out = cli("history", name, "--tracking-uri", uri, "--json")
+    assert code == 0, out
+    rows = json.loads(cli.stdout)
+    assert [(r["version"], r["decision"], r["aliases"]) for r in rows] == [
+        (3, "rejected", ["challenger"]), (2, "promoted", ["champion"]), (1, "promoted", [])]
+    code, out = cli("history", name, "--tracking-uri", uri)
+    assert code == 0 and "rejected" in out and "champion" in out
+    code, out = cli("history", "digits-siz", "--tracking-uri", uri)
+    assert code == 2 and "Did you mean 'digits-size'?" in out and out.count("error:") == 1
+
+
+@pytest.mark.slow
+def test_keras_winner_loads_as_pyfunc(mlflow_server, run_dir):
+    name = "digits-keras"
+    decision = promote_from(run_dir("keras"), registered_model=name, tracking_uri=mlflow_server.uri,
+                            max_accuracy_drop=float(BUDGET))
+    assert decision["version"] == 1 and decision["promoted"] and decision["reason"] == "no champion yet"
+    model = load_champion(mlflow_server.uri, name)
+    assert "tensorflow" in model.metadata.flavors  # MLflow's own Keras flavor, not the wrapper
+    x, y = digits_test()
+    assert (np.asarray(model.predict(x)).argmax(axis=1) == y).mean() > 0.85
+
+
+@pytest.mark.slow
+def test_server_down_then_promote_later_registers_once(mlflow_server, run_dir, tmp_path, monkeypatch):
+    name, uri = "digits-outage", mlflow_server.uri
+    assert promote_from(run_dir("small"), registered_model=name, tracking_uri=uri,
+                        max_accuracy_drop=float(BUDGET))["version"] == 1
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # fail in seconds, not after the default backoff
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    out_dir = tmp_path / "during-outage"
+    mlflow_server.stop()
+    try:
+        code, out = cli("optimize", "--model", "demo:mlp", "--epochs", "3", "--recipe", SMALLER, "--out", out_dir,
+                        "--registered-model", name, "--tracking-uri", uri, "--max-accuracy-drop", BUDGET)
+    finally:
+        mlflow_server.start()
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # later commands: a fresh shell's settings
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+    assert code == 3, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"kfopt promote --from {out_dir}" in errors[0] and "Traceback" not in out
+    saved = read_result(out_dir)
+    assert saved["candidates"][0]["status"] == "ok" and Path(saved["candidates"][0]["artifact"]).is_file()
+    assert saved["tracking"]["status"] == "failed" and saved["registered_model"]["version"] is None
+
+    # Settings come from what the run asked for; repeating the command changes nothing.
+    for _ in range(2):
+        code, out = cli("promote", "--from", out_dir, "--json")
+        assert code == 0, out
+        assert json.loads(cli.stdout) | {"reason": None} == {"name": name, "version": 2, "aliases": ["challenger", "champion"],
+                                                      "promoted": True, "previous_champion": "1", "reason": None}
+    # A retry in a fresh pipeline pod has no tracking.json: the runs are found again by the results' fingerprint.
+    (out_dir / TRACKING_FILE).unlink()
+    assert promote_from(out_dir, registered_model=name, tracking_uri=uri)["version"] == 2
+    mlflow = client(uri)
+    assert len(mlflow.search_model_versions(f"name='{name}'")) == 2
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("kfopt").experiment_id],
+                              f"tags.`kfopt.out` = '{out_dir.resolve()}'")
+    assert len(runs) == 1  # one parent run, not one per attempt
+    assert read_result(out_dir)["registered_model"]["version"] == 2
+
+
+@pytest.mark.slow
+def test_concurrent_promotions_leave_champion_on_the_better_one(mlflow_server, run_dir):
+    name, uri = "digits-race", mlflow_server.uri
+    worse, better = run_dir("small"), run_dir("smaller")
+    for directory in (worse, better):  # log the runs first, so the two processes race on the decision itself
+        RunLogger(directory, uri, "kfopt").log_result(read_result(directory))
+    command = [sys.executable, "-m", "kfopt.cli", "promote", "--registered-model", name, "--tracking-uri", uri,
+               "--max-accuracy-drop", BUDGET, "--json", "--from"]
+    env = {**os.environ, "KFOPT_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    started = time.monotonic()
+    procs = [subprocess.Popen([*command, str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for d in (worse, better)]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    decisions = {d: json.loads(o) for d, (o, _) in zip(("worse", "better"), outputs)}
+    mlflow = client(uri)
+    assert mlflow.get_registered_model(name).aliases["champion"] == str(decisions["better"]["version"])
+    assert decisions["better"]["promoted"]
+    assert {decisions["worse"]["version"], decisions["better"]["version"]} == {1, 2}
+    assert time.monotonic() - started < 120
+
+
+# -- the embedded default, and what the user can get wrong -------------------------------------
+@pytest.mark.slow
+def test_embedded_sqlite_default_needs_no_server(run_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    directory = run_dir("small")
+    code, out = cli("promote", "--from", directory, "--registered-model", "local-digits")
+    assert code == 0, out
+    assert "local-digits v1 (challenger, champion): promoted to champion" in out
+    assert (tmp_path / "mlflow.db").is_file()
+    artifacts = Path(client(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("kfopt").artifact_location[7:])
+    assert artifacts == tmp_path / "mlruns" and any(artifacts.iterdir())  # beside the database...
+    state = json.loads((directory / TRACKING_FILE).read_text())
+    assert list(state) == [f"sqlite:///{tmp_path / 'mlflow.db'} kfopt"]
+    code, out = cli("history", "local-digits", "--json")
+    assert code == 0 and json.loads(cli.stdout)[0]["aliases"] == ["challenger", "champion"]
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # logging did not leak its URI into the environment
+    (tmp_path / "elsewhere").mkdir()
+    other = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+    RunLogger(directory, other, "kfopt").experiment_id()  # ...wherever the database is, not in the cwd
+    assert client(other).get_experiment_by_name("kfopt").artifact_location == (tmp_path / "elsewhere" / "mlruns").as_uri()
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["promote", "--from", tmp_path, "--registered-model", "m"], "No metrics.json in"),
+        (["history", "nothing-here", "--tracking-uri", f"sqlite:///{tmp_path / 'new.db'}"], "does not exist at"),
+        (["optimize", "--model", "demo:mlp", "--recipe", SMALL, "--out", tmp_path / "o", "--tracking-uri", "bogus://x"],
+         "Unexpected URI scheme in tracking URI 'bogus://x'. Valid schemes are:"),
+        (["optimize", "--model", "demo:mlp", "--recipe", SMALL, "--out", tmp_path / "o", "--registered-model", "m",
+          "--no-tracking"], "needs MLflow, but tracking is turned off"),
+    ]
+    for args, message in cases:
+        code, out = cli(*args)
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and message in errors[0] and "Fix:" in errors[0], out
+    assert not (tmp_path / "o" / "baseline").exists()  # refused before any training
+
+
+def test_tracking_stays_lazy():
+    code = ("import sys, kfopt, kfopt.cli, kfopt.observers, kfopt.tracking, kfopt.promotion;"
+            "from kfopt.plugins.manager import registry; registry();"
+            "print('mlflow' in sys.modules, 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
