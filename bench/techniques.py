@@ -48,7 +48,7 @@ def main() -> int:
 
     techniques = registry()
     recipes = [(r, plan(parse_recipe(r), techniques)) for r in args.recipes]  # fail before any work
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # whole table even when piped to a file
     reporter = Reporter()
     started = time.perf_counter()
     for model in args.models:

@@ -1,0 +1,225 @@
+"""KFP v2 lightweight Python components: thin wrappers over :mod:`kfopt.components.steps`.
+
+Each function below turns its artifacts into paths and calls one step
+function; all imports are inside the body because KFP ships only the
+function's source to the container. The image they run in is chosen when the
+components are built (:func:`build_components`), so ``kfopt compile --image``
+can point them at your registry. The image already holds kfopt and kfp, so
+nothing is pip-installed when a step starts (``install_kfp_package=False``):
+the same holds under ``kfp.local.SubprocessRunner(use_venv=False)``, which runs
+them with the current Python environment.
+"""
+
+# No `from __future__ import annotations`: KFP reads the real annotation objects.
+import functools
+from dataclasses import dataclass
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from kfopt.components import DEFAULT_IMAGE
+
+
+def prepare(
+    model: str,
+    data: str,
+    seed: int,
+    epochs: int,
+    unsafe: bool,
+    baseline: Output[Model],
+    dataset: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """Loads or trains the baseline model and stores it with the data spec.
+
+    Args:
+        model: A .keras/.h5 file, a SavedModel directory, a URI of one, or demo:mlp / demo:cnn.
+        data: An .npz file or URI, 'py:module:function', or 'digits'.
+        seed: Seed for data splits and training.
+        epochs: Epochs to train a demo baseline.
+        unsafe: Allow models with Lambda layers.
+        baseline: The baseline (model.keras) and baseline.json with its metrics.
+        dataset: The data spec (data.json), with a copy of an .npz source.
+        metrics: The baseline's metrics, for the KFP UI.
+    """
+    from kfopt.components.steps import prepare_step
+    from kfopt.components.ops import log_metrics
+
+    record = prepare_step(model, data, baseline.path, dataset.path, seed=seed, epochs=epochs, unsafe=unsafe)
+    baseline.metadata.update({"format": "keras", "source": model, "accuracy": record["metrics"]["accuracy"]})
+    dataset.metadata.update({"source": data})
+    log_metrics(metrics, record["metrics"])
+
+
+def optimize(
+    recipe: str,
+    seed: int,
+    measure: bool,
+    baseline: Input[Model],
+    dataset: Input[Dataset],
+    candidate: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Runs one recipe on the baseline; a failing recipe gives a failed candidate, not a failed task.
+
+    Args:
+        recipe: JSON of {"position": int, "recipe": {"name": ..., "steps": [...]}}.
+        seed: Seed for fine-tuning and calibration.
+        measure: Measure the candidate here (False: a later evaluate step measures it).
+        baseline: The prepared baseline.
+        dataset: The prepared data spec.
+        candidate: The candidate model and candidate.json (recipe, status, reason, metrics).
+        metrics: The candidate's metrics, for the KFP UI.
+    """
+    import json
+
+    from kfopt.components.steps import optimize_step
+    from kfopt.components.ops import describe, log_metrics
+
+    item = json.loads(recipe)
+    record = optimize_step(item["recipe"], baseline.path, dataset.path, candidate.path, seed=seed,
+                           measure=measure, position=item.get("position"))
+    describe(candidate, record)
+    log_metrics(metrics, record)
+
+
+def evaluate(
+    seed: int,
+    unmeasured: Input[Model],
+    baseline: Input[Model],
+    dataset: Input[Dataset],
+    candidate: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Measures a candidate that was optimized on another node pool, like every other candidate.
+
+    Args:
+        seed: Seed the data splits were made with.
+        unmeasured: The candidate from an optimize step run with measure=False.
+        baseline: The prepared baseline.
+        dataset: The prepared data spec.
+        candidate: The candidate model and its measured candidate.json.
+        metrics: The candidate's metrics, for the KFP UI.
+    """
+    from kfopt.components.steps import evaluate_step
+    from kfopt.components.ops import describe, log_metrics
+
+    record = evaluate_step(unmeasured.path, baseline.path, dataset.path, candidate.path, seed=seed)
+    describe(candidate, record)
+    log_metrics(metrics, record)
+
+
+def select(
+    max_accuracy_drop: float,
+    objective: str,
+    baseline: Input[Model],
+    results: Output[Artifact],
+    metrics: Output[Metrics],
+    accelerator_candidates: Input[List[Model]] = None,
+    cpu_candidates: Input[List[Model]] = None,
+) -> str:
+    """Picks the best candidate within the accuracy budget and the Pareto front.
+
+    Args:
+        max_accuracy_drop: Largest accuracy drop (absolute fraction) a winner may have.
+        objective: 'size' (lowest gzip_bytes) or 'latency' (lowest latency_p50_ms).
+        baseline: The prepared baseline.
+        results: metrics.json (baseline, candidates, winner, pareto) plus copies of every model.
+        metrics: The winner's metrics, for the KFP UI.
+        accelerator_candidates: Candidates of the recipes that fine-tune.
+        cpu_candidates: Candidates of the post-training recipes.
+
+    Returns:
+        The winning recipe's label, or an empty string when no candidate is within the budget.
+    """
+    from kfopt.components.steps import select_step
+    from kfopt.components.ops import log_metrics
+
+    directories = [c.path for c in list(accelerator_candidates or []) + list(cpu_candidates or [])]
+    result = select_step(baseline.path, directories, results.path, max_accuracy_drop=max_accuracy_drop,
+                         objective=objective)
+    winner = next((c for c in result["candidates"] if c["recipe"] == result["winner"]), None)
+    results.metadata.update({"winner": result["winner"] or "", "pareto": result["pareto"],
+                             "candidates": len(result["candidates"])})
+    if winner:
+        log_metrics(metrics, winner)
+    return result["winner"] or ""
+
+
+def report(results: Input[Artifact], report: Output[HTML]):
+    """Renders the HTML report: the candidates table and accuracy-vs-size/latency plots.
+
+    Args:
+        results: The select step's results.
+        report: The HTML page.
+    """
+    from kfopt.components.steps import report_step
+
+    report_step(results.path, report.path)
+
+
+def promote(
+    registered_model: str,
+    tracking_uri: str,
+    max_accuracy_drop: float,
+    objective: str,
+    experiment: str,
+    results: Input[Artifact],
+) -> str:
+    """Registers the winner in MLflow and moves the champion alias if it passes the gate.
+
+    Args:
+        registered_model: Registered model name ('' = 'kfopt-' + the model's name).
+        tracking_uri: MLflow tracking URI ('' = MLflow's default / MLFLOW_TRACKING_URI).
+        max_accuracy_drop: The accuracy budget the gate applies.
+        objective: 'size' or 'latency'.
+        experiment: MLflow experiment name.
+        results: The select step's results.
+
+    Returns:
+        JSON of the registered model (name, version, aliases, promoted), or of {"skipped": reason}.
+    """
+    import json
+
+    from kfopt.components.steps import promote_step
+
+    outcome = promote_step(results.path, registered_model=registered_model, tracking_uri=tracking_uri,
+                           max_accuracy_drop=max_accuracy_drop, objective=objective, experiment=experiment)
+    return json.dumps(outcome, default=str)
+
+
+# -- helpers the component bodies import (they run inside the component) -----------
+def log_metrics(metrics, record: dict) -> None:
+    """Log a record's scalar metrics on a KFP Metrics artifact (the UI shows numbers only)."""
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "position":
+            metrics.log_metric(key, float(value))
+
+
+def describe(candidate, record: dict) -> None:
+    """Put the facts a person filters on into the candidate artifact's metadata."""
+    candidate.metadata.update({k: record[k] for k in ("recipe", "status", "format", "accuracy", "gzip_bytes",
+                                                      "latency_p50_ms") if record.get(k) is not None})
+    if record.get("reason"):
+        candidate.metadata["reason"] = record["reason"]
+
+
+@dataclass(frozen=True)
+class Components:
+    """The kfopt components, built for one image."""
+
+    prepare: object
+    optimize: object
+    evaluate: object
+    select: object
+    report: object
+    promote: object
+
+
+@functools.lru_cache(maxsize=None)
+def build_components(image: str = DEFAULT_IMAGE) -> Components:
+    """The components, running in ``image`` (which must contain kfopt; nothing is installed at run time)."""
+    make = functools.partial(dsl.component, base_image=image, install_kfp_package=False)
+    return Components(prepare=make(prepare), optimize=make(optimize), evaluate=make(evaluate),
+                      select=make(select), report=make(report), promote=make(promote))

@@ -1,0 +1,372 @@
+"""What each pipeline step does, as plain functions on local directories.
+
+The KFP components in :mod:`kfopt.components.ops` only turn artifacts into
+paths and call these; tests call them directly. They are built on the same
+step functions as ``kfopt optimize`` (:func:`kfopt.optimize.prepare`,
+:func:`kfopt.optimize.run_recipe`, one :class:`kfopt.evaluate.Evaluator`), so a
+candidate measured in a pipeline is measured exactly like one measured in-process.
+
+What a step writes into its output directory:
+
+- prepare: ``baseline/`` = ``model.keras`` + ``baseline.json`` (where it came
+  from and its metrics); ``data/`` = ``data.json`` (+ ``data.npz``, a copy of an
+  .npz source, so every step reads the same bytes).
+- optimize / evaluate: ``candidate/`` = the model file + ``candidate.json``
+  (the candidate record: recipe, status, reason, metrics).
+- select: ``results/`` = ``metrics.json`` (the shape ``kfopt optimize`` writes:
+  baseline, candidates with ``artifact`` paths, winner, pareto) + copies of the
+  baseline and every candidate model, so the folder is self-contained for
+  ``kfopt.promotion.promote_from`` and ``kfopt promote --from``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import traceback
+from pathlib import Path
+
+from kfopt.errors import KfoptError
+from kfopt.optimize import METRICS_FILE, writable_dir, write_json
+from kfopt.progress import Reporter
+
+BASELINE_FILE = "baseline.json"
+CANDIDATE_FILE = "candidate.json"
+DATA_FILE = "data.json"
+BASELINE_MODEL = "model.keras"
+
+
+# -- prepare ---------------------------------------------------------------------
+def prepare_step(model: str, data: str, baseline_dir, data_dir, *, seed: int = 0, epochs: int = 40,
+                 unsafe: bool = False, reporter: Reporter | None = None) -> dict:
+    """Load (or train, for ``demo:*``) the baseline, measure it, and store it and the data spec.
+
+    ``model`` may also be a URI (``gs://...``) that ``tf.io.gfile`` can read.
+    Returns the content of ``baseline.json``.
+    """
+    from kfopt.evaluate import Evaluator
+    from kfopt.optimize import prepare
+
+    reporter = reporter or Reporter(enabled=False)
+    baseline_dir, data_dir = writable_dir(baseline_dir), writable_dir(data_dir)
+    with tempfile.TemporaryDirectory(prefix="kfopt-prepare-") as tmp:
+        handle, dataset = prepare(_fetch(model, Path(tmp) / "source"), data, seed=seed, unsafe=unsafe,
+                                  epochs=epochs, reporter=reporter, workdir=tmp)
+        handle.save(baseline_dir)
+        reporter.say("Measuring the baseline")
+        metrics = Evaluator(dataset, handle, Path(tmp) / "reference").baseline_metrics()
+    _store_data(data, data_dir)
+    baseline = {"model": model, "data": data, "seed": seed, "unsafe": unsafe,
+                "input_shape": list(dataset.input_shape), "metrics": metrics}
+    write_json(baseline_dir / BASELINE_FILE, baseline)
+    return baseline
+
+
+def _fetch(model: str, target: Path) -> str:
+    """A local path for ``model``: URIs (gs://, s3://, ...) are copied with tf.io.gfile first."""
+    if "://" not in model:
+        return model
+    from kfopt import _tf
+
+    gfile = _tf.tf().io.gfile
+    if not gfile.exists(model):
+        raise KfoptError(f"Model '{model}' does not exist.", "check the URI and that this step can read it.")
+    local = target / model.rstrip("/").rsplit("/", 1)[-1]
+    if gfile.isdir(model):
+        for root, _, files in gfile.walk(model):
+            rel = root[len(model.rstrip("/")):].lstrip("/")
+            (local / rel).mkdir(parents=True, exist_ok=True)
+            for name in files:
+                gfile.copy(f"{root.rstrip('/')}/{name}", str(local / rel / name), overwrite=True)
+    else:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        gfile.copy(model, str(local), overwrite=True)
+    return str(local)
+
+
+def _store_data(data: str, data_dir: Path) -> None:
+    """Record the data spec; an .npz source is copied so every step reads the same bytes."""
+    info = {"source": data, "spec": data, "file": None}
+    if data.endswith(".npz") or "://" in data:
+        from kfopt import _tf
+
+        _tf.tf().io.gfile.copy(data, str(data_dir / "data.npz"), overwrite=True)
+        info.update(spec=None, file="data.npz")
+    write_json(data_dir / DATA_FILE, info)
+
+
+def load_step_data(data_dir, input_shape, seed: int = 0):
+    """The :class:`kfopt.data.Data` a prepare step stored in ``data_dir``."""
+    from kfopt.data import load_data
+
+    info = _read_json(Path(data_dir) / DATA_FILE, "data spec")
+    spec = str(Path(data_dir) / info["file"]) if info.get("file") else info["spec"]
+    return load_data(spec, input_shape=tuple(input_shape), seed=seed)
+
+
+def load_baseline(baseline_dir):
+    """(the baseline ModelHandle, the content of baseline.json) from a prepare step's output."""
+    from kfopt.models import load_keras
+    from kfopt.plugins.technique import ModelHandle
+
+    info = _read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
+    path = Path(baseline_dir) / BASELINE_MODEL
+    return ModelHandle("keras", keras_model=load_keras(path, unsafe=info.get("unsafe", False)), path=path), info
+
+
+# -- optimize / evaluate -----------------------------------------------------------
+class _Unmeasured:
+    """Stands in for the Evaluator when measuring happens in a later step (on the CPU pool).
+
+    It keeps the facts a saved artifact cannot tell (``ModelHandle.info``) so
+    the evaluate step can measure the model exactly as run_recipe would have.
+    """
+
+    def evaluate(self, handle) -> dict:
+        return {"format": handle.format, "info": dict(handle.info)}
+
+
+def optimize_step(recipe, baseline_dir, data_dir, candidate_dir, *, seed: int = 0, measure: bool = True,
+                  position: int | None = None, registry=None, reporter: Reporter | None = None) -> dict:
+    """Run one recipe on the prepared baseline; write the candidate and ``candidate.json``.
+
+    ``recipe`` is inline text, a recipe mapping (``Recipe.to_dict()``) or a
+    Recipe. With ``measure=False`` the candidate is saved unmeasured, for
+    :func:`evaluate_step`. Never raises for a bad recipe or a failing
+    technique: the candidate gets status ``failed`` (or ``skipped``) and a reason.
+    """
+    from kfopt.optimize import run_recipe
+    from kfopt.recipe import parse_recipe, plan
+
+    reporter = reporter or Reporter(enabled=False)
+    candidate_dir = writable_dir(candidate_dir)
+    label = _label(recipe)
+    try:
+        parsed = parse_recipe(recipe)
+        label = parsed.label
+        if registry is None:
+            from kfopt.plugins.manager import registry as build_registry
+
+            registry = build_registry()
+        planned = plan(parsed, registry)
+        baseline, info = load_baseline(baseline_dir)
+        dataset = load_step_data(data_dir, info["input_shape"], seed)
+        with tempfile.TemporaryDirectory(prefix="kfopt-optimize-") as tmp:
+            evaluator = _evaluator(dataset, baseline, Path(tmp) / "reference") if measure else _Unmeasured()
+            record = run_recipe(parsed, planned, baseline, dataset, evaluator, Path(tmp) / "candidate",
+                                seed=seed, reporter=reporter)
+            if record["status"] == "ok":
+                record["artifact"] = str(_copy_model(Path(record["artifact"]), candidate_dir))
+    except Exception as exc:  # a bad recipe or a broken input is this candidate's failure, not the run's
+        record = _failed(label, exc)
+    record["measured"] = bool(measure and record["status"] == "ok")
+    if position is not None:
+        record["position"] = position
+    write_json(candidate_dir / CANDIDATE_FILE, record)
+    reporter.say(f"[{record['recipe']}] {record['status']}" + (f": {record['reason']}" if record.get("reason") else ""))
+    return record
+
+
+def evaluate_step(candidate_in, baseline_dir, data_dir, candidate_out, *, seed: int = 0,
+                  reporter: Reporter | None = None) -> dict:
+    """Measure a candidate that :func:`optimize_step` saved unmeasured; write it to ``candidate_out``.
+
+    Failed, skipped and already measured candidates pass through unchanged.
+    """
+    from kfopt.plugins.technique import ModelHandle
+
+    reporter = reporter or Reporter(enabled=False)
+    candidate_out = writable_dir(candidate_out)
+    record = _read_json(Path(candidate_in) / CANDIDATE_FILE, "candidate record")
+    info = record.pop("info", {})
+    if record["status"] == "ok":
+        try:
+            path = _copy_model(Path(candidate_in) / Path(record["artifact"]).name, candidate_out)
+            if not record.get("measured"):
+                baseline, baseline_info = load_baseline(baseline_dir)
+                dataset = load_step_data(data_dir, baseline_info["input_shape"], seed)
+                reporter.say(f"[{record['recipe']}] evaluating {record['format']} candidate on {len(dataset.test)} test samples")
+                with tempfile.TemporaryDirectory(prefix="kfopt-evaluate-") as tmp:
+                    # The format the technique declared, not one guessed from the file name.
+                    handle = ModelHandle(record["format"], path=path, info=info)
+                    metrics = _evaluator(dataset, baseline, Path(tmp)).evaluate(handle)
+                record.update(metrics, measured=True)
+            record["artifact"] = str(path)
+        except Exception as exc:
+            record = {**_failed(record["recipe"], exc, steps=record.get("steps")), "measured": False,
+                      "position": record.get("position")}
+    write_json(candidate_out / CANDIDATE_FILE, record)
+    return record
+
+
+def _evaluator(dataset, baseline, workdir):
+    from kfopt.evaluate import Evaluator
+
+    return Evaluator(dataset, baseline, workdir)
+
+
+def _copy_model(source: Path, directory: Path) -> Path:
+    target = Path(directory) / source.name
+    if source.resolve() == target.resolve():
+        return target
+    if source.is_dir():
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target)
+    else:
+        shutil.copy2(source, target)
+    return target
+
+
+def _label(recipe) -> str:
+    if isinstance(recipe, dict) and recipe.get("name"):
+        return str(recipe["name"])
+    return getattr(recipe, "label", None) or str(recipe)
+
+
+def _failed(label: str, exc: BaseException, steps=None) -> dict:
+    reason = exc.one_line() if isinstance(exc, KfoptError) else f"{type(exc).__name__}: {exc}"
+    record = {"recipe": label, "steps": steps or [], "status": "failed", "reason": reason}
+    if not isinstance(exc, KfoptError):
+        record["traceback"] = traceback.format_exc()
+    return record
+
+
+# -- select ----------------------------------------------------------------------
+def select_step(baseline_dir, candidate_dirs, results_dir, *, max_accuracy_drop: float = 0.01,
+                objective: str = "size") -> dict:
+    """Collect every candidate, pick the winner within the budget, write a self-contained ``results_dir``.
+
+    ``results_dir/metrics.json`` has the shape ``kfopt optimize`` writes, with
+    ``artifact`` paths pointing at copies inside ``results_dir``.
+    """
+    from kfopt.select import apply_selection, objective_metric, select
+
+    objective_metric(objective)  # a bad objective is the user's error: fail before copying anything
+    results_dir = writable_dir(results_dir)
+    info = _read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
+    baseline_path = _copy_model(Path(baseline_dir) / BASELINE_MODEL, writable_dir(results_dir / "baseline"))
+    collected = []
+    for index, directory in enumerate(candidate_dirs):
+        try:
+            record = _read_json(Path(directory) / CANDIDATE_FILE, "candidate record")
+        except KfoptError as exc:
+            record = {"recipe": f"candidate {index + 1}", "steps": [], "status": "failed", "reason": exc.one_line()}
+        record.pop("info", None)
+        collected.append((record, Path(directory)))
+    # Fan-in order is the order tasks finished in; report in the search's order.
+    collected.sort(key=lambda pair: (pair[0].get("position") is None, pair[0].get("position") or 0))
+    candidates = []
+    for index, (record, directory) in enumerate(collected, start=1):
+        if record["status"] == "ok":
+            target = writable_dir(results_dir / "candidates" / f"{index:02d}-{slug(record['recipe'])}")
+            record["artifact"] = str(_copy_model(directory / Path(record["artifact"]).name, target))
+        candidates.append(record)
+    references = {}
+    for record in candidates:
+        if record.get("compared_with"):
+            references.setdefault(record["compared_with"]["format"], record["compared_with"])
+    result = {
+        "model": info["model"],
+        "data": info["data"],
+        "seed": info["seed"],
+        "baseline": {"artifact": str(baseline_path), **info["metrics"], "references": references},
+        "candidates": candidates,
+        "winner": None,
+        "pareto": [],
+        "registered_model": None,
+    }
+    apply_selection(result, select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
+    write_json(results_dir / METRICS_FILE, result)
+    return result
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a recipe label."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80] or "recipe"
+
+
+# -- report ----------------------------------------------------------------------
+def report_step(results_dir, html_path) -> Path:
+    """Write the HTML report (candidates table, Pareto plots) of a select step's results."""
+    from kfopt.html_report import render_html
+
+    result = _read_json(Path(results_dir) / METRICS_FILE, "results")
+    path = Path(html_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(result))
+    return path
+
+
+# -- promote ---------------------------------------------------------------------
+def promote_step(results_dir, *, registered_model: str = "", tracking_uri: str = "", max_accuracy_drop: float = 0.01,
+                 objective: str = "size", experiment: str = "kfopt", reporter: Reporter | None = None) -> dict:
+    """Log the run to MLflow, register the winner and promote it if it beats the champion.
+
+    Calls :func:`kfopt.promotion.promote_from` on ``results_dir`` (which
+    records in place what it logged, so a retry does not log twice). Returns
+    what it returns, or ``{"skipped": reason}`` when MLflow registration is not
+    available in this installation. MLflow errors propagate, so the pipeline
+    task fails and is retried.
+    """
+    reporter = reporter or Reporter(enabled=False)
+    result = _read_json(Path(results_dir) / METRICS_FILE, "results")
+    try:
+        from kfopt.promotion import promote_from
+        from kfopt.tracking import resolve_uri
+    except ImportError as exc:
+        reason = f"MLflow registration is not available in this installation (kfopt.promotion: {exc})"
+        reporter.say(f"promote: skipped: {reason}")
+        return {"skipped": reason}
+    name = registered_model or default_registered_model(result["model"])
+    uri = resolve_uri(tracking_uri or None)
+    # Record what was asked first: if MLflow is down, `kfopt promote --from` finds the settings here.
+    result["tracking"] = {**(result.get("tracking") or {}), "registered_model": name, "uri": uri,
+                          "experiment": experiment or "kfopt", "objective": objective,
+                          "max_accuracy_drop": max_accuracy_drop}
+    write_json(Path(results_dir) / METRICS_FILE, result)
+    reporter.say(f"promote: logging to MLflow at {uri} and registering '{result.get('winner')}' as a version of '{name}'")
+    with _default_tracking_uri(uri):
+        return promote_from(str(results_dir), registered_model=name, tracking_uri=uri,
+                            max_accuracy_drop=max_accuracy_drop, objective=objective, experiment=experiment or "kfopt")
+
+
+@contextlib.contextmanager
+def _default_tracking_uri(uri: str):
+    """Make ``uri`` MLflow's default while promoting: parts of MLflow (the model registry
+    resolving ``models:/`` sources) open a client on the default URI, not the one passed in."""
+    if not uri:
+        yield
+        return
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def default_registered_model(model: str) -> str:
+    """The registered model name used when none is given: ``kfopt-`` + the model's name."""
+    name = Path(str(model).rstrip("/")).name if ":" not in str(model) or "://" in str(model) else str(model)
+    return "kfopt-" + slug(Path(name).stem if "." in name else name).lower()
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise KfoptError(f"The {what} '{path}' does not exist.", "pass the output directory of the step that writes it.") from None
+    except json.JSONDecodeError as exc:
+        raise KfoptError(f"The {what} '{path}' is not valid JSON ({exc}).", "re-run the step that writes it.") from None
+
+
+__all__ = ["prepare_step", "optimize_step", "evaluate_step", "select_step", "report_step", "promote_step",
+           "load_baseline", "load_step_data", "default_registered_model", "slug"]

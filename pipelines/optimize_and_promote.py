@@ -1,0 +1,135 @@
+"""The optimize-and-promote pipeline: prepare -> optimize every recipe in parallel -> select -> report, promote.
+
+The recipes are fixed when the pipeline is built (compile time): each recipe's
+node pool depends on whether it fine-tunes, and a ``dsl.ParallelFor`` runs
+every iteration with the same resources, so the search is split into two
+loops, fine-tuning recipes on the accelerator pool and post-training recipes
+on the CPU pool. Everything about the run (model, data, budget, objective,
+MLflow) stays a runtime parameter. Models and data travel as artifacts.
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline's real annotation objects.
+import json
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact
+
+from kfopt.components import DEFAULT_IMAGE
+from kfopt.components.ops import build_components
+from kfopt.search import SearchRecipe, load_search, split_by_pool
+
+from .placement import Placement, apply_pool
+
+PIPELINE_NAME = "kfopt-optimize-and-promote"
+DESCRIPTION = ("Optimize a Keras model with every recipe of a search space, measure all candidates alike, pick the "
+               "best within the accuracy budget, report the trade-offs, and register/promote it in MLflow.")
+
+#: Retries of the MLflow step: the tracking server may be briefly unreachable.
+PROMOTE_RETRIES = 3
+
+
+def build_pipeline(recipes: "str | list | None" = None, *, image: str = DEFAULT_IMAGE,
+                   accelerator_image: "str | None" = None, placement: "Placement | None" = None, parallelism: int = 0,
+                   promote_retries: int = PROMOTE_RETRIES, registry=None):
+    """Build the pipeline for a search space.
+
+    Args:
+        recipes: A search YAML file, a list of recipes (inline strings, mappings or
+            :class:`~kfopt.search.SearchRecipe`), or None for the built-in search.
+        image: Image every step runs in.
+        accelerator_image: Image of the fine-tuning steps (e.g. the GPU variant); default ``image``.
+        placement: Node pools; None leaves resources unset (``kfp.local``, where they have no effect).
+            With an accelerator pool, candidates optimized there are measured by a separate
+            evaluate step on the CPU pool, so every candidate is measured on the same kind of node.
+        parallelism: Most recipes optimized at once per pool (0 = no limit).
+        promote_retries: Retries of the MLflow step (with exponential backoff from 30 s).
+        registry: Techniques to plan with (default: the installed plugins).
+
+    Returns:
+        The ``@dsl.pipeline`` function ``optimize_and_promote``.
+    """
+    search = recipes if _planned(recipes) else load_search(recipes, registry)
+    positions = {id(r): i for i, r in enumerate(search)}
+    training, post_training = split_by_pool(search)
+    ops = build_components(image)
+    training_ops = build_components(accelerator_image or image)
+    measure_apart = placement is not None and placement.accelerator is not None
+
+    def place(task, trains: bool):
+        if placement is not None:
+            apply_pool(task, placement.pool_for(trains))
+        return task
+
+    def items(group: list[SearchRecipe]) -> list[str]:
+        # JSON strings: kfp.local and the compiler handle string loop items most reliably.
+        return [json.dumps({"position": positions[id(r)], "recipe": r.to_dict()}) for r in group]
+
+    outputs = NamedTuple("Outputs", [("results", Artifact), ("report", HTML), ("registered_model", str)])
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
+    def optimize_and_promote(
+        model: str = "demo:mlp",
+        data: str = "digits",
+        max_accuracy_drop: float = 0.01,
+        objective: str = "size",
+        registered_model: str = "",
+        tracking_uri: str = "",
+        experiment: str = "kfopt",
+        seed: int = 0,
+        epochs: int = 40,
+        unsafe: bool = False,
+    ) -> outputs:
+        prepare = ops.prepare(model=model, data=data, seed=seed, epochs=epochs, unsafe=unsafe)
+        place(prepare.set_display_name("prepare baseline").set_caching_options(True), trains=False)
+        baseline, dataset = prepare.outputs["baseline"], prepare.outputs["dataset"]
+
+        collected = {}
+        if training:
+            with dsl.ParallelFor(items(training), name="fine-tuning-recipes", parallelism=parallelism) as item:
+                optimize = training_ops.optimize(recipe=item, seed=seed, measure=not measure_apart,
+                                                 baseline=baseline, dataset=dataset)
+                place(optimize.set_display_name("optimize (fine-tuning, accelerator pool)").set_caching_options(True),
+                      trains=True)
+                candidate = optimize
+                if measure_apart:
+                    candidate = ops.evaluate(seed=seed, unmeasured=optimize.outputs["candidate"],
+                                             baseline=baseline, dataset=dataset)
+                    place(candidate.set_display_name("evaluate (CPU pool)").set_caching_options(True), trains=False)
+            collected["accelerator_candidates"] = dsl.Collected(candidate.outputs["candidate"])
+        if post_training:
+            with dsl.ParallelFor(items(post_training), name="post-training-recipes", parallelism=parallelism) as item:
+                optimize = ops.optimize(recipe=item, seed=seed, measure=True, baseline=baseline, dataset=dataset)
+                place(optimize.set_display_name("optimize (post-training, CPU pool)").set_caching_options(True),
+                      trains=False)
+            collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidate"])
+
+        select = ops.select(max_accuracy_drop=max_accuracy_drop, objective=objective, baseline=baseline, **collected)
+        place(select.set_display_name("select winner").set_caching_options(True), trains=False)
+        results = select.outputs["results"]
+        report = ops.report(results=results)
+        place(report.set_display_name("HTML report").set_caching_options(True), trains=False)
+        promote = ops.promote(registered_model=registered_model, tracking_uri=tracking_uri,
+                              max_accuracy_drop=max_accuracy_drop, objective=objective, experiment=experiment,
+                              results=results)
+        # Registration has side effects (a new model version), so it is never cached.
+        promote.set_display_name("register and promote (MLflow)").set_caching_options(False)
+        if promote_retries:
+            promote.set_retry(promote_retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="600s")
+        place(promote, trains=False)
+        return outputs(results=results, report=report.outputs["report"], registered_model=promote.output)
+
+    return optimize_and_promote
+
+
+def _planned(recipes) -> bool:
+    return isinstance(recipes, list) and bool(recipes) and all(isinstance(r, SearchRecipe) for r in recipes)
+
+
+def compile_pipeline(output, recipes=None, **options) -> str:
+    """Compile the pipeline (options as :func:`build_pipeline`) to KFP IR YAML at ``output``."""
+    from kfp import compiler
+
+    pipeline = build_pipeline(recipes, **options)
+    compiler.Compiler().compile(pipeline, package_path=str(output))
+    return str(output)

@@ -1,0 +1,277 @@
+"""The Kubeflow pipeline: compiled IR (placement, retries, fan-out), the step functions, and a real kfp.local run."""
+
+import html
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from kfopt.cli import main
+from kfopt.components import steps
+from kfopt.errors import KfoptError
+from kfopt.pipelines.optimize_and_promote import compile_pipeline
+from kfopt.pipelines.placement import Placement, load_placement
+from kfopt.search import load_search, split_by_pool
+
+SEARCH = [
+    "quantize(mode=dynamic)",
+    "prune(target_sparsity=0.5,epochs=1)>quantize(mode=int8)",
+    "accelerate(backend=tflite)",
+    "distill(width=0.5,epochs=1)>quantize(mode=int8)",
+]
+TRAINING = {SEARCH[1], SEARCH[3]}
+
+
+def compiled(tmp_path, recipes=SEARCH, **options):
+    path = compile_pipeline(tmp_path / "pipeline.yaml", recipes, **options)
+    pipeline, *platform = list(yaml.safe_load_all(open(path)))
+    return pipeline, platform[0]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if platform else {}
+
+
+def loops(pipeline):
+    """{loop display name: (recipe labels, loop component, loop task)} of the root DAG's ParallelFors."""
+    found = {}
+    for task in pipeline["root"]["dag"]["tasks"].values():
+        if "parameterIterator" in task:
+            items = [json.loads(i)["recipe"]["name"] for i in json.loads(task["parameterIterator"]["items"]["raw"])]
+            found[task["taskInfo"]["name"]] = (items, pipeline["components"][task["componentRef"]["name"]], task)
+    return found
+
+
+def executor_of(pipeline, component):
+    return pipeline["components"][component]["executorLabel"]
+
+
+def test_compiled_pipeline_places_fine_tuning_on_the_accelerator_pool(tmp_path):
+    pipeline, k8s = compiled(tmp_path, image="registry.example/kfopt:1", accelerator_image="registry.example/kfopt:1-gpu",
+                             placement=load_placement("gke"), parallelism=3)
+    containers = pipeline["deploymentSpec"]["executors"]
+    found = loops(pipeline)
+    assert {name for name in found} == {"fine-tuning-recipes", "post-training-recipes"}
+    assert set(found["fine-tuning-recipes"][0]) == TRAINING
+    assert found["post-training-recipes"][0] == [SEARCH[0], SEARCH[2]]
+    for _, _, task in found.values():
+        assert task["iteratorPolicy"]["parallelismLimit"] == 3
+
+    training_tasks = found["fine-tuning-recipes"][1]["dag"]["tasks"]
+    assert set(training_tasks) == {"optimize", "evaluate"}  # measured apart, on the CPU pool
+    gpu_executor = executor_of(pipeline, training_tasks["optimize"]["componentRef"]["name"])
+    gpu = containers[gpu_executor]["container"]
+    assert gpu["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert gpu["resources"]["accelerator"]["resourceCount"] == "1"
+    assert gpu["image"] == "registry.example/kfopt:1-gpu"
+    assert k8s[gpu_executor]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert k8s[gpu_executor]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert training_tasks["optimize"]["inputs"]["parameters"]["measure"]["runtimeValue"]["constant"] is False
+
+    # Only the fine-tuning optimize step gets accelerators, node selectors and tolerations.
+    assert set(k8s) == {gpu_executor}
+    for name, executor in containers.items():
+        container = executor["container"]
+        assert "pip install" not in " ".join(container["command"])  # the image holds everything
+        if name == gpu_executor:
+            continue
+        assert "accelerator" not in container["resources"], name
+        assert container["resources"]["resourceCpuRequest"] == "2", name
+        assert container["resources"]["resourceMemoryRequest"] == "8Gi", name
+        assert container["image"] == "registry.example/kfopt:1", name
+
+
+def test_compiled_pipeline_retries_promotion_and_caches_the_deterministic_steps(tmp_path):
+    pipeline, _ = compiled(tmp_path, placement=load_placement("gke"))
+    tasks = pipeline["root"]["dag"]["tasks"]
+    assert tasks["promote"]["retryPolicy"]["maxRetryCount"] == 3
+    assert tasks["promote"]["cachingOptions"] == {}  # registering a version is a side effect: never cached
+    for name in ("prepare", "select", "report"):
+        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
+        assert "retryPolicy" not in tasks[name]
+    assert tasks["prepare"]["taskInfo"]["name"] == "prepare baseline"
+    assert tasks["promote"]["taskInfo"]["name"] == "register and promote (MLflow)"
+    # select fans in both loops; models travel as artifacts, never parameters.
+    select_inputs = tasks["select"]["inputs"]
+    assert set(select_inputs["artifacts"]) == {"baseline", "accelerator_candidates", "cpu_candidates"}
+    assert set(select_inputs["parameters"]) == {"max_accuracy_drop", "objective"}
+    assert set(pipeline["root"]["inputDefinitions"]["parameters"]) == {
+        "model", "data", "max_accuracy_drop", "objective", "registered_model", "tracking_uri", "experiment",
+        "seed", "epochs", "unsafe"}
+
+
+def test_tpu_placement_uses_the_gke_tpu_labels(tmp_path):
+    pipeline, k8s = compiled(tmp_path, placement=load_placement("gke-tpu"))
+    [executor] = k8s
+    assert k8s[executor]["nodeSelector"]["labels"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice", "cloud.google.com/gke-tpu-topology": "2x2"}
+    accelerator = pipeline["deploymentSpec"]["executors"][executor]["container"]["resources"]["accelerator"]
+    assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("google.com/tpu", "4")
+
+
+def test_without_an_accelerator_pool_everything_runs_on_cpu(tmp_path):
+    pipeline, k8s = compiled(tmp_path, placement=Placement(**{"cpu": {"cpu": "1", "node_selector": {"pool": "cpu"}}}))
+    assert "evaluate" not in loops(pipeline)["fine-tuning-recipes"][1]["dag"]["tasks"]
+    for executor in pipeline["deploymentSpec"]["executors"].values():
+        assert "accelerator" not in executor["container"]["resources"]
+    assert all(spec["nodeSelector"]["labels"] == {"pool": "cpu"} for spec in k8s.values())
+
+
+def test_a_search_of_post_training_recipes_only_has_one_loop(tmp_path):
+    pipeline, k8s = compiled(tmp_path, recipes=["quantize(mode=int8)"], placement=load_placement("gke"))
+    assert list(loops(pipeline)) == ["post-training-recipes"]
+    assert set(pipeline["root"]["dag"]["tasks"]["select"]["inputs"]["artifacts"]) == {"baseline", "cpu_candidates"}
+    assert k8s == {}
+
+
+def test_placement_file_errors_say_what_to_fix(tmp_path):
+    bad = tmp_path / "placement.yaml"
+    bad.write_text("pools:\n  accelerator:\n    accelerator: {type: nvidia.com/gpu, count: 0}\n  cpu: {cpus: 2}\n")
+    with pytest.raises(KfoptError) as error:
+        load_placement(bad)
+    assert "pools.accelerator.accelerator.count" in str(error.value) and "pools.cpu.cpus" in str(error.value)
+    with pytest.raises(KfoptError, match="one of: gke, gke-tpu"):
+        load_placement(tmp_path / "missing.yaml")
+
+
+def test_default_search_covers_the_techniques_and_splits_by_pool():
+    search = load_search()
+    labels = [r.label for r in search]
+    assert {"quantize(mode=dynamic)", "quantize(mode=float16)", "quantize(mode=int8)", "quantize(mode=qat)",
+            "accelerate(backend=xla)", "accelerate(backend=tflite)", "accelerate(backend=mixed_precision)"} <= set(labels)
+    assert any(l.startswith("prune(method=magnitude") for l in labels) and any(l.startswith("prune(method=structured") for l in labels)
+    assert sum(l.startswith("distill(") for l in labels) == 2
+    training, post_training = split_by_pool(search)
+    assert {r.label for r in post_training} == {"quantize(mode=dynamic)", "quantize(mode=float16)", "quantize(mode=int8)",
+                                                "accelerate(backend=xla)", "accelerate(backend=tflite)"}
+    assert "quantize(mode=qat)" in {r.label for r in training} and "accelerate(backend=mixed_precision)" in {r.label for r in training}
+
+
+def test_search_file_errors_name_the_recipe(tmp_path):
+    path = tmp_path / "search.yaml"
+    path.write_text("- quantize(mode=int8)\n- prune(sparsity=0.5)\n")
+    with pytest.raises(KfoptError, match=r"recipe 2 \('prune\(sparsity=0.5\)'\): Step 'prune': unknown config key 'sparsity'"):
+        load_search(path)
+    path.write_text("- quantize(mode=int8)\n- name: quantize(mode=int8)\n  steps: [quantize: {mode: dynamic}]\n")
+    with pytest.raises(KfoptError, match="recipes 1 and 2 are both called"):
+        load_search(path)
+    path.write_text("{quantize: int8}\n")
+    with pytest.raises(KfoptError, match="must be a non-empty YAML list"):
+        load_search(path)
+
+
+def test_cli_compile_and_argument_errors(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["compile", "--output", str(tmp_path / "p.yaml"), "--placement", "gke-tpu"])
+    assert result.exit_code == 0, result.output
+    assert "6 fine-tuning on the accelerator pool (4 x google.com/tpu)" in result.output and (tmp_path / "p.yaml").is_file()
+    for args, message in [
+        (["submit", "--host", "kubeflow.local"], "--host 'kubeflow.local' is not an http(s) URL"),
+        (["compile", "--output", str(tmp_path / "p.yaml"), "--placement", "aks"], "Placement file 'aks' does not exist"),
+        (["run", "--search", str(tmp_path / "none.yaml")], "Search file"),
+        (["run", "--model", str(tmp_path / "none.keras")], "does not exist"),
+    ]:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert [l for l in result.output.splitlines() if l.startswith("error:")] and message in result.output, result.output
+    assert runner.invoke(main, ["run", "--objective", "speed"]).exit_code == 2
+
+
+def test_importing_the_pipeline_packages_does_not_import_tensorflow():
+    code = ("import sys, kfopt.components, kfopt.pipelines, kfopt.pipelines.placement, kfopt.search, kfopt.select, "
+            "kfopt.html_report; print('tensorflow' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_a_recipe_that_cannot_be_planned_is_a_failed_candidate(tmp_path):
+    record = steps.optimize_step("quantize(mode=int4)", tmp_path / "baseline", tmp_path / "data", tmp_path / "candidate")
+    assert record["status"] == "failed" and "mode=" in record["reason"]
+    assert json.loads((tmp_path / "candidate" / steps.CANDIDATE_FILE).read_text())["status"] == "failed"
+
+
+def test_promote_skips_cleanly_when_mlflow_registration_is_not_installed(tmp_path, monkeypatch):
+    (tmp_path / "metrics.json").write_text(json.dumps({"model": "demo:mlp", "candidates": [], "winner": None}))
+    monkeypatch.setitem(sys.modules, "kfopt.promotion", None)  # makes `from kfopt.promotion import ...` fail
+    outcome = steps.promote_step(tmp_path)
+    assert "not available" in outcome["skipped"]
+
+
+def test_default_registered_model_names():
+    assert steps.default_registered_model("demo:mlp") == "kfopt-demo-mlp"
+    assert steps.default_registered_model("/models/My_Model.keras") == "kfopt-my-model"
+    assert steps.default_registered_model("gs://bucket/models/resnet/") == "kfopt-resnet"
+
+
+def test_html_report_lists_every_candidate_and_embeds_both_plots():
+    from kfopt.html_report import render_html
+
+    result = {
+        "model": "demo:mlp", "data": "digits",
+        "baseline": {"format": "keras", "accuracy": 0.97, "accuracy_drop": 0.0, "gzip_bytes": 300_000, "latency_p50_ms": 0.4},
+        "candidates": [
+            {"recipe": "a<b>", "status": "ok", "format": "tflite", "accuracy": 0.96, "accuracy_drop": 0.01,
+             "gzip_bytes": 30_000, "latency_p50_ms": 0.002, "within_budget": True},
+            {"recipe": "broken", "status": "failed", "reason": "technique 'distill' failed: OSError: bad file"},
+        ],
+        "winner": "a<b>", "pareto": ["a<b>"],
+        "selection": {"objective": "size", "metric": "gzip_bytes", "max_accuracy_drop": 0.01},
+    }
+    page = render_html(result)
+    assert "a&lt;b&gt;" in page and "a<b>" not in page
+    assert "broken" in page and "OSError: bad file" in page
+    assert page.count("data:image/png;base64,") == 2
+
+
+# -- real TensorFlow, real kfp.local --------------------------------------------------------
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A demo:mlp baseline trained briefly, as the prepare step stores it."""
+    root = tmp_path_factory.mktemp("prepared")
+    record = steps.prepare_step("demo:mlp", "digits", root / "baseline", root / "data", epochs=5)
+    return root, record
+
+
+@pytest.mark.slow
+def test_steps_measure_a_candidate_optimized_on_another_pool_like_any_other(prepared, tmp_path):
+    root, baseline = prepared
+    assert baseline["metrics"]["accuracy"] > 0.8 and (root / "baseline" / "model.keras").is_file()
+    recipe = {"name": "prune-int8", "steps": [{"prune": {"target_sparsity": 0.5, "epochs": 1}}, {"quantize": {"mode": "int8"}}]}
+    unmeasured = steps.optimize_step(recipe, root / "baseline", root / "data", tmp_path / "gpu", measure=False, position=1)
+    assert unmeasured["status"] == "ok" and unmeasured["measured"] is False and "accuracy" not in unmeasured
+    measured = steps.evaluate_step(tmp_path / "gpu", root / "baseline", root / "data", tmp_path / "cpu")
+    assert measured["measured"] is True and measured["format"] == "tflite"
+    assert measured["sparsity"] == pytest.approx(0.5, abs=0.05)  # facts of the source model survive the hop
+    assert measured["compared_with"]["format"] == "tflite"
+    direct = steps.optimize_step("quantize(mode=dynamic)", root / "baseline", root / "data", tmp_path / "direct", position=0)
+    result = steps.select_step(root / "baseline", [tmp_path / "cpu", tmp_path / "direct"], tmp_path / "results",
+                               max_accuracy_drop=0.2, objective="size")
+    assert [c["recipe"] for c in result["candidates"]] == ["quantize(mode=dynamic)", "prune-int8"]  # search order
+    assert result["winner"] == min(result["candidates"], key=lambda c: c["gzip_bytes"])["recipe"]
+    for candidate in result["candidates"]:  # the results folder is self-contained
+        assert candidate["artifact"].startswith(str(tmp_path / "results"))
+
+
+@pytest.mark.slow
+def test_kfp_local_run_picks_a_winner_and_survives_a_failing_recipe(tmp_path):
+    from kfopt.pipelines.runners import run_local
+
+    corrupt = tmp_path / "student.keras"
+    corrupt.write_bytes(b"not a model")
+    search = ["quantize(mode=dynamic)", "quantize(mode=int8)", "prune(target_sparsity=0.5,epochs=1)>quantize(mode=int8)",
+              f"distill(student={corrupt},epochs=1)"]
+    lines = []
+    result = run_local(search, out=tmp_path / "run", epochs=5, max_accuracy_drop=0.05,
+                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registered_model="digits-test",
+                       progress=lines.append)
+    by_label = {c["recipe"]: c for c in result["candidates"]}
+    assert list(by_label) == search  # every recipe is a candidate, in the search's order
+    failed = by_label[search[3]]
+    assert failed["status"] == "failed" and "is not a readable Keras model" in failed["reason"]
+    assert all(by_label[label]["status"] == "ok" for label in search[:3])
+    eligible = [c for c in result["candidates"] if c["status"] == "ok" and c["accuracy_drop"] <= 0.05]
+    assert result["winner"] == min(eligible, key=lambda c: (c["gzip_bytes"], -c["accuracy"]))["recipe"]
+    assert result["winner"] in result["pareto"]
+    page = open(result["report"]).read()
+    for label in search:
+        assert html.escape(label, quote=True) in page
+    assert (tmp_path / "run" / "metrics.json").is_file() and "prepare: success" in lines
+    assert result["registered_model"]["name"] == "digits-test" and result["registered_model"]["version"] is not None

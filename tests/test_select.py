@@ -1,0 +1,111 @@
+"""Choosing the winner: the accuracy budget, the objective, ties, the Pareto front, nothing eligible."""
+
+import random
+
+import pytest
+
+from kfopt.errors import KfoptError
+from kfopt.select import apply_selection, pareto_front, select
+
+
+def ok(label, accuracy, drop, gzip, latency=1.0):
+    return {"recipe": label, "status": "ok", "reason": None, "accuracy": accuracy, "accuracy_drop": drop,
+            "gzip_bytes": gzip, "latency_p50_ms": latency}
+
+
+def failed(label, status="failed", reason="technique 'x' failed: ValueError: boom"):
+    return {"recipe": label, "status": status, "reason": reason}
+
+
+CANDIDATES = [
+    ok("int8", 0.970, 0.002, 90_000, latency=0.020),
+    ok("prune80>int8", 0.968, 0.004, 35_000, latency=0.025),
+    ok("distill25>int8", 0.940, 0.032, 11_000, latency=0.010),   # smallest, but over the budget
+    ok("xla", 0.972, 0.000, 320_000, latency=0.300),
+    failed("qat"),
+    failed("mixed_precision", "skipped", "accelerate: mixed precision needs a GPU"),
+]
+
+
+def test_smallest_candidate_within_the_budget_wins():
+    selection = select(CANDIDATES, max_accuracy_drop=0.01, objective="size")
+    assert selection.winner == "prune80>int8"
+    assert selection.within_budget == ["int8", "prune80>int8", "xla"]
+    assert "over the budget" in selection.reasons["distill25>int8"]
+    assert selection.reasons["qat"].startswith("failed: technique 'x' failed")
+    assert selection.reasons["mixed_precision"].startswith("skipped: accelerate")
+
+
+def test_a_larger_budget_lets_the_smallest_win():
+    assert select(CANDIDATES, max_accuracy_drop=0.05, objective="size").winner == "distill25>int8"
+
+
+def test_latency_objective_picks_the_fastest_within_the_budget():
+    assert select(CANDIDATES, max_accuracy_drop=0.01, objective="latency").winner == "int8"
+    assert select(CANDIDATES, max_accuracy_drop=0.05, objective="latency").winner == "distill25>int8"
+
+
+def test_a_drop_equal_to_the_budget_is_within_it():
+    # 0.97 - 0.96 is 0.010000000000000009 in floating point.
+    candidate = ok("edge", 0.96, 0.97 - 0.96, 10)
+    assert select([candidate], max_accuracy_drop=0.01).winner == "edge"
+
+
+def test_ties_go_to_accuracy_then_label_whatever_the_order():
+    tied = [ok("b", 0.95, 0.01, 100), ok("a", 0.95, 0.01, 100), ok("c", 0.96, 0.0, 100), ok("d", 0.99, 0.0, 101)]
+    for _ in range(5):
+        random.shuffle(tied)
+        assert select(tied, max_accuracy_drop=0.02).winner == "c"
+    same = [ok("b", 0.95, 0.0, 100), ok("a", 0.95, 0.0, 100)]
+    assert select(same).winner == select(list(reversed(same))).winner == "a"
+
+
+def test_all_failed_means_no_winner_and_a_reason_for_each():
+    selection = select([failed("a"), failed("b", "skipped", "no TensorRT")], max_accuracy_drop=0.01)
+    assert selection.winner is None and selection.pareto == [] and selection.within_budget == []
+    assert set(selection.reasons) == {"a", "b"}
+
+
+def test_no_candidates_at_all():
+    selection = select([], max_accuracy_drop=0.01)
+    assert selection.winner is None and selection.pareto == []
+
+
+def test_all_over_the_budget_means_no_winner_but_still_a_front():
+    selection = select([ok("a", 0.5, 0.4, 10), ok("b", 0.6, 0.3, 20)], max_accuracy_drop=0.01)
+    assert selection.winner is None
+    assert selection.pareto == ["a", "b"]
+
+
+def test_pareto_front_drops_dominated_keeps_ties_and_ignores_failed():
+    candidates = CANDIDATES + [ok("dominated", 0.960, 0.012, 95_000), ok("twin", 0.968, 0.004, 35_000)]
+    front = pareto_front(candidates, "gzip_bytes")
+    # Sorted by size; int8 stays (more accurate than the smaller ones), xla stays (most accurate).
+    assert front == ["distill25>int8", "prune80>int8", "twin", "int8", "xla"]
+    assert "dominated" not in front and "qat" not in front
+    assert pareto_front(candidates, "latency_p50_ms")[0] == "distill25>int8"
+
+
+def test_a_candidate_missing_the_objective_metric_is_not_eligible():
+    candidate = ok("no-latency", 0.97, 0.0, 10)
+    candidate["latency_p50_ms"] = None
+    selection = select([candidate], objective="latency")
+    assert selection.winner is None and "has no latency_p50_ms" in selection.reasons["no-latency"]
+
+
+def test_unknown_objective_is_a_user_error():
+    with pytest.raises(KfoptError, match="Unknown objective 'sise'. Did you mean 'size'"):
+        select(CANDIDATES, objective="sise")
+
+
+def test_apply_selection_writes_the_metrics_json_fields():
+    result = {"candidates": [dict(c) for c in CANDIDATES], "winner": None, "pareto": []}
+    apply_selection(result, select(result["candidates"], max_accuracy_drop=0.01, objective="size"))
+    assert result["winner"] == "prune80>int8"
+    assert result["pareto"] == ["distill25>int8", "prune80>int8", "int8", "xla"]
+    assert result["selection"] == {"objective": "size", "metric": "gzip_bytes", "max_accuracy_drop": 0.01,
+                                   "within_budget": ["int8", "prune80>int8", "xla"]}
+    by_label = {c["recipe"]: c for c in result["candidates"]}
+    assert by_label["int8"]["within_budget"] is True and "not_selected_because" not in by_label["int8"]
+    assert by_label["distill25>int8"]["within_budget"] is False
+    assert "over the budget" in by_label["distill25>int8"]["not_selected_because"]
