@@ -7,22 +7,22 @@ STAMP := $(VENV)/.installed
 .PHONY: run test bench install clean
 
 run: $(STAMP)
-	$(BIN)/kfopt optimize --model demo:mlp --data digits \
-		--recipe 'prune(target_sparsity=0.8)>quantize(mode=int8)' --out runs/demo
+	$(BIN)/kfopt run --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q examples/kfopt-cluster/tests  # the example plugin, as its author runs it
 
 bench: $(STAMP)
 	$(BIN)/python bench/techniques.py
 
 install: $(STAMP)
 
-# Re-install whenever pyproject.toml changes.
-$(STAMP): pyproject.toml
+# Re-install whenever a pyproject.toml changes.
+$(STAMP): pyproject.toml examples/kfopt-cluster/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./examples/kfopt-cluster
 	touch $(STAMP)
 
 clean:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,16 +11,19 @@ from click.testing import CliRunner
 
 from kfopt.cli import main
 
+#: The installed console script, next to the interpreter running the tests.
+KFOPT = str(Path(sys.executable).parent / "kfopt")
+
 
 def run(*args):
-    result = CliRunner().invoke(main, list(args))
+    result = CliRunner().invoke(main, list(args), env={"COLUMNS": "200"})
     return result.exit_code, result.output, result.stderr if hasattr(result, "stderr") else ""
 
 
 def test_import_and_help_do_not_import_tensorflow():
     code = "import sys, kfopt, kfopt.cli, kfopt.plugins; from kfopt.plugins.manager import registry; registry(); print('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
-    help_text = subprocess.run(["kfopt", "--help"], capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run([KFOPT, "--help"], capture_output=True, text=True, check=True).stdout
     assert "optimize" in help_text and "plugins" in help_text
 
 
@@ -77,7 +81,7 @@ def test_data_that_does_not_fit_the_model(tmp_path):
 def test_optimize_end_to_end_json(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        ["kfopt", "optimize", "--model", "demo:mlp", "--data", "digits", "--epochs", "5",
+        [KFOPT, "optimize", "--model", "demo:mlp", "--data", "digits", "--epochs", "5",
          "--recipe", "quantize(mode=int8)", "--out", str(out), "--json"],
         capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,407 @@
+"""Running the pipeline: on this machine through ``kfp.local``, or on a Kubeflow cluster through ``kfp.Client``.
+
+Locally every step is a subprocess of the current Python (``SubprocessRunner(use_venv=False)``),
+so it uses the kfopt installed here and installs nothing. kfp.local's own
+chatter and each step's output go to ``OUT/pipeline.log``; the terminal gets one
+line per finished step.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import warnings
+from pathlib import Path
+
+from kfopt.errors import KfoptError
+from kfopt.optimize import METRICS_FILE, writable_dir, write_json
+
+LOG_FILE = "pipeline.log"
+REPORT_FILE = "report.html"
+#: Where a pod of a Kubeflow cluster finds its service-account token for the KFP API.
+SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
+
+_TASK_LINE = re.compile(r"Task .*'(?P<task>[^']+)'.* finished with status .*(?P<status>SUCCESS|FAILURE)")
+#: What optimize_step says when a candidate is done: "[recipe label] ok" / "[...] failed: reason".
+_CANDIDATE_LINE = re.compile(r"^\s*\[(?P<label>.+)\] (?P<status>ok|skipped|failed)(?:: (?P<reason>.*))?$")
+#: Steps that run once per recipe: their progress is the candidate line, not the task line.
+_PER_RECIPE = re.compile(r"^(optimize|evaluate)(-\d+)?$")
+_ERROR_LINE = re.compile(r"^\s*(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Failed)): (?P<message>.+)$")
+
+
+def run_local(recipes=None, *, model: str = "demo:mlp", data: str = "digits", max_accuracy_drop: float = 0.01,
+              objective: str = "size", registered_model: str = "", tracking_uri: str = "", experiment: str = "kfopt",
+              out: str | os.PathLike = "runs/pipeline", seed: int = 0, epochs: int = 40, unsafe: bool = False,
+              parallelism: int = 2, progress=None, registry=None) -> dict:
+    """Run the whole pipeline on this machine through kfp.local and return the results.
+
+    Returns the ``metrics.json`` of the select step plus ``registered_model``
+    (what promotion returned), ``report`` (path of the HTML report),
+    ``results`` (the self-contained results folder) and ``log``. Also writes
+    ``OUT/metrics.json`` and ``OUT/report.html``. Raises KfoptError for bad
+    input, before any work where it can, and when a step the run cannot do
+    without (prepare, select) fails.
+    """
+    from kfopt.select import objective_metric
+
+    from .optimize_and_promote import build_pipeline
+
+    objective_metric(objective)
+    if not 0 <= max_accuracy_drop <= 1:
+        raise KfoptError(f"--max-accuracy-drop {max_accuracy_drop} is not a fraction between 0 and 1.",
+                         "pass e.g. 0.01 for at most one point of accuracy lost.")
+    if model.startswith("demo:"):
+        from kfopt.models import DEMO_MODELS
+
+        if model not in DEMO_MODELS:
+            raise KfoptError(f"Unknown demo model '{model}'.", f"use one of {', '.join(DEMO_MODELS)}.")
+    elif "://" not in model and not Path(model).exists():
+        raise KfoptError(f"Model '{model}' does not exist.", "pass a .keras/.h5 file, a SavedModel directory, or demo:mlp / demo:cnn.")
+    if tracking_uri:
+        from kfopt.tracking import check_uri
+
+        check_uri(tracking_uri)  # a URI MLflow cannot use fails now, not after every recipe has run
+    out = writable_dir(out).resolve()
+    # No retries here: MLflow's client already retries HTTP calls, and a local
+    # store that failed once fails again; `kfopt promote --from` finishes the job.
+    pipeline = build_pipeline(recipes, parallelism=parallelism, promote_retries=0, registry=registry)
+    root = writable_dir(out / "pipeline-root")
+    log_path = out / LOG_FILE
+    (out / REPORT_FILE).unlink(missing_ok=True)  # never show an earlier run's report as this one's
+    before = set(root.iterdir())
+    started = time.perf_counter()
+    with open(log_path, "w") as log, _quiet_kfp(log, progress):
+        from kfp import local
+
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
+        task = pipeline(model=model, data=data, max_accuracy_drop=max_accuracy_drop, objective=objective,
+                        registered_model=registered_model, tracking_uri=tracking_uri, experiment=experiment,
+                        seed=seed, epochs=epochs, unsafe=unsafe)
+    seconds = round(time.perf_counter() - started, 1)
+    run_dir = _new_run_dir(root, before)
+    log_text = log_path.read_text(errors="replace")
+    results_dir = _output_dir(task, "results", run_dir / "select" / "results")
+    if results_dir is None or not (results_dir / METRICS_FILE).is_file():
+        raise _failure(log_text, run_dir, log_path)
+    # Read after the run: the promote step records its decision in the results' metrics.json.
+    result = json.loads((results_dir / METRICS_FILE).read_text())
+    _record_registration(result, task, log_text, tracking_uri)
+    report = _output_dir(task, "report", run_dir / "report" / "report")
+    result["report"] = None
+    if report is not None and report.is_file():
+        shutil.copyfile(report, out / REPORT_FILE)
+        result["report"] = str(out / REPORT_FILE)
+    result.update(results=str(results_dir), log=str(log_path), seconds=seconds)
+    write_json(out / METRICS_FILE, result)
+    return result
+
+
+@contextlib.contextmanager
+def _quiet_kfp(log, progress):
+    """Send kfp.local's output (and every step's) to ``log``; pass one line per finished step to ``progress``."""
+
+    lock = threading.Lock()
+
+    class Tee(io.TextIOBase):
+        """kfp.local writes from several threads (one per parallel step)."""
+
+        def __init__(self):
+            self._buffer = ""
+
+        def write(self, text):
+            with lock:
+                log.write(text)
+                self._buffer += text
+                *lines, self._buffer = self._buffer.split("\n")
+            for line in lines:
+                self._progress(_strip_ansi(line))
+            return len(text)
+
+        def _progress(self, line):
+            if progress is None:
+                return
+            task, candidate = _TASK_LINE.search(line), _CANDIDATE_LINE.match(line)
+            if candidate:
+                reason = f" ({candidate['reason'][:150]})" if candidate["reason"] else ""
+                progress(f"{candidate['label']}: {candidate['status']}{reason}")
+            elif task and (task["status"] == "FAILURE" or not _PER_RECIPE.match(task["task"])):
+                progress(f"{task['task']}: {task['status'].lower()}")
+
+        def flush(self):
+            with lock:
+                log.flush()
+
+    with warnings.catch_warnings():
+        # The component image is for the cluster; locally the steps run in this Python on purpose.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        print_ = builtins.print
+        try:
+            with contextlib.redirect_stdout(Tee()):
+                yield
+        finally:
+            # kfp.local indents step output by swapping builtins.print; with steps
+            # running in parallel threads the swaps interleave and may not be undone.
+            builtins.print = print_
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _new_run_dir(root: Path, before: set) -> Path:
+    created = [p for p in root.iterdir() if p not in before and p.is_dir()]
+    if not created:
+        raise KfoptError(f"kfp.local did not create a run folder under '{root}'.", "see the log for what went wrong.")
+    return max(created, key=lambda p: p.stat().st_mtime)
+
+
+def _output_dir(task, name: str, fallback: Path) -> Path | None:
+    """An output artifact's path from the pipeline's outputs, or where kfp.local keeps it when the run failed."""
+    try:
+        artifact = task.outputs[name]
+        return Path(artifact.path)
+    except Exception:  # a failed run has no outputs
+        return fallback if fallback.exists() else None
+
+
+def _record_registration(result: dict, task, log_text: str, tracking_uri: str) -> None:
+    """Put what the promote step did into ``result``: ``registered_model`` and ``tracking`` (status, error)."""
+    try:
+        outcome = json.loads(task.outputs["registered_model"])
+    except Exception:  # the promote step failed, so the pipeline has no outputs
+        outcome = None
+    if outcome is not None and "skipped" in outcome:
+        result["registered_model"] = None
+        result["tracking"] = {"status": "skipped", "error": outcome["skipped"], "uri": tracking_uri or None}
+    elif outcome is not None:
+        result["registered_model"] = outcome
+        result.setdefault("tracking", {})["status"] = "ok"
+    else:
+        from kfopt.tracking import resolve_uri
+
+        error = _last_error(log_text, prefer="promote") or "the promote step failed (see the log)"
+        # TrackingFailed says "MLflow tracking at URI failed: WHY. Fix: ..."; the CLI words the rest itself.
+        error = re.sub(r"^MLflow tracking at \S+ failed: ", "", error).split(" Fix: ")[0].rstrip(".")
+        result["registered_model"] = None
+        result["tracking"] = {**(result.get("tracking") or {}), "status": "failed", "error": error,
+                              "uri": resolve_uri(tracking_uri or None)}
+
+
+def _last_error(log_text: str, prefer: str | None = None) -> str | None:
+    """The last exception line in the log (from the first line mentioning ``prefer``, when given)."""
+    lines = [_strip_ansi(line) for line in log_text.splitlines()]
+    if prefer:
+        marks = [i for i, line in enumerate(lines) if prefer in line]
+        lines = lines[marks[0]:] if marks else lines
+    errors = [m for m in (_ERROR_LINE.match(line) for line in lines) if m]
+    if not errors:
+        return None
+    message = errors[-1]["message"].strip()
+    return message if errors[-1]["type"].endswith(("KfoptError", "TrackingFailed")) else f"{errors[-1]['type'].rsplit('.', 1)[-1]}: {message}"
+
+
+def _failure(log_text: str, run_dir: Path, log_path: Path) -> KfoptError:
+    """The error of a run that produced no results: the step's own KfoptError message when there is one."""
+    for line in reversed(log_text.splitlines()):
+        match = _ERROR_LINE.match(_strip_ansi(line))
+        if match and match["type"].endswith("KfoptError"):
+            message = match["message"].strip()
+            text, _, fix = message.partition(" Fix: ")
+            return KfoptError(text, fix or f"see {log_path}.")
+    failed = [m["task"] for m in (_TASK_LINE.search(_strip_ansi(l)) for l in log_text.splitlines()) if m and m["status"] == "FAILURE"]
+    where = f"step '{failed[0]}' failed" if failed else "the pipeline produced no results"
+    error = _last_error(log_text)
+    return KfoptError(f"The local pipeline run failed: {where}" + (f" ({error})." if error else "."),
+                      f"see {log_path} and the step folders under {run_dir}.")
+
+
+# -- a Kubeflow cluster ----------------------------------------------------------------
+def compile_for_cluster(output, *, search=None, image: str | None = None, accelerator_image: str | None = None,
+                        placement: str | os.PathLike | None = None, parallelism: int = 0) -> dict:
+    """Compile the pipeline with node-pool placement; return a summary (and a one-paragraph ``description``)."""
+    from kfopt.components import DEFAULT_IMAGE
+    from kfopt.search import load_search, split_by_pool
+
+    from .optimize_and_promote import compile_pipeline
+    from .placement import load_placement
+
+    recipes = load_search(search)
+    pools = load_placement(placement)
+    output = Path(output)
+    if output.parent and not output.parent.is_dir():
+        raise KfoptError(f"The folder of --output '{output}' does not exist.", f"create {output.parent} first.")
+    compile_pipeline(output, recipes, image=image or DEFAULT_IMAGE, accelerator_image=accelerator_image,
+                     placement=pools, parallelism=parallelism)
+    training, post_training = split_by_pool(recipes)
+    accelerator = pools.accelerator.accelerator if pools.accelerator else None
+    pool = (f"accelerator pool ({accelerator.count} x {accelerator.type})" if accelerator
+            else "CPU pool (the placement has no accelerator pool)")
+    lines = [f"Wrote {output} ({len(recipes)} recipes; placement {pools.source}; image {image or DEFAULT_IMAGE}"
+             + (f", fine-tuning image {accelerator_image}" if accelerator_image else "") + ")",
+             f"  {len(training)} fine-tuning on the {pool}: " + (", ".join(r.label for r in training) or "none"),
+             f"  {len(post_training)} post-training on the CPU pool: " + (", ".join(r.label for r in post_training) or "none")]
+    description = "\n".join(lines)
+    return {"output": str(output), "recipes": [r.label for r in recipes], "accelerator_recipes": [r.label for r in training],
+            "cpu_recipes": [r.label for r in post_training], "placement": pools.source, "description": description}
+
+
+def default_token() -> str | None:
+    """The in-cluster service-account token for the KFP API, when this runs in a Kubeflow pod."""
+    path = Path(os.environ.get(SA_TOKEN_ENV, SA_TOKEN_PATH))
+    return path.read_text().strip() if path.is_file() else None
+
+
+def submit(package: str | os.PathLike, *, host: str, arguments: dict, namespace: str | None = None,
+           experiment: str = "kfopt", run_name: str | None = None, token: str | None = None) -> dict:
+    """Upload a compiled pipeline and start a run; return ``run_id`` and ``url``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import kfp
+
+        try:
+            client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token or default_token())
+            run = client.create_run_from_pipeline_package(str(package), arguments=arguments, run_name=run_name,
+                                                          experiment_name=experiment, namespace=namespace)
+        except Exception as exc:  # connection refused, 401/403, a namespace that does not exist...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KfoptError(f"Kubeflow Pipelines at {host} refused the run ({type(exc).__name__}: {first[:300]}).",
+                             "check --host (the KFP API endpoint), --namespace and --token.") from None
+    return {"run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
+
+
+#: How ``publish`` marks the version a package was uploaded as, in the version's description (a
+#: pipeline's first version is named after the pipeline, so its name cannot say which version it is).
+_VERSION_MARK = "[kfopt version {}]"
+
+
+def package_version(package: str | os.PathLike) -> str:
+    """The default version name of a compiled pipeline: a hash of its content (the same package, the same name)."""
+    import hashlib
+
+    return "sha256-" + hashlib.sha256(Path(package).read_bytes()).hexdigest()[:12]
+
+
+def publish(package: str | os.PathLike, *, host: str, name: str, version: str | None = None,
+            namespace: str | None = None, token: str | None = None, description: str | None = None) -> dict:
+    """Upload a compiled pipeline to Kubeflow Pipelines as pipeline ``name``; idempotent.
+
+    A new name is uploaded as a new pipeline (its first version); an existing
+    one gets a new version called ``version`` (default: :func:`package_version`,
+    a hash of the package, so re-publishing the same package changes nothing).
+    If that version already exists nothing is uploaded.
+
+    Returns ``action`` (``created``, ``new-version`` or ``unchanged``),
+    ``pipeline_id``, ``version_id``, ``version``, ``name`` and ``url``.
+    Raises KfoptError for bad arguments and for anything the KFP API refuses
+    (unreachable, 401/403, a name that is not unique...).
+    """
+    package = Path(package)
+    if not host.startswith(("http://", "https://")):
+        raise KfoptError(f"--host '{host}' is not an http(s) URL.", "pass e.g. https://kubeflow.example.com/pipeline.")
+    if not name or not name.strip():
+        raise KfoptError("--name is empty.", "pass the pipeline name to show in the KFP UI, e.g. kfopt.")
+    if version is not None and not version.strip():
+        raise KfoptError("--version is empty.", "leave it out to name the version after the package's content hash.")
+    _check_package(package)
+    version = version or package_version(package)
+    mark = _VERSION_MARK.format(version)
+    from kfopt import __version__
+
+    text = f"{description or 'Compiled by kfopt'} (kfopt {__version__}) {mark}"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # kfp prints "Pipeline details: ..."
+        warnings.simplefilter("ignore", FutureWarning)
+        import kfp
+
+        try:
+            client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token or default_token())
+            pipeline_id = _pipeline_id(client, name, namespace)
+            if pipeline_id is None:
+                created = client.upload_pipeline(str(package), pipeline_name=name, description=text, namespace=namespace)
+                pipeline_id, action = created.pipeline_id, "created"
+                version_id = _find_version(client, pipeline_id, version, mark)
+            else:
+                version_id = _find_version(client, pipeline_id, version, mark)
+                action = "unchanged"
+                if version_id is None:
+                    uploaded = client.upload_pipeline_version(str(package), pipeline_version_name=version,
+                                                              pipeline_id=pipeline_id, description=text)
+                    version_id, action = uploaded.pipeline_version_id, "new-version"
+        except KfoptError:
+            raise
+        except Exception as exc:  # connection refused, 401/403, 409 (a name taken meanwhile)...
+            raise KfoptError(f"Publishing '{name}' to Kubeflow Pipelines at {host} failed ({_api_error(exc)}).",
+                             "check --host (the KFP API endpoint), --namespace and --token.") from None
+    url = f"{host.rstrip('/')}/#/pipelines/details/{pipeline_id}" + (f"/version/{version_id}" if version_id else "")
+    return {"action": action, "name": name, "pipeline_id": pipeline_id, "version_id": version_id,
+            "version": version, "url": url}
+
+
+def _check_package(package: Path) -> None:
+    import yaml
+
+    if not package.is_file():
+        raise KfoptError(f"Pipeline package '{package}' does not exist.", "compile it first: kfopt compile --output FILE.")
+    try:
+        docs = list(yaml.safe_load_all(package.read_text()))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise KfoptError(f"Pipeline package '{package}' is not YAML ({first}).", "pass the file kfopt compile wrote.") from None
+    if not docs or not isinstance(docs[0], dict) or "pipelineInfo" not in docs[0] or "root" not in docs[0]:
+        raise KfoptError(f"'{package}' is not a compiled KFP pipeline (no pipelineInfo/root).",
+                         "pass the file kfopt compile --output wrote.")
+
+
+def _pipeline_id(client, name: str, namespace: str | None) -> str | None:
+    """The id of the pipeline called ``name`` (in ``namespace``, for a multi-user cluster), or None."""
+    if namespace is None:
+        return client.get_pipeline_id(name)
+    found = client.list_pipelines(namespace=namespace, page_size=10, filter=json.dumps(
+        {"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})).pipelines or []
+    if len(found) > 1:
+        raise KfoptError(f"{len(found)} pipelines are called '{name}' in namespace '{namespace}'.",
+                         "delete the extra ones in the KFP UI or pass another --name.")
+    return found[0].pipeline_id if found else None
+
+
+def _find_version(client, pipeline_id: str, version: str, mark: str) -> str | None:
+    """The id of the pipeline's version named ``version`` (or uploaded as it: see ``_VERSION_MARK``), or None."""
+    token = ""
+    while True:
+        page = client.list_pipeline_versions(pipeline_id, page_token=token, page_size=100)
+        for item in page.pipeline_versions or []:
+            if item.display_name == version or item.name == version or mark in (item.description or ""):
+                return item.pipeline_version_id
+        token = page.next_page_token
+        if not token:
+            return None
+
+
+def _api_error(exc: Exception) -> str:
+    """One line about what the KFP API (or the way to it) said."""
+    status = getattr(exc, "status", None)
+    if status:  # kfp_server_api.ApiException: HTTP status, reason and the server's message
+        detail = ""
+        try:
+            body = json.loads(exc.body or "{}")
+            detail = body.get("message") or body.get("error") or ""
+        except (TypeError, ValueError, AttributeError):
+            detail = str(getattr(exc, "body", "") or "")
+        text = f"HTTP {status} {getattr(exc, 'reason', '') or ''}".strip() + (f": {detail}" if detail else "")
+    else:
+        reason = getattr(exc, "reason", None)  # urllib3 MaxRetryError: the connection error underneath
+        text = f"{type(exc).__name__}: {reason or exc}"
+    text = " ".join(str(text).split())
+    return text[:300]
+
+
+__all__ = ["run_local", "compile_for_cluster", "submit", "publish", "package_version", "default_token"]
