@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import traceback
 
@@ -16,6 +17,17 @@ RECIPE_HELP = "Inline recipe like 'prune(target_sparsity=0.8)>quantize(mode=int8
 MODEL_HELP = "A .keras/.h5 file, a SavedModel directory, or demo:mlp / demo:cnn (trained on the fly on digits)."
 DATA_HELP = ("An .npz file with x_train, y_train, x_test, y_test (any tf.io.gfile URI), "
              "'py:module:function' returning (train, test) tf.data datasets, or 'digits'.")
+TRACKING_URI_HELP = "MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db]."
+REGISTERED_MODEL_HELP = ("Register the winner as a new version of this MLflow model (alias challenger) and "
+                         "move alias champion to it if it beats the current champion.")
+MAX_DROP_HELP = "Accuracy budget: largest accuracy loss allowed, vs the baseline and vs the champion (a fraction)."
+OBJECTIVE_HELP = "What 'better than the champion' means: smaller gzip_bytes (size) or latency_p50_ms (latency)."
+
+
+def tracking_options(command):
+    """--tracking-uri and --experiment, shared by the commands that talk to MLflow."""
+    command = click.option("--experiment", default=None, help="MLflow experiment [default: kfopt].")(command)
+    return click.option("--tracking-uri", default=None, help=TRACKING_URI_HELP)(command)
 
 
 def _handle_errors(command):
@@ -60,6 +72,10 @@ def main(debug: bool) -> None:
       kfopt optimize --model demo:mlp --data digits \\
           --recipe 'prune(target_sparsity=0.8)>quantize(mode=int8)' --out runs/demo
     """
+    # A third-party logging handler whose stream went away must not print its own
+    # "--- Logging error ---" traceback at the user (Python's advice for production).
+    logging.raiseExceptions = debug
+
 
 
 @main.command()
@@ -87,14 +103,22 @@ def plugins(as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed for data splits, training and calibration.")
 @click.option("--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation).")
 @click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
+@click.option("--registered-model", default=None, help=REGISTERED_MODEL_HELP)
+@tracking_options
+@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP)
+@click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True, help=OBJECTIVE_HELP)
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow, even when MLFLOW_TRACKING_URI is set.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_handle_errors
-def optimize(model, data, recipe, out, seed, epochs, unsafe, as_json) -> None:
+def optimize(model, data, recipe, out, seed, epochs, unsafe, registered_model, tracking_uri, experiment,
+             max_accuracy_drop, objective, no_tracking, as_json) -> None:
     """Run one recipe on one model in-process and measure the result.
 
-    Writes OUT/baseline/, OUT/candidate/ and OUT/metrics.json. Exit code 0
-    when the candidate is ok or skipped (this host cannot run the technique),
-    1 when a technique failed, 2 for bad input.
+    Writes OUT/baseline/, OUT/candidate/ and OUT/metrics.json. Logs to MLflow
+    when asked (--registered-model, --tracking-uri, --experiment, or
+    MLFLOW_TRACKING_URI set). Exit code 0 when the candidate is ok or skipped
+    (this host cannot run the technique), 1 when a technique failed, 2 for bad
+    input, 3 when MLflow failed (results stay in OUT; `kfopt promote --from OUT` retries).
     """
     from rich.console import Console
 
@@ -102,7 +126,9 @@ def optimize(model, data, recipe, out, seed, epochs, unsafe, as_json) -> None:
     from .progress import Reporter
     from .report import results_table
 
-    result = run(model, data, recipe, out, seed=seed, unsafe=unsafe, epochs=epochs, reporter=Reporter())
+    tracking = {"registered_model": registered_model, "tracking_uri": tracking_uri, "experiment": experiment,
+                "max_accuracy_drop": max_accuracy_drop, "objective": objective, "tracking": False if no_tracking else None}
+    result = run(model, data, recipe, out, seed=seed, unsafe=unsafe, epochs=epochs, reporter=Reporter(), tracking=tracking)
     candidate = result["candidates"][0]
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -113,7 +139,401 @@ def optimize(model, data, recipe, out, seed, epochs, unsafe, as_json) -> None:
         click.echo(f"skipped: {candidate['reason']}", err=True)
     elif candidate["status"] == "failed":
         click.echo(f"failed: {candidate['reason']}", err=True)
+    _report_tracking(result, out)
+    if candidate["status"] == "failed":
         sys.exit(1)
+    if (result.get("tracking") or {}).get("status") == "failed":
+        from .tracking import TrackingFailed
+
+        sys.exit(TrackingFailed.exit_code)
+
+
+def _report_tracking(result: dict, out) -> None:
+    """One line on stderr about MLflow: the registered version and the decision, or the failure and its fix."""
+    tracked = result.get("tracking") or {}
+    if tracked.get("status") == "failed":
+        click.echo(f"error: MLflow tracking at {tracked['uri']} failed: {tracked['error']}. Results are in {out}; "
+                   f"run `kfopt promote --from {out}` when MLflow is reachable.", err=True)
+    elif result.get("registered_model"):
+        click.echo(_decision_line(result["registered_model"]), err=True)
+
+
+def _decision_line(registered: dict) -> str:
+    if registered.get("version") is None:
+        return f"{registered['name']}: nothing registered ({registered.get('reason')})"
+    aliases = ", ".join(registered.get("aliases") or []) or "no alias"
+    verdict = "promoted to champion" if registered.get("promoted") else "not promoted"
+    return f"{registered['name']} v{registered['version']} ({aliases}): {verdict}: {registered.get('reason')}"
+
+
+@main.command()
+@click.option("--from", "directory", required=True, type=click.Path(file_okay=False),
+              help="Directory of a finished run (its --out), with metrics.json.")
+@click.option("--registered-model", default=None, help=REGISTERED_MODEL_HELP + " [default: the one the run asked for]")
+@tracking_options
+@click.option("--max-accuracy-drop", default=None, type=click.FloatRange(0, 1),
+              help=MAX_DROP_HELP + " [default: the run's, else 0.01]")
+@click.option("--objective", type=click.Choice(["size", "latency"]), default=None,
+              help=OBJECTIVE_HELP + " [default: the run's, else size]")
+@click.option("--json", "as_json", is_flag=True, help="Print the registered_model object as JSON.")
+@_handle_errors
+def promote(directory, registered_model, tracking_uri, experiment, max_accuracy_drop, objective, as_json) -> None:
+    """Log a finished run to MLflow and register/promote its winner, e.g. after MLflow was down.
+
+    Settings not given default to what the run asked for (recorded in
+    metrics.json). Safe to repeat: nothing is logged or registered twice.
+    Without a registered model, only the runs are logged.
+    """
+    from .tracking import read_result
+
+    asked = read_result(directory).get("tracking") or {}
+    registered_model = registered_model or asked.get("registered_model")
+    tracking_uri = tracking_uri or asked.get("uri")
+    experiment = experiment or asked.get("experiment") or "kfopt"
+    if not registered_model:
+        from .tracking import RunLogger, check_uri, failure, mlflow_errors, resolve_uri
+
+        uri = resolve_uri(tracking_uri)
+        check_uri(uri)
+        try:
+            RunLogger(directory, uri, experiment).log_result(read_result(directory))
+        except mlflow_errors() as exc:
+            raise failure(uri, exc, directory) from exc
+        click.echo(json.dumps({"registered_model": None}) if as_json else
+                   f"Logged {directory} to MLflow at {uri} (experiment {experiment}); nothing registered: "
+                   "pass --registered-model NAME to register the winner.")
+        return
+    from .promotion import promote_from
+
+    decision = promote_from(directory, registered_model=registered_model, tracking_uri=tracking_uri,
+                            experiment=experiment, objective=objective or asked.get("objective") or "size",
+                            max_accuracy_drop=(max_accuracy_drop if max_accuracy_drop is not None
+                                               else asked.get("max_accuracy_drop", 0.01)))
+    click.echo(json.dumps(decision, indent=2) if as_json else _decision_line(decision))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
+@_handle_errors
+def history(name, tracking_uri, as_json) -> None:
+    """Versions of registered model NAME: aliases, metrics and every promotion decision."""
+    from .promotion import history as versions
+
+    rows = versions(name, tracking_uri)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        from rich.console import Console
+
+        from .report import history_table
+
+        Console().print(history_table(name, rows))
+
+
+# -- the pipeline: locally through kfp.local, compiled for and submitted to Kubeflow ---------
+SEARCH_HELP = ("YAML list of recipes to try [default: the built-in search: PTQ modes, QAT, magnitude and "
+               "structured pruning, distillation, XLA/TFLite/mixed precision].")
+SELECT_OBJECTIVE_HELP = ("How the winner is chosen among candidates within the accuracy budget, and what "
+                         "'better than the champion' means: smaller gzip_bytes (size) or latency_p50_ms (latency).")
+PIPELINE_REGISTERED_HELP = "MLflow registered model for the winner [default: kfopt-<model name>, e.g. kfopt-demo-mlp]."
+PLACEMENT_HELP = "Node pools: a placement YAML file, or a built-in one: gke (NVIDIA GPUs), gke-tpu."
+
+
+def _search_option(command):
+    return click.option("--search", "-s", default=None, type=click.Path(dir_okay=False), help=SEARCH_HELP)(command)
+
+
+def _cluster_options(command):
+    """--image, --accelerator-image, --placement, --parallelism: how the pipeline is compiled for a cluster."""
+    from .components import DEFAULT_IMAGE
+
+    for option in reversed([
+        click.option("--image", default=DEFAULT_IMAGE, show_default=True,
+                     help="Image every step runs in (built from the Dockerfile; holds kfopt)."),
+        click.option("--accelerator-image", default=None,
+                     help="Image of the fine-tuning steps, e.g. the GPU build (VARIANT=gpu) [default: --image]."),
+        click.option("--placement", default="gke", show_default=True, help=PLACEMENT_HELP),
+        click.option("--parallelism", default=0, show_default=True, type=click.IntRange(0),
+                     help="Most recipes optimized at once per node pool (0 = no limit)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _run_parameter_options(command):
+    """What a pipeline run works on: model, data, budget, objective, MLflow."""
+    for option in reversed([
+        click.option("--model", "-m", default="demo:mlp", show_default=True, help=MODEL_HELP),
+        click.option("--data", "-d", default="digits", show_default=True, help=DATA_HELP),
+        click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP),
+        click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True,
+                     help=SELECT_OBJECTIVE_HELP),
+        click.option("--registered-model", default=None, help=PIPELINE_REGISTERED_HELP),
+        click.option("--tracking-uri", default=None, help=TRACKING_URI_HELP),
+        click.option("--seed", default=0, show_default=True, help="Seed for data splits, training and calibration."),
+        click.option("--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation)."),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command()
+@_run_parameter_options
+@_search_option
+@click.option("--experiment", default="kfopt", show_default=True, help="MLflow experiment.")
+@click.option("--out", "-o", default="runs/pipeline", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the kfp.local pipeline root, pipeline.log, metrics.json and report.html.")
+@click.option("--parallelism", default=2, show_default=True, type=click.IntRange(1),
+              help="Recipes optimized at once (kfp.local runs at most 2 at a time).")
+@click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@_handle_errors
+def run(model, data, max_accuracy_drop, objective, registered_model, tracking_uri, seed, epochs, search, experiment,
+        out, parallelism, unsafe, as_json) -> None:
+    """Run the whole pipeline on this machine through kfp.local; with no options, the digits demo.
+
+    Trains (or loads) the baseline, tries every recipe of the search in
+    parallel subprocesses, picks the best candidate within the accuracy
+    budget, writes an HTML report and registers the winner in MLflow (a
+    local SQLite store unless --tracking-uri or MLFLOW_TRACKING_URI says
+    otherwise). Exit code 0 when the run finished, 1 when no candidate
+    finished ok, 2 for bad input, 3 when MLflow failed (`kfopt promote --from`
+    retries).
+    """
+    import time
+
+    from .pipelines.runners import run_local
+    from .search import load_search
+
+    recipes = load_search(search)  # every recipe checked before any work
+    started = time.perf_counter()
+
+    def progress(line: str) -> None:
+        if not as_json:
+            click.echo(f"[{time.perf_counter() - started:5.0f}s] {line}", err=True)
+
+    if not as_json:
+        click.echo(f"Running {len(recipes)} recipe{'s' if len(recipes) != 1 else ''} on {model} / {data} through kfp.local (log: {out}/pipeline.log)", err=True)
+    result = run_local(recipes, model=model, data=data, max_accuracy_drop=max_accuracy_drop, objective=objective,
+                       registered_model=registered_model or "", tracking_uri=tracking_uri or "", experiment=experiment,
+                       out=out, seed=seed, epochs=epochs, unsafe=unsafe, parallelism=parallelism, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        _print_run(result)
+    if not any(c["status"] == "ok" for c in result["candidates"]):
+        sys.exit(1)
+    if (result.get("tracking") or {}).get("status") == "failed":
+        from .tracking import TrackingFailed
+
+        sys.exit(TrackingFailed.exit_code)
+
+
+def _print_run(result: dict) -> None:
+    from rich.console import Console
+
+    from .report import results_table
+
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(results_table(result))
+    selection = result.get("selection") or {}
+    metric = selection.get("metric", "gzip_bytes")
+    winner = next((c for c in result["candidates"] if c["recipe"] == result.get("winner")), None)
+    if winner:
+        click.echo(f"Winner ({selection.get('objective')}: lowest {metric} within an accuracy drop of "
+                   f"{selection.get('max_accuracy_drop')}): {winner['recipe']}: accuracy {winner['accuracy']:.4f} "
+                   f"({0.0 - winner['accuracy_drop']:+.4f}), {winner['gzip_bytes'] / 1024:,.1f} KB gzipped, "
+                   f"p50 {winner['latency_p50_ms']:.4f} ms")
+    else:
+        click.echo(f"No winner: no candidate finished within an accuracy drop of {selection.get('max_accuracy_drop')}.")
+    click.echo(f"Report: {result.get('report') or 'not written (see the log)'}")
+    click.echo(f"Results: {result['results']} (metrics.json and every model); log: {result['log']}")
+    tracked = result.get("tracking") or {}
+    if tracked.get("status") == "skipped":
+        click.echo(f"MLflow: skipped: {tracked.get('error')}", err=True)
+    else:
+        _report_tracking(result, result["results"])
+
+
+@main.command("search")
+@click.option("--model", "-m", default="demo:mlp", show_default=True, help=MODEL_HELP)
+@click.option("--data", "-d", default="digits", show_default=True, help=DATA_HELP)
+@_search_option
+@click.option("--recipe", "-r", "recipes", multiple=True,
+              help="A round-1 recipe, inline (repeat the option for several); replaces --search.")
+@click.option("--out", "-o", default="runs/search", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the baseline, every candidate and metrics.json (with search_trace).")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(0),
+              help="Refinement rounds after round 1 (0 = the search space only).")
+@click.option("--max-trials", default=4, show_default=True, type=click.IntRange(1), help="Most recipes per refinement round.")
+@click.option("--max-time", default=None, type=click.FloatRange(0, min_open=True),
+              help="Seconds after which no new recipe is started [default: no limit].")
+@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP)
+@click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True,
+              help="What the search minimises within the budget: gzip_bytes (size) or latency_p50_ms (latency).")
+@click.option("--target-compression", default=None, type=click.FloatRange(1),
+              help="Target ratio: compression_ratio for --objective size, speedup for latency.")
+@click.option("--stop-when-met", is_flag=True, help="Stop refining once a candidate within the budget reaches the target.")
+@click.option("--seed", default=0, show_default=True, help="Seed for data splits, training and calibration.")
+@click.option("--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation).")
+@click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
+@click.option("--sensitivity", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Layer sensitivity: validation drop when one layer alone is pruned to this sparsity (0 = skip).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@_handle_errors
+def search_(model, data, search, recipes, out, rounds, max_trials, max_time, max_accuracy_drop, objective,
+            target_compression, stop_when_met, seed, epochs, unsafe, sensitivity, as_json) -> None:
+    """Accuracy-aware search in-process: round 1, then rounds refining the best recipes.
+
+    Round 1 runs the search space (--search, --recipe, or the built-in one).
+    Each refinement round proposes more aggressive recipes from the ones that
+    stayed within the budget: higher prune sparsity, narrower distilled
+    students, and chains of both (distill>prune>int8, prune>qat). Refinement
+    decides on the validation split; the winner is checked on the test split.
+    Exit code 0 when a candidate finished, 1 when none did, 2 for bad input.
+    """
+    from .progress import Reporter
+    from .refine import search as run_search, search_table, sensitivity_table
+
+    result = run_search(model, data, out, recipes=list(recipes) or search, rounds=rounds, max_trials=max_trials,
+                        max_time=max_time, max_accuracy_drop=max_accuracy_drop, objective=objective,
+                        target=target_compression, stop_when_met=stop_when_met, seed=seed, epochs=epochs,
+                        unsafe=unsafe, reporter=Reporter(enabled=not as_json), sensitivity=sensitivity or None)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        from rich.console import Console
+
+        console = Console() if Console().is_terminal else Console(width=200)
+        if result.get("layer_sensitivity"):
+            console.print(sensitivity_table(result["layer_sensitivity"]))
+        console.print(search_table(result))
+        winner = next((c for c in result["candidates"] if c["recipe"] == result.get("winner")), None)
+        if winner:
+            click.echo(f"Winner (round {winner['round']}, {objective}, accuracy drop <= {max_accuracy_drop} on the test split): "
+                       f"{winner['recipe']}: accuracy {winner['accuracy']:.4f} ({0.0 - winner['accuracy_drop']:+.4f}), "
+                       f"{winner['compression_ratio']:.1f}x smaller, {winner['speedup']:.2f}x faster; why: {winner['why']}")
+        else:
+            click.echo(f"No winner: no candidate finished within an accuracy drop of {max_accuracy_drop} on the test split.")
+        click.echo(f"Search stopped: {result['search']['stopped']} after {result['search']['seconds']:.0f} s. "
+                   f"Results: {out}/metrics.json")
+    if not any(c["status"] == "ok" for c in result["candidates"]):
+        sys.exit(1)
+
+
+@main.command("compile")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the pipeline (KFP IR YAML).")
+@_search_option
+@_cluster_options
+@_handle_errors
+def compile_(output, search, image, accelerator_image, placement, parallelism) -> None:
+    """Compile the optimize-and-promote pipeline for a Kubeflow cluster.
+
+    The recipes are fixed in the compiled pipeline (each recipe's node pool
+    depends on whether it fine-tunes); model, data, budget, objective and
+    MLflow settings are run parameters.
+    """
+    from .pipelines.runners import compile_for_cluster
+
+    summary = compile_for_cluster(output, search=search, image=image, accelerator_image=accelerator_image,
+                                  placement=placement, parallelism=parallelism)
+    click.echo(summary["description"])
+
+
+@main.command()
+@click.option("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline or http://localhost:8080.")
+@click.option("--namespace", default=None, help="Kubeflow profile namespace (multi-user clusters).")
+@click.option("--experiment", default="kfopt", show_default=True, help="KFP experiment the run goes into.")
+@click.option("--token", default=None,
+              help="Bearer token for the KFP API [default: the in-cluster service-account token "
+                   "($KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token) when present].")
+@click.option("--run-name", default=None, help="Run name shown in the KFP UI [default: pipeline name and time].")
+@_run_parameter_options
+@click.option("--mlflow-experiment", default="kfopt", show_default=True, help="MLflow experiment of the run.")
+@_search_option
+@_cluster_options
+@_handle_errors
+def submit(host, namespace, experiment, token, run_name, model, data, max_accuracy_drop, objective, registered_model,
+           tracking_uri, seed, epochs, mlflow_experiment, search, image, accelerator_image, placement, parallelism) -> None:
+    """Compile the pipeline, upload it to Kubeflow Pipelines and start a run; print the run's URL."""
+    import tempfile
+    from pathlib import Path
+
+    from .pipelines.runners import compile_for_cluster, submit as submit_run
+
+    if not host.startswith(("http://", "https://")):
+        raise KfoptError(f"--host '{host}' is not an http(s) URL.", "pass e.g. https://kubeflow.example.com/pipeline.")
+    if not tracking_uri:
+        click.echo("note: no --tracking-uri: the promote step uses MLflow's default inside its pod "
+                   "(MLFLOW_TRACKING_URI of the image, else a throw-away SQLite file).", err=True)
+    with tempfile.TemporaryDirectory(prefix="kfopt-submit-") as tmp:
+        package = Path(tmp) / "kfopt-pipeline.yaml"
+        summary = compile_for_cluster(package, search=search, image=image, accelerator_image=accelerator_image,
+                                      placement=placement, parallelism=parallelism)
+        click.echo(summary["description"], err=True)
+        arguments = {"model": model, "data": data, "max_accuracy_drop": max_accuracy_drop, "objective": objective,
+                     "registered_model": registered_model or "", "tracking_uri": tracking_uri or "",
+                     "experiment": mlflow_experiment, "seed": seed, "epochs": epochs}
+        started = submit_run(package, host=host, arguments=arguments, namespace=namespace, experiment=experiment,
+                             run_name=run_name, token=token)
+    click.echo(started["url"])
+
+
+@main.command()
+@click.option("--package", "-p", required=True, type=click.Path(dir_okay=False),
+              help="The compiled pipeline (what `kfopt compile --output` wrote).")
+@click.option("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline or http://localhost:8080.")
+@click.option("--name", required=True, help="Pipeline name in the KFP UI; created on first publish.")
+@click.option("--version", "version", default=None,
+              help="Name of the new pipeline version [default: a hash of the package, so publishing "
+                   "the same package again uploads nothing].")
+@click.option("--namespace", default=None, help="Kubeflow profile namespace (multi-user clusters) [default: a shared pipeline].")
+@click.option("--token", default=None,
+              help="Bearer token for the KFP API [default: the in-cluster service-account token "
+                   "($KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token) when present].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (action, pipeline_id, version_id, version, url).")
+@_handle_errors
+def publish(package, host, name, version, namespace, token, as_json) -> None:
+    """Upload a compiled pipeline to Kubeflow Pipelines: a new pipeline, or a new version of it.
+
+    Idempotent: if the pipeline already has a version named --version (or
+    uploaded from the same package, by default), nothing is uploaded.
+    """
+    from .pipelines.runners import publish as publish_pipeline
+
+    done = publish_pipeline(package, host=host, name=name, version=version, namespace=namespace, token=token)
+    if as_json:
+        click.echo(json.dumps(done, indent=2))
+        return
+    said = {"created": f"Created pipeline '{name}' (version {done['version']})",
+            "new-version": f"Uploaded version {done['version']} of pipeline '{name}'",
+            "unchanged": f"Pipeline '{name}' already has version {done['version']}: nothing uploaded"}[done["action"]]
+    click.echo(f"{said}: {done['url']}")
+
+
+@main.command("new-plugin")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to create the package kfopt-NAME in.")
+@_handle_errors
+def new_plugin(name, directory) -> None:
+    """Create a plugin package for a new technique NAME, ready to install and test.
+
+    It has the entry point that makes kfopt find it, one working technique
+    (weight rounding, to replace with yours) and tests using kfopt.testing.
+    See docs/plugins.md.
+    """
+    from .scaffold import create_plugin, plugin_names
+
+    root = create_plugin(name, directory)
+    names = plugin_names(name)
+    click.echo(f"Created {root}: technique '{names['name']}' in {root / names['module'] / '__init__.py'}, "
+               f"tests in {root / 'tests'}.")
+    click.echo(f"Next: pip install -e {root} && pytest {root} && kfopt plugins")
 
 
 if __name__ == "__main__":  # pragma: no cover

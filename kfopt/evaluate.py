@@ -215,7 +215,14 @@ class Evaluator:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.latency_runs = latency_runs
         self.x_test, self.y_test = data.test.arrays()
+        # Validation accuracy is reported beside the test one so searches can choose on it
+        # (kfopt.refine) and keep the test split for the final budget check only.
+        try:
+            self.x_val, self.y_val = data.validation.arrays()
+        except ValueError:  # an empty tf.data validation split: no val_accuracy
+            self.x_val, self.y_val = np.zeros((0,)), np.zeros((0,))
         self._baseline_predictions = None
+        self._baseline_val_accuracy = None
         self._references: dict[str, dict] = {}
 
     # The baseline, as deployed in each format, is what ratios are taken against.
@@ -256,9 +263,15 @@ class Evaluator:
         metrics.pop("per_class_accuracy_change", None)
         return metrics
 
-    def _predictions(self, runner: Runner) -> np.ndarray:
-        batches = [runner(self.x_test[i : i + 256]) for i in range(0, len(self.x_test), 256)]
+    def _predictions(self, runner: Runner, x: np.ndarray | None = None) -> np.ndarray:
+        x = self.x_test if x is None else x
+        batches = [runner(x[i : i + 256]) for i in range(0, len(x), 256)]
         return np.concatenate(batches).argmax(axis=1)
+
+    def _val_accuracy(self, runner: Runner) -> float | None:
+        if not len(self.x_val):
+            return None
+        return float((self._predictions(runner, self.x_val) == self.y_val).mean())
 
     def evaluate(self, handle: ModelHandle) -> dict:
         """All metrics of ``handle`` (saved first if it only lives in memory)."""
@@ -269,6 +282,9 @@ class Evaluator:
         base_pred = self._baseline_predictions
         runner = runner_for(handle)
         pred = self._predictions(runner)
+        if self._baseline_val_accuracy is None:
+            self._baseline_val_accuracy = self._val_accuracy(runner_for(self.baseline))
+        val_accuracy = self._val_accuracy(runner)
         size, gz = artifact_sizes(handle.path)
         p50, p95 = latency(runner, self.x_test[:1], self.latency_runs)
         reference = self.reference(handle.format)
@@ -279,6 +295,9 @@ class Evaluator:
             "accuracy": accuracy,
             "accuracy_drop": base_accuracy - accuracy,
             "agreement": float((pred == base_pred).mean()),
+            "val_accuracy": val_accuracy,
+            "val_accuracy_drop": (None if val_accuracy is None or self._baseline_val_accuracy is None
+                                  else self._baseline_val_accuracy - val_accuracy),
             "size_bytes": size,
             "gzip_bytes": gz,
             "compression_ratio": reference["gzip_bytes"] / gz,

@@ -14,9 +14,8 @@ import os
 import warnings
 
 from .errors import KfoptError
+from .select import check_goal
 
-#: What ``--objective`` can optimize, and the metric that decides it (smaller is better).
-OBJECTIVES = {"size": "gzip_bytes", "latency": "latency_p50_ms"}
 DEFAULT_EXPERIMENT = "kfopt"
 DEFAULT_MAX_ACCURACY_DROP = 0.01
 
@@ -33,12 +32,7 @@ def observer_context(out: str | os.PathLike, *, tracking: bool | None = None, tr
     ``tracking=None`` means: track when asked for, i.e. when ``registered_model``,
     ``tracking_uri`` or ``experiment`` is given or ``MLFLOW_TRACKING_URI`` is set.
     """
-    if objective not in OBJECTIVES:
-        raise KfoptError(f"Unknown objective '{objective}'. Valid objectives: {', '.join(OBJECTIVES)}.",
-                         "use --objective size (smallest gzip_bytes) or --objective latency (lowest latency_p50_ms).")
-    if not 0 <= max_accuracy_drop <= 1:
-        raise KfoptError(f"max_accuracy_drop={max_accuracy_drop} is not a fraction between 0 and 1.",
-                         "pass e.g. --max-accuracy-drop 0.01 for at most one percentage point.")
+    check_goal(max_accuracy_drop, objective)
     if tracking is False and registered_model:
         raise KfoptError(f"Registering '{registered_model}' needs MLflow, but tracking is turned off.",
                          "drop --no-tracking, or drop --registered-model.")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from . import tracking
 from .errors import KfoptError
-from .observers import DEFAULT_EXPERIMENT, DEFAULT_MAX_ACCURACY_DROP, OBJECTIVES
+from .observers import DEFAULT_EXPERIMENT, DEFAULT_MAX_ACCURACY_DROP
+from .select import OBJECTIVES, check_goal
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -74,12 +75,7 @@ def check_settings(registered_model: str, max_accuracy_drop: float, objective: s
     if not registered_model or any(c in registered_model for c in "'\"`"):
         raise KfoptError(f"Registered model name {registered_model!r} is not usable.",
                          "pass --registered-model a non-empty name without quotes, e.g. digits-classifier.")
-    if objective not in OBJECTIVES:
-        raise KfoptError(f"Unknown objective '{objective}'. Valid objectives: {', '.join(OBJECTIVES)}.",
-                         "use size (smallest gzip_bytes) or latency (lowest latency_p50_ms).")
-    if not 0 <= max_accuracy_drop <= 1:
-        raise KfoptError(f"max_accuracy_drop={max_accuracy_drop} is not a fraction between 0 and 1.",
-                         "pass e.g. 0.01 for at most one percentage point.")
+    check_goal(max_accuracy_drop, objective)
 
 
 def _check_writable(directory: Path) -> None:

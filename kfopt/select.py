@@ -46,6 +46,14 @@ class Selection:
                 "reasons": dict(self.reasons)}
 
 
+def check_goal(max_accuracy_drop: float, objective: str) -> str:
+    """Validate a budget and an objective the user gave; return the objective's metric."""
+    if not 0 <= max_accuracy_drop <= 1:
+        raise KfoptError(f"max_accuracy_drop={max_accuracy_drop} is not a fraction between 0 and 1.",
+                         "pass e.g. --max-accuracy-drop 0.01 for at most one percentage point.")
+    return objective_metric(objective)
+
+
 def objective_metric(objective: str) -> str:
     """The metric an objective minimises; a KfoptError naming the choices otherwise."""
     try:
