@@ -11,20 +11,11 @@ import base64
 import html
 import io
 
+from .report import COLUMNS as METRIC_COLUMNS
 from .select import OBJECTIVES, pareto_front
 
-#: (key, header, format) of the table's metric columns.
-COLUMNS = (
-    ("format", "format", "{}"),
-    ("accuracy", "accuracy", "{:.4f}"),
-    ("accuracy_drop", "drop", "{:+.4f}"),
-    ("agreement", "agreement", "{:.3f}"),
-    ("gzip_bytes", "gzip KB", "{:,.1f}"),
-    ("compression_ratio", "ratio", "{:.1f}x"),
-    ("sparsity", "sparsity", "{:.2f}"),
-    ("latency_p50_ms", "p50 ms", "{:.4f}"),
-    ("speedup", "speedup", "{:.2f}x"),
-)
+#: (key, header, format) of the table's columns: the terminal table's metrics, after the format.
+COLUMNS = (("format", "format", "{}"), *METRIC_COLUMNS)
 
 #: (metric, axis label) of the plots: accuracy against each objective metric.
 PLOTS = (("gzip_bytes", "deployable size, gzip bytes (log scale)"), ("latency_p50_ms", "latency p50, ms, batch 1 (log scale)"))
