@@ -137,7 +137,7 @@ def promote(logger: tracking.RunLogger, result: dict, name: str, *, max_accuracy
     logger.save()
     if "kfopt.decision" in version.tags:  # decided by an earlier attempt: report it again, change nothing
         return _summary(client, name, version.version)
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    _set_alias(client, name, CHALLENGER, version.version)
     promoted, reason, previous = _decide(client, name, str(version.version), candidate,
                                          max_accuracy_drop=max_accuracy_drop, objective=objective)
     decision = {
@@ -176,7 +176,7 @@ def _decide(client, name: str, version: str, candidate: dict, *, max_accuracy_dr
                           champion_version=current)
         if not ok:
             return False, reason, current
-        client.set_registered_model_alias(name, CHAMPION, version)
+        _set_alias(client, name, CHAMPION, version)
         time.sleep(SETTLE_SECONDS)
         if _champion(client, name) == version:
             return True, reason, current
@@ -198,6 +198,25 @@ def _ensure_registered_model(client, name: str) -> None:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+
+
+def _set_alias(client, name: str, alias: str, version, attempts: int = 5) -> None:
+    """Point ``alias`` at ``version``, surviving another promotion setting the same alias at once.
+
+    MLflow's SQL store inserts a new alias row without an upsert, so two
+    processes creating the same alias together make one fail on the unique
+    constraint; by then the row exists and setting it again is a plain update.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            if "UNIQUE constraint" not in str(exc) and "IntegrityError" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _version_of_run(client, name: str, run_id: str):

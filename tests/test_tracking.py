@@ -253,7 +253,8 @@ def test_concurrent_promotions_leave_champion_on_the_better_one(mlflow_server, r
     procs = [subprocess.Popen([*command, str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for d in (worse, better)]
     outputs = [p.communicate(timeout=240) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    if not all(p.returncode == 0 for p in procs):  # pytest.fail keeps the whole stderr (assert would cut it)
+        pytest.fail("\n\n".join(f"exit {p.returncode}\nstdout: {o}\nstderr: {e[-4000:]}" for p, (o, e) in zip(procs, outputs)))
     decisions = {d: json.loads(o) for d, (o, _) in zip(("worse", "better"), outputs)}
     mlflow = client(uri)
     assert mlflow.get_registered_model(name).aliases["champion"] == str(decisions["better"]["version"])
