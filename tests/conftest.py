@@ -6,11 +6,13 @@ import os
 
 os.environ.setdefault("KFOPT_DISABLE_PLUGIN_AUTOLOAD", "1")
 
+import numpy as np
 import pytest
+from pydantic import Field
 
 from kfopt.data import load_data
 from kfopt.models import copy_model
-from kfopt.plugins import StepContext
+from kfopt.plugins import ModelHandle, StepContext, Technique
 from kfopt.training import train_demo
 
 
@@ -69,3 +71,20 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     yield server
     server.stop()
+
+
+class RoundWeights(Technique):
+    """Rounds every weight to a few decimals: a tiny, real keras-in, keras-out technique for tests."""
+
+    name = "round_weights"
+    kind = "compress"
+    accepts = {"keras"}
+    produces = "keras"
+
+    class Config(Technique.Config):
+        decimals: int = Field(2, ge=0, le=8, description="Decimals kept.")
+
+    def apply(self, model, config, ctx):
+        copy = copy_model(model.keras())
+        copy.set_weights([np.round(w, config.decimals) for w in copy.get_weights()])
+        return ModelHandle.from_keras(copy)

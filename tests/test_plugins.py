@@ -3,32 +3,13 @@
 import sys
 import warnings
 
-import numpy as np
 import pytest
 
+from conftest import RoundWeights
 from kfopt.errors import KfoptError
 from kfopt.optimize import optimize
-from kfopt.plugins import ModelHandle, Technique, hookimpl
+from kfopt.plugins import hookimpl
 from kfopt.plugins.manager import PluginLoadWarning, build_manager, registry
-
-
-class RoundWeights(Technique):
-    """Rounds every weight to a few decimals: a tiny, real technique for tests."""
-
-    name = "round_weights"
-    kind = "compress"
-    accepts = {"keras"}
-    produces = "keras"
-
-    class Config(Technique.Config):
-        decimals: int = 2
-
-    def apply(self, model, config, ctx):
-        from kfopt.models import copy_model
-
-        copy = copy_model(model.keras())
-        copy.set_weights([np.round(w, config.decimals) for w in copy.get_weights()])
-        return ModelHandle.from_keras(copy)
 
 
 class Explodes(RoundWeights):

@@ -11,24 +11,8 @@ from pydantic import Field
 from kfopt.errors import TechniqueSkipped
 from kfopt.models import copy_model
 from kfopt.plugins import ModelHandle, Technique, hookimpl
+from conftest import RoundWeights
 from kfopt.testing import TechniqueContractError, TechniqueContractWarning, check_technique
-
-
-class RoundWeights(Technique):
-    """Rounds every weight to a few decimals: keras in, keras out."""
-
-    name = "round_weights"
-    kind = "compress"
-    accepts = {"keras"}
-    produces = "keras"
-
-    class Config(Technique.Config):
-        decimals: int = Field(2, ge=0, le=8, description="Decimals kept.")
-
-    def apply(self, model, config, ctx):
-        copy = copy_model(model.keras())
-        copy.set_weights([np.round(w, config.decimals) for w in copy.get_weights()])
-        return ModelHandle.from_keras(copy)
 
 
 class SavedModelToTFLite(Technique):
