@@ -213,13 +213,15 @@ def _chains(records, budget) -> list[Proposal]:
 
 
 def propose(records: list[dict], *, max_accuracy_drop: float = 0.01, objective: str = "size",
-            max_trials: int = 4, tried: list[str] | None = None, techniques=None) -> list[Proposal]:
+            max_trials: int = 4, tried: list[str] | None = None, sensitivity: list[dict] | None = None,
+            techniques=None) -> list[Proposal]:
     """Recipes for the next round, most promising for ``objective`` first, at most ``max_trials``.
 
     ``records`` are candidate records (``metrics.json`` shape, with
     ``val_accuracy_drop``) of all rounds so far; ``tried`` are labels not to
-    propose again (the labels of ``records`` always count as tried). Only the
-    validation split decides what is feasible or best.
+    propose again (the labels of ``records`` always count as tried).
+    ``sensitivity`` are :func:`layer_sensitivity` rows of the baseline. Only
+    the validation split decides what is feasible or best.
     """
     objective_metric(objective)  # a bad objective fails here, with the choices
     if techniques is None:
@@ -314,6 +316,33 @@ def target_met(records: list[dict], *, max_accuracy_drop: float, objective: str,
     return max(hits, key=lambda r: r[metric], default=None)
 
 
+def next_round(records: list[dict], number: int, *, max_accuracy_drop: float = 0.01, objective: str = "size",
+               max_trials: int = 4, target: float | None = None, stop_when_met: bool = False,
+               elapsed: float | None = None, max_time: float | None = None, sensitivity: list[dict] | None = None,
+               techniques=None) -> tuple[list[Proposal], str | None]:
+    """The recipes of refinement round ``number`` (2, 3, ...), or why the search stops here.
+
+    One decision shared by the in-process search and the pipeline's propose
+    step: stop when ``stop_when_met`` and a candidate reached ``target`` (on the
+    validation split), when ``elapsed`` seconds passed ``max_time``, or when
+    :func:`propose` finds nothing left to refine. Returns ``(proposals, None)``
+    or ``([], reason)``.
+    """
+    if stop_when_met and target is None:
+        raise KfoptError("--stop-when-met needs a target.", "pass --target-compression X as well, or drop --stop-when-met.")
+    hit = target_met(records, max_accuracy_drop=max_accuracy_drop, objective=objective, target=target)
+    if stop_when_met and hit:
+        metric = TARGET_METRICS[objective]
+        return [], f"target {target:g}x met by '{hit['recipe']}' ({metric} {hit[metric]:.1f}x)"
+    if max_time is not None and elapsed is not None and elapsed > max_time:
+        return [], f"time budget of {max_time:g} s spent"
+    proposals = propose(records, max_accuracy_drop=max_accuracy_drop, objective=objective, max_trials=max_trials,
+                        sensitivity=sensitivity, techniques=techniques)
+    if not proposals:
+        return [], f"round {number}: nothing left to refine"
+    return proposals, None
+
+
 def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.PathLike | list | None = None,
            rounds: int = 1, max_trials: int = 4, max_time: float | None = None, max_accuracy_drop: float = 0.01,
            objective: str = "size", target: float | None = None, stop_when_met: bool = False, seed: int = 0,
@@ -384,16 +413,13 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
 
     run_round(1, [(r.recipe, r.planned) for r in first], ["round 1: from the search space"] * len(first))
     for number in range(2, rounds + 2):
-        hit = target_met(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective, target=target)
-        if stop_when_met and hit:
-            stop = f"target {target:g}x met by '{hit['recipe']}' ({TARGET_METRICS[objective]} {hit[TARGET_METRICS[objective]]:.1f}x)"
-            break
         if stop:
             break
-        proposals = propose(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective,
-                            max_trials=max_trials, techniques=techniques)
-        if not proposals:
-            stop = f"round {number}: nothing left to refine"
+        proposals, stop = next_round(candidates, number, max_accuracy_drop=max_accuracy_drop, objective=objective,
+                                     max_trials=max_trials, target=target, stop_when_met=stop_when_met,
+                                     elapsed=time.perf_counter() - started, max_time=max_time,
+                                     sensitivity=result.get("layer_sensitivity"), techniques=techniques)
+        if stop:
             break
         planned_recipes = []
         for proposal in proposals:
