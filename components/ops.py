@@ -64,7 +64,8 @@ def optimize(
     """Runs one recipe on the baseline; a failing recipe gives a failed candidate, not a failed task.
 
     Args:
-        recipe: JSON of {"position": int, "recipe": {"name": ..., "steps": [...]}}.
+        recipe: JSON of {"position": int, "recipe": {...} or inline text, "round": int, "why": str}
+            (round and why from a propose step), or {"round": int, "stopped": reason} when the search stopped.
         seed: Seed for fine-tuning and calibration.
         measure: Measure the candidate here (False: a later evaluate step measures it).
         baseline: The prepared baseline.
@@ -77,9 +78,15 @@ def optimize(
     from kfopt.components.steps import optimize_step
     from kfopt.components.ops import describe, log_metrics
 
+    from kfopt.components.steps import STOPPED, stopped_step
+
     item = json.loads(recipe)
+    if STOPPED in item:
+        stopped_step(candidate.path, item["round"], item[STOPPED])
+        return
     record = optimize_step(item["recipe"], baseline.path, dataset.path, candidate.path, seed=seed,
-                           measure=measure, position=item.get("position"))
+                           measure=measure, position=item.get("position"), round=item.get("round", 1),
+                           why=item.get("why"))
     describe(candidate, record)
     log_metrics(metrics, record)
 
@@ -110,14 +117,70 @@ def evaluate(
     log_metrics(metrics, record)
 
 
+def plan_search(
+    rounds: int,
+    max_trials: int,
+    max_time: float,
+    target: float,
+    stop_when_met: bool,
+    max_accuracy_drop: float,
+    objective: str,
+    sensitivity: float,
+    seed: int,
+    baseline: Input[Model],
+    dataset: Input[Dataset],
+    search: Output[Artifact],
+):
+    """Records the search's bounds and measures each layer's sensitivity (validation split).
+
+    Args:
+        rounds: Refinement rounds after round 1 (fixed when the pipeline was compiled).
+        max_trials: Most recipes per refinement round.
+        max_time: Optimization seconds (summed over candidates) after which no round starts; 0 = no limit.
+        target: compression_ratio (objective size) or speedup (latency) to reach; 0 = none.
+        stop_when_met: Stop refining once a candidate within the budget reaches the target.
+        max_accuracy_drop: The accuracy budget.
+        objective: 'size' or 'latency'.
+        sensitivity: Sparsity each layer alone is pruned to when measuring sensitivity; 0 = skip.
+        seed: Seed the data splits were made with.
+        baseline: The prepared baseline.
+        dataset: The prepared data spec.
+        search: search.json: the bounds and the layer sensitivity rows.
+    """
+    from kfopt.components.steps import plan_search_step
+
+    plan_search_step(baseline.path, dataset.path, search.path, rounds=rounds, max_trials=max_trials,
+                     max_time=max_time, target=target, stop_when_met=stop_when_met,
+                     max_accuracy_drop=max_accuracy_drop, objective=objective, sensitivity=sensitivity, seed=seed)
+
+
+def propose(number: int, results: Input[Artifact], search: Input[Artifact]) -> List[str]:
+    """Proposes the recipes of search round `number` from every candidate so far (validation split).
+
+    Args:
+        number: The round to propose (2, 3, ...).
+        results: The previous round's select results.
+        search: The search plan (bounds and layer sensitivity).
+
+    Returns:
+        Loop items (JSON): one per recipe with the reason it is proposed, or one 'stopped' item.
+    """
+    from kfopt.components.steps import propose_step
+
+    return propose_step(results.path, search.path, number)
+
+
 def select(
     max_accuracy_drop: float,
     objective: str,
     baseline: Input[Model],
     results: Output[Artifact],
     metrics: Output[Metrics],
+    number: int = 1,
     accelerator_candidates: Input[List[Model]] = None,
     cpu_candidates: Input[List[Model]] = None,
+    previous: Input[Artifact] = None,
+    search: Input[Artifact] = None,
 ) -> str:
     """Picks the best candidate within the accuracy budget and the Pareto front.
 
@@ -127,8 +190,11 @@ def select(
         baseline: The prepared baseline.
         results: metrics.json (baseline, candidates, winner, pareto) plus copies of every model.
         metrics: The winner's metrics, for the KFP UI.
+        number: The search round whose candidates these are.
         accelerator_candidates: Candidates of the recipes that fine-tune.
         cpu_candidates: Candidates of the post-training recipes.
+        previous: The previous round's results (a search round after the first).
+        search: The search plan (bounds and layer sensitivity), in a search.
 
     Returns:
         The winning recipe's label, or an empty string when no candidate is within the budget.
@@ -138,7 +204,8 @@ def select(
 
     directories = [c.path for c in list(accelerator_candidates or []) + list(cpu_candidates or [])]
     result = select_step(baseline.path, directories, results.path, max_accuracy_drop=max_accuracy_drop,
-                         objective=objective)
+                         objective=objective, number=number, previous_dir=previous.path if previous else None,
+                         search_dir=search.path if search else None)
     winner = next((c for c in result["candidates"] if c["recipe"] == result["winner"]), None)
     results.metadata.update({"winner": result["winner"] or "", "pareto": result["pareto"],
                              "candidates": len(result["candidates"])})
@@ -212,6 +279,8 @@ class Components:
     prepare: object
     optimize: object
     evaluate: object
+    plan_search: object
+    propose: object
     select: object
     report: object
     promote: object
@@ -222,4 +291,5 @@ def build_components(image: str = DEFAULT_IMAGE) -> Components:
     """The components, running in ``image`` (which must contain kfopt; nothing is installed at run time)."""
     make = functools.partial(dsl.component, base_image=image, install_kfp_package=False)
     return Components(prepare=make(prepare), optimize=make(optimize), evaluate=make(evaluate),
-                      select=make(select), report=make(report), promote=make(promote))
+                      plan_search=make(plan_search), propose=make(propose), select=make(select),
+                      report=make(report), promote=make(promote))

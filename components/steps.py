@@ -131,11 +131,13 @@ class _Unmeasured:
 
 
 def optimize_step(recipe, baseline_dir, data_dir, candidate_dir, *, seed: int = 0, measure: bool = True,
-                  position: int | None = None, registry=None, reporter: Reporter | None = None) -> dict:
+                  position: int | None = None, round: int = 1, why: str | None = None, registry=None,
+                  reporter: Reporter | None = None) -> dict:
     """Run one recipe on the prepared baseline; write the candidate and ``candidate.json``.
 
     ``recipe`` is inline text, a recipe mapping (``Recipe.to_dict()``) or a
-    Recipe. With ``measure=False`` the candidate is saved unmeasured, for
+    Recipe; ``round`` and ``why`` say which search round proposed it and why
+    (kept for the search trace). With ``measure=False`` the candidate is saved unmeasured, for
     :func:`evaluate_step`. Never raises for a bad recipe or a failing
     technique: the candidate gets status ``failed`` (or ``skipped``) and a reason.
     """
@@ -164,6 +166,7 @@ def optimize_step(recipe, baseline_dir, data_dir, candidate_dir, *, seed: int = 
     except Exception as exc:  # a bad recipe or a broken input is this candidate's failure, not the run's
         record = _failed(label, exc)
     record["measured"] = bool(measure and record["status"] == "ok")
+    record.update(round=round, why=why or "round 1: from the search space")
     if position is not None:
         record["position"] = position
     write_json(candidate_dir / CANDIDATE_FILE, record)
@@ -198,7 +201,7 @@ def evaluate_step(candidate_in, baseline_dir, data_dir, candidate_out, *, seed: 
             record["artifact"] = str(path)
         except Exception as exc:
             record = {**_failed(record["recipe"], exc, steps=record.get("steps")), "measured": False,
-                      "position": record.get("position")}
+                      **{k: record.get(k) for k in ("position", "round", "why")}}
     write_json(candidate_out / CANDIDATE_FILE, record)
     return record
 
@@ -236,37 +239,127 @@ def _failed(label: str, exc: BaseException, steps=None) -> dict:
     return record
 
 
+# -- search rounds ---------------------------------------------------------------
+SEARCH_FILE = "search.json"
+#: The status of the one item a propose step emits when the search has stopped: a KFP loop
+#: always gets at least one item (an empty ParallelFor breaks the fan-in in kfp.local).
+STOPPED = "stopped"
+
+
+def plan_search_step(baseline_dir, data_dir, search_dir, *, rounds: int, max_trials: int = 4, max_time: float = 0,
+                     target: float = 0, stop_when_met: bool = False, max_accuracy_drop: float = 0.01,
+                     objective: str = "size", sensitivity: float = 0.9, seed: int = 0,
+                     reporter: Reporter | None = None) -> dict:
+    """Write ``search.json``: the search's bounds (``settings``) and the baseline's ``layer_sensitivity``.
+
+    Pipeline parameters use 0 for "none" (``max_time``, ``target``,
+    ``sensitivity``). The propose and select steps of every round read this file.
+    """
+    from kfopt.refine import layer_sensitivity, search_settings
+
+    reporter = reporter or Reporter(enabled=False)
+    settings = search_settings(rounds=rounds, max_trials=max_trials, max_time=max_time or None, objective=objective,
+                               max_accuracy_drop=max_accuracy_drop, target=target or None, stop_when_met=stop_when_met)
+    if not 0 <= sensitivity < 1:
+        raise KfoptError(f"sensitivity={sensitivity} is not a sparsity in [0, 1).",
+                         "pass e.g. 0.9 (each layer alone pruned to 90%), or 0 to skip the sensitivity pass.")
+    rows = []
+    if sensitivity:
+        baseline, info = load_baseline(baseline_dir)
+        dataset = load_step_data(data_dir, info["input_shape"], seed)
+        reporter.say(f"Layer sensitivity: pruning one layer at a time to {sensitivity:.0%} (validation split)")
+        rows = layer_sensitivity(baseline.keras(), dataset, sensitivity)
+    plan = {"settings": settings, "layer_sensitivity": rows}
+    write_json(writable_dir(search_dir) / SEARCH_FILE, plan)
+    return plan
+
+
+def propose_step(results_dir, search_dir, number: int, *, registry=None) -> list[str]:
+    """The loop items of search round ``number``: JSON of ``{"position", "round", "why", "recipe"}`` each.
+
+    Decides with :func:`kfopt.refine.next_round` on every candidate so far (the
+    previous select step's results; validation split only). ``max_time`` counts
+    the optimization seconds of those candidates, which holds when steps run in
+    parallel or come from the cache. When the search stops, the one item is
+    ``{"round", "stopped": reason}`` so the round's loop runs a no-op.
+    """
+    from kfopt.refine import next_round
+
+    result = _read_json(Path(results_dir) / METRICS_FILE, "results")
+    settings = _read_json(Path(search_dir) / SEARCH_FILE, "search plan")
+    bounds = settings["settings"]
+    stopped = (result.get("search") or {}).get("stopped")
+    proposals = []
+    if not stopped:
+        spent = sum(c.get("seconds") or 0 for c in result["candidates"])
+        proposals, stopped = next_round(result["candidates"], number, max_accuracy_drop=bounds["max_accuracy_drop"],
+                                        objective=bounds["objective"], max_trials=bounds["max_trials"],
+                                        target=bounds["target"], stop_when_met=bounds["stop_when_met"],
+                                        elapsed=spent, max_time=bounds["max_time"],
+                                        sensitivity=settings.get("layer_sensitivity"), techniques=registry)
+    if stopped:
+        print(f"round {number}: search stopped: {stopped}", flush=True)
+        return [json.dumps({"round": number, STOPPED: stopped})]
+    for proposal in proposals:
+        print(f"round {number}: proposing {proposal.recipe}: {proposal.why}", flush=True)
+    return [json.dumps({"position": index, "round": number, "why": proposal.why, "recipe": proposal.recipe})
+            for index, proposal in enumerate(proposals)]
+
+
+def stopped_step(candidate_dir, number: int, reason: str) -> dict:
+    """What a round's loop writes for the item of a stopped search: a record select reads as the stop reason."""
+    record = {"recipe": f"(round {number}: none)", "steps": [], "status": STOPPED, "reason": reason, "round": number}
+    write_json(writable_dir(candidate_dir) / CANDIDATE_FILE, record)
+    return record
+
+
 # -- select ----------------------------------------------------------------------
 def select_step(baseline_dir, candidate_dirs, results_dir, *, max_accuracy_drop: float = 0.01,
-                objective: str = "size") -> dict:
+                objective: str = "size", number: int = 1, previous_dir=None, search_dir=None) -> dict:
     """Collect every candidate, pick the winner within the budget, write a self-contained ``results_dir``.
 
     ``results_dir/metrics.json`` has the shape ``kfopt optimize`` writes, with
-    ``artifact`` paths pointing at copies inside ``results_dir``.
+    ``artifact`` paths pointing at copies inside ``results_dir``. In a search,
+    ``number`` is the round whose candidates these are, ``previous_dir`` the
+    previous round's results (its candidates come first, their models copied
+    too) and ``search_dir`` the plan of
+    :func:`plan_search_step`; the result then also carries ``search``,
+    ``search_trace`` and ``layer_sensitivity``, like ``kfopt search`` writes.
     """
+    from kfopt.refine import target_met, trace_entry
     from kfopt.select import apply_selection, objective_metric, select
+    from kfopt.tracking import resolve_artifact
 
     objective_metric(objective)  # a bad objective is the user's error: fail before copying anything
     results_dir = writable_dir(results_dir)
     info = _read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
     baseline_path = _copy_model(Path(baseline_dir) / BASELINE_MODEL, writable_dir(results_dir / "baseline"))
-    collected = []
+    previous = _read_json(Path(previous_dir) / METRICS_FILE, "previous round's results") if previous_dir else {}
+    candidates, stops, new = [], [], []
+    for record in previous.get("candidates", []):
+        if record["status"] == "ok":
+            record["artifact"] = str(resolve_artifact(previous_dir, record["artifact"]))
+        candidates.append(record)
     for index, directory in enumerate(candidate_dirs):
         try:
             record = _read_json(Path(directory) / CANDIDATE_FILE, "candidate record")
         except KfoptError as exc:
             record = {"recipe": f"candidate {index + 1}", "steps": [], "status": "failed", "reason": exc.one_line()}
         record.pop("info", None)
-        collected.append((record, Path(directory)))
+        if record["status"] == STOPPED:
+            stops.append(record["reason"])
+            continue
+        if record["status"] == "ok":
+            record["artifact"] = str(Path(directory) / Path(record["artifact"]).name)
+        new.append(record)
     # Fan-in order is the order tasks finished in; report in the search's order.
-    collected.sort(key=lambda pair: (pair[0].get("position") is None, pair[0].get("position") or 0))
-    candidates = []
-    for index, (record, directory) in enumerate(collected, start=1):
+    new.sort(key=lambda r: (r.get("position") is None, r.get("position") or 0))
+    candidates += new
+    for index, record in enumerate(candidates, start=1):
         if record["status"] == "ok":
             target = writable_dir(results_dir / "candidates" / f"{index:02d}-{slug(record['recipe'])}")
-            record["artifact"] = str(_copy_model(directory / Path(record["artifact"]).name, target))
-        candidates.append(record)
-    references = {}
+            record["artifact"] = str(_copy_model(Path(record["artifact"]), target))
+    references = dict(previous.get("baseline", {}).get("references") or {})
     for record in candidates:
         if record.get("compared_with"):
             references.setdefault(record["compared_with"]["format"], record["compared_with"])
@@ -280,6 +373,17 @@ def select_step(baseline_dir, candidate_dirs, results_dir, *, max_accuracy_drop:
         "pareto": [],
         "registered_model": None,
     }
+    if search_dir:
+        plan = _read_json(Path(search_dir) / SEARCH_FILE, "search plan")
+        settings = plan["settings"]
+        stopped = (previous.get("search") or {}).get("stopped") or (stops[0] if stops else None)
+        if not stopped and number > settings["rounds"]:
+            stopped = "all rounds done"
+        hit = target_met(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective, target=settings["target"])
+        result["search"] = {**settings, "stopped": stopped, "target_met_by": hit["recipe"] if hit else None,
+                            "seconds": round(sum(c.get("seconds") or 0 for c in candidates), 1)}
+        result["search_trace"] = list(previous.get("search_trace") or []) + [trace_entry(r, objective) for r in new]
+        result["layer_sensitivity"] = plan.get("layer_sensitivity") or []
     apply_selection(result, select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
     write_json(results_dir / METRICS_FILE, result)
     return result
@@ -368,5 +472,6 @@ def _read_json(path: Path, what: str) -> dict:
         raise KfoptError(f"The {what} '{path}' is not valid JSON ({exc}).", "re-run the step that writes it.") from None
 
 
-__all__ = ["prepare_step", "optimize_step", "evaluate_step", "select_step", "report_step", "promote_step",
+__all__ = ["prepare_step", "optimize_step", "evaluate_step", "plan_search_step", "propose_step", "stopped_step",
+           "select_step", "report_step", "promote_step",
            "load_baseline", "load_step_data", "default_registered_model", "slug"]

@@ -245,6 +245,31 @@ def _search_option(command):
     return click.option("--search", "-s", default=None, type=click.Path(dir_okay=False), help=SEARCH_HELP)(command)
 
 
+def _rounds_option(command):
+    return click.option("--rounds", default=1, show_default=True, type=click.IntRange(0),
+                        help="Refinement rounds after round 1: each proposes more aggressive recipes from the "
+                             "candidates so far (0 = the search space only).")(command)
+
+
+def _search_bound_options(command):
+    """--max-trials, --max-time, --target-compression, --stop-when-met, --sensitivity: how far refinement goes."""
+    for option in reversed([
+        click.option("--max-trials", default=4, show_default=True, type=click.IntRange(1),
+                     help="Most recipes per refinement round."),
+        click.option("--max-time", default=None, type=click.FloatRange(0, min_open=True),
+                     help="Seconds of optimization after which no new refinement starts [default: no limit]."),
+        click.option("--target-compression", default=None, type=click.FloatRange(1),
+                     help="Target ratio: compression_ratio for --objective size, speedup for latency."),
+        click.option("--stop-when-met", is_flag=True,
+                     help="Stop refining once a candidate within the budget reaches --target-compression."),
+        click.option("--sensitivity", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+                     help="Layer sensitivity: validation drop when one layer alone is pruned to this sparsity; "
+                          "refinement keeps the most sensitive layers dense (0 = skip)."),
+    ]):
+        command = option(command)
+    return command
+
+
 def _cluster_options(command):
     """--image, --accelerator-image, --placement, --parallelism: how the pipeline is compiled for a cluster."""
     from .components import DEFAULT_IMAGE
@@ -287,16 +312,21 @@ def _run_parameter_options(command):
               help="Directory for the kfp.local pipeline root, pipeline.log, metrics.json and report.html.")
 @click.option("--parallelism", default=2, show_default=True, type=click.IntRange(1),
               help="Recipes optimized at once (kfp.local runs at most 2 at a time).")
+@_rounds_option
+@_search_bound_options
 @click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @_handle_errors
 def run(model, data, max_accuracy_drop, objective, registered_model, tracking_uri, seed, epochs, search, experiment,
-        out, parallelism, unsafe, as_json) -> None:
+        out, parallelism, rounds, max_trials, max_time, target_compression, stop_when_met, sensitivity, unsafe,
+        as_json) -> None:
     """Run the whole pipeline on this machine through kfp.local; with no options, the digits demo.
 
     Trains (or loads) the baseline, tries every recipe of the search in
-    parallel subprocesses, picks the best candidate within the accuracy
-    budget, writes an HTML report and registers the winner in MLflow (a
+    parallel subprocesses, then --rounds refinement rounds that propose more
+    aggressive recipes (deciding on the validation split), picks the best
+    candidate within the accuracy budget on the test split, writes an HTML
+    report and registers the winner in MLflow (a
     local SQLite store unless --tracking-uri or MLFLOW_TRACKING_URI says
     otherwise). Exit code 0 when the run finished, 1 when no candidate
     finished ok, 2 for bad input, 3 when MLflow failed (`kfopt promote --from`
@@ -315,10 +345,14 @@ def run(model, data, max_accuracy_drop, objective, registered_model, tracking_ur
             click.echo(f"[{time.perf_counter() - started:5.0f}s] {line}", err=True)
 
     if not as_json:
-        click.echo(f"Running {len(recipes)} recipe{'s' if len(recipes) != 1 else ''} on {model} / {data} through kfp.local (log: {out}/pipeline.log)", err=True)
+        more = f", then up to {rounds} refinement round{'s' if rounds != 1 else ''} of {max_trials}" if rounds else ""
+        click.echo(f"Running {len(recipes)} recipe{'s' if len(recipes) != 1 else ''}{more} on {model} / {data} "
+                   f"through kfp.local (log: {out}/pipeline.log)", err=True)
     result = run_local(recipes, model=model, data=data, max_accuracy_drop=max_accuracy_drop, objective=objective,
                        registered_model=registered_model or "", tracking_uri=tracking_uri or "", experiment=experiment,
-                       out=out, seed=seed, epochs=epochs, unsafe=unsafe, parallelism=parallelism, progress=progress)
+                       out=out, seed=seed, epochs=epochs, unsafe=unsafe, parallelism=parallelism, rounds=rounds,
+                       max_trials=max_trials, max_time=max_time, target=target_compression,
+                       stop_when_met=stop_when_met, sensitivity=sensitivity, progress=progress)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -331,32 +365,56 @@ def run(model, data, max_accuracy_drop, objective, registered_model, tracking_ur
         sys.exit(TrackingFailed.exit_code)
 
 
-def _print_run(result: dict) -> None:
+def _console():
     from rich.console import Console
 
+    console = Console()
+    # A log or a pipe: do not squeeze the table into 80 columns.
+    return console if console.is_terminal else Console(width=200)
+
+
+def _print_result(result: dict) -> None:
+    """The tables of a run or a search (sensitivity, candidates), the winner, and how the search stopped."""
+    from .refine import search_table, sensitivity_table
     from .report import results_table
 
-    console = Console()
-    if not console.is_terminal:  # a log or a pipe: do not squeeze the table into 80 columns
-        console = Console(width=200)
-    console.print(results_table(result))
+    console = _console()
+    if result.get("layer_sensitivity"):
+        console.print(sensitivity_table(result["layer_sensitivity"]))
+    console.print(search_table(result) if result.get("search") else results_table(result))
     selection = result.get("selection") or {}
-    metric = selection.get("metric", "gzip_bytes")
+    budget = selection.get("max_accuracy_drop")
     winner = next((c for c in result["candidates"] if c["recipe"] == result.get("winner")), None)
     if winner:
-        click.echo(f"Winner ({selection.get('objective')}: lowest {metric} within an accuracy drop of "
-                   f"{selection.get('max_accuracy_drop')}): {winner['recipe']}: accuracy {winner['accuracy']:.4f} "
-                   f"({0.0 - winner['accuracy_drop']:+.4f}), {winner['gzip_bytes'] / 1024:,.1f} KB gzipped, "
-                   f"p50 {winner['latency_p50_ms']:.4f} ms")
+        where = f"round {winner['round']}, " if result.get("search") else ""
+        why = f"; why: {winner['why']}" if winner.get("round", 1) > 1 and winner.get("why") else ""
+        click.echo(f"Winner ({where}{selection.get('objective')}: lowest {selection.get('metric')} within an accuracy "
+                   f"drop of {budget} on the test split): {winner['recipe']}: accuracy {winner['accuracy']:.4f} "
+                   f"({0.0 - winner['accuracy_drop']:+.4f}), {winner['gzip_bytes'] / 1024:,.1f} KB gzipped "
+                   f"({winner['compression_ratio']:.1f}x smaller), p50 {winner['latency_p50_ms']:.4f} ms "
+                   f"({winner['speedup']:.2f}x faster){why}")
     else:
-        click.echo(f"No winner: no candidate finished within an accuracy drop of {selection.get('max_accuracy_drop')}.")
-    click.echo(f"Report: {result.get('report') or 'not written (see the log)'}")
+        click.echo(f"No winner: no candidate finished within an accuracy drop of {budget} on the test split.")
+    if result.get("search"):
+        click.echo(f"Search stopped: {result['search']['stopped']} ({result['search']['seconds']:.0f} s of optimization).")
+
+
+def _print_run(result: dict) -> None:
+    _print_result(result)
+    click.echo(f"Report: {_file_url(result.get('report'))}" if result.get("report") else "Report: not written (see the log)")
     click.echo(f"Results: {result['results']} (metrics.json and every model); log: {result['log']}")
     tracked = result.get("tracking") or {}
     if tracked.get("status") == "skipped":
         click.echo(f"MLflow: skipped: {tracked.get('error')}", err=True)
     else:
         _report_tracking(result, result["results"])
+
+
+def _file_url(path) -> str:
+    """A path as a file:// URL most terminals let you click open."""
+    from pathlib import Path
+
+    return Path(path).resolve().as_uri()
 
 
 @main.command("search")
@@ -367,22 +425,14 @@ def _print_run(result: dict) -> None:
               help="A round-1 recipe, inline (repeat the option for several); replaces --search.")
 @click.option("--out", "-o", default="runs/search", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the baseline, every candidate and metrics.json (with search_trace).")
-@click.option("--rounds", default=1, show_default=True, type=click.IntRange(0),
-              help="Refinement rounds after round 1 (0 = the search space only).")
-@click.option("--max-trials", default=4, show_default=True, type=click.IntRange(1), help="Most recipes per refinement round.")
-@click.option("--max-time", default=None, type=click.FloatRange(0, min_open=True),
-              help="Seconds after which no new recipe is started [default: no limit].")
+@_rounds_option
 @click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP)
 @click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True,
               help="What the search minimises within the budget: gzip_bytes (size) or latency_p50_ms (latency).")
-@click.option("--target-compression", default=None, type=click.FloatRange(1),
-              help="Target ratio: compression_ratio for --objective size, speedup for latency.")
-@click.option("--stop-when-met", is_flag=True, help="Stop refining once a candidate within the budget reaches the target.")
+@_search_bound_options
 @click.option("--seed", default=0, show_default=True, help="Seed for data splits, training and calibration.")
 @click.option("--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation).")
 @click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
-@click.option("--sensitivity", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="Layer sensitivity: validation drop when one layer alone is pruned to this sparsity (0 = skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @_handle_errors
 def search_(model, data, search, recipes, out, rounds, max_trials, max_time, max_accuracy_drop, objective,
@@ -396,31 +446,23 @@ def search_(model, data, search, recipes, out, rounds, max_trials, max_time, max
     decides on the validation split; the winner is checked on the test split.
     Exit code 0 when a candidate finished, 1 when none did, 2 for bad input.
     """
+    from pathlib import Path
+
+    from .components.steps import report_step
     from .progress import Reporter
-    from .refine import search as run_search, search_table, sensitivity_table
+    from .refine import search as run_search
 
     result = run_search(model, data, out, recipes=list(recipes) or search, rounds=rounds, max_trials=max_trials,
                         max_time=max_time, max_accuracy_drop=max_accuracy_drop, objective=objective,
                         target=target_compression, stop_when_met=stop_when_met, seed=seed, epochs=epochs,
                         unsafe=unsafe, reporter=Reporter(enabled=not as_json), sensitivity=sensitivity or None)
+    report = report_step(out, Path(out) / "report.html")
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps({**result, "report": str(report)}, indent=2))
     else:
-        from rich.console import Console
-
-        console = Console() if Console().is_terminal else Console(width=200)
-        if result.get("layer_sensitivity"):
-            console.print(sensitivity_table(result["layer_sensitivity"]))
-        console.print(search_table(result))
-        winner = next((c for c in result["candidates"] if c["recipe"] == result.get("winner")), None)
-        if winner:
-            click.echo(f"Winner (round {winner['round']}, {objective}, accuracy drop <= {max_accuracy_drop} on the test split): "
-                       f"{winner['recipe']}: accuracy {winner['accuracy']:.4f} ({0.0 - winner['accuracy_drop']:+.4f}), "
-                       f"{winner['compression_ratio']:.1f}x smaller, {winner['speedup']:.2f}x faster; why: {winner['why']}")
-        else:
-            click.echo(f"No winner: no candidate finished within an accuracy drop of {max_accuracy_drop} on the test split.")
-        click.echo(f"Search stopped: {result['search']['stopped']} after {result['search']['seconds']:.0f} s. "
-                   f"Results: {out}/metrics.json")
+        _print_result(result)
+        click.echo(f"Report: {_file_url(report)}")
+        click.echo(f"Results: {out}/metrics.json (and every model under {out})")
     if not any(c["status"] == "ok" for c in result["candidates"]):
         sys.exit(1)
 
@@ -428,18 +470,21 @@ def search_(model, data, search, recipes, out, rounds, max_trials, max_time, max
 @main.command("compile")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the pipeline (KFP IR YAML).")
 @_search_option
+@_rounds_option
 @_cluster_options
 @_handle_errors
-def compile_(output, search, image, accelerator_image, placement, parallelism) -> None:
+def compile_(output, search, rounds, image, accelerator_image, placement, parallelism) -> None:
     """Compile the optimize-and-promote pipeline for a Kubeflow cluster.
 
-    The recipes are fixed in the compiled pipeline (each recipe's node pool
-    depends on whether it fine-tunes); model, data, budget, objective and
-    MLflow settings are run parameters.
+    The round-1 recipes and the number of refinement rounds are fixed in the
+    compiled pipeline (each recipe's node pool depends on whether it
+    fine-tunes; refinement rounds run on the accelerator pool); model, data,
+    budget, objective, search bounds (max_trials, max_time, target,
+    stop_when_met, sensitivity) and MLflow settings are run parameters.
     """
     from .pipelines.runners import compile_for_cluster
 
-    summary = compile_for_cluster(output, search=search, image=image, accelerator_image=accelerator_image,
+    summary = compile_for_cluster(output, search=search, rounds=rounds, image=image, accelerator_image=accelerator_image,
                                   placement=placement, parallelism=parallelism)
     click.echo(summary["description"])
 
@@ -455,10 +500,13 @@ def compile_(output, search, image, accelerator_image, placement, parallelism) -
 @_run_parameter_options
 @click.option("--mlflow-experiment", default="kfopt", show_default=True, help="MLflow experiment of the run.")
 @_search_option
+@_rounds_option
+@_search_bound_options
 @_cluster_options
 @_handle_errors
 def submit(host, namespace, experiment, token, run_name, model, data, max_accuracy_drop, objective, registered_model,
-           tracking_uri, seed, epochs, mlflow_experiment, search, image, accelerator_image, placement, parallelism) -> None:
+           tracking_uri, seed, epochs, mlflow_experiment, search, rounds, max_trials, max_time, target_compression,
+           stop_when_met, sensitivity, image, accelerator_image, placement, parallelism) -> None:
     """Compile the pipeline, upload it to Kubeflow Pipelines and start a run; print the run's URL."""
     import tempfile
     from pathlib import Path
@@ -472,12 +520,15 @@ def submit(host, namespace, experiment, token, run_name, model, data, max_accura
                    "(MLFLOW_TRACKING_URI of the image, else a throw-away SQLite file).", err=True)
     with tempfile.TemporaryDirectory(prefix="kfopt-submit-") as tmp:
         package = Path(tmp) / "kfopt-pipeline.yaml"
-        summary = compile_for_cluster(package, search=search, image=image, accelerator_image=accelerator_image,
-                                      placement=placement, parallelism=parallelism)
+        summary = compile_for_cluster(package, search=search, rounds=rounds, image=image,
+                                      accelerator_image=accelerator_image, placement=placement, parallelism=parallelism)
         click.echo(summary["description"], err=True)
         arguments = {"model": model, "data": data, "max_accuracy_drop": max_accuracy_drop, "objective": objective,
                      "registered_model": registered_model or "", "tracking_uri": tracking_uri or "",
                      "experiment": mlflow_experiment, "seed": seed, "epochs": epochs}
+        if rounds:
+            arguments.update(max_trials=max_trials, max_time=max_time or 0.0, target=target_compression or 0.0,
+                             stop_when_met=stop_when_met, sensitivity=sensitivity)
         started = submit_run(package, host=host, arguments=arguments, namespace=namespace, experiment=experiment,
                              run_name=run_name, token=token)
     click.echo(started["url"])

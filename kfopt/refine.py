@@ -316,6 +316,25 @@ def target_met(records: list[dict], *, max_accuracy_drop: float, objective: str,
     return max(hits, key=lambda r: r[metric], default=None)
 
 
+def search_settings(*, rounds: int, max_trials: int, max_time: float | None, objective: str,
+                    max_accuracy_drop: float, target: float | None, stop_when_met: bool) -> dict:
+    """The ``search`` block of a result: how the search was bounded, and which split decides what."""
+    if stop_when_met and target is None:
+        raise KfoptError("--stop-when-met needs a target.", "pass --target-compression X as well, or drop --stop-when-met.")
+    objective_metric(objective)
+    return {"rounds": rounds, "max_trials": max_trials, "max_time": max_time, "objective": objective,
+            "max_accuracy_drop": max_accuracy_drop, "target": target, "stop_when_met": stop_when_met,
+            "choices_use": "validation split (val_accuracy_drop)", "final_check_uses": "test split"}
+
+
+def trace_entry(candidate: dict, objective: str) -> dict:
+    """One line of the search trace: which round proposed the recipe, why, and what came of it."""
+    metric = objective_metric(objective)
+    return {"round": candidate.get("round", 1), "recipe": candidate["recipe"],
+            "why": candidate.get("why") or "round 1: from the search space", "status": candidate["status"],
+            "val_accuracy_drop": candidate.get("val_accuracy_drop"), metric: candidate.get(metric)}
+
+
 def next_round(records: list[dict], number: int, *, max_accuracy_drop: float = 0.01, objective: str = "size",
                max_trials: int = 4, target: float | None = None, stop_when_met: bool = False,
                elapsed: float | None = None, max_time: float | None = None, sensitivity: list[dict] | None = None,
@@ -368,9 +387,8 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
     from .recipe import parse_recipe, plan
     from .search import load_search
 
-    if stop_when_met and target is None:
-        raise KfoptError("--stop-when-met needs a target.", "pass --target-compression X as well, or drop --stop-when-met.")
-    objective_metric(objective)
+    settings = search_settings(rounds=rounds, max_trials=max_trials, max_time=max_time, objective=objective,
+                               max_accuracy_drop=max_accuracy_drop, target=target, stop_when_met=stop_when_met)
     reporter = reporter or Reporter(enabled=False)
     techniques = registry()
     first = load_search(recipes, techniques)  # every recipe checked before any work
@@ -383,9 +401,7 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
     result = {"model": model, "data": data, "seed": seed,
               "baseline": {"artifact": str(handle.path), **evaluator.baseline_metrics()},
               "candidates": [], "winner": None, "pareto": [], "registered_model": None,
-              "search": {"rounds": rounds, "max_trials": max_trials, "max_time": max_time, "objective": objective,
-                         "max_accuracy_drop": max_accuracy_drop, "target": target, "stop_when_met": stop_when_met,
-                         "choices_use": "validation split (val_accuracy_drop)", "final_check_uses": "test split"},
+              "search": settings,
               "search_trace": []}
     if sensitivity is not None and handle.format == "keras":
         reporter.say(f"Layer sensitivity: pruning one layer at a time to {sensitivity:.0%}")
@@ -406,9 +422,7 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
                                    out / "candidates" / f"r{number}-{_slug(recipe.label)}", seed=seed, reporter=reporter)
             candidate.update(round=number, why=why)
             candidates.append(candidate)
-            trace.append({"round": number, "recipe": recipe.label, "why": why, "status": candidate["status"],
-                          "val_accuracy_drop": candidate.get("val_accuracy_drop"),
-                          objective_metric(objective): candidate.get(objective_metric(objective))})
+            trace.append(trace_entry(candidate, objective))
             write_json(out / METRICS_FILE, result)  # partial results survive an interruption
 
     run_round(1, [(r.recipe, r.planned) for r in first], ["round 1: from the search space"] * len(first))

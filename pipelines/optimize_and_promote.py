@@ -1,11 +1,19 @@
 """The optimize-and-promote pipeline: prepare -> optimize every recipe in parallel -> select -> report, promote.
 
-The recipes are fixed when the pipeline is built (compile time): each recipe's
-node pool depends on whether it fine-tunes, and a ``dsl.ParallelFor`` runs
-every iteration with the same resources, so the search is split into two
-loops, fine-tuning recipes on the accelerator pool and post-training recipes
-on the CPU pool. Everything about the run (model, data, budget, objective,
-MLflow) stays a runtime parameter. Models and data travel as artifacts.
+The recipes of round 1 are fixed when the pipeline is built (compile time):
+each recipe's node pool depends on whether it fine-tunes, and a
+``dsl.ParallelFor`` runs every iteration with the same resources, so the search
+is split into two loops, fine-tuning recipes on the accelerator pool and
+post-training recipes on the CPU pool. Everything about the run (model, data,
+budget, objective, search bounds, MLflow) stays a runtime parameter. Models and
+data travel as artifacts.
+
+With ``rounds`` > 0 the search refines itself (KFP has no recursion, so each
+round is its own part of the graph): a ``propose`` step reads every candidate
+so far and the layer sensitivity, and a ``ParallelFor`` over its output runs
+the proposed recipes on the accelerator pool (refinements fine-tune: pruning,
+distillation, QAT); that round's ``select`` merges them with the earlier
+rounds' results. The last select's results feed the report and promotion.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline's real annotation objects.
@@ -17,6 +25,7 @@ from kfp.dsl import HTML, Artifact
 
 from kfopt.components import DEFAULT_IMAGE
 from kfopt.components.ops import build_components
+from kfopt.errors import KfoptError
 from kfopt.search import SearchRecipe, load_search, split_by_pool
 
 from .placement import Placement, apply_pool
@@ -29,7 +38,7 @@ DESCRIPTION = ("Optimize a Keras model with every recipe of a search space, meas
 PROMOTE_RETRIES = 3
 
 
-def build_pipeline(recipes: "str | list | None" = None, *, image: str = DEFAULT_IMAGE,
+def build_pipeline(recipes: "str | list | None" = None, *, rounds: int = 1, image: str = DEFAULT_IMAGE,
                    accelerator_image: "str | None" = None, placement: "Placement | None" = None, parallelism: int = 0,
                    promote_retries: int = PROMOTE_RETRIES, registry=None):
     """Build the pipeline for a search space.
@@ -37,6 +46,7 @@ def build_pipeline(recipes: "str | list | None" = None, *, image: str = DEFAULT_
     Args:
         recipes: A search YAML file, a list of recipes (inline strings, mappings or
             :class:`~kfopt.search.SearchRecipe`), or None for the built-in search.
+        rounds: Refinement rounds after round 1 (see the module docstring); 0 = round 1 only.
         image: Image every step runs in.
         accelerator_image: Image of the fine-tuning steps (e.g. the GPU variant); default ``image``.
         placement: Node pools; None leaves resources unset (``kfp.local``, where they have no effect).
@@ -49,6 +59,8 @@ def build_pipeline(recipes: "str | list | None" = None, *, image: str = DEFAULT_
     Returns:
         The ``@dsl.pipeline`` function ``optimize_and_promote``.
     """
+    if rounds < 0:
+        raise KfoptError(f"rounds={rounds} is negative.", "pass 0 for the search space only, or 1, 2, ... refinement rounds.")
     search = recipes if _planned(recipes) else load_search(recipes, registry)
     positions = {id(r): i for i, r in enumerate(search)}
     training, post_training = split_by_pool(search)
@@ -79,14 +91,28 @@ def build_pipeline(recipes: "str | list | None" = None, *, image: str = DEFAULT_
         seed: int = 0,
         epochs: int = 40,
         unsafe: bool = False,
+        max_trials: int = 4,
+        max_time: float = 0.0,
+        target: float = 0.0,
+        stop_when_met: bool = False,
+        sensitivity: float = 0.9,
     ) -> outputs:
         prepare = ops.prepare(model=model, data=data, seed=seed, epochs=epochs, unsafe=unsafe)
         place(prepare.set_display_name("prepare baseline").set_caching_options(True), trains=False)
         baseline, dataset = prepare.outputs["baseline"], prepare.outputs["dataset"]
 
-        collected = {}
-        if training:
-            with dsl.ParallelFor(items(training), name="fine-tuning-recipes", parallelism=parallelism) as item:
+        search_plan = None
+        if rounds:
+            plan = ops.plan_search(rounds=rounds, max_trials=max_trials, max_time=max_time, target=target,
+                                   stop_when_met=stop_when_met, max_accuracy_drop=max_accuracy_drop,
+                                   objective=objective, sensitivity=sensitivity, seed=seed,
+                                   baseline=baseline, dataset=dataset)
+            place(plan.set_display_name("search plan + layer sensitivity").set_caching_options(True), trains=False)
+            search_plan = plan.outputs["search"]
+
+        def optimize_on_accelerator(loop_items, name: str):
+            """A ParallelFor of fine-tuning recipes; returns the task whose 'candidate' is measured."""
+            with dsl.ParallelFor(loop_items, name=name, parallelism=parallelism) as item:
                 optimize = training_ops.optimize(recipe=item, seed=seed, measure=not measure_apart,
                                                  baseline=baseline, dataset=dataset)
                 place(optimize.set_display_name("optimize (fine-tuning, accelerator pool)").set_caching_options(True),
@@ -96,6 +122,20 @@ def build_pipeline(recipes: "str | list | None" = None, *, image: str = DEFAULT_
                     candidate = ops.evaluate(seed=seed, unmeasured=optimize.outputs["candidate"],
                                              baseline=baseline, dataset=dataset)
                     place(candidate.set_display_name("evaluate (CPU pool)").set_caching_options(True), trains=False)
+            return candidate
+
+        def select_round(number: int, previous, **collected):
+            select = ops.select(max_accuracy_drop=max_accuracy_drop, objective=objective, baseline=baseline,
+                                number=number, **collected,
+                                **({"previous": previous} if previous is not None else {}),
+                                **({"search": search_plan} if search_plan is not None else {}))
+            place(select.set_display_name(f"select winner (round {number})" if rounds else "select winner")
+                  .set_caching_options(True), trains=False)
+            return select.outputs["results"]
+
+        collected = {}
+        if training:
+            candidate = optimize_on_accelerator(items(training), "fine-tuning-recipes")
             collected["accelerator_candidates"] = dsl.Collected(candidate.outputs["candidate"])
         if post_training:
             with dsl.ParallelFor(items(post_training), name="post-training-recipes", parallelism=parallelism) as item:
@@ -103,10 +143,14 @@ def build_pipeline(recipes: "str | list | None" = None, *, image: str = DEFAULT_
                 place(optimize.set_display_name("optimize (post-training, CPU pool)").set_caching_options(True),
                       trains=False)
             collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidate"])
+        results = select_round(1, None, **collected)
 
-        select = ops.select(max_accuracy_drop=max_accuracy_drop, objective=objective, baseline=baseline, **collected)
-        place(select.set_display_name("select winner").set_caching_options(True), trains=False)
-        results = select.outputs["results"]
+        for number in range(2, rounds + 2):
+            propose = ops.propose(number=number, results=results, search=search_plan)
+            place(propose.set_display_name(f"propose round {number}").set_caching_options(True), trains=False)
+            candidate = optimize_on_accelerator(propose.output, f"round-{number}-recipes")
+            results = select_round(number, results, accelerator_candidates=dsl.Collected(candidate.outputs["candidate"]))
+
         report = ops.report(results=results)
         place(report.set_display_name("HTML report").set_caching_options(True), trains=False)
         promote = ops.promote(registered_model=registered_model, tracking_uri=tracking_uri,

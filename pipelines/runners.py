@@ -34,27 +34,34 @@ _TASK_LINE = re.compile(r"Task .*'(?P<task>[^']+)'.* finished with status .*(?P<
 _CANDIDATE_LINE = re.compile(r"^\s*\[(?P<label>.+)\] (?P<status>ok|skipped|failed)(?:: (?P<reason>.*))?$")
 #: Steps that run once per recipe: their progress is the candidate line, not the task line.
 _PER_RECIPE = re.compile(r"^(optimize|evaluate)(-\d+)?$")
+#: What a propose step says: "round 2: proposing RECIPE: why" / "round 2: search stopped: why".
+_ROUND_LINE = re.compile(r"^\s*(?P<line>round \d+: (?:proposing |search stopped: ).*)$")
 _ERROR_LINE = re.compile(r"^\s*(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Failed)): (?P<message>.+)$")
 
 
 def run_local(recipes=None, *, model: str = "demo:mlp", data: str = "digits", max_accuracy_drop: float = 0.01,
               objective: str = "size", registered_model: str = "", tracking_uri: str = "", experiment: str = "kfopt",
               out: str | os.PathLike = "runs/pipeline", seed: int = 0, epochs: int = 40, unsafe: bool = False,
-              parallelism: int = 2, progress=None, registry=None) -> dict:
+              parallelism: int = 2, rounds: int = 1, max_trials: int = 4, max_time: float | None = None,
+              target: float | None = None, stop_when_met: bool = False, sensitivity: float = 0.9,
+              progress=None, registry=None) -> dict:
     """Run the whole pipeline on this machine through kfp.local and return the results.
 
     Returns the ``metrics.json`` of the select step plus ``registered_model``
     (what promotion returned), ``report`` (path of the HTML report),
     ``results`` (the self-contained results folder) and ``log``. Also writes
-    ``OUT/metrics.json`` and ``OUT/report.html``. Raises KfoptError for bad
+    ``OUT/metrics.json`` and ``OUT/report.html``. ``rounds`` refinement rounds
+    follow round 1, bounded by ``max_trials``, ``max_time``, ``target`` and
+    ``stop_when_met`` as in ``kfopt search``. Raises KfoptError for bad
     input, before any work where it can, and when a step the run cannot do
     without (prepare, select) fails.
     """
-    from kfopt.select import objective_metric
+    from kfopt.refine import search_settings
 
     from .optimize_and_promote import build_pipeline
 
-    objective_metric(objective)
+    search_settings(rounds=rounds, max_trials=max_trials, max_time=max_time, objective=objective,
+                    max_accuracy_drop=max_accuracy_drop, target=target, stop_when_met=stop_when_met)
     if not 0 <= max_accuracy_drop <= 1:
         raise KfoptError(f"--max-accuracy-drop {max_accuracy_drop} is not a fraction between 0 and 1.",
                          "pass e.g. 0.01 for at most one point of accuracy lost.")
@@ -72,7 +79,7 @@ def run_local(recipes=None, *, model: str = "demo:mlp", data: str = "digits", ma
     out = writable_dir(out).resolve()
     # No retries here: MLflow's client already retries HTTP calls, and a local
     # store that failed once fails again; `kfopt promote --from` finishes the job.
-    pipeline = build_pipeline(recipes, parallelism=parallelism, promote_retries=0, registry=registry)
+    pipeline = build_pipeline(recipes, rounds=rounds, parallelism=parallelism, promote_retries=0, registry=registry)
     root = writable_dir(out / "pipeline-root")
     log_path = out / LOG_FILE
     (out / REPORT_FILE).unlink(missing_ok=True)  # never show an earlier run's report as this one's
@@ -84,11 +91,12 @@ def run_local(recipes=None, *, model: str = "demo:mlp", data: str = "digits", ma
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
         task = pipeline(model=model, data=data, max_accuracy_drop=max_accuracy_drop, objective=objective,
                         registered_model=registered_model, tracking_uri=tracking_uri, experiment=experiment,
-                        seed=seed, epochs=epochs, unsafe=unsafe)
+                        seed=seed, epochs=epochs, unsafe=unsafe, max_trials=max_trials, max_time=max_time or 0.0,
+                        target=target or 0.0, stop_when_met=stop_when_met, sensitivity=sensitivity)
     seconds = round(time.perf_counter() - started, 1)
     run_dir = _new_run_dir(root, before)
     log_text = log_path.read_text(errors="replace")
-    results_dir = _output_dir(task, "results", run_dir / "select" / "results")
+    results_dir = _output_dir(task, "results", _last_select(run_dir))
     if results_dir is None or not (results_dir / METRICS_FILE).is_file():
         raise _failure(log_text, run_dir, log_path)
     # Read after the run: the promote step records its decision in the results' metrics.json.
@@ -128,8 +136,10 @@ def _quiet_kfp(log, progress):
         def _progress(self, line):
             if progress is None:
                 return
-            task, candidate = _TASK_LINE.search(line), _CANDIDATE_LINE.match(line)
-            if candidate:
+            task, candidate, round_line = _TASK_LINE.search(line), _CANDIDATE_LINE.match(line), _ROUND_LINE.match(line)
+            if round_line:
+                progress(round_line["line"][:250])
+            elif candidate:
                 reason = f" ({candidate['reason'][:150]})" if candidate["reason"] else ""
                 progress(f"{candidate['label']}: {candidate['status']}{reason}")
             elif task and (task["status"] == "FAILURE" or not _PER_RECIPE.match(task["task"])):
@@ -163,6 +173,13 @@ def _new_run_dir(root: Path, before: set) -> Path:
     if not created:
         raise KfoptError(f"kfp.local did not create a run folder under '{root}'.", "see the log for what went wrong.")
     return max(created, key=lambda p: p.stat().st_mtime)
+
+
+def _last_select(run_dir: Path) -> Path:
+    """Where kfp.local keeps the results of the last select step that ran (select, select-2, ...)."""
+    found = sorted((p for p in run_dir.glob("select*/results") if (p / METRICS_FILE).is_file()),
+                   key=lambda p: (p / METRICS_FILE).stat().st_mtime)
+    return found[-1] if found else run_dir / "select" / "results"
 
 
 def _output_dir(task, name: str, fallback: Path) -> Path | None:
@@ -226,8 +243,9 @@ def _failure(log_text: str, run_dir: Path, log_path: Path) -> KfoptError:
 
 
 # -- a Kubeflow cluster ----------------------------------------------------------------
-def compile_for_cluster(output, *, search=None, image: str | None = None, accelerator_image: str | None = None,
-                        placement: str | os.PathLike | None = None, parallelism: int = 0) -> dict:
+def compile_for_cluster(output, *, search=None, rounds: int = 1, image: str | None = None,
+                        accelerator_image: str | None = None, placement: str | os.PathLike | None = None,
+                        parallelism: int = 0) -> dict:
     """Compile the pipeline with node-pool placement; return a summary (and a one-paragraph ``description``)."""
     from kfopt.components import DEFAULT_IMAGE
     from kfopt.search import load_search, split_by_pool
@@ -240,7 +258,7 @@ def compile_for_cluster(output, *, search=None, image: str | None = None, accele
     output = Path(output)
     if output.parent and not output.parent.is_dir():
         raise KfoptError(f"The folder of --output '{output}' does not exist.", f"create {output.parent} first.")
-    compile_pipeline(output, recipes, image=image or DEFAULT_IMAGE, accelerator_image=accelerator_image,
+    compile_pipeline(output, recipes, rounds=rounds, image=image or DEFAULT_IMAGE, accelerator_image=accelerator_image,
                      placement=pools, parallelism=parallelism)
     training, post_training = split_by_pool(recipes)
     accelerator = pools.accelerator.accelerator if pools.accelerator else None
@@ -249,10 +267,13 @@ def compile_for_cluster(output, *, search=None, image: str | None = None, accele
     lines = [f"Wrote {output} ({len(recipes)} recipes; placement {pools.source}; image {image or DEFAULT_IMAGE}"
              + (f", fine-tuning image {accelerator_image}" if accelerator_image else "") + ")",
              f"  {len(training)} fine-tuning on the {pool}: " + (", ".join(r.label for r in training) or "none"),
-             f"  {len(post_training)} post-training on the CPU pool: " + (", ".join(r.label for r in post_training) or "none")]
+             f"  {len(post_training)} post-training on the CPU pool: " + (", ".join(r.label for r in post_training) or "none"),
+             f"  {rounds} refinement round{'s' if rounds != 1 else ''} after round 1"
+             + (f", proposed recipes on the {pool}" if rounds else "")]
     description = "\n".join(lines)
     return {"output": str(output), "recipes": [r.label for r in recipes], "accelerator_recipes": [r.label for r in training],
-            "cpu_recipes": [r.label for r in post_training], "placement": pools.source, "description": description}
+            "cpu_recipes": [r.label for r in post_training], "rounds": rounds, "placement": pools.source,
+            "description": description}
 
 
 def default_token() -> str | None:

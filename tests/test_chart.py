@@ -380,7 +380,7 @@ def test_rbac_is_created_only_when_asked_and_grants_only_kfp_pipelines():
 
 def test_the_registration_hook_compiles_with_the_configmap_and_publishes_with_the_sa_token():
     rendered = render({"pipeline": {"name": "kfopt-prod", "version": "v7", "acceleratorImage": "r/kfopt:gpu", "parallelism": 4,
-                                    "search": ["quantize(mode=int8)"]},
+                                    "rounds": 2, "search": ["quantize(mode=int8)"]},
                        "kfp": {"namespace": "team-a", "host": "https://kubeflow.example.com/pipeline"}})
     job = rendered.one("Job")
     annotations = job["metadata"]["annotations"]
@@ -391,7 +391,8 @@ def test_the_registration_hook_compiles_with_the_configmap_and_publishes_with_th
     assert compile_args[:3] == ["compile", "--output", "/tmp/pipeline/pipeline.yaml"]
     options = dict(zip(compile_args[3::2], compile_args[4::2]))
     assert options == {"--image": "ghcr.io/kfopt/kfopt:0.1.0", "--accelerator-image": "r/kfopt:gpu",
-                       "--placement": "/etc/kfopt/placement.yaml", "--search": "/etc/kfopt/search.yaml", "--parallelism": "4"}
+                       "--placement": "/etc/kfopt/placement.yaml", "--search": "/etc/kfopt/search.yaml", "--parallelism": "4",
+                       "--rounds": "2"}
     assert yaml.safe_load(rendered.one("ConfigMap")["data"]["search.yaml"]) == ["quantize(mode=int8)"]
     publish = container(pod, "publish")
     assert publish["args"] == ["publish", "--package", "/tmp/pipeline/pipeline.yaml", "--host", "https://kubeflow.example.com/pipeline",

@@ -4,6 +4,7 @@ import html
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,6 +27,7 @@ TRAINING = {SEARCH[1], SEARCH[3]}
 
 
 def compiled(tmp_path, recipes=SEARCH, **options):
+    options.setdefault("rounds", 0)
     path = compile_pipeline(tmp_path / "pipeline.yaml", recipes, **options)
     pipeline, *platform = list(yaml.safe_load_all(open(path)))
     return pipeline, platform[0]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if platform else {}
@@ -93,10 +95,98 @@ def test_compiled_pipeline_retries_promotion_and_caches_the_deterministic_steps(
     # select fans in both loops; models travel as artifacts, never parameters.
     select_inputs = tasks["select"]["inputs"]
     assert set(select_inputs["artifacts"]) == {"baseline", "accelerator_candidates", "cpu_candidates"}
-    assert set(select_inputs["parameters"]) == {"max_accuracy_drop", "objective"}
+    assert set(select_inputs["parameters"]) == {"max_accuracy_drop", "objective", "number"}
     assert set(pipeline["root"]["inputDefinitions"]["parameters"]) == {
         "model", "data", "max_accuracy_drop", "objective", "registered_model", "tracking_uri", "experiment",
-        "seed", "epochs", "unsafe"}
+        "seed", "epochs", "unsafe", "max_trials", "max_time", "target", "stop_when_met", "sensitivity"}
+
+
+def test_search_rounds_propose_recipes_at_run_time_and_merge_every_round(tmp_path):
+    pipeline, k8s = compiled(tmp_path, rounds=2, placement=load_placement("gke"))
+    tasks = pipeline["root"]["dag"]["tasks"]
+    assert {"plan-search", "propose", "propose-2", "select", "select-2", "select-3"} <= set(tasks)
+    # Each refinement round loops over what its propose step returned (KFP has no recursion).
+    for propose, loop in (("propose", "round-2-recipes"), ("propose-2", "round-3-recipes")):
+        task = next(t for t in tasks.values() if t["taskInfo"]["name"] == loop)
+        assert task["parameterIterator"]["items"]["inputParameter"].endswith(f"{propose}-Output")
+        assert propose in task["dependentTasks"]
+        inner = pipeline["components"][task["componentRef"]["name"]]["dag"]["tasks"]
+        # Refinements fine-tune: optimized on the accelerator pool, measured on the CPU pool.
+        assert sorted(name.split("-")[0] for name in inner) == ["evaluate", "optimize"]
+        optimize = next(t for name, t in inner.items() if name.startswith("optimize"))
+        assert executor_of(pipeline, optimize["componentRef"]["name"]) in k8s
+    # Round n's select merges the previous round's results; the last one feeds the report and promotion.
+    for select, previous in (("select-2", "select"), ("select-3", "select-2")):
+        artifacts = tasks[select]["inputs"]["artifacts"]
+        assert artifacts["previous"]["taskOutputArtifact"]["producerTask"] == previous
+        assert artifacts["search"]["taskOutputArtifact"]["producerTask"] == "plan-search"
+    assert tasks["propose-2"]["inputs"]["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == "select-2"
+    for final in ("report", "promote"):
+        assert tasks[final]["inputs"]["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == "select-3"
+    assert tasks["select-3"]["taskInfo"]["name"] == "select winner (round 3)"
+    assert tasks["plan-search"]["inputs"]["parameters"]["rounds"]["runtimeValue"]["constant"] == 2
+    with pytest.raises(KfoptError, match="rounds=-1"):
+        compiled(tmp_path, rounds=-1)
+
+
+def _candidate(directory, recipe, steps_, val_drop, gzip_bytes, **extra):
+    """A measured candidate as an optimize step writes it (the model file is opaque bytes here)."""
+    directory.mkdir(parents=True)
+    (directory / "model.tflite").write_bytes(b"tflite " + recipe.encode())
+    record = {"recipe": recipe, "steps": steps_, "status": "ok", "artifact": "/elsewhere/model.tflite", "format": "tflite",
+              "accuracy": 0.97 - val_drop, "accuracy_drop": val_drop, "val_accuracy_drop": val_drop,
+              "gzip_bytes": gzip_bytes, "compression_ratio": 80000 / gzip_bytes, "latency_p50_ms": 0.01, "speedup": 2.0,
+              "seconds": 10.0, **extra}
+    (directory / steps.CANDIDATE_FILE).write_text(json.dumps(record))
+    return directory
+
+
+def test_round_steps_propose_from_validation_and_merge_rounds_into_one_results_folder(tmp_path):
+    baseline = tmp_path / "baseline"
+    baseline.mkdir()
+    (baseline / steps.BASELINE_MODEL).write_bytes(b"keras")
+    (baseline / steps.BASELINE_FILE).write_text(json.dumps({"model": "demo:mlp", "data": "digits", "seed": 0,
+                                                            "input_shape": [64], "metrics": {"accuracy": 0.97}}))
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    (plan / steps.SEARCH_FILE).write_text(json.dumps({"settings": {
+        "rounds": 2, "max_trials": 1, "max_time": None, "objective": "size", "max_accuracy_drop": 0.01, "target": None,
+        "stop_when_met": False}, "layer_sensitivity": [{"layer": "dense", "params": 10, "sparsity": 0.9,
+                                                        "val_accuracy": 0.9, "val_accuracy_drop": 0.07}]}))
+    prune = [{"technique": "prune", "config": {"method": "magnitude", "target_sparsity": 0.5, "epochs": 1}},
+             {"technique": "quantize", "config": {"mode": "int8"}}]
+    first = [_candidate(tmp_path / "c1", "prune-0.5", prune, 0.0, 20000, position=0),
+             _candidate(tmp_path / "c2", "int8", prune[1:], 0.0, 23000, position=1)]
+    round1 = steps.select_step(baseline, first, tmp_path / "r1", max_accuracy_drop=0.01, number=1, search_dir=plan)
+    assert [t["round"] for t in round1["search_trace"]] == [1, 1] and round1["search"]["stopped"] is None
+    assert round1["layer_sensitivity"][0]["layer"] == "dense"
+
+    items = [json.loads(i) for i in steps.propose_step(tmp_path / "r1", plan, 2)]
+    assert len(items) == 1 and items[0]["round"] == 2  # max_trials 1
+    assert "bisect prune sparsity up" in items[0]["why"] and "target_sparsity=0.74" in items[0]["recipe"]
+
+    proposed = _candidate(tmp_path / "c3", items[0]["recipe"], prune, 0.005, 12000, position=0, round=2,
+                          why=items[0]["why"])
+    round2 = steps.select_step(baseline, [proposed], tmp_path / "r2", max_accuracy_drop=0.01, number=2,
+                               previous_dir=tmp_path / "r1", search_dir=plan)
+    assert [c["recipe"] for c in round2["candidates"]] == ["prune-0.5", "int8", items[0]["recipe"]]
+    assert round2["winner"] == items[0]["recipe"]
+    assert [t["round"] for t in round2["search_trace"]] == [1, 1, 2] and round2["search_trace"][2]["why"] == items[0]["why"]
+    assert round2["search"]["stopped"] is None and round2["search"]["seconds"] == 30.0
+    for candidate in round2["candidates"]:  # every round's models are copied: the folder is self-contained
+        assert candidate["artifact"].startswith(str(tmp_path / "r2")) and Path(candidate["artifact"]).is_file()
+
+    # A target met on validation stops the search: the round's one loop item is a no-op with the reason.
+    settings = json.loads((plan / steps.SEARCH_FILE).read_text())
+    settings["settings"].update(target=3.0, stop_when_met=True)
+    (plan / steps.SEARCH_FILE).write_text(json.dumps(settings))
+    (stop,) = [json.loads(i) for i in steps.propose_step(tmp_path / "r2", plan, 3)]
+    assert stop["round"] == 3 and "target 3x met by" in stop[steps.STOPPED]
+    steps.stopped_step(tmp_path / "c4", 3, stop[steps.STOPPED])
+    round3 = steps.select_step(baseline, [tmp_path / "c4"], tmp_path / "r3", max_accuracy_drop=0.01, number=3,
+                               previous_dir=tmp_path / "r2", search_dir=plan)
+    assert len(round3["candidates"]) == 3 and round3["search"]["stopped"] == stop[steps.STOPPED]
+    assert round3["search"]["target_met_by"] == items[0]["recipe"]
 
 
 def test_tpu_placement_uses_the_gke_tpu_labels(tmp_path):
@@ -259,11 +349,19 @@ def test_kfp_local_run_picks_a_winner_and_survives_a_failing_recipe(tmp_path):
     search = ["quantize(mode=dynamic)", "quantize(mode=int8)", "prune(target_sparsity=0.5,epochs=1)>quantize(mode=int8)",
               f"distill(student={corrupt},epochs=1)"]
     lines = []
-    result = run_local(search, out=tmp_path / "run", epochs=5, max_accuracy_drop=0.05,
+    result = run_local(search, out=tmp_path / "run", epochs=5, max_accuracy_drop=0.05, rounds=1, max_trials=1,
                        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registered_model="digits-test",
                        progress=lines.append)
     by_label = {c["recipe"]: c for c in result["candidates"]}
-    assert list(by_label) == search  # every recipe is a candidate, in the search's order
+    *first, refined = by_label
+    assert first == search  # every recipe is a candidate, in the search's order
+    # Round 2 ran what the propose step chose from round 1 (on validation): a higher sparsity.
+    refined = by_label[refined]
+    assert refined["round"] == 2 and refined["status"] == "ok" and "bisect prune sparsity up" in refined["why"]
+    assert refined["sparsity"] > by_label[search[2]]["sparsity"] + 0.1
+    assert any(line.startswith("round 2: proposing prune(") for line in lines), lines
+    assert [t["round"] for t in result["search_trace"]] == [1, 1, 1, 1, 2]
+    assert result["search"]["stopped"] == "all rounds done" and result["layer_sensitivity"]
     failed = by_label[search[3]]
     assert failed["status"] == "failed" and "is not a readable Keras model" in failed["reason"]
     assert all(by_label[label]["status"] == "ok" for label in search[:3])
@@ -271,7 +369,7 @@ def test_kfp_local_run_picks_a_winner_and_survives_a_failing_recipe(tmp_path):
     assert result["winner"] == min(eligible, key=lambda c: (c["gzip_bytes"], -c["accuracy"]))["recipe"]
     assert result["winner"] in result["pareto"]
     page = open(result["report"]).read()
-    for label in search:
+    for label in by_label:
         assert html.escape(label, quote=True) in page
     assert (tmp_path / "run" / "metrics.json").is_file() and "prepare: success" in lines
     assert result["registered_model"]["name"] == "digits-test" and result["registered_model"]["version"] is not None

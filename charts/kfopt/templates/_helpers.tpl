@@ -200,6 +200,8 @@ tolerations:
 {{- end }}
 - --parallelism
 - {{ int .Values.pipeline.parallelism | quote }}
+- --rounds
+- {{ int .Values.pipeline.rounds | quote }}
 {{- end -}}
 
 {{/* One pool of the placement file, in the format kfopt.pipelines.placement loads (snake_case keys). */}}
