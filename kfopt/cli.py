@@ -451,12 +451,13 @@ def search_(model, data, search, recipes, out, rounds, max_trials, max_time, max
     from .components.steps import report_step
     from .progress import Reporter
     from .refine import search as run_search
+    from .tracking import REPORT_FILE
 
     result = run_search(model, data, out, recipes=list(recipes) or search, rounds=rounds, max_trials=max_trials,
                         max_time=max_time, max_accuracy_drop=max_accuracy_drop, objective=objective,
                         target=target_compression, stop_when_met=stop_when_met, seed=seed, epochs=epochs,
                         unsafe=unsafe, reporter=Reporter(enabled=not as_json), sensitivity=sensitivity or None)
-    report = report_step(out, Path(out) / "report.html")
+    report = report_step(out, Path(out) / REPORT_FILE)
     if as_json:
         click.echo(json.dumps({**result, "report": str(report)}, indent=2))
     else:

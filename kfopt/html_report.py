@@ -1,8 +1,11 @@
-"""The HTML report of a pipeline run: the candidates table and the trade-off plots.
+"""The HTML report of a run: candidates, trade-off plots, search trace and layer sensitivity.
 
 One self-contained page (plots embedded as PNG), rendered from a
 ``metrics.json``-shaped result, so it opens from a KFP UI, an MLflow run or a
-laptop alike.
+laptop alike. :func:`pareto_plots` gives the same plots as PNG files (MLflow
+logs them beside the page). Every accuracy number says its split: the test
+split measures and checks candidates, the validation split is what the search
+chose recipes by.
 """
 
 from __future__ import annotations
@@ -14,17 +17,30 @@ import io
 from .report import COLUMNS as METRIC_COLUMNS
 from .select import OBJECTIVES, pareto_front
 
-#: (key, header, format) of the table's columns: the terminal table's metrics, after the format.
-COLUMNS = (("format", "format", "{}"), *METRIC_COLUMNS)
-
-#: (metric, axis label) of the plots: accuracy against each objective metric.
-PLOTS = (("gzip_bytes", "deployable size, gzip bytes (log scale)"), ("latency_p50_ms", "latency p50, ms, batch 1 (log scale)"))
+#: (key, header, format) of the candidates table: the terminal table's metrics, after the format.
+#: A format of None means: shown as it is (numbers compactly).
+COLUMNS = (("format", "format", None), *METRIC_COLUMNS)
+#: The validation-split drop, shown before the test drop when candidates carry it (a search run).
+VAL_DROP = ("val_accuracy_drop", "val drop", "{:+.4f}")
+#: Which split a column's number comes from; other columns do not depend on the data split.
+SPLITS = {"accuracy": "test", "accuracy_drop": "test", "agreement": "test",
+          "val_accuracy": "validation", "val_accuracy_drop": "validation"}
+#: Columns of the search trace before the objective metric; other keys of its entries follow it.
+TRACE_COLUMNS = (("round", "round", None), ("recipe", "recipe", None), ("why", "why", None),
+                 ("status", "status", None), VAL_DROP)
+#: Columns of the layer sensitivity table; other keys of its rows follow them.
+SENSITIVITY_COLUMNS = (("layer", "layer", None), ("params", "kernel params", "{:,}"), ("sparsity", "pruned to", "{:.0%}"),
+                       ("val_accuracy", "val accuracy", "{:.4f}"), VAL_DROP)
+#: objective -> (metric, x-axis label) of the plots: accuracy against each objective metric.
+PLOTS = {"size": ("gzip_bytes", "deployable size, gzip bytes (log scale)"),
+         "latency": ("latency_p50_ms", "latency p50, ms, batch 1 (log scale)")}
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; font-size: 0.9em; }
-th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; }
+table { border-collapse: collapse; font-size: 0.9em; margin-bottom: 0.5em; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; vertical-align: top; }
 th:first-child, td:first-child, td.text { text-align: left; }
+th .split { display: block; font-weight: normal; font-size: 0.8em; color: #666; }
 tr.winner { background: #e6f4ea; font-weight: 600; }
 tr.failed td, tr.skipped td { color: #888; }
 .plots img { max-width: 48%; margin-right: 1%; }
@@ -32,8 +48,9 @@ tr.failed td, tr.skipped td { color: #888; }
 """
 
 
-def render_html(result: dict) -> str:
-    """The whole report page for ``result`` (baseline, candidates, winner, pareto, selection)."""
+def render_html(result: dict, plots: dict[str, bytes] | None = None) -> str:
+    """The whole report page for ``result``; ``plots`` are :func:`pareto_plots` of it, if already drawn."""
+    plots = pareto_plots(result) if plots is None else plots
     selection = result.get("selection", {})
     objective = selection.get("objective", "size")
     budget = selection.get("max_accuracy_drop")
@@ -45,61 +62,120 @@ def render_html(result: dict) -> str:
         f"<h1>{_e(title)}</h1>",
         "<p>",
         f"Objective: <b>{_e(objective)}</b> (lowest {_e(OBJECTIVES.get(objective, '?'))})",
-        f"; accuracy budget: at most <b>{budget:.4f}</b> below the baseline" if budget is not None else "",
+        f"; accuracy budget: at most <b>{budget:.4f}</b> below the baseline on the test split" if budget is not None else "",
         f"; winner: <b>{_e(winner)}</b>." if winner else "; <b>no candidate is within the budget</b>.",
         "</p>",
-        _table(result),
-        "<p class='note'>Ratios (ratio, speedup) compare each candidate with the baseline in the candidate's own "
-        "format, run in the same runtime. &#9733; = on the Pareto front of accuracy against the objective. Points in the "
-        "plots carry the row number (#) of the table.</p>",
-        "<h2>Trade-offs</h2><div class='plots'>",
-        *(_plot_img(result, metric, label) for metric, label in PLOTS),
-        "</div></body></html>",
+        _search_summary(result.get("search")),
+        "<h2>Candidates</h2>",
+        _candidates_table(result),
+        f"<p class='note'>{_candidates_note(result)}</p>",
+        "<h2>Trade-offs (test split)</h2><div class='plots'>",
+        *(f"<img alt='{_e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+          for name, png in plots.items()),
+        "</div>",
+        _trace_section(result),
+        _sensitivity_section(result.get("layer_sensitivity")),
+        "</body></html>",
     ]
     return "\n".join(p for p in parts if p)
 
 
-def _table(result: dict) -> str:
+# -- sections -------------------------------------------------------------------
+def _search_summary(search: dict | None) -> str:
+    """How the search was bounded, how it stopped, and which split chose and which checked."""
+    if not search:
+        return ""
+    bounds = f"round 1 (the search space) and up to {search.get('rounds', '?')} refinement round(s)"
+    if search.get("max_trials") is not None:
+        bounds += f" of at most {search['max_trials']} recipes"
+    if search.get("max_time") is not None:
+        bounds += f", a time budget of {search['max_time']:g} s"
+    if search.get("target") is not None:
+        met = f"met by {search['target_met_by']}" if search.get("target_met_by") else "not met"
+        bounds += f", target {search['target']:g}x ({met})"
+    stopped = search.get("stopped") or "?"
+    if search.get("seconds") is not None:
+        stopped += f" after {search['seconds']:g} s"
+    chose = search.get("choices_use", "validation split (val_accuracy_drop)")
+    checked = search.get("final_check_uses", "test split")
+    return (f"<p>Search: {_e(bounds)}. Stopped: <b>{_e(stopped)}</b>. "
+            f"Refinement chose recipes on the <b>{_e(chose)}</b>; the winner was picked and checked against the "
+            f"budget on the <b>{_e(checked)}</b>.</p>")
+
+
+def _candidates_table(result: dict) -> str:
+    candidates = result.get("candidates", [])
     pareto = set(result.get("pareto") or [])
-    header = "".join(f"<th>{_e(h)}</th>" for h in ("#", "model", "status", *(c[1] for c in COLUMNS), "in budget", "notes"))
-    rows = [_row("", "baseline", {**result["baseline"], "status": "ok"}, "", "", "")]
-    for number, candidate in enumerate(result.get("candidates", []), start=1):
+    metrics = list(COLUMNS)
+    if any("val_accuracy_drop" in c for c in candidates):
+        metrics.insert(next(i for i, c in enumerate(metrics) if c[0] == "accuracy_drop"), VAL_DROP)
+    rounds = [("round", "round", None)] if any("round" in c for c in candidates) else []
+    columns = [("#", "#", None), *rounds, ("model", "model", None), ("status", "status", None), *metrics,
+               ("in_budget", "in budget", None), ("notes", "notes", None)]
+    rows = [_tr("", {**result["baseline"], "#": "", "round": "", "model": "baseline", "status": "ok",
+                       "in_budget": "", "notes": ""}, columns)]
+    for number, candidate in enumerate(candidates, start=1):
         label = candidate["recipe"]
-        css = "winner" if label == result.get("winner") else candidate.get("status", "")
-        mark = " &#9733;" if label in pareto else ""
-        in_budget = {True: "yes", False: "no"}.get(candidate.get("within_budget"), "")
-        notes = candidate.get("reason") or candidate.get("not_selected_because") or ""
-        if label == result.get("winner"):
-            notes = "winner"
-        rows.append(_row(number, label, candidate, css, in_budget, notes, mark))
-    return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        is_winner = label == result.get("winner")
+        notes = "winner" if is_winner else candidate.get("reason") or candidate.get("not_selected_because") or ""
+        row = {**candidate, "#": number, "model": label + (" \u2605" if label in pareto else ""), "notes": notes,
+               "in_budget": candidate.get("within_budget", "")}
+        rows.append(_tr("winner" if is_winner else candidate.get("status", ""), row, columns))
+    return _table(columns, rows)
 
 
-def _row(number, label, record, css, in_budget, notes, mark="") -> str:
-    cells = [f"<td>{_e(number)}</td>", f"<td class='text'>{_e(label)}{mark}</td>",
-             f"<td class='text'>{_e(record.get('status', ''))}</td>"]
-    for key, _, fmt in COLUMNS:
-        value = record.get(key)
-        if value is None:
-            text = "-"
-        else:
-            text = fmt.format(value / 1024 if key == "gzip_bytes" else value)
-        cells.append(f"<td>{_e(text)}</td>")
-    cells.append(f"<td>{_e(in_budget)}</td><td class='text'>{_e(notes)}</td>")
-    return f"<tr class='{_e(css)}'>{''.join(cells)}</tr>"
+def _candidates_note(result: dict) -> str:
+    candidates = result.get("candidates", [])
+    note = ("accuracy, drop and agree are measured on the <b>test split</b>, as are the plots; "
+            "drop and the budget are against the baseline's test accuracy.")
+    if any("val_accuracy_drop" in c for c in candidates):
+        note += (" val drop is on the <b>validation split</b>: what the search chose recipes by, "
+                 "so no refinement decision looks at the test split.")
+    if any("round" in c for c in candidates):
+        note += " round: the search round that proposed the recipe (1 = the search space)."
+    return note + (" Ratios (ratio, speedup) compare each candidate with the baseline in the candidate's own format, "
+                   "run in the same runtime. &#9733; = on the Pareto front of accuracy against the objective. "
+                   "Points in the plots carry the row number (#) of the table.")
 
 
-def _plot_img(result: dict, metric: str, label: str) -> str:
-    png = plot_png(result, metric, label)
-    alt = f"accuracy against {metric}"
-    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+def _trace_section(result: dict) -> str:
+    trace = result.get("search_trace") or []
+    if not trace:
+        return ""
+    objective = (result.get("search") or {}).get("objective") or result.get("selection", {}).get("objective", "size")
+    metric = OBJECTIVES.get(objective, "gzip_bytes")
+    known = [*TRACE_COLUMNS, next(c for c in METRIC_COLUMNS if c[0] == metric)]
+    columns = _with_extra_columns(trace, known)
+    rows = []
+    for entry in trace:
+        css = {"ok": "", "failed": "failed"}.get(entry.get("status"), "skipped")  # skipped, not run: ...
+        if entry.get("recipe") == result.get("winner"):
+            css = "winner"
+        rows.append(_tr(css, entry, columns))
+    return ("<h2>Search trace</h2><p class='note'>Which round proposed which recipe, and why. "
+            "val drop is on the <b>validation split</b>, the split the search decides on.</p>"
+            + _table(columns, rows))
+
+
+def _sensitivity_section(rows: list[dict] | None) -> str:
+    if not rows:
+        return ""
+    columns = _with_extra_columns(rows, SENSITIVITY_COLUMNS)
+    return ("<h2>Layer sensitivity (validation split)</h2><p class='note'>Each layer's kernel pruned alone to the "
+            "given sparsity, with no fine-tuning; val drop is the baseline's <b>validation-split</b> accuracy minus "
+            "the pruned model's. The most sensitive layers come first.</p>"
+            + _table(columns, [_tr("", row, columns) for row in rows]))
+
+
+# -- plots ----------------------------------------------------------------------
+def pareto_plots(result: dict) -> dict[str, bytes]:
+    """The trade-off plots as PNG files: ``pareto_size.png`` and ``pareto_latency.png`` (accuracy on the test split)."""
+    return {f"pareto_{objective}.png": plot_png(result, metric, label) for objective, (metric, label) in PLOTS.items()}
 
 
 def plot_png(result: dict, metric: str, label: str) -> bytes:
     """A PNG scatter plot of accuracy against ``metric``: candidates, Pareto front, winner, baseline, budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a pipeline node or CI
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     # Points are labelled with their row number in the table: recipe labels are too long for a plot.
@@ -107,6 +183,7 @@ def plot_png(result: dict, metric: str, label: str) -> bytes:
                 if c.get("status") == "ok" and c.get(metric) is not None]
     candidates = [c for _, c in numbered]
     figure = Figure(figsize=(6.4, 4.4), dpi=100)
+    FigureCanvasAgg(figure)  # Agg, whatever backend pyplot uses: no display on a pipeline node or CI
     ax = figure.add_subplot()
     front = set(pareto_front(candidates, metric))
     for number, candidate in numbered:
@@ -140,6 +217,54 @@ def plot_png(result: dict, metric: str, label: str) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+# -- HTML helpers ---------------------------------------------------------------
+def _with_extra_columns(rows: list[dict], known) -> list[tuple]:
+    """``known`` columns, then one per other key found in ``rows`` (first seen first), shown as they are."""
+    columns = list(known)
+    for row in rows:
+        for key in row:
+            if all(key != c[0] for c in columns):
+                columns.append((key, key.replace("_", " "), None))
+    return columns
+
+
+def _table(columns, rows: list[str]) -> str:
+    """A table with a header per ``(key, header, format)`` column, saying the split where a column has one."""
+    headers = []
+    for key, header, _ in columns:
+        split = f"<span class='split'>{_e(SPLITS[key])} split</span>" if key in SPLITS else ""
+        headers.append(f"<th>{_e(header)}{split}</th>")
+    return f"<table><thead><tr>{''.join(headers)}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _tr(css: str, row: dict, columns) -> str:
+    """One table row of ``row``'s values in ``columns``: numbers right-aligned, text left-aligned."""
+    cells = []
+    for key, _, fmt in columns:
+        value = row.get(key)
+        align = "" if _is_number(value) else " class='text'"
+        cells.append(f"<td{align}>{_e(_text(key, value, fmt))}</td>")
+    return f"<tr class='{_e(css)}'>{''.join(cells)}</tr>"
+
+
+def _text(key: str, value, fmt: str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if not _is_number(value):
+        return str(value)
+    if key == "gzip_bytes":  # shown in KB
+        value = value / 1024
+    if fmt is not None:
+        return fmt.format(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _e(value) -> str:

@@ -20,6 +20,8 @@ from . import __version__
 from .errors import KfoptError
 
 TRACKING_FILE = "tracking.json"
+#: The HTML report (see :mod:`kfopt.html_report`) on the parent run, beside its plots ``pareto_*.png``.
+REPORT_FILE = "report.html"
 #: Numeric metrics of the vocabulary (DESIGN.md) logged on each candidate's run.
 METRICS = ("accuracy", "accuracy_drop", "agreement", "size_bytes", "gzip_bytes", "compression_ratio",
            "sparsity", "params", "latency_p50_ms", "latency_p95_ms", "throughput_per_s", "speedup")
@@ -262,7 +264,7 @@ class RunLogger:
         return run_id
 
     def finish(self, result: dict) -> None:
-        """Log the baseline and metrics.json on the parent run and close it (once)."""
+        """Log the baseline, metrics.json and the report on the parent run and close it (once)."""
         from .optimize import METRICS_FILE
 
         run_id = self.start(result)
@@ -271,11 +273,35 @@ class RunLogger:
         self._log_batch(run_id, metrics=numeric_metrics(result.get("baseline", {}), prefix="baseline_"))
         self.client.set_tag(run_id, "kfopt.winner", str(result.get("winner")))
         self.client.set_tag(run_id, "kfopt.run_key", run_key(result))
+        stopped = (result.get("search") or {}).get("stopped")
+        if stopped:
+            self.client.set_tag(run_id, "kfopt.search_stopped", _param(stopped))
         self.client.log_dict(run_id, result.get("baseline", {}), "baseline.json")
         self.client.log_dict(run_id, result, METRICS_FILE)
+        self._log_report(run_id, result)
         self._terminate(run_id, "FINISHED")
         self.state["finished"] = True
         self.save()
+
+    def _log_report(self, run_id: str, result: dict) -> None:
+        """The HTML report, its Pareto plots as PNG files, and the search trace and layer sensitivity as JSON.
+
+        Logging again overwrites the same files, so a retry after a half-finished attempt logs nothing twice.
+        (Not ``MlflowClient.log_table``: it appends to an existing table, so a retry would double the rows.)
+        """
+        import tempfile
+
+        from .html_report import pareto_plots, render_html
+
+        plots = pareto_plots(result)
+        with tempfile.TemporaryDirectory() as folder:
+            for name, png in plots.items():
+                Path(folder, name).write_bytes(png)
+            Path(folder, REPORT_FILE).write_text(render_html(result, plots), encoding="utf-8")
+            self.client.log_artifacts(run_id, folder)
+        for key in ("search_trace", "layer_sensitivity"):
+            if result.get(key):
+                self.client.log_dict(run_id, result[key], f"{key}.json")
 
     def log_result(self, result: dict) -> None:
         """Log everything in ``result`` that is not logged yet (what ``promote --from`` does)."""

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from kfopt.errors import KfoptError
 from kfopt.optimize import METRICS_FILE, writable_dir, write_json
+from kfopt.tracking import REPORT_FILE
 
 LOG_FILE = "pipeline.log"
-REPORT_FILE = "report.html"
 #: Where a pod of a Kubeflow cluster finds its service-account token for the KFP API.
 SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
