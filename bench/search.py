@@ -1,10 +1,13 @@
 """Benchmark: the in-process accuracy-aware search (`kfopt search`) on demo:mlp and demo:cnn (digits).
 
-For each model and objective prints the winner over all rounds beside the best
-round-1 recipe (both picked by kfopt.select on the test split within the
-budget): compression_ratio, accuracy_drop, speedup, and the wall time.
+Round 1 is the built-in search space (kfopt/search_default.yaml); the layer
+sensitivity pass (each layer alone pruned to 90%) feeds refinement, which can
+keep the most sensitive layers dense. For each model and objective prints the
+winner over all rounds beside the best round-1 recipe (both picked by
+kfopt.select on the test split within the budget): compression_ratio,
+accuracy_drop, speedup, and the wall time.
 Usage: .venv/bin/python bench/search.py [--models demo:mlp demo:cnn] [--objectives size latency]
-       [--rounds 2] [--max-trials 3] [--max-time 480] [--out runs/bench-search]
+       [--rounds 3] [--max-trials 4] [--max-time 480] [--sensitivity 0.9] [--out runs/bench-search]
 """
 
 from __future__ import annotations
@@ -19,24 +22,17 @@ from rich.table import Table
 
 from kfopt.optimize import prepare
 from kfopt.progress import Reporter
-from kfopt.refine import best_of_round, search, search_table
-
-#: Round 1: one recipe per family, at settings the built-in search would use; refinement does the rest.
-#: (The plugins' default fine-tuning epochs: 20 for prune, up to 30 with early stopping for distill.)
-ROUND_ONE = [
-    "quantize(mode=int8)",
-    "prune(target_sparsity=0.9)>quantize(mode=int8)",
-    "distill(width=0.25)>quantize(mode=int8)",
-]
+from kfopt.refine import best_of_round, search, search_table, sensitivity_table
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["demo:mlp", "demo:cnn"])
-    parser.add_argument("--objectives", nargs="+", default=["size"], choices=["size", "latency"])
-    parser.add_argument("--recipes", nargs="+", default=ROUND_ONE)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max-trials", type=int, default=3)
+    parser.add_argument("--objectives", nargs="+", default=["size", "latency"], choices=["size", "latency"])
+    parser.add_argument("--recipes", nargs="+", default=None, help="Round 1 [default: the built-in search space].")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-trials", type=int, default=4)
+    parser.add_argument("--sensitivity", type=float, default=0.9, help="Layer sensitivity sparsity (0 = skip).")
     parser.add_argument("--max-time", type=float, default=480, help="Seconds per search after which no recipe starts.")
     parser.add_argument("--max-accuracy-drop", type=float, default=0.01)
     parser.add_argument("--out", default="runs/bench-search")
@@ -53,10 +49,13 @@ def main() -> int:
         prepared = prepare(model, "digits", seed=args.seed, workdir=out, reporter=Reporter())
         for objective in args.objectives:
             search_start = time.perf_counter()
-            result = search(model, "digits", out / objective, recipes=list(args.recipes), rounds=args.rounds,
+            result = search(model, "digits", out / objective, recipes=args.recipes, rounds=args.rounds,
                             max_trials=args.max_trials, max_time=args.max_time, max_accuracy_drop=args.max_accuracy_drop,
-                            objective=objective, seed=args.seed, reporter=Reporter(), baseline=prepared)
+                            objective=objective, seed=args.seed, reporter=Reporter(), baseline=prepared,
+                            sensitivity=args.sensitivity or None)
             wall = time.perf_counter() - search_start
+            if objective == args.objectives[0] and result.get("layer_sensitivity"):
+                console.print(sensitivity_table(result["layer_sensitivity"]))
             console.print(search_table(result))
             console.print(f"stopped: {result['search']['stopped']}")
             winner = next((c for c in result["candidates"] if c["recipe"] == result["winner"]), None)

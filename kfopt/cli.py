@@ -21,7 +21,26 @@ TRACKING_URI_HELP = "MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sq
 REGISTERED_MODEL_HELP = ("Register the winner as a new version of this MLflow model (alias challenger) and "
                          "move alias champion to it if it beats the current champion.")
 MAX_DROP_HELP = "Accuracy budget: largest accuracy loss allowed, vs the baseline and vs the champion (a fraction)."
-OBJECTIVE_HELP = "What 'better than the champion' means: smaller gzip_bytes (size) or latency_p50_ms (latency)."
+class _Objective(click.ParamType):
+    """size, latency, mix or mix:W, checked by kfopt.select (so the CLI and the pipeline accept the same)."""
+
+    name = "size|latency|mix[:W]"
+
+    def convert(self, value, param, ctx):
+        from .select import objective_metric
+
+        if value is None:
+            return value
+        try:
+            objective_metric(value)
+        except KfoptError as exc:
+            self.fail(exc.one_line(), param, ctx)
+        return value
+
+
+OBJECTIVE = _Objective()
+OBJECTIVE_HELP = ("What 'better than the champion' means: smaller gzip_bytes (size), latency_p50_ms (latency), or "
+                  "gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5).")
 
 
 def tracking_options(command):
@@ -106,7 +125,7 @@ def plugins(as_json: bool) -> None:
 @click.option("--registered-model", default=None, help=REGISTERED_MODEL_HELP)
 @tracking_options
 @click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP)
-@click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True, help=OBJECTIVE_HELP)
+@click.option("--objective", type=OBJECTIVE, default="size", show_default=True, help=OBJECTIVE_HELP)
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow, even when MLFLOW_TRACKING_URI is set.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_handle_errors
@@ -173,7 +192,7 @@ def _decision_line(registered: dict) -> str:
 @tracking_options
 @click.option("--max-accuracy-drop", default=None, type=click.FloatRange(0, 1),
               help=MAX_DROP_HELP + " [default: the run's, else 0.01]")
-@click.option("--objective", type=click.Choice(["size", "latency"]), default=None,
+@click.option("--objective", type=OBJECTIVE, default=None,
               help=OBJECTIVE_HELP + " [default: the run's, else size]")
 @click.option("--json", "as_json", is_flag=True, help="Print the registered_model object as JSON.")
 @_handle_errors
@@ -236,7 +255,8 @@ def history(name, tracking_uri, as_json) -> None:
 SEARCH_HELP = ("YAML list of recipes to try [default: the built-in search: PTQ modes, QAT, magnitude and "
                "structured pruning, distillation, XLA/TFLite/mixed precision].")
 SELECT_OBJECTIVE_HELP = ("How the winner is chosen among candidates within the accuracy budget, and what "
-                         "'better than the champion' means: smaller gzip_bytes (size) or latency_p50_ms (latency).")
+                         "'better than the champion' means: smaller gzip_bytes (size), latency_p50_ms (latency), or "
+                         "gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5).")
 PIPELINE_REGISTERED_HELP = "MLflow registered model for the winner [default: kfopt-<model name>, e.g. kfopt-demo-mlp]."
 PLACEMENT_HELP = "Node pools: a placement YAML file, or a built-in one: gke (NVIDIA GPUs), gke-tpu."
 
@@ -259,7 +279,8 @@ def _search_bound_options(command):
         click.option("--max-time", default=None, type=click.FloatRange(0, min_open=True),
                      help="Seconds of optimization after which no new refinement starts [default: no limit]."),
         click.option("--target-compression", default=None, type=click.FloatRange(1),
-                     help="Target ratio: compression_ratio for --objective size, speedup for latency."),
+                     help="Target ratio: compression_ratio for --objective size, speedup for latency, "
+                          "compression_ratio^W * speedup^(1-W) for mix:W."),
         click.option("--stop-when-met", is_flag=True,
                      help="Stop refining once a candidate within the budget reaches --target-compression."),
         click.option("--sensitivity", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True),
@@ -293,7 +314,7 @@ def _run_parameter_options(command):
         click.option("--model", "-m", default="demo:mlp", show_default=True, help=MODEL_HELP),
         click.option("--data", "-d", default="digits", show_default=True, help=DATA_HELP),
         click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP),
-        click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True,
+        click.option("--objective", type=OBJECTIVE, default="size", show_default=True,
                      help=SELECT_OBJECTIVE_HELP),
         click.option("--registered-model", default=None, help=PIPELINE_REGISTERED_HELP),
         click.option("--tracking-uri", default=None, help=TRACKING_URI_HELP),
@@ -427,8 +448,9 @@ def _file_url(path) -> str:
               help="Directory for the baseline, every candidate and metrics.json (with search_trace).")
 @_rounds_option
 @click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP)
-@click.option("--objective", type=click.Choice(["size", "latency"]), default="size", show_default=True,
-              help="What the search minimises within the budget: gzip_bytes (size) or latency_p50_ms (latency).")
+@click.option("--objective", type=OBJECTIVE, default="size", show_default=True,
+              help="What the search minimises within the budget: gzip_bytes (size), latency_p50_ms (latency), or "
+                   "a weighted mix of both (mix = half and half, mix:0.7 = 70% size).")
 @_search_bound_options
 @click.option("--seed", default=0, show_default=True, help="Seed for data splits, training and calibration.")
 @click.option("--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation).")

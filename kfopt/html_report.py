@@ -15,7 +15,7 @@ import html
 import io
 
 from .report import COLUMNS as METRIC_COLUMNS
-from .select import OBJECTIVES, pareto_front
+from .select import OBJECTIVES, objective_metric, pareto_front
 
 #: (key, header, format) of the candidates table: the terminal table's metrics, after the format.
 #: A format of None means: shown as it is (numbers compactly).
@@ -61,7 +61,7 @@ def render_html(result: dict, plots: dict[str, bytes] | None = None) -> str:
         f"<html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         "<p>",
-        f"Objective: <b>{_e(objective)}</b> (lowest {_e(OBJECTIVES.get(objective, '?'))})",
+        f"Objective: <b>{_e(objective)}</b> (lowest {_e(objective_metric(objective))})",
         f"; accuracy budget: at most <b>{budget:.4f}</b> below the baseline on the test split" if budget is not None else "",
         f"; winner: <b>{_e(winner)}</b>." if winner else "; <b>no candidate is within the budget</b>.",
         "</p>",
@@ -143,8 +143,8 @@ def _trace_section(result: dict) -> str:
     if not trace:
         return ""
     objective = (result.get("search") or {}).get("objective") or result.get("selection", {}).get("objective", "size")
-    metric = OBJECTIVES.get(objective, "gzip_bytes")
-    known = [*TRACE_COLUMNS, next(c for c in METRIC_COLUMNS if c[0] == metric)]
+    # Both objective metrics (a mix objective weighs the two).
+    known = [*TRACE_COLUMNS, *(c for c in METRIC_COLUMNS if c[0] in OBJECTIVES.values())]
     columns = _with_extra_columns(trace, known)
     rows = []
     for entry in trace:

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import tracking
 from .errors import KfoptError
 from .observers import DEFAULT_EXPERIMENT, DEFAULT_MAX_ACCURACY_DROP
-from .select import OBJECTIVES, check_goal
+from .select import check_goal, objective_metric, objective_value
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -93,22 +93,24 @@ def gate(challenger: dict, champion: dict | None, *, max_accuracy_drop: float, o
     when there is no champion, or when its accuracy is at least the champion's
     minus the budget and it is strictly better on the objective.
     """
-    key = OBJECTIVES[objective]
+    key = objective_metric(objective)
     drop = challenger.get("accuracy_drop")
     if drop is not None and drop > max_accuracy_drop + 1e-9:
         return False, f"accuracy drop {drop:.4f} from its baseline exceeds the budget {max_accuracy_drop:g}"
     if champion is None:
         return True, "no champion yet"
     name = f"champion v{champion_version}" if champion_version else "the champion"
-    missing = [k for k in ("accuracy", key) if challenger.get(k) is None or champion.get(k) is None]
+    ours, theirs = objective_value(challenger, objective), objective_value(champion, objective)
+    missing = [k for k, a, b in (("accuracy", challenger.get("accuracy"), champion.get("accuracy")), (key, ours, theirs))
+               if a is None or b is None]
     if missing:
         return False, f"cannot compare with {name}: {', '.join(missing)} missing"
     if challenger["accuracy"] < champion["accuracy"] - max_accuracy_drop - 1e-9:
         return False, (f"accuracy {challenger['accuracy']:.4f} is more than {max_accuracy_drop:g} below "
                        f"{name}'s {champion['accuracy']:.4f}")
-    if not challenger[key] < champion[key]:
-        return False, f"{key} {challenger[key]:g} is not below {name}'s {champion[key]:g}"
-    return True, (f"{key} {challenger[key]:g} < {name}'s {champion[key]:g}, accuracy {challenger['accuracy']:.4f} "
+    if not ours < theirs:
+        return False, f"{key} {ours:g} is not below {name}'s {theirs:g}"
+    return True, (f"{key} {ours:g} < {name}'s {theirs:g}, accuracy {challenger['accuracy']:.4f} "
                   f"vs {champion['accuracy']:.4f} (budget {max_accuracy_drop:g})")
 
 

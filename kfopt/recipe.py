@@ -1,6 +1,7 @@
 """Recipes: ordered steps of techniques, parsed, validated and format-checked before any work.
 
-Inline form: ``prune(target_sparsity=0.8)>quantize(mode=int8)``.
+Inline form: ``prune(target_sparsity=0.8)>quantize(mode=int8)``; a list value
+is written in brackets: ``prune(keep_dense=[conv2d,dense_1])``.
 YAML form::
 
     name: prune-int8          # optional
@@ -111,16 +112,16 @@ def _inline(text: str) -> Recipe:
 
 
 def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside parentheses and quotes."""
+    """Split on ``sep`` outside parentheses, brackets and quotes."""
     parts, depth, quote, current = [], 0, None, []
     for ch in text:
         if quote:
             quote = None if ch == quote else quote
         elif ch in "'\"":
             quote = ch
-        elif ch == "(":
+        elif ch in "([":
             depth += 1
-        elif ch == ")":
+        elif ch in ")]":
             depth -= 1
         elif ch == sep and depth == 0:
             parts.append("".join(current))
@@ -135,6 +136,8 @@ def _parse_value(raw: str) -> Any:
     # Deliberately not YAML: YAML 1.1 reads "2:4" as the number 124.
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
         return raw[1:-1]
+    if raw.startswith("[") and raw.endswith("]"):
+        return [_parse_value(item.strip()) for item in _split_top(raw[1:-1], ",") if item.strip()]
     lowered = raw.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -149,7 +152,9 @@ def _parse_value(raw: str) -> Any:
 
 
 def _format_value(value: Any) -> str:
-    if isinstance(value, str) and any(c in value for c in ",()>= "):
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, str) and any(c in value for c in ",()[]>= "):
         return repr(value)
     return str(value)
 

@@ -10,7 +10,19 @@ and proposes a few recipes that push where the budget still has room:
   narrowest student inside the budget and the widest one outside (0.0625);
 - **chains**: the best feasible student pruned to the best feasible sparsity
   then int8 (``distill>prune>quantize(int8)``), and the best feasible prune
-  with quantization-aware training instead of post-training int8.
+  with quantization-aware training instead of post-training int8;
+- **sensitive layers** (with :func:`layer_sensitivity` rows): keep the layers
+  whose pruning alone costs more than the budget dense (the densest in val
+  drop per kernel param first, together at most ``KEEP_SHARE`` of the kernel
+  params) and prune the rest beyond the bisection bracket, to its upper end
+  (``prune(keep_dense=[...])``); each such set is then bisected like plain
+  pruning. Layers whose int8 weights alone cost more than the budget stay float
+  under QAT (``quantize(mode=qat,float_layers=[...])``) in the most compressed
+  chain over budget;
+- **longer fine-tuning**: a chain over budget by at most ``LONGER_MAX_DROP``
+  budgets that fine-tuned for fewer epochs than its techniques' defaults is
+  retried at the defaults (the built-in search space uses short fine-tuning).
+  Every proposal fine-tunes for at least the defaults, for the same reason.
 
 Every choice here ("inside the budget", "best") uses the **validation** split
 (``val_accuracy_drop``) only; the test split is for the final budget check by
@@ -32,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import KfoptError
-from .select import _TOLERANCE, apply_selection, objective_metric, select
+from .select import (_TOLERANCE, OBJECTIVES, apply_selection, objective_metric, objective_ratio, objective_value,
+                     select)
 
 #: Bisection bounds when no candidate has yet failed the budget on that side.
 SPARSITY_CEILING = 0.98
@@ -41,8 +54,13 @@ WIDTH_FLOOR = 0.0625
 MIN_SPARSITY_STEP = 0.01
 MIN_WIDTH_RATIO = 1.15
 
-#: Objective name -> the ratio metric a --target-compression is compared with.
-TARGET_METRICS = {"size": "compression_ratio", "latency": "speedup"}
+#: Sensitive layers kept dense (or float) together hold at most this share of the kernel params.
+#: demo:cnn: keeping its output Dense and first Conv (1.4%) dense let the big Dense go to 98%
+#: (31.6x); adding the second Conv (8%) as well left it at 18.8x, below plain 94% pruning.
+KEEP_SHARE = 0.05
+#: Only a chain over budget by at most this many budgets is retried with longer fine-tuning.
+LONGER_MAX_DROP = 2.0
+
 
 
 @dataclass
@@ -70,17 +88,20 @@ def _val_measured(record: dict) -> bool:
 
 def best_feasible(records: list[dict], max_accuracy_drop: float, objective: str) -> dict | None:
     """The best candidate by the objective among those within the budget on the validation split."""
-    metric = objective_metric(objective)
-    feasible = [r for r in records if val_feasible(r, max_accuracy_drop) and r.get(metric) is not None]
+    feasible = [r for r in records if val_feasible(r, max_accuracy_drop) and objective_value(r, objective) is not None]
     if not feasible:
         return None
-    return min(feasible, key=lambda r: (r[metric], r["val_accuracy_drop"], r["recipe"]))
+    return min(feasible, key=lambda r: (objective_value(r, objective), r["val_accuracy_drop"], r["recipe"]))
 
 
 def _fmt(value) -> str:
+    from .recipe import _format_value
+
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    return _format_value(value)
 
 
 def _inline(steps: list[tuple[str, dict]]) -> str:
@@ -105,11 +126,19 @@ def _canonical(label: str, techniques) -> str:
         return label
 
 
-def _prune_config(config: dict, sparsity: float) -> dict:
+def _prune_config(config: dict, sparsity: float, keep: tuple[str, ...] | None = None) -> dict:
+    """A prune step at ``sparsity``, keeping ``keep`` dense (default: the layers ``config`` keeps dense)."""
     out = {"method": config.get("method", "magnitude"), "target_sparsity": round(sparsity, 3)}
     if config.get("epochs") is not None:
         out["epochs"] = config["epochs"]
+    keep = _keep(config) if keep is None else keep
+    if keep:
+        out["keep_dense"] = list(keep)
     return out
+
+
+def _keep(config: dict) -> tuple[str, ...]:
+    return tuple(sorted(config.get("keep_dense") or ()))
 
 
 def _distill_config(config: dict, width: float) -> dict:
@@ -126,7 +155,8 @@ def _minimal(name: str, config: dict) -> dict:
     if name == "distill":
         return _distill_config(config, config.get("width", 0.5))
     if name == "quantize":
-        return {"mode": config.get("mode", "int8")}
+        floats = sorted(config.get("float_layers") or ())
+        return {"mode": config.get("mode", "int8"), **({"float_layers": floats} if floats else {})}
     return config
 
 
@@ -145,25 +175,152 @@ def _drop(record: dict) -> str:
 
 
 # -- proposing -----------------------------------------------------------------
-def _bisect_prune(records, budget) -> Proposal | None:
-    # Pure prune chains only: a distilled student prunes differently (the chains below cover it).
-    pruned = [(r, _family(r, "prune")) for r in records if _val_measured(r) and _family(r, "distill") is None]
-    pruned = [(r, found) for r, found in pruned if found is not None]
-    feasible = [(r, f) for r, f in pruned if val_feasible(r, budget)]
+def _sparsity(config: dict) -> float:
+    return float(config.get("target_sparsity", 0))
+
+
+def _prune_runs(records) -> list[tuple[dict, int, dict]]:
+    """(record, index, config) of the val-measured prune chains without distillation (magnitude/l1 only)."""
+    # A distilled student prunes differently: the chains below cover it.
+    runs = [(r, _family(r, "prune")) for r in records if _val_measured(r) and _family(r, "distill") is None]
+    return [(r, *found) for r, found in runs if found is not None]
+
+
+def _bracket(records, budget, keep: tuple[str, ...] = ()):
+    """The prune bisection bracket of the ``keep_dense`` set ``keep``: ``(best run, low, high, high's origin)``.
+
+    ``low`` is the highest val-feasible sparsity, ``high`` the lowest sparsity
+    over budget above it (fine-tuned at least as long) or the ceiling. Keeping
+    layers dense only makes pruning easier, so a feasible plain prune bounds a
+    ``keep`` set from below too. None when nothing is feasible.
+    """
+    runs = _prune_runs(records)
+    feasible = [run for run in runs if val_feasible(run[0], budget) and _keep(run[2]) in {keep, ()}]
     if not feasible:
         return None
-    best, (index, config) = max(feasible, key=lambda rf: (rf[1][1].get("target_sparsity", 0), -rf[0]["val_accuracy_drop"]))
-    low = float(config.get("target_sparsity", 0))
-    above = [f[1].get("target_sparsity", 0) for r, f in pruned if not val_feasible(r, budget) and f[1].get("target_sparsity", 0) > low]
-    high = min(above) if above else SPARSITY_CEILING
-    if high - low < MIN_SPARSITY_STEP:
+    best = max(feasible, key=lambda run: (_sparsity(run[2]), _keep(run[2]) == keep, -run[0]["val_accuracy_drop"]))
+    low, epochs = _sparsity(best[2]), best[2].get("epochs") or 0
+    above = [_sparsity(c) for r, _, c in runs if _keep(c) == keep and not val_feasible(r, budget)
+             and _sparsity(c) > low and (c.get("epochs") or 0) >= epochs]
+    high = min(above, default=SPARSITY_CEILING)
+    return best, low, high, (f"lowest sparsity over budget {high:g}" if above else f"nothing over budget yet, ceiling {high:g}")
+
+
+def _bisect_prune(records, budget, keep: tuple[str, ...] = ()) -> Proposal | None:
+    bracket = _bracket(records, budget, keep)
+    if bracket is None or bracket[2] - bracket[1] < MIN_SPARSITY_STEP:
         return None
+    (best, index, config), low, high, bound = bracket
     middle = round((low + high) / 2, 3)
     steps = [(n, _minimal(n, c)) for n, c in _steps(best)]
-    steps[index] = ("prune", _prune_config(config, middle))
-    bound = (f"lowest sparsity over budget {high:g}" if above else f"nothing over budget yet, ceiling {high:g}")
-    return Proposal(_inline(steps), f"bisect prune sparsity up from '{best['recipe']}' "
+    steps[index] = ("prune", _prune_config(config, middle, keep))
+    kept = f" with keep_dense=[{','.join(keep)}]" if keep else ""
+    return Proposal(_inline(steps), f"bisect prune sparsity up{kept} from '{best['recipe']}' "
                                     f"(sparsity {low:g}, {_drop(best)}; {bound}): try {middle:g}")
+
+
+def _sensitive_layers(rows, key: str, budget: float) -> list[dict]:
+    """Rows whose ``key`` (a val drop with that layer alone changed) exceeds the budget, kept within KEEP_SHARE.
+
+    The layers saving the most accuracy per kernel param come first.
+    """
+    total = sum(r["params"] for r in rows)
+    chosen, share = [], 0
+    for row in sorted(rows, key=lambda r: (-(r.get(key) or 0) / max(r["params"], 1), r["layer"])):
+        if (row.get(key) or 0) > budget + _TOLERANCE and share + row["params"] <= KEEP_SHARE * total:
+            chosen.append(row)
+            share += row["params"]
+    return chosen
+
+
+def _layer_list(rows, key: str, what: str) -> str:
+    return ", ".join(f"{r['layer']} ({r['params']:,} params, val drop {r[key] * 100:+.2f} pt {what})" for r in rows)
+
+
+def _keep_sensitive_dense(records, budget, sensitivity) -> Proposal | None:
+    """Keep the most prune-sensitive layers dense and prune the rest to the upper end of the bracket."""
+    rows = _sensitive_layers(sensitivity or [], "val_accuracy_drop", budget)
+    keep = tuple(sorted(r["layer"] for r in rows))
+    if not keep or any(_keep(c) == keep for _, _, c in _prune_runs(records)):
+        return None  # nothing sensitive, or this set was tried: _bisect_prune refines it
+    bracket = _bracket(records, budget)
+    if bracket is None:
+        return None
+    (best, index, config), low, high, bound = bracket
+    total = sum(r["params"] for r in sensitivity)
+    kept = sum(r["params"] for r in rows)
+    if kept + (total - kept) * (1 - high) >= total * (1 - low):
+        return None  # the dense layers would cost more nonzero weights than pruning them saves
+    steps = [(n, _minimal(n, c)) for n, c in _steps(best)]
+    steps[index] = ("prune", _prune_config(config, high, keep))
+    pruned_to = f"{rows[0]['sparsity']:.0%}" if rows[0].get("sparsity") else "the sensitivity sparsity"
+    return Proposal(_inline(steps), (
+        f"keep the most sensitive layers dense: {_layer_list(rows, 'val_accuracy_drop', f'pruned alone to {pruned_to}')}"
+        f" ({kept / total:.1%} of kernel params), and prune the rest to {high:g}, beyond '{best['recipe']}' "
+        f"(sparsity {low:g}, {_drop(best)}; {bound})"))
+
+
+def _float_sensitive(records, budget, sensitivity, objective: str) -> Proposal | None:
+    """The best chain (on the objective) over budget that quantizes to int8, with the int8-sensitive layers float (QAT)."""
+    rows = _sensitive_layers(sensitivity or [], "int8_val_accuracy_drop", budget)
+    if not rows:
+        return None
+    over = [r for r in records if _val_measured(r) and not val_feasible(r, budget) and objective_value(r, objective) is not None
+            and _steps(r)[-1][0] == "quantize" and _steps(r)[-1][1].get("mode") in ("int8", "qat")]
+    if not over:
+        return None
+    base = min(over, key=lambda r: (objective_value(r, objective), r["val_accuracy_drop"], r["recipe"]))
+    floats = sorted(r["layer"] for r in rows)
+    steps = [(n, _minimal(n, c)) for n, c in _steps(base)]
+    steps[-1] = ("quantize", {"mode": "qat", "float_layers": floats})
+    return Proposal(_inline(steps), (
+        f"keep the layers whose int8 weights cost the most accuracy in float: "
+        f"{_layer_list(rows, 'int8_val_accuracy_drop', 'with int8 weights alone')}; quantization-aware training of "
+        f"the rest, to bring '{base['recipe']}' ({_drop(base)}) within budget"))
+
+
+def _longer(records, budget, objective: str, techniques) -> list[Proposal]:
+    """Chains a little over budget that fine-tuned for fewer epochs than the defaults, at the defaults (best first)."""
+    near = [r for r in records if _val_measured(r) and not val_feasible(r, budget) and objective_value(r, objective) is not None
+            and r["val_accuracy_drop"] <= LONGER_MAX_DROP * budget + _TOLERANCE]
+    out = []
+    for record in sorted(near, key=lambda r: (objective_value(r, objective), r["val_accuracy_drop"], r["recipe"])):
+        same = Proposal(_inline([(n, _minimal(n, c)) for n, c in _steps(record)]),
+                        f"fine-tune longer: '{record['recipe']}' ({_drop(record)}), to win back accuracy")
+        longer = _fully_fine_tuned(same, techniques)
+        if longer.recipe != same.recipe:
+            out.append(longer)
+    return out
+
+
+def _fully_fine_tuned(proposal: Proposal, techniques) -> Proposal:
+    """``proposal`` with every step fine-tuning for at least its technique's default epochs.
+
+    A search space may screen with short fine-tuning; what refinement proposes
+    is meant to ship, and on a small validation split a briefly fine-tuned
+    model that looks within budget often is not on the test split.
+    """
+    from .recipe import parse_recipe
+
+    steps, raised = [], []
+    for step in parse_recipe([proposal.recipe]).steps:
+        config = dict(step.config)
+        default = _default_epochs(techniques, step.technique)
+        if default is not None and config.get("epochs", default) < default:
+            config["epochs"] = default
+            raised.append(f"{step.technique} {default}")
+        steps.append((step.technique, config))
+    if not raised:
+        return proposal
+    return Proposal(_inline(steps), f"{proposal.why}; fine-tuning for the default epochs ({', '.join(raised)})")
+
+
+def _default_epochs(techniques, name: str) -> int | None:
+    try:
+        field = techniques.get(name).Config.model_fields.get("epochs")
+    except KfoptError:  # not installed here
+        return None
+    return field.default if field is not None and isinstance(field.default, int) else None
 
 
 def _bisect_distill(records, budget) -> Proposal | None:
@@ -173,8 +330,10 @@ def _bisect_distill(records, budget) -> Proposal | None:
     if not feasible:
         return None
     best, (index, config) = min(feasible, key=lambda rf: (rf[1][1].get("width", 0.5), rf[0]["val_accuracy_drop"]))
-    high = float(config.get("width", 0.5))
-    below = [f[1].get("width", 0.5) for r, f in students if not val_feasible(r, budget) and f[1].get("width", 0.5) < high]
+    high, epochs = float(config.get("width", 0.5)), config.get("epochs") or 0
+    # A student over budget bounds the bracket when it was trained at least as long as the best one.
+    below = [f[1].get("width", 0.5) for r, f in students if not val_feasible(r, budget)
+             and f[1].get("width", 0.5) < high and (f[1].get("epochs") or 0) >= epochs]
     low = max(below) if below else WIDTH_FLOOR
     if high / low < MIN_WIDTH_RATIO:
         return None
@@ -220,8 +379,12 @@ def propose(records: list[dict], *, max_accuracy_drop: float = 0.01, objective: 
     ``records`` are candidate records (``metrics.json`` shape, with
     ``val_accuracy_drop``) of all rounds so far; ``tried`` are labels not to
     propose again (the labels of ``records`` always count as tried).
-    ``sensitivity`` are :func:`layer_sensitivity` rows of the baseline. Only
-    the validation split decides what is feasible or best.
+    ``sensitivity`` are :func:`layer_sensitivity` rows of the baseline: with
+    them the most sensitive layers are kept dense (or float under QAT). Order:
+    for size the prune proposals (sensitive layers dense, then bisections),
+    then distillation; for latency distillation first; then longer fine-tuning,
+    chains and float layers. Only the validation split decides what is
+    feasible or best.
     """
     objective_metric(objective)  # a bad objective fails here, with the choices
     if techniques is None:
@@ -230,14 +393,20 @@ def propose(records: list[dict], *, max_accuracy_drop: float = 0.01, objective: 
         techniques = registry()
     seen = {_key(r["steps"]) if r.get("steps") else r["recipe"] for r in records}
     seen |= {_canonical(t, techniques) for t in tried or []}
-    prune, distill = _bisect_prune(records, max_accuracy_drop), _bisect_distill(records, max_accuracy_drop)
+    budget = max_accuracy_drop
+    keep_sets = sorted({_keep(c) for _, _, c in _prune_runs(records)} - {()})
+    prune = [_keep_sensitive_dense(records, budget, sensitivity)]
+    prune += [_bisect_prune(records, budget, keep) for keep in keep_sets] + [_bisect_prune(records, budget)]
+    distill = [_bisect_distill(records, budget)]
     # Sparsity shrinks gzip size but not dense-kernel latency; narrower students shrink both.
-    ordered = [prune, distill] if objective == "size" else [distill, prune]
-    ordered += _chains(records, max_accuracy_drop)
+    ordered = distill + prune if objective == "latency" else prune + distill
+    ordered += _longer(records, budget, objective, techniques)
+    ordered += _chains(records, budget) + [_float_sensitive(records, budget, sensitivity, objective)]
     out = []
     for proposal in ordered:
         if proposal is None or len(out) >= max_trials:
             continue
+        proposal = _fully_fine_tuned(proposal, techniques)
         key = _canonical(proposal.recipe, techniques)
         if key in seen:
             continue
@@ -248,17 +417,19 @@ def propose(records: list[dict], *, max_accuracy_drop: float = 0.01, objective: 
 
 # -- layer sensitivity -----------------------------------------------------------
 def layer_sensitivity(keras_model, data, sparsity: float = 0.9) -> list[dict]:
-    """Prune one layer at a time (its smallest ``sparsity`` of kernel weights, no fine-tuning).
+    """Prune one layer at a time (its smallest ``sparsity`` of kernel weights, no fine-tuning), then int8 it.
 
     Returns one row per layer with kernels: ``layer``, ``params`` (kernel
     weights), ``sparsity``, ``val_accuracy`` and ``val_accuracy_drop`` against
-    the unpruned model, on the validation split. The caller's model is not
-    changed (a copy is pruned). Most sensitive layer first.
+    the unpruned model, and ``int8_val_accuracy_drop`` when only that layer's
+    kernels are rounded to int8 (symmetric, per output channel, as the TFLite
+    converter stores them), all on the validation split. The caller's model is
+    not changed (a copy is changed). Most prune-sensitive layer first.
     """
     import numpy as np
 
     from .models import copy_model
-    from .plugins.prune import threshold_global
+    from .plugins.prune import kernel_layers, threshold_global
 
     x, y = data.validation.arrays()
     if not len(x):
@@ -269,24 +440,37 @@ def layer_sensitivity(keras_model, data, sparsity: float = 0.9) -> list[dict]:
         pred = np.concatenate([np.asarray(model(x[i:i + 256], training=False)) for i in range(0, len(x), 256)])
         return float((pred.argmax(axis=1) == y).mean())
 
-    base = val_accuracy()
-    rows = []
-    for layer in model.layers:
-        kernels = [w for w in layer.trainable_weights if len(w.shape) >= 2]
-        if not kernels:
-            continue
+    def accuracy_with(kernels, values) -> float:
         original = [k.numpy() for k in kernels]
         try:
-            for kernel, value in zip(kernels, threshold_global(original, sparsity)):
+            for kernel, value in zip(kernels, values):
                 kernel.assign(value)
-            accuracy = val_accuracy()
+            return val_accuracy()
         finally:
             for kernel, value in zip(kernels, original):
                 kernel.assign(value)
+
+    base = val_accuracy()
+    rows = []
+    for layer in kernel_layers(model):
+        kernels = [w for w in layer.trainable_weights if len(w.shape) >= 2]
+        original = [k.numpy() for k in kernels]
+        accuracy = accuracy_with(kernels, threshold_global(original, sparsity))
+        int8 = accuracy_with(kernels, [_int8_weights(v) for v in original])
         rows.append({"layer": layer.name, "params": int(sum(v.size for v in original)), "sparsity": sparsity,
-                     "val_accuracy": accuracy, "val_accuracy_drop": base - accuracy})
+                     "val_accuracy": accuracy, "val_accuracy_drop": base - accuracy,
+                     "int8_val_accuracy_drop": base - int8})
     rows.sort(key=lambda r: (-r["val_accuracy_drop"], r["layer"]))
     return rows
+
+
+def _int8_weights(kernel):
+    """``kernel`` rounded to int8 and back: symmetric, one scale per output channel (the last axis)."""
+    import numpy as np
+
+    scale = np.abs(kernel).max(axis=tuple(range(kernel.ndim - 1)), keepdims=True) / 127
+    scale = np.where(scale > 0, scale, 1)
+    return (np.round(kernel / scale) * scale).astype(kernel.dtype)
 
 
 def sensitivity_table(rows: list[dict]):
@@ -294,11 +478,14 @@ def sensitivity_table(rows: list[dict]):
     from rich.table import Table
 
     sparsity = rows[0]["sparsity"] if rows else 0
-    table = Table(title=f"Layer sensitivity: one layer pruned to {sparsity:.0%}, no fine-tuning (validation split)")
-    for col in ("layer", "kernel params", "val accuracy", "val drop"):
+    table = Table(title=f"Layer sensitivity: one layer pruned to {sparsity:.0%} or its weights int8, "
+                        "no fine-tuning (validation split)")
+    for col in ("layer", "kernel params", "val accuracy", "val drop", "int8 weights val drop"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for row in rows:
-        table.add_row(row["layer"], f"{row['params']:,}", f"{row['val_accuracy']:.4f}", f"{row['val_accuracy_drop'] * 100:+.2f} pt")
+        int8 = row.get("int8_val_accuracy_drop")
+        table.add_row(row["layer"], f"{row['params']:,}", f"{row['val_accuracy']:.4f}", f"{row['val_accuracy_drop'] * 100:+.2f} pt",
+                      "-" if int8 is None else f"{int8 * 100:+.2f} pt")
     return table
 
 
@@ -311,9 +498,8 @@ def target_met(records: list[dict], *, max_accuracy_drop: float, objective: str,
     """A candidate within the budget (validation split) whose ratio metric reaches ``target``, or None."""
     if target is None:
         return None
-    metric = TARGET_METRICS[objective]
-    hits = [r for r in records if val_feasible(r, max_accuracy_drop) and (r.get(metric) or 0) >= target]
-    return max(hits, key=lambda r: r[metric], default=None)
+    hits = [r for r in records if val_feasible(r, max_accuracy_drop) and (objective_ratio(r, objective)[1] or 0) >= target]
+    return max(hits, key=lambda r: objective_ratio(r, objective)[1], default=None)
 
 
 def search_settings(*, rounds: int, max_trials: int, max_time: float | None, objective: str,
@@ -329,10 +515,11 @@ def search_settings(*, rounds: int, max_trials: int, max_time: float | None, obj
 
 def trace_entry(candidate: dict, objective: str) -> dict:
     """One line of the search trace: which round proposed the recipe, why, and what came of it."""
-    metric = objective_metric(objective)
+    objective_metric(objective)
     return {"round": candidate.get("round", 1), "recipe": candidate["recipe"],
             "why": candidate.get("why") or "round 1: from the search space", "status": candidate["status"],
-            "val_accuracy_drop": candidate.get("val_accuracy_drop"), metric: candidate.get(metric)}
+            "val_accuracy_drop": candidate.get("val_accuracy_drop"),
+            **{metric: candidate.get(metric) for metric in OBJECTIVES.values()}}
 
 
 def next_round(records: list[dict], number: int, *, max_accuracy_drop: float = 0.01, objective: str = "size",
@@ -351,8 +538,8 @@ def next_round(records: list[dict], number: int, *, max_accuracy_drop: float = 0
         raise KfoptError("--stop-when-met needs a target.", "pass --target-compression X as well, or drop --stop-when-met.")
     hit = target_met(records, max_accuracy_drop=max_accuracy_drop, objective=objective, target=target)
     if stop_when_met and hit:
-        metric = TARGET_METRICS[objective]
-        return [], f"target {target:g}x met by '{hit['recipe']}' ({metric} {hit[metric]:.1f}x)"
+        name, value = objective_ratio(hit, objective)
+        return [], f"target {target:g}x met by '{hit['recipe']}' ({name} {value:.1f}x)"
     if max_time is not None and elapsed is not None and elapsed > max_time:
         return [], f"time budget of {max_time:g} s spent"
     proposals = propose(records, max_accuracy_drop=max_accuracy_drop, objective=objective, max_trials=max_trials,
@@ -378,7 +565,8 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
     ``metrics.json`` under ``out`` with a ``search_trace`` and returns it.
     ``baseline`` may be a ``(ModelHandle, Data)`` pair already prepared. With
     ``sensitivity`` (a sparsity), :func:`layer_sensitivity` of the baseline is
-    added as ``layer_sensitivity`` (informational: refinement does not use it yet).
+    added as ``layer_sensitivity`` and refinement keeps the most sensitive layers
+    dense (or float under QAT), see :func:`propose`.
     """
     from .evaluate import LATENCY_RUNS, Evaluator
     from .optimize import METRICS_FILE, prepare, run_recipe, writable_dir, write_json

@@ -15,6 +15,8 @@ from .errors import KfoptError, did_you_mean
 #: Objective name -> the metric it minimises. Both are measured on the same
 #: host for every candidate, so they compare across formats.
 OBJECTIVES = {"size": "gzip_bytes", "latency": "latency_p50_ms"}
+#: The weighted mix of both: ``mix`` (half and half) or ``mix:W`` (W on size); see :func:`objective_value`.
+MIX = "mix"
 
 #: Slack for comparing an accuracy drop with the budget: drops are differences
 #: of fractions of the test set, so 0.01 may come out as 0.010000000000000009.
@@ -39,11 +41,12 @@ class Selection:
     pareto: list[str] = field(default_factory=list)
     within_budget: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
+    fronts: dict[str, list[str]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"objective": self.objective, "metric": self.metric, "max_accuracy_drop": self.max_accuracy_drop,
                 "winner": self.winner, "pareto": list(self.pareto), "within_budget": list(self.within_budget),
-                "reasons": dict(self.reasons)}
+                "reasons": dict(self.reasons), "pareto_fronts": dict(self.fronts)}
 
 
 def check_goal(max_accuracy_drop: float, objective: str) -> str:
@@ -55,38 +58,100 @@ def check_goal(max_accuracy_drop: float, objective: str) -> str:
 
 
 def objective_metric(objective: str) -> str:
-    """The metric an objective minimises; a KfoptError naming the choices otherwise."""
-    try:
+    """What an objective minimises: a metric name, or for a mix the formula; a KfoptError naming the choices otherwise."""
+    if objective in OBJECTIVES:
         return OBJECTIVES[objective]
-    except KeyError:
+    weight = mix_weight(objective)
+    if weight is None:
         raise KfoptError(
-            f"Unknown objective '{objective}'.{did_you_mean(str(objective), OBJECTIVES)} "
-            f"Valid objectives: {', '.join(OBJECTIVES)}.",
-            "pass --objective size (smallest gzip_bytes) or --objective latency (lowest latency_p50_ms).",
+            f"Unknown objective '{objective}'.{did_you_mean(str(objective), [*OBJECTIVES, MIX])} "
+            f"Valid objectives: {', '.join(OBJECTIVES)}, {MIX} or {MIX}:W.",
+            "pass --objective size (smallest gzip_bytes), latency (lowest latency_p50_ms), or mix:0.7 "
+            "(a weighted mix: 70% size, 30% latency).",
         ) from None
+    return f"gzip_bytes^{weight:g} * latency_p50_ms^{1 - weight:g}"
 
 
-def measured(candidate: dict, metric: str) -> bool:
-    """True when the candidate finished and has both accuracy and ``metric``."""
-    return candidate.get("status") == "ok" and candidate.get("accuracy") is not None and candidate.get(metric) is not None
+def mix_weight(objective: str) -> float | None:
+    """The weight on size of a ``mix`` / ``mix:W`` objective (0.5 for plain ``mix``); None for other objectives."""
+    text = str(objective)
+    if text == MIX:
+        return 0.5
+    if not text.startswith(MIX + ":"):
+        return None
+    try:
+        weight = float(text[len(MIX) + 1:])
+    except ValueError:
+        weight = -1.0
+    if not 0 < weight < 1:
+        raise KfoptError(f"Objective '{objective}': the weight after '{MIX}:' must be a number between 0 and 1.",
+                         "pass e.g. --objective mix:0.7 for 70% size and 30% latency, or plain mix for half and half.")
+    return weight
 
 
-def pareto_front(candidates: Iterable[dict], metric: str) -> list[str]:
-    """Labels of measured candidates not dominated on (higher accuracy, lower ``metric``).
+def objective_value(record: dict, objective: str) -> float | None:
+    """What ``objective`` minimises for one candidate, or None when it was not measured.
 
+    ``size`` is ``gzip_bytes`` and ``latency`` is ``latency_p50_ms``. ``mix:W``
+    is ``gzip_bytes^W * latency_p50_ms^(1-W)``: a weighted geometric mean, so
+    halving the size is worth as much as halving the latency (at W = 0.5)
+    whatever the units, and the ranking does not depend on a baseline.
+    """
+    if objective in OBJECTIVES:
+        return record.get(OBJECTIVES[objective])
+    weight = mix_weight(objective)
+    if weight is None:
+        objective_metric(objective)  # raises, naming the choices
+    size, latency = record.get("gzip_bytes"), record.get("latency_p50_ms")
+    if not size or not latency or size <= 0 or latency <= 0:
+        return None
+    return size ** weight * latency ** (1 - weight)
+
+
+def objective_ratio(record: dict, objective: str) -> tuple[str, float | None]:
+    """(name, value) of the like-for-like ratio a target is compared with: ``compression_ratio`` for size,
+    ``speedup`` for latency, ``compression_ratio^W * speedup^(1-W)`` for ``mix:W`` (higher is better)."""
+    if objective == "size":
+        return "compression_ratio", record.get("compression_ratio")
+    if objective == "latency":
+        return "speedup", record.get("speedup")
+    weight = mix_weight(objective)
+    if weight is None:
+        objective_metric(objective)  # raises, naming the choices
+    ratio, speedup = record.get("compression_ratio"), record.get("speedup")
+    value = ratio ** weight * speedup ** (1 - weight) if ratio and speedup and ratio > 0 and speedup > 0 else None
+    return f"compression_ratio^{weight:g} * speedup^{1 - weight:g}", value
+
+
+def _value(record: dict, key: str):
+    """``key`` is an objective (size, latency, mix:W) or a plain metric name."""
+    if key in OBJECTIVES or mix_weight(key) is not None:
+        return objective_value(record, key)
+    return record.get(key)
+
+
+def measured(candidate: dict, key: str) -> bool:
+    """True when the candidate finished and has both accuracy and ``key`` (a metric or an objective)."""
+    return candidate.get("status") == "ok" and candidate.get("accuracy") is not None and _value(candidate, key) is not None
+
+
+def pareto_front(candidates: Iterable[dict], key: str) -> list[str]:
+    """Labels of measured candidates not dominated on (higher accuracy, lower ``key``).
+
+    ``key`` is a metric (``gzip_bytes``) or an objective (``size``, ``mix:0.7``).
     A candidate is dominated when another is at least as good on both and
     strictly better on one; equal candidates do not dominate each other, so
-    ties all stay on the front. Sorted by ``metric``, then accuracy (best first).
+    ties all stay on the front. Sorted by ``key``, then accuracy (best first).
     """
-    points = [c for c in candidates if measured(c, metric)]
-    front = [c for c in points if not any(_dominates(other, c, metric) for other in points if other is not c)]
-    front.sort(key=lambda c: (c[metric], -c["accuracy"], c["recipe"]))
-    return [c["recipe"] for c in front]
+    points = [(c, _value(c, key)) for c in candidates if measured(c, key)]
+    front = [(c, v) for c, v in points if not any(_dominates(o, ov, c, v) for o, ov in points if o is not c)]
+    front.sort(key=lambda cv: (cv[1], -cv[0]["accuracy"], cv[0]["recipe"]))
+    return [c["recipe"] for c, _ in front]
 
 
-def _dominates(a: dict, b: dict, metric: str) -> bool:
-    return (a["accuracy"] >= b["accuracy"] and a[metric] <= b[metric]
-            and (a["accuracy"] > b["accuracy"] or a[metric] < b[metric]))
+def _dominates(a: dict, a_value: float, b: dict, b_value: float) -> bool:
+    return (a["accuracy"] >= b["accuracy"] and a_value <= b_value
+            and (a["accuracy"] > b["accuracy"] or a_value < b_value))
 
 
 def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objective: str = "size") -> Selection:
@@ -107,7 +172,7 @@ def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objec
         status = candidate.get("status")
         if status != "ok":
             selection.reasons[label] = f"{status}: {candidate.get('reason') or 'no reason given'}"
-        elif not measured(candidate, metric):
+        elif not measured(candidate, objective):
             selection.reasons[label] = f"not measured: has no {'accuracy' if candidate.get('accuracy') is None else metric}"
         elif candidate.get("accuracy_drop", 0.0) > max_accuracy_drop + _TOLERANCE:
             selection.reasons[label] = (f"accuracy drop {candidate['accuracy_drop']:.4f} is over the budget "
@@ -116,9 +181,10 @@ def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objec
             eligible.append(candidate)
     selection.within_budget = [c["recipe"] for c in eligible]
     if eligible:
-        best = min(eligible, key=lambda c: (c[metric], -c["accuracy"], c["recipe"]))
+        best = min(eligible, key=lambda c: (objective_value(c, objective), -c["accuracy"], c["recipe"]))
         selection.winner = best["recipe"]
-    selection.pareto = pareto_front(candidates, metric)
+    selection.pareto = pareto_front(candidates, objective)
+    selection.fronts = {metric: pareto_front(candidates, metric) for metric in OBJECTIVES.values()}
     return selection
 
 

@@ -10,7 +10,7 @@ import pydantic
 from pydantic import Field
 
 from kfopt import _tf
-from kfopt.errors import KfoptError
+from kfopt.errors import KfoptError, did_you_mean
 from kfopt.models import copy_model
 from kfopt.sparsity import weight_sparsity
 from kfopt.training import classifier_loss, fine_tune
@@ -38,6 +38,12 @@ class Prune(Technique):
     smallest weights model-wide until ``target_sparsity`` is reached; works on
     any layer type, including those tfmot cannot wrap.
 
+    ``keep_dense`` names layers left dense (every method): tfmot wraps only the
+    other layers (per-layer pruning through ``clone_model``), l1 neither
+    penalises nor thresholds them. ``target_sparsity`` is then the sparsity of
+    the pruned layers (each of them for magnitude, together for l1), so the
+    whole model's sparsity (``info["sparsity"]``, measured) is lower.
+
     The input model is never modified; the returned model has no pruning wrappers.
     """
 
@@ -55,7 +61,8 @@ class Prune(Technique):
         )
         target_sparsity: float = Field(
             0.8, gt=0, lt=1,
-            description="Fraction of kernel weights to zero (magnitude and l1; structured gets m/n).",
+            description="Fraction of kernel weights to zero (magnitude and l1; structured gets m/n); "
+            "with keep_dense, of the pruned layers' weights (the whole model's sparsity is lower).",
         )
         # 20 epochs at Adam's default rate (tfmot's own guide fine-tunes at 1e-3) let demo:mlp
         # reach 90% sparsity + int8 within ~0.5 points; lower rates left it 1-2 points short.
@@ -72,6 +79,16 @@ class Prune(Technique):
             3e-4, ge=0,
             description="l1 only: strength of the L1 penalty on kernels (as keras.regularizers.L1).",
         )
+        keep_dense: list[str] = Field(
+            [],
+            description="Names of layers not to prune (e.g. the most sensitive ones); target_sparsity is then "
+            "the sparsity of each pruned layer, not of the whole model.",
+        )
+
+        @pydantic.field_validator("keep_dense", mode="before")
+        @classmethod
+        def _one_name_is_a_list(cls, value):
+            return [value] if isinstance(value, str) else value
 
         @pydantic.field_validator("m_by_n")
         @classmethod
@@ -101,6 +118,7 @@ class Prune(Technique):
         keras.utils.set_random_seed(ctx.seed)
         # Decide the loss from the plain model: wrapped layers hide the softmax.
         loss = classifier_loss(source)
+        check_layer_names(source, config.keep_dense, "prune", "keep_dense")
         if config.method == "l1":
             pruned = _prune_l1(source, config, ctx, loss)
         else:
@@ -135,10 +153,15 @@ def _prune_tfmot(source, config: Prune.Config, ctx: StepContext, loss):
             begin_step=0, end_step=end_step, frequency=frequency)}
         description = f"pruning to {config.target_sparsity:.0%} sparsity"
 
+    keep = set(config.keep_dense)
+
+    def wrap(layer):
+        return layer if layer.name in keep else sparsity.prune_low_magnitude(layer, **params)
+
     with ctx.strategy.scope():
-        copy = copy_model(source)
+        copy = copy_model(source)  # the wrappers wrap these layers: never the caller's
         try:
-            wrapped = sparsity.prune_low_magnitude(copy, **params)
+            wrapped = _tf.keras().models.clone_model(copy, clone_function=wrap)
         except ValueError as exc:
             raise KfoptError(
                 f"prune(method={config.method}) cannot wrap this model: {exc}",
@@ -155,7 +178,8 @@ def _prune_l1(source, config: Prune.Config, ctx: StepContext, loss):
     tf = _tf.tf()
     with ctx.strategy.scope():
         copy = copy_model(source)
-        kernels = [w for w in copy.trainable_weights if len(w.shape) >= 2]
+        kernels = [w for layer in kernel_layers(copy) if layer.name not in config.keep_dense
+                   for w in layer.trainable_weights if len(w.shape) >= 2]
         strength = config.l1
         for kernel in kernels:
             # Callable losses are re-evaluated each step on the current weights.
@@ -165,8 +189,29 @@ def _prune_l1(source, config: Prune.Config, ctx: StepContext, loss):
 
     # The penalty lives on the copy; hand back a plain model without it.
     result = copy_model(copy)
-    result.set_weights(threshold_global(copy.get_weights(), config.target_sparsity))
+    pruned = [layer for layer in kernel_layers(result) if layer.name not in config.keep_dense]
+    weights = [layer.get_weights() for layer in pruned]
+    thresholded = iter(threshold_global([w for ws in weights for w in ws], config.target_sparsity))
+    for layer, ws in zip(pruned, weights):
+        layer.set_weights([next(thresholded) for _ in ws])
     return result
+
+
+def kernel_layers(keras_model) -> list:
+    """The model's (top-level) layers with kernels (trainable weights of ndim >= 2): what pruning acts on."""
+    return [layer for layer in keras_model.layers if any(len(w.shape) >= 2 for w in layer.trainable_weights)]
+
+
+def check_layer_names(keras_model, names: list[str], technique: str, key: str) -> None:
+    """Raise a KfoptError naming the first of ``names`` that is not a layer with kernels of the model."""
+    valid = [layer.name for layer in kernel_layers(keras_model)]
+    for name in names:
+        if name not in valid:
+            raise KfoptError(
+                f"{technique}({key}=...): the model has no layer with weights named '{name}'."
+                f"{did_you_mean(name, valid)} Layers with weights: {', '.join(valid)}.",
+                f"name layers of this model in {key} (see model.summary() or the layer sensitivity table of kfopt search).",
+            )
 
 
 def threshold_global(weights: list[np.ndarray], target_sparsity: float) -> list[np.ndarray]:

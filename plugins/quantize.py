@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import pydantic
 from pydantic import Field
 
 from kfopt import _tf
@@ -13,6 +14,7 @@ from kfopt.sparsity import weight_sparsity
 from kfopt.training import classifier_loss, fine_tune
 
 from kfopt.models import copy_model
+from .prune import check_layer_names
 from .spec import hookimpl
 from .technique import ModelHandle, StepContext, Technique
 
@@ -29,6 +31,9 @@ class Quantize(Technique):
     on ``calibration_samples`` training inputs (for integer-only accelerators).
     ``qat``: quantization-aware fine-tuning with tfmot, then full-integer int8;
     a pruned input keeps its zeros (tfmot's prune-preserving scheme).
+    ``float_layers`` (qat only) leaves the named layers unannotated, so they
+    stay float (selective QAT); the TFLite model then mixes int8 and float
+    ops and takes and returns float32.
 
     Zero weights stay exactly zero in every mode, so a pruned model keeps its
     sparsity and compresses well.
@@ -50,6 +55,23 @@ class Quantize(Technique):
         calibration_samples: int = Field(
             200, ge=1, description="int8 and qat: training inputs used to calibrate activation ranges."
         )
+        float_layers: list[str] = Field(
+            [],
+            description="qat only: names of layers to keep in float (not annotated for quantization, e.g. the "
+            "most sensitive ones); the model then takes and returns float32.",
+        )
+
+        @pydantic.field_validator("float_layers", mode="before")
+        @classmethod
+        def _one_name_is_a_list(cls, value):
+            return [value] if isinstance(value, str) else value
+
+        @pydantic.model_validator(mode="after")
+        def _float_layers_need_qat(self):
+            if self.float_layers and self.mode != "qat":
+                raise ValueError(f"float_layers applies to mode=qat only (mode={self.mode} quantizes every layer); "
+                                 "use mode=qat, or drop float_layers")
+            return self
 
     def trains_for(self, config: "Quantize.Config") -> bool:
         return config.mode == "qat"
@@ -58,8 +80,11 @@ class Quantize(Technique):
         source = model.keras()
         sparsity = weight_sparsity(source)
         if config.mode == "qat":
+            check_layer_names(source, config.float_layers, "quantize", "float_layers")
             to_convert, sparsity = _quantization_aware(source, config, ctx, sparsity)
-            mode = "int8"
+            # With float layers the converter takes the int8 ranges QAT learned and leaves the
+            # rest float ("dynamic" adds no calibration; int8-only conversion would quantize them too).
+            mode = "dynamic" if config.float_layers else "int8"
         else:
             to_convert, mode = source, config.mode
         representative = ctx.representative(config.calibration_samples) if mode == "int8" else None
@@ -81,16 +106,23 @@ def _quantization_aware(source, config: Quantize.Config, ctx: StepContext, input
               else quant.default_8bit.Default8BitQuantizeScheme())
     # Decide the loss from the plain model: quantize wrappers hide the softmax.
     loss = classifier_loss(source)
+    floats = set(config.float_layers)
     with ctx.strategy.scope():
         copy = copy_model(source)  # never train the caller's layers
         try:
-            qat_model = quant.quantize_apply(quant.quantize_annotate_model(copy), scheme)
+            annotated = (keras.models.clone_model(copy, clone_function=lambda layer: layer if layer.name in floats
+                                                  else quant.quantize_annotate_layer(layer))
+                         if floats else quant.quantize_annotate_model(copy))
+            qat_model = quant.quantize_apply(annotated, scheme)
         except (ValueError, RuntimeError, TypeError) as exc:
             raise KfoptError(
                 f"quantize(mode=qat) cannot wrap this model: {exc}",
                 "use quantize(mode=int8) (post-training, works with any model), or a Sequential/"
                 "functional model of layers tfmot supports.",
             ) from None
+        if preserve:  # the scheme masks annotated kernels only: float layers keep their zeros by not training
+            for name in floats:
+                qat_model.get_layer(name).trainable = False
     fine_tune(qat_model, ctx, epochs=config.epochs, learning_rate=config.learning_rate,
               description="quantization-aware training", loss=loss)
     # With the preserving scheme the kernels' zeros are masked at conversion even if the

@@ -120,3 +120,34 @@ def test_unsupported_layer_is_a_clear_error(digits_flat, ctx_factory):
     model = keras.Sequential([keras.Input((64,)), Custom()])
     with pytest.raises(KfoptError, match="method=l1"):
         run(model, digits_flat, ctx_factory, target_sparsity=0.5, epochs=1)
+
+
+@pytest.mark.parametrize("method, target", [("magnitude", 0.9), ("l1", 0.9), ("structured", 0.5)])
+def test_keep_dense_leaves_those_layers_dense_and_prunes_the_others_to_the_target(method, target, mlp, digits_flat,
+                                                                                  ctx_factory):
+    before = clone(mlp)
+    kept = mlp.layers[-1].name  # the small output layer
+    config = {} if method == "structured" else {"target_sparsity": target}
+    out = run(mlp, digits_flat, ctx_factory, method=method, epochs=2, keep_dense=[kept], **config)
+
+    pruned = out.keras()
+    zeros = {layer.name: float((layer.get_weights()[0] == 0).mean()) for layer in pruned.layers}
+    assert zeros.pop(kept) == 0  # fine-tuned, not pruned
+    kernels = [layer.get_weights()[0] for layer in pruned.layers if layer.name != kept]
+    # target_sparsity (structured: m/n) is the sparsity of the pruned layers (each, or together for l1) ...
+    assert sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels) == pytest.approx(target, abs=0.005)
+    if method != "l1":
+        assert all(value == pytest.approx(target, abs=0.005) for value in zeros.values())
+    # ... and info["sparsity"] is the whole model's, the dense layer included.
+    assert out.info["sparsity"] == pytest.approx(weight_sparsity(pruned)) and out.info["sparsity"] < target
+    assert accuracy(pruned, digits_flat) > 0.8
+    assert_same_weights(mlp, before)
+
+
+def test_keep_dense_with_an_unknown_layer_names_it_and_lists_the_layers(mlp, digits_flat, ctx_factory):
+    names = [layer.name for layer in mlp.layers]
+    with pytest.raises(KfoptError) as err:
+        run(mlp, digits_flat, ctx_factory, epochs=1, keep_dense=[names[0], "dense_99"])
+    text = str(err.value)
+    assert "'dense_99'" in text and ", ".join(names) in text and "\n" not in text
+    assert Prune.Config(keep_dense="dense").keep_dense == ["dense"]  # one name is a list of one

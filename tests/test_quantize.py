@@ -10,6 +10,7 @@ import pytest
 
 from conftest import accuracy, clone
 from kfopt import _tf
+from kfopt.errors import KfoptError
 from kfopt.plugins import ModelHandle
 from kfopt.plugins import quantize as quantize_module
 from kfopt.plugins.prune import threshold_global
@@ -119,3 +120,27 @@ def test_qat_preserves_sparsity_of_a_pruned_model(sparse_mlp, digits_flat, ctx_f
 
     assert kernel_sparsity(out.tflite()) >= 0.8
     assert out.info["sparsity"] == pytest.approx(weight_sparsity(sparse_mlp))
+
+
+def test_qat_float_layers_stay_float_and_the_others_int8(mlp, sparse_mlp, digits_flat, ctx_factory):
+    kept = mlp.layers[-1].name
+    out = run(sparse_mlp, digits_flat, ctx_factory, mode="qat", epochs=1, float_layers=[kept])
+
+    it = interpreter(out.tflite())
+    weights = {d["name"]: d["dtype"] for d in it.get_tensor_details()
+               if "MatMul" in d["name"] and len(d["shape"]) == 2 and d["shape"][0] > 1}  # kernels, not activations
+    assert [dtype for name, dtype in weights.items() if f"/{kept}/" in name] == [np.float32]
+    assert sorted(dtype.__name__ for name, dtype in weights.items() if f"/{kept}/" not in name) == ["int8", "int8"]
+    assert it.get_input_details()[0]["dtype"] == np.float32  # float layers need float inputs/outputs around them
+    assert tflite_accuracy(out.tflite(), digits_flat) >= accuracy(sparse_mlp, digits_flat) - 0.03
+    assert kernel_sparsity(out.tflite()) >= 0.8  # the float layer was not trained, so it kept its zeros too
+
+
+def test_float_layers_unknown_name_or_without_qat_is_a_user_error(mlp, digits_flat, ctx_factory):
+    names = [layer.name for layer in mlp.layers]
+    with pytest.raises(KfoptError) as err:
+        run(mlp, digits_flat, ctx_factory, mode="qat", epochs=1, float_layers=[names[0] + "x"])
+    assert f"no layer with weights named '{names[0]}x'. Did you mean" in str(err.value)
+    assert f"Layers with weights: {', '.join(names)}." in str(err.value)
+    with pytest.raises(pydantic.ValidationError, match="float_layers applies to mode=qat only"):
+        Quantize.Config(mode="int8", float_layers=["dense"])

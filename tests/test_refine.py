@@ -46,7 +46,8 @@ def test_refinement_pushes_prune_up_and_distill_width_down(techniques):
     recipes = [p.recipe for p in proposals]
     assert len(proposals) == 4 and all(p.why for p in proposals)
     prune = proposals[0]
-    assert recipes[0].endswith(">quantize(mode=int8)") and "epochs=3" in recipes[0]
+    assert recipes[0].endswith(">quantize(mode=int8)") and "epochs=20" in recipes[0]  # screened at 3, proposed at the default
+    assert "fine-tuning for the default epochs (prune 20)" in prune.why
     assert 0.8 < sparsity_of(prune.recipe) < 0.98
     assert "bisect prune sparsity up" in prune.why
     assert width_of(recipes[1]) < 0.5
@@ -92,6 +93,64 @@ def test_refinement_chooses_on_validation_not_test(techniques):
         "prune(target_sparsity=0.8)")  # 0.9 reaches 20x but is not within budget on validation
 
 
+#: Layer sensitivity of a demo:cnn-like model: two small sensitive layers, a mid-sized one, a big robust one.
+CNN_ROWS = [
+    {"layer": "dense_1", "params": 640, "sparsity": 0.9, "val_accuracy": 0.35, "val_accuracy_drop": 0.63, "int8_val_accuracy_drop": 0.0},
+    {"layer": "conv2d", "params": 144, "sparsity": 0.9, "val_accuracy": 0.74, "val_accuracy_drop": 0.24, "int8_val_accuracy_drop": 0.0},
+    {"layer": "conv2d_1", "params": 4608, "sparsity": 0.9, "val_accuracy": 0.78, "val_accuracy_drop": 0.20, "int8_val_accuracy_drop": 0.0},
+    {"layer": "dense", "params": 51200, "sparsity": 0.9, "val_accuracy": 0.99, "val_accuracy_drop": 0.0, "int8_val_accuracy_drop": 0.0},
+]
+
+
+def test_sensitivity_keeps_the_small_sensitive_layers_dense_and_prunes_the_rest_harder(techniques):
+    records = [
+        record(techniques, "quantize(mode=int8)", 0.0, 0.0, 20000),
+        record(techniques, "prune(target_sparsity=0.8,epochs=3)>quantize(mode=int8)", 0.005, 0.004, 6000),
+        record(techniques, "prune(target_sparsity=0.9,epochs=3)>quantize(mode=int8)", 0.03, 0.03, 5000),
+    ]
+    plain = propose(records, max_accuracy_drop=BUDGET, max_trials=4, techniques=techniques)
+    assert plain and not any("keep_dense" in p.recipe for p in plain)  # no sensitivity, no keep_dense
+
+    proposals = propose(records, max_accuracy_drop=BUDGET, max_trials=4, sensitivity=CNN_ROWS, techniques=techniques)
+    first = proposals[0]
+    (prune, quantize) = plan(parse_recipe([first.recipe]), techniques)  # a valid inline recipe, list included
+    # The two small sensitive layers (1.4% of the params) stay dense; conv2d_1 (8%) would cost more than it saves.
+    assert prune.config.keep_dense == ["conv2d", "dense_1"]
+    assert prune.config.target_sparsity == pytest.approx(0.9)  # the sparsity that was over budget, now for the rest
+    assert (prune.config.epochs, quantize.config.mode) == (20, "int8")
+    assert "dense_1 (640 params, val drop +63.00 pt" in first.why and "conv2d (144 params" in first.why
+    assert "conv2d_1" not in first.why
+    assert any("bisect prune sparsity up from" in p.why and "keep_dense" not in p.recipe for p in proposals)
+
+    # Over budget too: the next round bisects within that keep_dense set and does not propose it again.
+    records.append(record(techniques, first.recipe, 0.02, 0.02, 3000))
+    again = propose(records, max_accuracy_drop=BUDGET, max_trials=4, sensitivity=CNN_ROWS, techniques=techniques)
+    kept = [p for p in again if "keep_dense" in p.recipe and "fine-tune longer" not in p.why]
+    assert len(kept) == 1 and sparsity_of(kept[0].recipe) == pytest.approx(0.85)
+    assert "bisect prune sparsity up with keep_dense=[conv2d,dense_1]" in kept[0].why
+
+
+def test_int8_sensitive_layers_stay_float_under_qat(techniques):
+    rows = [dict(row, int8_val_accuracy_drop=0.05 if row["layer"] == "dense_1" else 0.0) for row in CNN_ROWS]
+    records = [record(techniques, "prune(target_sparsity=0.8)>quantize(mode=int8)", 0.04, 0.04, 6000)]
+    proposals = propose(records, max_accuracy_drop=BUDGET, sensitivity=rows, techniques=techniques)
+    (recipe,) = [p.recipe for p in proposals if "float_layers" in p.recipe]
+    assert recipe.endswith(">quantize(mode=qat,float_layers=[dense_1])")
+    assert plan(parse_recipe([recipe]), techniques)[-1].config.float_layers == ["dense_1"]
+    assert not any("float_layers" in p.recipe for p in propose(records, max_accuracy_drop=BUDGET, sensitivity=CNN_ROWS,
+                                                               techniques=techniques))
+
+
+def test_a_chain_a_little_over_budget_is_retried_with_longer_fine_tuning(techniques):
+    records = [
+        record(techniques, "prune(target_sparsity=0.8,epochs=3)>quantize(mode=int8)", 0.015, 0.01, 6000),
+        record(techniques, "distill(width=0.25,epochs=6)>quantize(mode=int8)", 0.05, 0.05, 3000),  # far over: not retried
+    ]
+    (proposal,) = propose(records, max_accuracy_drop=BUDGET, techniques=techniques)
+    assert proposal.recipe == "prune(method=magnitude,target_sparsity=0.8,epochs=20)>quantize(mode=int8)"
+    assert "fine-tune longer" in proposal.why
+
+
 def test_two_round_search_on_digits_finds_a_more_aggressive_recipe(tmp_path):
     out = tmp_path / "search"
     args = ["search", "--model", "demo:mlp", "--data", "digits", "--epochs", "8", "--out", str(out),
@@ -108,7 +167,9 @@ def test_two_round_search_on_digits_finds_a_more_aggressive_recipe(tmp_path):
     assert sparsity_of(second["recipe"]) > 0.5
     assert second["sparsity"] > first["sparsity"] + 0.1  # really more aggressive, measured
     trace = saved["search_trace"]
-    assert [t["round"] for t in trace] == [1, 2] and "bisect prune sparsity up" in trace[1]["why"]
+    assert [t["round"] for t in trace] == [1, 2]
+    # Pushed up along the prune bisection, or beyond it with the sensitive layers dense.
+    assert trace[1]["why"].startswith(("bisect prune sparsity up", "keep the most sensitive layers dense"))
     assert saved["winner"] in {c["recipe"] for c in saved["candidates"]}
     assert "Layer sensitivity" in result.output and saved["layer_sensitivity"]
 
@@ -121,4 +182,5 @@ def test_layer_sensitivity_prunes_one_layer_at_a_time_without_touching_the_model
     assert all(r["val_accuracy"] is not None and -1 <= r["val_accuracy_drop"] <= 1 for r in rows)
     assert rows[0]["val_accuracy_drop"] > 0.05  # 99% of one layer's weights gone hurts somewhere
     assert rows == sorted(rows, key=lambda r: -r["val_accuracy_drop"])
+    assert all(abs(r["int8_val_accuracy_drop"]) <= 0.03 for r in rows)  # int8 weights of one layer barely matter
     assert all(np.array_equal(a, b) for a, b in zip(before, mlp.get_weights()))

@@ -104,8 +104,46 @@ def test_apply_selection_writes_the_metrics_json_fields():
     assert result["winner"] == "prune80>int8"
     assert result["pareto"] == ["distill25>int8", "prune80>int8", "int8", "xla"]
     assert result["selection"] == {"objective": "size", "metric": "gzip_bytes", "max_accuracy_drop": 0.01,
-                                   "within_budget": ["int8", "prune80>int8", "xla"]}
+                                   "within_budget": ["int8", "prune80>int8", "xla"],
+                                   "pareto_fronts": {"gzip_bytes": result["pareto"],
+                                                     "latency_p50_ms": ["distill25>int8", "int8", "xla"]}}
     by_label = {c["recipe"]: c for c in result["candidates"]}
     assert by_label["int8"]["within_budget"] is True and "not_selected_because" not in by_label["int8"]
     assert by_label["distill25>int8"]["within_budget"] is False
     assert "over the budget" in by_label["distill25>int8"]["not_selected_because"]
+
+
+def test_a_weighted_mix_trades_size_against_latency():
+    small_slow = ok("small-slow", 0.97, 0.0, 10_000, latency=0.100)
+    big_fast = ok("big-fast", 0.97, 0.0, 100_000, latency=0.010)
+    balanced = ok("balanced", 0.97, 0.0, 20_000, latency=0.020)   # 20k*0.02 < 10k*0.1 = 100k*0.01
+    candidates = [small_slow, big_fast, balanced]
+    assert select(candidates, objective="size").winner == "small-slow"
+    assert select(candidates, objective="latency").winner == "big-fast"
+    mixed = select(candidates, objective="mix")
+    assert mixed.winner == "balanced" and mixed.metric == "gzip_bytes^0.5 * latency_p50_ms^0.5"
+    assert select(candidates, objective="mix:0.95").winner == "small-slow"
+    assert select(candidates, objective="mix:0.05").winner == "big-fast"
+    # Fronts on both metrics, whatever the objective: every candidate here is best on something.
+    assert set(mixed.fronts) == {"gzip_bytes", "latency_p50_ms"}
+    assert mixed.fronts["gzip_bytes"][0] == "small-slow" and mixed.fronts["latency_p50_ms"][0] == "big-fast"
+    from kfopt.refine import target_met
+    from kfopt.select import objective_ratio
+
+    ratios = {"compression_ratio": 16.0, "speedup": 4.0, "val_accuracy_drop": 0.0}
+    assert objective_ratio(ratios, "mix") == ("compression_ratio^0.5 * speedup^0.5", 8.0)
+    assert target_met([{**balanced, **ratios}], max_accuracy_drop=0.01, objective="mix", target=8)["recipe"] == "balanced"
+    assert target_met([{**balanced, **ratios}], max_accuracy_drop=0.01, objective="mix", target=9) is None
+    for bad in ("mix:1.5", "mix:x", "mixed"):
+        with pytest.raises(KfoptError, match="mix"):
+            select(candidates, objective=bad)
+
+
+def test_the_gate_compares_a_mix_like_the_selection():
+    from kfopt.promotion import gate
+
+    champion = ok("champion", 0.97, 0.0, 10_000, latency=0.100)
+    challenger = ok("challenger", 0.97, 0.0, 20_000, latency=0.020)
+    assert gate(challenger, champion, max_accuracy_drop=0.01, objective="size")[0] is False
+    promoted, reason = gate(challenger, champion, max_accuracy_drop=0.01, objective="mix")
+    assert promoted and "gzip_bytes^0.5 * latency_p50_ms^0.5" in reason
