@@ -16,7 +16,7 @@ from kfopt.sparsity import weight_sparsity
 from kfopt.training import classifier_loss, fine_tune
 
 from .spec import hookimpl
-from .technique import ModelHandle, StepContext, Technique
+from .technique import LayerNames, ModelHandle, StepContext, Technique
 
 BATCH_SIZE = 32
 #: Fraction of the fine-tuning steps over which sparsity ramps up; the rest lets
@@ -79,16 +79,11 @@ class Prune(Technique):
             3e-4, ge=0,
             description="l1 only: strength of the L1 penalty on kernels (as keras.regularizers.L1).",
         )
-        keep_dense: list[str] = Field(
+        keep_dense: LayerNames = Field(
             [],
             description="Names of layers not to prune (e.g. the most sensitive ones); target_sparsity is then "
             "the sparsity of each pruned layer, not of the whole model.",
         )
-
-        @pydantic.field_validator("keep_dense", mode="before")
-        @classmethod
-        def _one_name_is_a_list(cls, value):
-            return [value] if isinstance(value, str) else value
 
         @pydantic.field_validator("m_by_n")
         @classmethod

@@ -16,7 +16,7 @@ from kfopt.training import classifier_loss, fine_tune
 from kfopt.models import copy_model
 from .prune import check_layer_names
 from .spec import hookimpl
-from .technique import ModelHandle, StepContext, Technique
+from .technique import LayerNames, ModelHandle, StepContext, Technique
 
 #: Above this kernel sparsity the input counts as pruned, and QAT keeps its zeros.
 PRUNED_SPARSITY = 0.1
@@ -55,16 +55,11 @@ class Quantize(Technique):
         calibration_samples: int = Field(
             200, ge=1, description="int8 and qat: training inputs used to calibrate activation ranges."
         )
-        float_layers: list[str] = Field(
+        float_layers: LayerNames = Field(
             [],
             description="qat only: names of layers to keep in float (not annotated for quantization, e.g. the "
             "most sensitive ones); the model then takes and returns float32.",
         )
-
-        @pydantic.field_validator("float_layers", mode="before")
-        @classmethod
-        def _one_name_is_a_list(cls, value):
-            return [value] if isinstance(value, str) else value
 
         @pydantic.model_validator(mode="after")
         def _float_layers_need_qat(self):

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import pydantic
 
@@ -17,6 +17,10 @@ FORMATS = ("keras", "tflite", "saved_model")
 
 #: File or folder name a model of each format is saved under.
 ARTIFACT_NAMES = {"keras": "model.keras", "tflite": "model.tflite", "saved_model": "saved_model"}
+
+
+#: A config value naming layers: a list of names, or one name (``keep_dense=dense_2`` in an inline recipe).
+LayerNames = Annotated[list[str], pydantic.BeforeValidator(lambda value: [value] if isinstance(value, str) else value)]
 
 
 class Technique:
