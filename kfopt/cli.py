@@ -423,8 +423,12 @@ def _print_result(result: dict) -> None:
 def _print_run(result: dict) -> None:
     _print_result(result)
     click.echo(f"Report: {_file_url(result.get('report'))}" if result.get("report") else "Report: not written (see the log)")
-    click.echo(f"Results: {result['results']} (metrics.json and every model); log: {result['log']}")
     tracked = result.get("tracking") or {}
+    if tracked.get("status") == "ok" and tracked.get("run_id"):
+        files = ["report.html", "pareto_*.png"] + [f"{k}.json" for k in ("search_trace", "layer_sensitivity") if result.get(k)]
+        click.echo(f"MLflow: parent run {tracked['run_id']} (experiment '{tracked.get('experiment')}' at "
+                   f"{tracked.get('uri')}) has {', '.join(files)} as artifacts")
+    click.echo(f"Results: {result['results']} (metrics.json and every model); log: {result['log']}")
     if tracked.get("status") == "skipped":
         click.echo(f"MLflow: skipped: {tracked.get('error')}", err=True)
     else:
