@@ -5,13 +5,26 @@ KL(softmax(teacher / T) || softmax(student / T))``. The ``T^2`` factor keeps the
 soft term's gradients on the same scale as the hard term's whatever ``T`` is.
 Both terms work on logits, so a model that ends in softmax is first given a
 logits view (see :func:`logits_model`); the student that comes back keeps the
-output convention it was built with (the teacher's, for a width-scaled student).
+output convention it was built with (the teacher's, for a built student).
+
+Two student architectures can be built (``architecture``):
+
+- ``same``: the teacher's own architecture with every Dense ``units`` and Conv
+  ``filters`` scaled by ``width`` (:func:`build_student`);
+- ``dense``: a plain MLP, ``Flatten`` then ``DENSE_HIDDEN_LAYERS`` ReLU Dense
+  layers of ``width`` times the teacher's widest layer (its largest ``units`` or
+  ``filters`` outside the output layer) each, then the output Dense
+  (:func:`build_dense_student`). For a small CNN on small inputs a TFLite conv
+  model spends most of its time in per-op interpreter overhead whatever its
+  width; a couple of fully connected ops run several times faster.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
+import pydantic
 from pydantic import Field
 
 from kfopt import _tf
@@ -26,12 +39,21 @@ from .technique import ModelHandle, StepContext, Technique
 WIDTH_KEYS = ("units", "filters")
 #: Epochs without improvement of the validation distillation loss before stopping early.
 PATIENCE = 5
+#: Hidden Dense layers of an ``architecture=dense`` student.
+DENSE_HIDDEN_LAYERS = 2
 #: Facts about the input model that do not hold for a new student.
 _STALE_INFO = ("sparsity", "params")
 
 
 class Distill(Technique):
-    """Train a smaller student (the teacher at a width multiplier, or a given model) by distillation."""
+    """Train a smaller student by distillation.
+
+    The student is the teacher's architecture at a width multiplier
+    (``architecture=same``, the default), a Flatten + Dense MLP whose hidden
+    layers are ``width`` x the teacher's widest layer (``architecture=dense``,
+    e.g. to replace a CNN whose conv ops cost more in per-op overhead than in
+    arithmetic), or a given model file (``student``, not with ``dense``).
+    """
 
     name = "distill"
     kind = "distill"
@@ -40,10 +62,19 @@ class Distill(Technique):
     trains = True
 
     class Config(Technique.Config):
+        architecture: Literal["same", "dense"] = Field(
+            "same",
+            description="Student architecture: `same` = the teacher's layers with their widths scaled by `width`; "
+                        f"`dense` = Flatten, then {DENSE_HIDDEN_LAYERS} ReLU Dense layers of `width` x the teacher's "
+                        "widest layer (largest `units`/`filters` except the output layer) each, then the output "
+                        "layer (no convs: fast where conv ops' per-op overhead dominates). Not with `student`.",
+        )
         width: float = Field(
             0.5, gt=0, le=1,
-            description="Student width as a fraction of the teacher's: every Dense `units` and Conv `filters` "
-                        "is multiplied by it (at least 1), except the output layer. Ignored when `student` is given.",
+            description="Student width as a fraction of the teacher's. architecture=same: every Dense `units` and "
+                        "Conv `filters` is multiplied by it (at least 1), except the output layer. architecture=dense: "
+                        "each hidden layer has `width` x the teacher's widest layer units (at least 1). Ignored when "
+                        "`student` is given.",
         )
         student: str | None = Field(
             None,
@@ -64,6 +95,13 @@ class Distill(Technique):
         )
         learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate for the student.")
 
+        @pydantic.model_validator(mode="after")
+        def _dense_is_built(self):
+            if self.student and self.architecture != "same":
+                raise ValueError(f"architecture={self.architecture} builds a student, but student={self.student!r} "
+                                 "gives one; drop architecture, or drop student")
+            return self
+
     def apply(self, model: ModelHandle, config: "Distill.Config", ctx: StepContext) -> ModelHandle:
         keras = _tf.keras()
         teacher = model.keras()
@@ -76,6 +114,8 @@ class Distill(Technique):
             teacher_logits.trainable = False
             if config.student:
                 student = _load_student(config.student, teacher)
+            elif config.architecture == "dense":
+                student = build_dense_student(teacher, config.width)
             else:
                 student = build_student(teacher, config.width)
             student_logits, shares_weights = logits_model(student)
@@ -129,6 +169,55 @@ def build_student(teacher, width: float):
             "use width=1, or pass a student model file with student=PATH.",
         ) from None
     return student
+
+
+def build_dense_student(teacher, width: float):
+    """A Flatten + Dense student for ``teacher``, freshly initialised (``architecture=dense``).
+
+    It takes the teacher's input shape; ``DENSE_HIDDEN_LAYERS`` ReLU Dense layers
+    of ``max(1, round(width * widest))`` units each, where ``widest`` is the
+    largest ``units``/``filters`` of the teacher's layers outside the output
+    layer (its output width if it has no other); then a Dense layer with the
+    teacher's number of outputs, ending in softmax when the teacher's output is
+    a softmax (as an activation or a ``Softmax`` layer) and linear otherwise.
+    """
+    keras = _tf.keras()
+    if not teacher.outputs or len(teacher.outputs) != 1 or len(teacher.inputs) != 1:
+        raise KfoptError(
+            f"A dense student needs a built teacher with one input and one output; '{teacher.name}' has "
+            f"{len(teacher.inputs or [])} and {len(teacher.outputs or [])}.",
+            "distill a single-input classifier with architecture=same, or pass a student model file with student=PATH.",
+        )
+    out_shape = tuple(teacher.output_shape[1:])
+    if len(out_shape) != 1 or out_shape[0] is None:
+        raise KfoptError(
+            f"A dense student predicts a vector of classes, but '{teacher.name}' outputs shape {out_shape}.",
+            "use architecture=same, or pass a student model file with student=PATH.",
+        )
+    keep = _output_width_layers(teacher)
+    widths = [layer.get_config()[key] for layer in _all_layers(teacher)
+              if (key := _width_key(layer)) and id(layer) not in keep]
+    widest = max(widths, default=out_shape[0])
+    hidden = max(1, int(round(widest * width)))
+    last = teacher.outputs[0]._keras_history[0]
+    softmax = type(last).__name__ == "Softmax" or _activation_name(last) == "softmax"
+    layers = keras.layers
+    inputs = keras.Input(teacher.input_shape[1:], dtype=teacher.inputs[0].dtype)
+    x = layers.Flatten()(inputs) if len(teacher.input_shape) > 2 else inputs
+    for _ in range(DENSE_HIDDEN_LAYERS):
+        x = layers.Dense(hidden, activation="relu")(x)
+    outputs = layers.Dense(out_shape[0], activation="softmax" if softmax else None)(x)
+    return keras.Model(inputs, outputs, name=f"{teacher.name}_dense_student")
+
+
+def _all_layers(model):
+    """The model's layers, nested models' layers included (not the nested models themselves)."""
+    keras = _tf.keras()
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+        else:
+            yield layer
 
 
 def _width_key(layer) -> str | None:

@@ -8,7 +8,7 @@ from conftest import accuracy, clone
 from kfopt import _tf
 from kfopt.errors import KfoptError
 from kfopt.plugins import ModelHandle
-from kfopt.plugins.distill import Distill, build_student, logits_model
+from kfopt.plugins.distill import DENSE_HIDDEN_LAYERS, Distill, build_dense_student, build_student, logits_model
 
 
 def _widths(model):
@@ -115,7 +115,50 @@ def test_student_from_a_file_is_used_as_given(mlp, digits_flat, ctx_factory, tmp
                         ctx_factory(digits_flat))
 
 
-@pytest.mark.parametrize("bad", [{"width": 0}, {"width": 1.5}, {"alpha": 2}, {"temperature": 0},
+def _has_conv(model):
+    return any("Conv" in type(layer).__name__ for layer in model.layers)
+
+
+def test_dense_student_of_a_cnn_is_flatten_and_dense_sized_by_the_widest_layer(cnn):
+    student = build_dense_student(cnn, 0.5)
+    assert not _has_conv(student) and type(student.layers[1]).__name__ == "Flatten"
+    assert student.input_shape == cnn.input_shape and student.output_shape == cnn.output_shape
+    assert _widths(student) == [32] * DENSE_HIDDEN_LAYERS + [10]  # 0.5 x the widest layer (Dense 64), then classes
+    assert student.layers[-1].activation.__name__ == "softmax"  # the teacher's output convention
+    assert _widths(build_dense_student(cnn, 0.001)) == [1] * DENSE_HIDDEN_LAYERS + [10]
+    # A teacher ending in a Softmax layer or in logits: the student's output matches.
+    assert build_dense_student(_functional_cnn(), 1).layers[-1].activation.__name__ == "softmax"
+    assert build_dense_student(_functional_cnn(softmax_layer=False), 1).layers[-1].activation.__name__ == "linear"
+    assert _widths(build_dense_student(_functional_cnn(), 1)) == [32] * DENSE_HIDDEN_LAYERS + [10]
+
+
+def test_distill_a_cnn_into_a_dense_student(cnn, digits_images, ctx_factory):
+    config = Distill.Config(architecture="dense", width=1, epochs=5, learning_rate=3e-3)
+    handle = Distill().apply(ModelHandle.from_keras(cnn), config, ctx_factory(digits_images))
+    student = handle.keras()
+    assert not _has_conv(student) and _has_conv(cnn)
+    assert student.input_shape == cnn.input_shape == (None, 28, 28, 1)
+    assert accuracy(student, digits_images) > 0.85
+
+
+def test_dense_architecture_with_a_student_file_is_a_config_error(techniques_registry):
+    from kfopt.recipe import parse_recipe, plan
+
+    with pytest.raises(pydantic.ValidationError, match="drop architecture, or drop student"):
+        Distill.Config(architecture="dense", student="student.keras")
+    with pytest.raises(KfoptError, match=r"architecture=dense builds a student.*student='s.keras'"):
+        plan(parse_recipe(["distill(architecture=dense,student=s.keras)"]), techniques_registry)
+    assert Distill.Config(student="s.keras").architecture == "same"
+
+
+@pytest.fixture
+def techniques_registry():
+    from kfopt.plugins.manager import registry
+
+    return registry()
+
+
+@pytest.mark.parametrize("bad", [{"architecture": "conv"}, {"width": 0}, {"width": 1.5}, {"alpha": 2}, {"temperature": 0},
                                  {"epochs": 0}, {"widht": 0.5}])
 def test_config_rejects_bad_values_and_unknown_keys(bad):
     with pytest.raises(pydantic.ValidationError):
