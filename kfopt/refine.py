@@ -7,7 +7,16 @@ and proposes a few recipes that push where the budget still has room:
   that stayed inside the budget and the lowest one that did not (0.98 if
   none failed yet), keeping the rest of the chain (e.g. ``>quantize(int8)``);
 - **distill, downward**: bisect ``width`` (geometrically) between the
-  narrowest student inside the budget and the widest one outside (0.0625);
+  narrowest student inside the budget and the widest one outside (0.0625),
+  separately for each student architecture (``same``: the teacher's layers
+  narrowed; ``dense``: a Flatten + Dense MLP, whose widths mean something else;
+  dense students only while their best beats the best width-scaled one);
+- **a dense student** (``distill(architecture=dense,width=DENSE_WIDTH)>quantize(int8)``),
+  once, when width-scaled students were tried (for latency; for size: one is
+  within the budget): TFLite conv ops cost
+  a fixed per-op overhead whatever their width (int8 demo:cnn students bottom
+  out at ~7.7 us beside an 18.6 us fp32 baseline), while a couple of fully
+  connected ops run in ~1-2 us. First for latency, last for size;
 - **chains**: the best feasible student pruned to the best feasible sparsity
   then int8 (``distill>prune>quantize(int8)``), and the best feasible prune
   with quantization-aware training instead of post-training int8;
@@ -39,7 +48,6 @@ import json
 import math
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +61,8 @@ WIDTH_FLOOR = 0.0625
 #: Stop bisecting when the bracket is this narrow.
 MIN_SPARSITY_STEP = 0.01
 MIN_WIDTH_RATIO = 1.15
+#: Width of the first dense (Flatten + Dense) student: hidden layers as wide as the teacher's widest layer.
+DENSE_WIDTH = 1.0
 
 #: Sensitive layers kept dense (or float) together hold at most this share of the kernel params.
 #: demo:cnn: keeping its output Dense and first Conv (1.4%) dense let the big Dense go to 98%
@@ -141,8 +151,14 @@ def _keep(config: dict) -> tuple[str, ...]:
     return tuple(sorted(config.get("keep_dense") or ()))
 
 
+def _architecture(config: dict) -> str:
+    return config.get("architecture") or "same"
+
+
 def _distill_config(config: dict, width: float) -> dict:
-    out = {"width": round(width, 4)}
+    architecture = _architecture(config)
+    out = {"architecture": architecture} if architecture != "same" else {}
+    out["width"] = round(width, 4)
     if config.get("epochs") is not None:
         out["epochs"] = config["epochs"]
     return out
@@ -323,9 +339,16 @@ def _default_epochs(techniques, name: str) -> int | None:
     return field.default if field is not None and isinstance(field.default, int) else None
 
 
-def _bisect_distill(records, budget) -> Proposal | None:
+def _students(records, architecture: str = "same") -> list[tuple[dict, tuple[int, dict]]]:
+    """(record, (index, config)) of the val-measured, unpruned students built as ``architecture`` (no student file)."""
     students = [(r, _family(r, "distill")) for r in records if _val_measured(r) and _family(r, "prune") is None]
-    students = [(r, f) for r, f in students if f is not None and not f[1].get("student")]
+    return [(r, f) for r, f in students
+            if f is not None and not f[1].get("student") and _architecture(f[1]) == architecture]
+
+
+def _bisect_distill(records, budget, architecture: str = "same") -> Proposal | None:
+    """Bisect the width of ``architecture`` students down; widths of other architectures do not count."""
+    students = _students(records, architecture)
     feasible = [(r, f) for r, f in students if val_feasible(r, budget)]
     if not feasible:
         return None
@@ -341,16 +364,59 @@ def _bisect_distill(records, budget) -> Proposal | None:
     steps = [(n, _minimal(n, c)) for n, c in _steps(best)]
     steps[index] = ("distill", _distill_config(config, middle))
     bound = (f"widest student over budget {low:g}" if below else f"nothing over budget yet, floor {low:g}")
-    return Proposal(_inline(steps), f"bisect distill width down from '{best['recipe']}' "
+    kind = "" if architecture == "same" else f" of {architecture} students"
+    return Proposal(_inline(steps), f"bisect distill width{kind} down from '{best['recipe']}' "
                                     f"(width {high:g}, {_drop(best)}; {bound}): try {middle:g}")
+
+
+def _dense_student(records, budget, objective: str) -> Proposal | None:
+    """A Flatten + Dense student, then int8, once: when width-scaled students were tried (latency) or one is
+    within the budget (other objectives).
+
+    A width-scaled student shows the search distils; a dense one may be about
+    as accurate without the conv ops' per-op overhead. For latency that is worth
+    a trial even when the (often briefly trained) width-scaled ones missed the
+    budget; for size only when distillation is known to stay within it.
+    """
+    for record in records:
+        found = _family(record, "distill")
+        if found is not None and _architecture(found[1]) == "dense":
+            return None
+    students = [r for r, _ in _students(records)]
+    feasible = [r for r in students if val_feasible(r, budget)]
+    if not (feasible or (objective == "latency" and students)):
+        return None
+    narrowest = min(feasible or students,
+                    key=lambda r: (_family(r, "distill")[1].get("width", 0.5), r["val_accuracy_drop"]))
+    return Proposal(
+        _inline([("distill", {"architecture": "dense", "width": DENSE_WIDTH}), ("quantize", {"mode": "int8"})]),
+        f"try a dense student (width-scaled: '{narrowest['recipe']}', {_drop(narrowest)}): TFLite conv ops cost a "
+        "fixed per-op overhead whatever their width, so narrower conv students stop getting faster; a Flatten + "
+        "Dense student distilled from the teacher runs in a few fully connected ops")
+
+
+def _distill_order(records, budget, objective: str, proposals: dict) -> list[Proposal | None]:
+    """The distill bisections, the family whose best feasible student scores best on ``objective`` first.
+
+    Dense students are only narrowed further while their best beats the best
+    width-scaled one (on an MLP teacher they are the same models).
+    """
+    def score(architecture):
+        values = [objective_value(r, objective) for r, _ in _students(records, architecture) if val_feasible(r, budget)]
+        values = [v for v in values if v is not None]
+        return (min(values) if values else math.inf, architecture != "same")
+
+    if score("dense")[0] >= score("same")[0] < math.inf:
+        proposals = {a: p for a, p in proposals.items() if a != "dense"}
+    return [proposals[a] for a in sorted(proposals, key=score)]
 
 
 def _chains(records, budget) -> list[Proposal]:
     feasible = [r for r in records if val_feasible(r, budget)]
     prunes = [(r, _family(r, "prune")) for r in feasible if _family(r, "distill") is None]
     prunes = [(r, f) for r, f in prunes if f is not None]
-    students = [(r, _family(r, "distill")) for r in feasible if _family(r, "prune") is None]
-    students = [(r, f) for r, f in students if f is not None and not f[1].get("student")]
+    # Pruning goes into the narrowest width-scaled student (dense students' widths are not comparable).
+    students = [(r, f) for r, f in _students(records) if val_feasible(r, budget)]
     out = []
     best_prune = max(prunes, key=lambda rf: (rf[1][1].get("target_sparsity", 0), -rf[0]["val_accuracy_drop"]), default=None)
     best_student = min(students, key=lambda rf: (rf[1][1].get("width", 0.5), rf[0]["val_accuracy_drop"]), default=None)
@@ -382,9 +448,11 @@ def propose(records: list[dict], *, max_accuracy_drop: float = 0.01, objective: 
     ``sensitivity`` are :func:`layer_sensitivity` rows of the baseline: with
     them the most sensitive layers are kept dense (or float under QAT). Order:
     for size the prune proposals (sensitive layers dense, then bisections),
-    then distillation; for latency distillation first; then longer fine-tuning,
-    chains and float layers. Only the validation split decides what is
-    feasible or best.
+    then distillation; for latency a dense student (once) and distillation
+    first; then longer fine-tuning, chains and float layers (and for size, the
+    dense student last). The width bisections of same-architecture and dense
+    students are separate, the family with the best feasible student first.
+    Only the validation split decides what is feasible or best.
     """
     objective_metric(objective)  # a bad objective fails here, with the choices
     if techniques is None:
@@ -397,11 +465,16 @@ def propose(records: list[dict], *, max_accuracy_drop: float = 0.01, objective: 
     keep_sets = sorted({_keep(c) for _, _, c in _prune_runs(records)} - {()})
     prune = [_keep_sensitive_dense(records, budget, sensitivity)]
     prune += [_bisect_prune(records, budget, keep) for keep in keep_sets] + [_bisect_prune(records, budget)]
-    distill = [_bisect_distill(records, budget)]
-    # Sparsity shrinks gzip size but not dense-kernel latency; narrower students shrink both.
-    ordered = distill + prune if objective == "latency" else prune + distill
+    distill = _distill_order(records, budget, objective,
+                             {a: _bisect_distill(records, budget, a) for a in ("same", "dense")})
+    dense = _dense_student(records, budget, objective)
+    # Sparsity shrinks gzip size but not dense-kernel latency; narrower students shrink both, and a dense
+    # student drops the conv ops' per-op overhead (it rarely makes a conv model smaller, so last for size).
+    ordered = [dense] + distill + prune if objective == "latency" else prune + distill
     ordered += _longer(records, budget, objective, techniques)
     ordered += _chains(records, budget) + [_float_sensitive(records, budget, sensitivity, objective)]
+    if objective != "latency":
+        ordered.append(dense)
     out = []
     for proposal in ordered:
         if proposal is None or len(out) >= max_trials:
@@ -539,7 +612,7 @@ def next_round(records: list[dict], number: int, *, max_accuracy_drop: float = 0
     hit = target_met(records, max_accuracy_drop=max_accuracy_drop, objective=objective, target=target)
     if stop_when_met and hit:
         name, value = objective_ratio(hit, objective)
-        return [], f"target {target:g}x met by '{hit['recipe']}' ({name} {value:.1f}x)"
+        return [], f"target {target:g}x met on the validation split by '{hit['recipe']}' ({name} {value:.1f}x)"
     if max_time is not None and elapsed is not None and elapsed > max_time:
         return [], f"time budget of {max_time:g} s spent"
     proposals = propose(records, max_accuracy_drop=max_accuracy_drop, objective=objective, max_trials=max_trials,
@@ -557,8 +630,9 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
     """Round 1 (the search space ``recipes``), then up to ``rounds`` refinement rounds, in-process.
 
     One baseline and one Evaluator serve every round. ``max_trials`` caps the
-    recipes of each refinement round, ``max_time`` (seconds) stops starting new
-    recipes once spent. With ``stop_when_met`` the search ends as soon as a
+    recipes of each refinement round, ``max_time`` (seconds of optimization,
+    summed over candidates, as in the pipeline) stops starting refinements once
+    spent; round 1 always runs. With ``stop_when_met`` the search ends as soon as a
     candidate within the budget (validation split) reaches ``target`` (a
     compression_ratio for size, a speedup for latency). The winner is picked
     over all rounds by :func:`kfopt.select.select` on the test split. Writes
@@ -581,7 +655,6 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
     techniques = registry()
     first = load_search(recipes, techniques)  # every recipe checked before any work
     out = writable_dir(out)
-    started = time.perf_counter()
     handle, dataset = baseline or prepare(model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out)
     handle.save(out / "baseline")
     evaluator = Evaluator(dataset, handle, out / "baseline", latency_runs=latency_runs or LATENCY_RUNS)
@@ -592,16 +665,21 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
               "search": settings,
               "search_trace": []}
     if sensitivity is not None and handle.format == "keras":
-        reporter.say(f"Layer sensitivity: pruning one layer at a time to {sensitivity:.0%}")
+        reporter.say(f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
+                     "(validation split)")
         result["layer_sensitivity"] = layer_sensitivity(handle.keras(), dataset, sensitivity)
     trace, candidates = result["search_trace"], result["candidates"]
     (out / "candidates").mkdir(exist_ok=True)
     stop = None
 
+    def spent() -> float:
+        """Seconds of optimization so far (as the pipeline counts them): round 1 always runs in full."""
+        return sum(c.get("seconds") or 0 for c in candidates)
+
     def run_round(number: int, planned_recipes: list[tuple], whys: list[str]) -> None:
         nonlocal stop
         for (recipe, planned), why in zip(planned_recipes, whys):
-            if max_time is not None and time.perf_counter() - started > max_time:
+            if number > 1 and max_time is not None and spent() > max_time:
                 stop = stop or f"time budget of {max_time:g} s spent"
                 trace.append({"round": number, "recipe": recipe.label, "why": why, "status": "not run: " + stop})
                 continue
@@ -619,7 +697,7 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
             break
         proposals, stop = next_round(candidates, number, max_accuracy_drop=max_accuracy_drop, objective=objective,
                                      max_trials=max_trials, target=target, stop_when_met=stop_when_met,
-                                     elapsed=time.perf_counter() - started, max_time=max_time,
+                                     elapsed=spent(), max_time=max_time,
                                      sensitivity=result.get("layer_sensitivity"), techniques=techniques)
         if stop:
             break
@@ -631,7 +709,7 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
     result["search"]["stopped"] = stop or "all rounds done"
     hit = target_met(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective, target=target)
     result["search"]["target_met_by"] = hit["recipe"] if hit else None
-    result["search"]["seconds"] = round(time.perf_counter() - started, 1)
+    result["search"]["seconds"] = round(spent(), 1)
     result["baseline"]["references"] = evaluator.references
     apply_selection(result, select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
     write_json(out / METRICS_FILE, result)
@@ -647,22 +725,35 @@ def best_of_round(result: dict, number: int) -> dict | None:
 
 
 def search_table(result: dict):
-    """The candidates of every round, with their round and validation drop, as a rich Table."""
+    """The baseline and the candidates of every round, with their round and validation drop, as a rich Table.
+
+    Recipes are shown whole (folded over lines, never cut) and escaped, so a
+    printed recipe can be copied back into a command line.
+    """
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"kfopt search: {result.get('model')} on {result.get('data')} "
-                        f"(winner chosen on the test split; refinement chose on validation)")
-    for col in ("round", "recipe", "status", "val drop", "test drop", "accuracy", "KB gz", "compression", "p50 ms", "speedup", "s"):
-        table.add_column(col, justify="left" if col in ("recipe", "status") else "right")
+    table = Table(title=f"kfopt: {result.get('model')} on {result.get('data')} (drops in accuracy points; the "
+                        f"search chose on the validation split, the winner * is checked on the test split)")
+    table.add_column("round", justify="right")
+    table.add_column("recipe", overflow="fold", ratio=1, min_width=28)
+    table.add_column("status", overflow="fold", max_width=24, min_width=8)
+    for col in ("val drop", "test drop", "test acc", "KB gz", "compression", "p50 ms", "speedup", "secs"):
+        table.add_column(col, justify="right")
+    base = result.get("baseline") or {}
+    if base.get("accuracy") is not None:
+        table.add_row("", "baseline", base.get("format", ""), "", "", f"{base['accuracy']:.4f}",
+                      f"{base['gzip_bytes'] / 1024:,.1f}" if base.get("gzip_bytes") else "", "1.0x",
+                      f"{base['latency_p50_ms']:.4f}" if base.get("latency_p50_ms") else "", "1.00x", "")
     for c in result["candidates"]:
         if c["status"] != "ok":
-            table.add_row(str(c.get("round", "")), c["recipe"], f"{c['status']}: {(c.get('reason') or '')[:50]}",
+            table.add_row(str(c.get("round", "")), escape(c["recipe"]), escape(f"{c['status']}: {c.get('reason') or ''}"),
                           *[""] * 7, f"{c.get('seconds', 0):.0f}")
             continue
-        mark = "* " if c["recipe"] == result.get("winner") else ""  # in front: long labels are cut at the end
+        mark = "*" if c["recipe"] == result.get("winner") else ""
         val = c.get("val_accuracy_drop")
-        table.add_row(str(c.get("round", "")), mark + c["recipe"], "ok" if c.get("within_budget") else "over budget",
-                      "-" if val is None else f"{val * 100:+.2f} pt", f"{c['accuracy_drop'] * 100:+.2f} pt",
+        table.add_row(str(c.get("round", "")), mark + escape(c["recipe"]), "ok" if c.get("within_budget") else "over budget",
+                      "-" if val is None else f"{val * 100:+.2f}", f"{c['accuracy_drop'] * 100:+.2f}",
                       f"{c['accuracy']:.4f}", f"{c['gzip_bytes'] / 1024:,.1f}", f"{c['compression_ratio']:.1f}x",
                       f"{c['latency_p50_ms']:.4f}", f"{c['speedup']:.2f}x", f"{c.get('seconds', 0):.0f}")
     return table

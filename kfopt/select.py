@@ -157,7 +157,9 @@ def _dominates(a: dict, a_value: float, b: dict, b_value: float) -> bool:
 def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objective: str = "size") -> Selection:
     """Pick the candidate with the best objective metric among those within the accuracy budget.
 
-    Eligible: status ``ok`` and ``accuracy_drop <= max_accuracy_drop``. Ties on
+    Eligible: status ``ok``, ``accuracy_drop <= max_accuracy_drop`` (test
+    split) and, when measured, ``val_accuracy_drop <= max_accuracy_drop`` (the
+    split the search decides on: a winner is within the budget on both). Ties on
     the metric go to the higher accuracy, then to the recipe label (so the
     choice never depends on the order candidates finished in). Failed and
     skipped candidates are never eligible; if nothing is eligible the winner
@@ -177,6 +179,12 @@ def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objec
         elif candidate.get("accuracy_drop", 0.0) > max_accuracy_drop + _TOLERANCE:
             selection.reasons[label] = (f"accuracy drop {candidate['accuracy_drop']:.4f} is over the budget "
                                         f"{max_accuracy_drop:.4f}")
+        elif (candidate.get("val_accuracy_drop") or 0.0) > max_accuracy_drop + _TOLERANCE:
+            # Chosen on validation, confirmed on test: a candidate the search would not have kept
+            # is not made the winner because it happened to do well on the test split.
+            selection.reasons[label] = (f"accuracy drop {candidate['val_accuracy_drop']:.4f} on the validation split "
+                                        f"is over the budget {max_accuracy_drop:.4f} (test split: "
+                                        f"{candidate['accuracy_drop']:.4f})")
         else:
             eligible.append(candidate)
     selection.within_budget = [c["recipe"] for c in eligible]

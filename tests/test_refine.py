@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -184,3 +185,61 @@ def test_layer_sensitivity_prunes_one_layer_at_a_time_without_touching_the_model
     assert rows == sorted(rows, key=lambda r: -r["val_accuracy_drop"])
     assert all(abs(r["int8_val_accuracy_drop"]) <= 0.03 for r in rows)  # int8 weights of one layer barely matter
     assert all(np.array_equal(a, b) for a, b in zip(before, mlp.get_weights()))
+
+
+def test_latency_proposes_a_dense_student_once_a_width_scaled_student_distils(techniques):
+    records = [
+        record(techniques, "quantize(mode=int8)", 0.0, 0.0, 20000),
+        record(techniques, "prune(target_sparsity=0.8,epochs=3)>quantize(mode=int8)", 0.005, 0.004, 6000),
+        record(techniques, "distill(width=0.25,epochs=6)>quantize(mode=int8)", 0.004, 0.006, 8000),
+    ]
+    first = propose(records, max_accuracy_drop=BUDGET, objective="latency", max_trials=4, techniques=techniques)[0]
+    assert first.recipe == "distill(architecture=dense,width=1)>quantize(mode=int8)"  # default epochs
+    assert "dense student" in first.why and "per-op overhead" in first.why
+    (step, quantize) = plan(parse_recipe([first.recipe]), techniques)
+    assert (step.config.architecture, quantize.config.mode) == ("dense", "int8")
+    # For size it comes after the prune and distill refinements.
+    size = [p.recipe for p in propose(records, max_accuracy_drop=BUDGET, objective="size", max_trials=10, techniques=techniques)]
+    assert size[-1] == first.recipe and len(size) > 1
+    # Only once.
+    tried = records + [record(techniques, first.recipe, 0.05, 0.05, 5000)]
+    assert not any("architecture=dense" in p.recipe
+                   for p in propose(tried, max_accuracy_drop=BUDGET, objective="latency", techniques=techniques))
+
+    def dense_proposed(records, objective):
+        return any("architecture=dense" in p.recipe for p in propose(
+            records, max_accuracy_drop=BUDGET, objective=objective, max_trials=10, techniques=techniques))
+
+    # Width-scaled students all over budget: still worth a trial for latency, not for size; none tried: neither.
+    over = [dict(r, val_accuracy_drop=0.05) if r["recipe"].startswith("distill") else r for r in records]
+    assert dense_proposed(over, "latency") and not dense_proposed(over, "size")
+    no_students = [r for r in records if not r["recipe"].startswith("distill")]
+    assert not dense_proposed(no_students, "latency") and not dense_proposed(no_students, "size")
+
+
+def test_dense_and_same_architecture_widths_bisect_separately(techniques):
+    records = [
+        record(techniques, "distill(width=0.5)>quantize(mode=int8)", 0.002, 0.002, 8000, latency_p50_ms=0.008),
+        record(techniques, "distill(width=0.25)>quantize(mode=int8)", 0.05, 0.05, 4000, latency_p50_ms=0.0077),
+        record(techniques, "distill(architecture=dense,width=1)>quantize(mode=int8)", 0.004, 0.003, 9000,
+               latency_p50_ms=0.0014),
+        record(techniques, "distill(architecture=dense,width=0.125)>quantize(mode=int8)", 0.04, 0.04, 2000,
+               latency_p50_ms=0.0009),
+    ]
+    proposals = propose(records, max_accuracy_drop=BUDGET, objective="latency", max_trials=2, techniques=techniques)
+    dense, same = proposals
+    # The dense family has the faster feasible student, so its bisection comes first; each within its own bracket.
+    assert "architecture=dense" in dense.recipe and dense.recipe.endswith(">quantize(mode=int8)")
+    assert width_of(dense.recipe) == pytest.approx(math.sqrt(0.125 * 1), abs=1e-3)
+    assert "bisect distill width of dense students down" in dense.why and "widest student over budget 0.125" in dense.why
+    assert "architecture" not in same.recipe
+    assert width_of(same.recipe) == pytest.approx(math.sqrt(0.25 * 0.5), abs=1e-3)
+    assert "widest student over budget 0.25" in same.why
+    # Dense students no faster than the best width-scaled one (an MLP teacher): not narrowed further.
+    slow = [dict(r, latency_p50_ms=0.009) if "architecture=dense" in r["recipe"] else r for r in records]
+    assert not any("architecture=dense" in p.recipe
+                   for p in propose(slow, max_accuracy_drop=BUDGET, objective="latency", techniques=techniques))
+    # Without the over-budget dense student the dense bracket's floor is the default, not the same family's 0.25.
+    (dense_only,) = [p for p in propose(records[:3], max_accuracy_drop=BUDGET, objective="latency", techniques=techniques)
+                     if "architecture=dense" in p.recipe]
+    assert width_of(dense_only.recipe) == pytest.approx(0.25) and "floor 0.0625" in dense_only.why

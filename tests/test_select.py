@@ -147,3 +147,11 @@ def test_the_gate_compares_a_mix_like_the_selection():
     assert gate(challenger, champion, max_accuracy_drop=0.01, objective="size")[0] is False
     promoted, reason = gate(challenger, champion, max_accuracy_drop=0.01, objective="mix")
     assert promoted and "gzip_bytes^0.5 * latency_p50_ms^0.5" in reason
+
+
+def test_a_winner_is_within_the_budget_on_both_splits():
+    lucky = {**ok("lucky-on-test", 0.97, 0.005, 5_000), "val_accuracy_drop": 0.03}
+    steady = {**ok("steady", 0.97, 0.004, 9_000), "val_accuracy_drop": 0.007}
+    selection = select([lucky, steady], max_accuracy_drop=0.01)
+    assert selection.winner == "steady"
+    assert "on the validation split is over the budget" in selection.reasons["lucky-on-test"]
