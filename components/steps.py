@@ -267,7 +267,8 @@ def plan_search_step(baseline_dir, data_dir, search_dir, *, rounds: int, max_tri
     if sensitivity:
         baseline, info = load_baseline(baseline_dir)
         dataset = load_step_data(data_dir, info["input_shape"], seed)
-        reporter.say(f"Layer sensitivity: pruning one layer at a time to {sensitivity:.0%} (validation split)")
+        reporter.say(f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
+                     "(validation split)")
         rows = layer_sensitivity(baseline.keras(), dataset, sensitivity)
     plan = {"settings": settings, "layer_sensitivity": rows}
     write_json(writable_dir(search_dir) / SEARCH_FILE, plan)

@@ -24,13 +24,14 @@ COLUMNS = (("format", "format", None), *METRIC_COLUMNS)
 VAL_DROP = ("val_accuracy_drop", "val drop", "{:+.4f}")
 #: Which split a column's number comes from; other columns do not depend on the data split.
 SPLITS = {"accuracy": "test", "accuracy_drop": "test", "agreement": "test",
-          "val_accuracy": "validation", "val_accuracy_drop": "validation"}
+          "val_accuracy": "validation", "val_accuracy_drop": "validation", "int8_val_accuracy_drop": "validation"}
 #: Columns of the search trace before the objective metric; other keys of its entries follow it.
 TRACE_COLUMNS = (("round", "round", None), ("recipe", "recipe", None), ("why", "why", None),
                  ("status", "status", None), VAL_DROP)
 #: Columns of the layer sensitivity table; other keys of its rows follow them.
 SENSITIVITY_COLUMNS = (("layer", "layer", None), ("params", "kernel params", "{:,}"), ("sparsity", "pruned to", "{:.0%}"),
-                       ("val_accuracy", "val accuracy", "{:.4f}"), VAL_DROP)
+                       ("val_accuracy", "val accuracy", "{:.4f}"), VAL_DROP,
+                       ("int8_val_accuracy_drop", "val drop, its weights int8", "{:+.4f}"))
 #: objective -> (metric, x-axis label) of the plots: accuracy against each objective metric.
 PLOTS = {"size": ("gzip_bytes", "deployable size, gzip bytes (log scale)"),
          "latency": ("latency_p50_ms", "latency p50, ms, batch 1 (log scale)")}
@@ -162,8 +163,9 @@ def _sensitivity_section(rows: list[dict] | None) -> str:
         return ""
     columns = _with_extra_columns(rows, SENSITIVITY_COLUMNS)
     return ("<h2>Layer sensitivity (validation split)</h2><p class='note'>Each layer's kernel pruned alone to the "
-            "given sparsity, with no fine-tuning; val drop is the baseline's <b>validation-split</b> accuracy minus "
-            "the pruned model's. The most sensitive layers come first.</p>"
+            "given sparsity, then its weights alone rounded to int8, with no fine-tuning; each drop is the baseline's "
+            "<b>validation-split</b> accuracy minus the changed model's. The most prune-sensitive layers come first; "
+            "refinement keeps the small sensitive ones dense (or float under QAT).</p>"
             + _table(columns, [_tr("", row, columns) for row in rows]))
 
 
@@ -202,6 +204,11 @@ def plot_png(result: dict, metric: str, label: str) -> bytes:
     if baseline.get(metric) is not None and baseline.get("accuracy") is not None:
         ax.scatter(baseline[metric], baseline["accuracy"], marker="X", s=80, color="black", zorder=4,
                    label=f"baseline ({baseline.get('format', 'keras')})")
+        # The same baseline converted to each candidate format (what ratios and speedups compare with).
+        for marker, (fmt, reference) in zip("PDs", sorted((baseline.get("references") or {}).items())):
+            if reference.get(metric) is not None:
+                ax.scatter(reference[metric], baseline["accuracy"], marker=marker, s=60, facecolors="none",
+                           edgecolors="black", zorder=4, label=f"baseline as {fmt}")
     budget = result.get("selection", {}).get("max_accuracy_drop")
     if budget is not None and baseline.get("accuracy") is not None:
         ax.axhline(baseline["accuracy"] - budget, color="tab:red", ls="--", lw=1, label="accuracy budget")

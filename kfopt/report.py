@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -80,7 +81,7 @@ def results_table(result: dict) -> Table:
             else:
                 cells.append(fmt.format(value / 1024 if key == "gzip_bytes" else value))
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('reason')}"
-        table.add_row(label, row.get("format", "-"), status, *cells)
+        table.add_row(escape(label), row.get("format", "-"), escape(status), *cells)
     return table
 
 

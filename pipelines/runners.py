@@ -140,7 +140,7 @@ def _quiet_kfp(log, progress):
             if round_line:
                 progress(round_line["line"][:250])
             elif candidate:
-                reason = f" ({candidate['reason'][:150]})" if candidate["reason"] else ""
+                reason = f" ({candidate['reason'][:400]})" if candidate["reason"] else ""
                 progress(f"{candidate['label']}: {candidate['status']}{reason}")
             elif task and (task["status"] == "FAILURE" or not _PER_RECIPE.match(task["task"])):
                 progress(f"{task['task']}: {task['status'].lower()}")

@@ -95,3 +95,16 @@ def test_optimize_end_to_end_json(tmp_path):
     assert candidate["compression_ratio"] > 3
     assert json.loads((out / "metrics.json").read_text())["candidates"][0]["recipe"] == "quantize(mode=int8)"
     assert not list(out.glob("**/.*.tmp"))
+
+
+def test_search_time_budget_bounds_refinement_never_round_one(tmp_path):
+    out = tmp_path / "search"
+    result = CliRunner().invoke(main, ["search", "--model", "demo:mlp", "--epochs", "3", "--out", str(out),
+                                       "--recipe", "quantize(mode=dynamic)", "--rounds", "2", "--max-time", "0.001",
+                                       "--sensitivity", "0", "--objective", "MIX:0.3"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "metrics.json").read_text())
+    assert [(c["round"], c["status"]) for c in saved["candidates"]] == [(1, "ok")]
+    assert saved["search"]["stopped"] == "time budget of 0.001 s spent" and saved["search"]["objective"] == "mix:0.3"
+    assert "Search stopped: time budget of 0.001 s spent" in result.output
+    assert (out / "report.html").is_file() and "Report: file://" in result.output

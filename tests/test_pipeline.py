@@ -181,7 +181,7 @@ def test_round_steps_propose_from_validation_and_merge_rounds_into_one_results_f
     settings["settings"].update(target=3.0, stop_when_met=True)
     (plan / steps.SEARCH_FILE).write_text(json.dumps(settings))
     (stop,) = [json.loads(i) for i in steps.propose_step(tmp_path / "r2", plan, 3)]
-    assert stop["round"] == 3 and "target 3x met by" in stop[steps.STOPPED]
+    assert stop["round"] == 3 and "target 3x met on the validation split by" in stop[steps.STOPPED]
     steps.stopped_step(tmp_path / "c4", 3, stop[steps.STOPPED])
     round3 = steps.select_step(baseline, [tmp_path / "c4"], tmp_path / "r3", max_accuracy_drop=0.01, number=3,
                                previous_dir=tmp_path / "r2", search_dir=plan)
