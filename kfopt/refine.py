@@ -635,7 +635,8 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
     spent; round 1 always runs. With ``stop_when_met`` the search ends as soon as a
     candidate within the budget (validation split) reaches ``target`` (a
     compression_ratio for size, a speedup for latency). The winner is picked
-    over all rounds by :func:`kfopt.select.select` on the test split. Writes
+    over all rounds by :func:`kfopt.select.select`: within the budget on the
+    validation split and confirmed on the test split. Writes
     ``metrics.json`` under ``out`` with a ``search_trace`` and returns it.
     ``baseline`` may be a ``(ModelHandle, Data)`` pair already prepared. With
     ``sensitivity`` (a sparsity), :func:`layer_sensitivity` of the baseline is
