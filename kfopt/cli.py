@@ -416,12 +416,12 @@ def _print_result(result: dict) -> None:
         where = f"round {winner['round']}, " if result.get("search") else ""
         why = f"; why: {winner['why']}" if winner.get("round", 1) > 1 and winner.get("why") else ""
         click.echo(f"Winner ({where}{selection.get('objective')}: lowest {selection.get('metric')} within an accuracy "
-                   f"drop of {budget} on the test split): {winner['recipe']}: accuracy {winner['accuracy']:.4f} "
+                   f"drop of {budget} on the validation and test splits): {winner['recipe']}: accuracy {winner['accuracy']:.4f} "
                    f"(test drop {winner['accuracy_drop'] * 100:+.2f} pt), {winner['gzip_bytes'] / 1024:,.1f} KB gzipped "
                    f"({winner['compression_ratio']:.1f}x smaller), p50 {winner['latency_p50_ms']:.4f} ms "
                    f"({winner['speedup']:.2f}x faster){why}")
     else:
-        click.echo(f"No winner: no candidate finished within an accuracy drop of {budget} on the test split.")
+        click.echo(f"No winner: no candidate finished within an accuracy drop of {budget} on both the validation and the test split.")
     search = result.get("search")
     if search:
         click.echo(f"Search stopped: {search['stopped']} ({search['seconds']:.0f} s of optimization).")
