@@ -22,7 +22,8 @@ from rich.table import Table
 
 from kfopt.optimize import prepare
 from kfopt.progress import Reporter
-from kfopt.refine import best_of_round, search, search_table, sensitivity_table
+from kfopt.refine import best_of_round, search
+from kfopt.report import search_table, sensitivity_table
 
 
 def main() -> int:

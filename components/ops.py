@@ -75,10 +75,8 @@ def optimize(
     """
     import json
 
-    from kfopt.components.steps import optimize_step
+    from kfopt.components.steps import STOPPED, optimize_step, stopped_step
     from kfopt.components.ops import describe, log_metrics
-
-    from kfopt.components.steps import STOPPED, stopped_step
 
     item = json.loads(recipe)
     if STOPPED in item:

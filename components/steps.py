@@ -33,6 +33,7 @@ from pathlib import Path
 from kfopt.errors import KfoptError
 from kfopt.optimize import METRICS_FILE, writable_dir, write_json
 from kfopt.progress import Reporter
+from kfopt.refine import ROUND_ONE_WHY
 
 BASELINE_FILE = "baseline.json"
 CANDIDATE_FILE = "candidate.json"
@@ -166,7 +167,7 @@ def optimize_step(recipe, baseline_dir, data_dir, candidate_dir, *, seed: int = 
     except Exception as exc:  # a bad recipe or a broken input is this candidate's failure, not the run's
         record = _failed(label, exc)
     record["measured"] = bool(measure and record["status"] == "ok")
-    record.update(round=round, why=why or "round 1: from the search space")
+    record.update(round=round, why=why or ROUND_ONE_WHY)
     if position is not None:
         record["position"] = position
     write_json(candidate_dir / CANDIDATE_FILE, record)
@@ -284,7 +285,7 @@ def propose_step(results_dir, search_dir, number: int, *, registry=None) -> list
     parallel or come from the cache. When the search stops, the one item is
     ``{"round", "stopped": reason}`` so the round's loop runs a no-op.
     """
-    from kfopt.refine import next_round
+    from kfopt.refine import next_round, optimization_seconds
 
     result = _read_json(Path(results_dir) / METRICS_FILE, "results")
     settings = _read_json(Path(search_dir) / SEARCH_FILE, "search plan")
@@ -292,11 +293,10 @@ def propose_step(results_dir, search_dir, number: int, *, registry=None) -> list
     stopped = (result.get("search") or {}).get("stopped")
     proposals = []
     if not stopped:
-        spent = sum(c.get("seconds") or 0 for c in result["candidates"])
         proposals, stopped = next_round(result["candidates"], number, max_accuracy_drop=bounds["max_accuracy_drop"],
                                         objective=bounds["objective"], max_trials=bounds["max_trials"],
                                         target=bounds["target"], stop_when_met=bounds["stop_when_met"],
-                                        elapsed=spent, max_time=bounds["max_time"],
+                                        elapsed=optimization_seconds(result["candidates"]), max_time=bounds["max_time"],
                                         sensitivity=settings.get("layer_sensitivity"), techniques=registry)
     if stopped:
         print(f"round {number}: search stopped: {stopped}", flush=True)
@@ -327,7 +327,7 @@ def select_step(baseline_dir, candidate_dirs, results_dir, *, max_accuracy_drop:
     :func:`plan_search_step`; the result then also carries ``search``,
     ``search_trace`` and ``layer_sensitivity``, like ``kfopt search`` writes.
     """
-    from kfopt.refine import target_met, trace_entry
+    from kfopt.refine import ALL_ROUNDS_DONE, search_outcome, trace_entry
     from kfopt.select import apply_selection, objective_metric, select
     from kfopt.tracking import resolve_artifact
 
@@ -376,13 +376,10 @@ def select_step(baseline_dir, candidate_dirs, results_dir, *, max_accuracy_drop:
     }
     if search_dir:
         plan = _read_json(Path(search_dir) / SEARCH_FILE, "search plan")
-        settings = plan["settings"]
         stopped = (previous.get("search") or {}).get("stopped") or (stops[0] if stops else None)
-        if not stopped and number > settings["rounds"]:
-            stopped = "all rounds done"
-        hit = target_met(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective, target=settings["target"])
-        result["search"] = {**settings, "stopped": stopped, "target_met_by": hit["recipe"] if hit else None,
-                            "seconds": round(sum(c.get("seconds") or 0 for c in candidates), 1)}
+        if not stopped and number > plan["settings"]["rounds"]:
+            stopped = ALL_ROUNDS_DONE
+        result["search"] = search_outcome(plan["settings"], candidates, stopped)
         result["search_trace"] = list(previous.get("search_trace") or []) + [trace_entry(r, objective) for r in new]
         result["layer_sensitivity"] = plan.get("layer_sensitivity") or []
     apply_selection(result, select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))

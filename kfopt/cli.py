@@ -21,6 +21,10 @@ TRACKING_URI_HELP = "MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sq
 REGISTERED_MODEL_HELP = ("Register the winner as a new version of this MLflow model (alias challenger) and "
                          "move alias champion to it if it beats the current champion.")
 MAX_DROP_HELP = "Accuracy budget: largest accuracy loss allowed, vs the baseline and vs the champion (a fraction)."
+OBJECTIVE_HELP = ("What 'better than the champion' means: smaller gzip_bytes (size), latency_p50_ms (latency), or "
+                  "gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5).")
+
+
 class _Objective(click.ParamType):
     """size, latency, mix or mix:W, checked by kfopt.select (so the CLI and the pipeline accept the same)."""
 
@@ -40,8 +44,6 @@ class _Objective(click.ParamType):
 
 
 OBJECTIVE = _Objective()
-OBJECTIVE_HELP = ("What 'better than the champion' means: smaller gzip_bytes (size), latency_p50_ms (latency), or "
-                  "gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5).")
 
 
 def tracking_options(command):
@@ -348,7 +350,8 @@ def run(model, data, max_accuracy_drop, objective, registered_model, tracking_ur
     Trains (or loads) the baseline, tries every recipe of the search in
     parallel subprocesses, then --rounds refinement rounds that propose more
     aggressive recipes (deciding on the validation split), picks the best
-    candidate within the accuracy budget on the test split, writes an HTML
+    candidate within the accuracy budget on both the validation and the test
+    split, writes an HTML
     report and registers the winner in MLflow (a
     local SQLite store unless --tracking-uri or MLFLOW_TRACKING_URI says
     otherwise). Exit code 0 when the run finished, 1 when no candidate
@@ -358,9 +361,8 @@ def run(model, data, max_accuracy_drop, objective, registered_model, tracking_ur
     import time
 
     from .pipelines.runners import run_local
-    from .search import load_search
-
     from .refine import search_settings
+    from .search import load_search
 
     recipes = load_search(search)  # every recipe checked before any work
     search_settings(rounds=rounds, max_trials=max_trials, max_time=max_time, objective=objective,
@@ -402,8 +404,7 @@ def _console():
 
 def _print_result(result: dict) -> None:
     """The tables of a run or a search (sensitivity, candidates), the winner, and how the search stopped."""
-    from .refine import search_table, sensitivity_table
-    from .report import results_table
+    from .report import results_table, search_table, sensitivity_table
 
     console = _console()
     if result.get("layer_sensitivity"):

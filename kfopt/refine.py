@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import KfoptError
-from .select import (_TOLERANCE, OBJECTIVES, apply_selection, objective_metric, objective_ratio, objective_value,
+from .select import (_TOLERANCE, OBJECTIVES, apply_selection, check_goal, objective_metric, objective_ratio, objective_value,
                      select)
 
 #: Bisection bounds when no candidate has yet failed the budget on that side.
@@ -70,7 +70,6 @@ DENSE_WIDTH = 1.0
 KEEP_SHARE = 0.05
 #: Only a chain over budget by at most this many budgets is retried with longer fine-tuning.
 LONGER_MAX_DROP = 2.0
-
 
 
 @dataclass
@@ -546,22 +545,6 @@ def _int8_weights(kernel):
     return (np.round(kernel / scale) * scale).astype(kernel.dtype)
 
 
-def sensitivity_table(rows: list[dict]):
-    """Layer sensitivity rows as a rich Table."""
-    from rich.table import Table
-
-    sparsity = rows[0]["sparsity"] if rows else 0
-    table = Table(title=f"Layer sensitivity: one layer pruned to {sparsity:.0%} or its weights int8, "
-                        "no fine-tuning (validation split)")
-    for col in ("layer", "kernel params", "val accuracy", "val drop", "int8 weights val drop"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
-    for row in rows:
-        int8 = row.get("int8_val_accuracy_drop")
-        table.add_row(row["layer"], f"{row['params']:,}", f"{row['val_accuracy']:.4f}", f"{row['val_accuracy_drop'] * 100:+.2f} pt",
-                      "-" if int8 is None else f"{int8 * 100:+.2f} pt")
-    return table
-
-
 # -- the in-process search -------------------------------------------------------
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80]
@@ -575,12 +558,30 @@ def target_met(records: list[dict], *, max_accuracy_drop: float, objective: str,
     return max(hits, key=lambda r: objective_ratio(r, objective)[1], default=None)
 
 
+#: Why a round-1 recipe was tried, and how a search that ran every round ended.
+ROUND_ONE_WHY = "round 1: from the search space"
+ALL_ROUNDS_DONE = "all rounds done"
+
+
+def optimization_seconds(candidates: list[dict]) -> float:
+    """Seconds spent optimizing the candidates: what ``max_time`` bounds (parallel or cached steps count fairly)."""
+    return sum(c.get("seconds") or 0 for c in candidates)
+
+
+def search_outcome(settings: dict, candidates: list[dict], stopped: str | None) -> dict:
+    """The ``search`` block of a result: ``settings``, why it stopped, what met the target, seconds spent."""
+    hit = target_met(candidates, max_accuracy_drop=settings["max_accuracy_drop"], objective=settings["objective"],
+                     target=settings["target"])
+    return {**settings, "stopped": stopped, "target_met_by": hit["recipe"] if hit else None,
+            "seconds": round(optimization_seconds(candidates), 1)}
+
+
 def search_settings(*, rounds: int, max_trials: int, max_time: float | None, objective: str,
                     max_accuracy_drop: float, target: float | None, stop_when_met: bool) -> dict:
     """The ``search`` block of a result: how the search was bounded, and which split decides what."""
     if stop_when_met and target is None:
         raise KfoptError("--stop-when-met needs a target.", "pass --target-compression X as well, or drop --stop-when-met.")
-    objective_metric(objective)
+    check_goal(max_accuracy_drop, objective)
     return {"rounds": rounds, "max_trials": max_trials, "max_time": max_time, "objective": objective,
             "max_accuracy_drop": max_accuracy_drop, "target": target, "stop_when_met": stop_when_met,
             "choices_use": "validation split (val_accuracy_drop)", "final_check_uses": "test split"}
@@ -590,7 +591,7 @@ def trace_entry(candidate: dict, objective: str) -> dict:
     """One line of the search trace: which round proposed the recipe, why, and what came of it."""
     objective_metric(objective)
     return {"round": candidate.get("round", 1), "recipe": candidate["recipe"],
-            "why": candidate.get("why") or "round 1: from the search space", "status": candidate["status"],
+            "why": candidate.get("why") or ROUND_ONE_WHY, "status": candidate["status"],
             "val_accuracy_drop": candidate.get("val_accuracy_drop"),
             **{metric: candidate.get(metric) for metric in OBJECTIVES.values()}}
 
@@ -673,14 +674,11 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
     (out / "candidates").mkdir(exist_ok=True)
     stop = None
 
-    def spent() -> float:
-        """Seconds of optimization so far (as the pipeline counts them): round 1 always runs in full."""
-        return sum(c.get("seconds") or 0 for c in candidates)
-
     def run_round(number: int, planned_recipes: list[tuple], whys: list[str]) -> None:
         nonlocal stop
         for (recipe, planned), why in zip(planned_recipes, whys):
-            if number > 1 and max_time is not None and spent() > max_time:
+            # Round 1 always runs in full.
+            if number > 1 and max_time is not None and optimization_seconds(candidates) > max_time:
                 stop = stop or f"time budget of {max_time:g} s spent"
                 trace.append({"round": number, "recipe": recipe.label, "why": why, "status": "not run: " + stop})
                 continue
@@ -692,13 +690,13 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
             trace.append(trace_entry(candidate, objective))
             write_json(out / METRICS_FILE, result)  # partial results survive an interruption
 
-    run_round(1, [(r.recipe, r.planned) for r in first], ["round 1: from the search space"] * len(first))
+    run_round(1, [(r.recipe, r.planned) for r in first], [ROUND_ONE_WHY] * len(first))
     for number in range(2, rounds + 2):
         if stop:
             break
         proposals, stop = next_round(candidates, number, max_accuracy_drop=max_accuracy_drop, objective=objective,
                                      max_trials=max_trials, target=target, stop_when_met=stop_when_met,
-                                     elapsed=spent(), max_time=max_time,
+                                     elapsed=optimization_seconds(candidates), max_time=max_time,
                                      sensitivity=result.get("layer_sensitivity"), techniques=techniques)
         if stop:
             break
@@ -707,10 +705,7 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
             parsed = parse_recipe([proposal.recipe])
             planned_recipes.append((parsed, plan(parsed, techniques)))
         run_round(number, planned_recipes, [p.why for p in proposals])
-    result["search"]["stopped"] = stop or "all rounds done"
-    hit = target_met(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective, target=target)
-    result["search"]["target_met_by"] = hit["recipe"] if hit else None
-    result["search"]["seconds"] = round(spent(), 1)
+    result["search"] = search_outcome(settings, candidates, stop or ALL_ROUNDS_DONE)
     result["baseline"]["references"] = evaluator.references
     apply_selection(result, select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
     write_json(out / METRICS_FILE, result)
@@ -723,38 +718,3 @@ def best_of_round(result: dict, number: int) -> dict | None:
     chosen = select([c for c in result["candidates"] if c.get("round") == number],
                     max_accuracy_drop=selection.get("max_accuracy_drop", 0.01), objective=selection.get("objective", "size"))
     return next((c for c in result["candidates"] if c["recipe"] == chosen.winner), None)
-
-
-def search_table(result: dict):
-    """The baseline and the candidates of every round, with their round and validation drop, as a rich Table.
-
-    Recipes are shown whole (folded over lines, never cut) and escaped, so a
-    printed recipe can be copied back into a command line.
-    """
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"kfopt: {result.get('model')} on {result.get('data')} (drops in accuracy points; the "
-                        f"search chose on the validation split, the winner * is checked on the test split)")
-    table.add_column("round", justify="right")
-    table.add_column("recipe", overflow="fold", ratio=1, min_width=28)
-    table.add_column("status", overflow="fold", max_width=24, min_width=8)
-    for col in ("val drop", "test drop", "test acc", "KB gz", "compression", "p50 ms", "speedup", "secs"):
-        table.add_column(col, justify="right")
-    base = result.get("baseline") or {}
-    if base.get("accuracy") is not None:
-        table.add_row("", "baseline", base.get("format", ""), "", "", f"{base['accuracy']:.4f}",
-                      f"{base['gzip_bytes'] / 1024:,.1f}" if base.get("gzip_bytes") else "", "1.0x",
-                      f"{base['latency_p50_ms']:.4f}" if base.get("latency_p50_ms") else "", "1.00x", "")
-    for c in result["candidates"]:
-        if c["status"] != "ok":
-            table.add_row(str(c.get("round", "")), escape(c["recipe"]), escape(f"{c['status']}: {c.get('reason') or ''}"),
-                          *[""] * 7, f"{c.get('seconds', 0):.0f}")
-            continue
-        mark = "*" if c["recipe"] == result.get("winner") else ""
-        val = c.get("val_accuracy_drop")
-        table.add_row(str(c.get("round", "")), mark + escape(c["recipe"]), "ok" if c.get("within_budget") else "over budget",
-                      "-" if val is None else f"{val * 100:+.2f}", f"{c['accuracy_drop'] * 100:+.2f}",
-                      f"{c['accuracy']:.4f}", f"{c['gzip_bytes'] / 1024:,.1f}", f"{c['compression_ratio']:.1f}x",
-                      f"{c['latency_p50_ms']:.4f}", f"{c['speedup']:.2f}x", f"{c.get('seconds', 0):.0f}")
-    return table

@@ -1,4 +1,4 @@
-"""Tables a person reads: techniques, and the baseline beside its candidates."""
+"""Tables a person reads: techniques, the baseline beside its candidates, a search and its layer sensitivity, model versions."""
 
 from __future__ import annotations
 
@@ -104,4 +104,50 @@ def history_table(name: str, rows: list[dict]) -> Table:
         table.add_row(str(row["version"]), "\n".join(row["aliases"]) or "-", number("accuracy", "{:.4f}"),
                       number("gzip_bytes", "{:,.1f}", 1024), number("latency_p50_ms", "{:.3f}"),
                       row.get("decision") or "-", "\n".join(details))
+    return table
+
+
+def search_table(result: dict) -> Table:
+    """The baseline and the candidates of every round, with their round and validation drop, as a rich Table.
+
+    Recipes are shown whole (folded over lines, never cut) and escaped, so a
+    printed recipe can be copied back into a command line.
+    """
+    table = Table(title=f"kfopt: {result.get('model')} on {result.get('data')} (drops in accuracy points; the "
+                        f"search chose on the validation split, the winner * is checked on the test split)")
+    table.add_column("round", justify="right")
+    table.add_column("recipe", overflow="fold", ratio=1, min_width=28)
+    table.add_column("status", overflow="fold", max_width=24, min_width=8)
+    for col in ("val drop", "test drop", "test acc", "KB gz", "compression", "p50 ms", "speedup", "secs"):
+        table.add_column(col, justify="right")
+    base = result.get("baseline") or {}
+    if base.get("accuracy") is not None:
+        table.add_row("", "baseline", base.get("format", ""), "", "", f"{base['accuracy']:.4f}",
+                      f"{base['gzip_bytes'] / 1024:,.1f}" if base.get("gzip_bytes") else "", "1.0x",
+                      f"{base['latency_p50_ms']:.4f}" if base.get("latency_p50_ms") else "", "1.00x", "")
+    for c in result["candidates"]:
+        if c["status"] != "ok":
+            table.add_row(str(c.get("round", "")), escape(c["recipe"]), escape(f"{c['status']}: {c.get('reason') or ''}"),
+                          *[""] * 7, f"{c.get('seconds', 0):.0f}")
+            continue
+        mark = "*" if c["recipe"] == result.get("winner") else ""
+        val = c.get("val_accuracy_drop")
+        table.add_row(str(c.get("round", "")), mark + escape(c["recipe"]), "ok" if c.get("within_budget") else "over budget",
+                      "-" if val is None else f"{val * 100:+.2f}", f"{c['accuracy_drop'] * 100:+.2f}",
+                      f"{c['accuracy']:.4f}", f"{c['gzip_bytes'] / 1024:,.1f}", f"{c['compression_ratio']:.1f}x",
+                      f"{c['latency_p50_ms']:.4f}", f"{c['speedup']:.2f}x", f"{c.get('seconds', 0):.0f}")
+    return table
+
+
+def sensitivity_table(rows: list[dict]) -> Table:
+    """Layer sensitivity rows as a rich Table."""
+    sparsity = rows[0]["sparsity"] if rows else 0
+    table = Table(title=f"Layer sensitivity: one layer pruned to {sparsity:.0%} or its weights int8, "
+                        "no fine-tuning (validation split)")
+    for col in ("layer", "kernel params", "val accuracy", "val drop", "int8 weights val drop"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for row in rows:
+        int8 = row.get("int8_val_accuracy_drop")
+        table.add_row(row["layer"], f"{row['params']:,}", f"{row['val_accuracy']:.4f}", f"{row['val_accuracy_drop'] * 100:+.2f} pt",
+                      "-" if int8 is None else f"{int8 * 100:+.2f} pt")
     return table

@@ -62,9 +62,6 @@ def run_local(recipes=None, *, model: str = "demo:mlp", data: str = "digits", ma
 
     search_settings(rounds=rounds, max_trials=max_trials, max_time=max_time, objective=objective,
                     max_accuracy_drop=max_accuracy_drop, target=target, stop_when_met=stop_when_met)
-    if not 0 <= max_accuracy_drop <= 1:
-        raise KfoptError(f"--max-accuracy-drop {max_accuracy_drop} is not a fraction between 0 and 1.",
-                         "pass e.g. 0.01 for at most one point of accuracy lost.")
     if model.startswith("demo:"):
         from kfopt.models import DEMO_MODELS
 
