@@ -59,13 +59,15 @@ def timed(command: list[str]) -> tuple[float, dict]:
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return seconds, json.loads(proc.stdout[proc.stdout.index("{"):])
+    return seconds, json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=RECIPES)
-    parser.add_argument("--default-search", action="store_true", help="Use kfopt's built-in search (11 recipes) instead.")
+    parser.add_argument(
+        "--default-search", action="store_true", help="Use kfopt's built-in search (11 recipes) instead."
+    )
     parser.add_argument("--epochs", type=int, default=5, help="Epochs of the demo:mlp baseline.")
     parser.add_argument("--out", default="runs/bench-pipeline")
     parser.add_argument("--in-process-only", action="store_true", help=argparse.SUPPRESS)
@@ -84,28 +86,64 @@ def main() -> int:
     search.write_text("".join(f"- {json.dumps(r)}\n" for r in args.recipes))
     kfopt = str(Path(sys.executable).with_name("kfopt"))
     runs = {
-        "in-process (run_recipe)": timed([sys.executable, __file__, "--in-process-only", "--recipes", *args.recipes,
-                                          "--epochs", str(args.epochs), "--out", str(out)]),
-        "kfopt run (kfp.local)": timed([kfopt, "run", "--search", str(search), "--epochs", str(args.epochs),
-                                        "--max-accuracy-drop", "0.05", "--out", str(out / "pipeline"),
-                                        "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}", "--json"]),
+        "in-process (run_recipe)": timed(
+            [
+                sys.executable,
+                __file__,
+                "--in-process-only",
+                "--recipes",
+                *args.recipes,
+                "--epochs",
+                str(args.epochs),
+                "--out",
+                str(out),
+            ]
+        ),
+        "kfopt run (kfp.local)": timed(
+            [
+                kfopt,
+                "run",
+                "--search",
+                str(search),
+                "--epochs",
+                str(args.epochs),
+                "--max-accuracy-drop",
+                "0.05",
+                "--out",
+                str(out / "pipeline"),
+                "--tracking-uri",
+                f"sqlite:///{out / 'mlflow.db'}",
+                "--json",
+            ]
+        ),
     }
-    table = Table(title=f"{len(args.recipes)} recipes on demo:mlp / digits (baseline {args.epochs} epochs), "
-                        "each mode in a fresh process")
+    table = Table(
+        title=f"{len(args.recipes)} recipes on demo:mlp / digits (baseline {args.epochs} epochs), "
+        "each mode in a fresh process"
+    )
     for column in ("mode", "wall s", "inside recipes s", "everything else s", "ratio", "ok", "winner"):
         table.add_column(column, justify="left" if column in ("mode", "winner") else "right")
     base = next(iter(runs.values()))[0]
     for mode, (seconds, result) in runs.items():
         work = sum(c.get("seconds", 0) for c in result["candidates"])
         ok = sum(c["status"] == "ok" for c in result["candidates"])
-        table.add_row(mode, f"{seconds:.1f}", f"{work:.1f}", f"{seconds - work:.1f}", f"{seconds / base:.2f}x",
-                      f"{ok}/{len(result['candidates'])}", str(result.get("winner")))
+        table.add_row(
+            mode,
+            f"{seconds:.1f}",
+            f"{work:.1f}",
+            f"{seconds - work:.1f}",
+            f"{seconds / base:.2f}x",
+            f"{ok}/{len(result['candidates'])}",
+            str(result.get("winner")),
+        )
     console = Console()
     if not console.is_terminal:  # rich would squeeze the table into 80 columns
         console = Console(width=160)
     console.print(table)
-    print("'everything else': interpreter start-up, imports, baseline training and measuring; for kfopt run also one "
-          "Python process per step (each imports TensorFlow), artifact copies, the HTML report and MLflow registration.")
+    print(
+        "'everything else': interpreter start-up, imports, baseline training and measuring; for kfopt run also one "
+        "Python process per step (each imports TensorFlow), artifact copies, the HTML report and MLflow registration."
+    )
     return 0
 
 

@@ -41,8 +41,21 @@ def main() -> int:
     args = parser.parse_args()
 
     console = Console(width=max(Console().width, 170))
-    summary = Table(title=f"kfopt search: winner vs best round-1 recipe (budget {args.max_accuracy_drop * 100:g} pt, test split)")
-    for col in ("model", "objective", "which", "recipe", "round", "compression", "test drop", "val drop", "speedup", "wall s"):
+    summary = Table(
+        title=f"kfopt search: winner vs best round-1 recipe (budget {args.max_accuracy_drop * 100:g} pt, test split)"
+    )
+    for col in (
+        "model",
+        "objective",
+        "which",
+        "recipe",
+        "round",
+        "compression",
+        "test drop",
+        "val drop",
+        "speedup",
+        "wall s",
+    ):
         summary.add_column(col, justify="left" if col in ("model", "objective", "which", "recipe") else "right")
     started = time.perf_counter()
     for model in args.models:
@@ -50,10 +63,21 @@ def main() -> int:
         prepared = prepare(model, "digits", seed=args.seed, workdir=out, reporter=Reporter())
         for objective in args.objectives:
             search_start = time.perf_counter()
-            result = search(model, "digits", out / objective, recipes=args.recipes, rounds=args.rounds,
-                            max_trials=args.max_trials, max_time=args.max_time, max_accuracy_drop=args.max_accuracy_drop,
-                            objective=objective, seed=args.seed, reporter=Reporter(), baseline=prepared,
-                            sensitivity=args.sensitivity or None)
+            result = search(
+                model,
+                "digits",
+                out / objective,
+                recipes=args.recipes,
+                rounds=args.rounds,
+                max_trials=args.max_trials,
+                max_time=args.max_time,
+                max_accuracy_drop=args.max_accuracy_drop,
+                objective=objective,
+                seed=args.seed,
+                reporter=Reporter(),
+                baseline=prepared,
+                sensitivity=args.sensitivity or None,
+            )
             wall = time.perf_counter() - search_start
             if objective == args.objectives[0] and result.get("layer_sensitivity"):
                 console.print(sensitivity_table(result["layer_sensitivity"]))
@@ -64,9 +88,18 @@ def main() -> int:
                 if row is None:
                     summary.add_row(model, objective, which, "none within budget", *[""] * 5, f"{wall:.0f}")
                     continue
-                summary.add_row(model, objective, which, row["recipe"], str(row["round"]), f"{row['compression_ratio']:.1f}x",
-                                f"{row['accuracy_drop'] * 100:+.2f} pt", f"{row['val_accuracy_drop'] * 100:+.2f} pt",
-                                f"{row['speedup']:.2f}x", f"{wall:.0f}")
+                summary.add_row(
+                    model,
+                    objective,
+                    which,
+                    row["recipe"],
+                    str(row["round"]),
+                    f"{row['compression_ratio']:.1f}x",
+                    f"{row['accuracy_drop'] * 100:+.2f} pt",
+                    f"{row['val_accuracy_drop'] * 100:+.2f} pt",
+                    f"{row['speedup']:.2f}x",
+                    f"{wall:.0f}",
+                )
     console.print(summary)
     console.print(f"total wall time {time.perf_counter() - started:.0f} s")
     return 0

@@ -60,26 +60,58 @@ def main() -> int:
         evaluator = Evaluator(data, baseline, out / "baseline")
         base = evaluator.baseline_metrics()
         table = Table(title=f"{model} on digits: baseline keras accuracy {base['accuracy']:.4f}")
-        for col in ("recipe", "format", "accuracy", "accuracy_drop", "gzip_bytes", "compression_ratio",
-                    "latency_p50_ms", "speedup", "seconds"):
+        for col in (
+            "recipe",
+            "format",
+            "accuracy",
+            "accuracy_drop",
+            "gzip_bytes",
+            "compression_ratio",
+            "latency_p50_ms",
+            "speedup",
+            "seconds",
+        ):
             table.add_column(col, justify="left" if col in ("recipe", "format") else "right")
         rows = []
         for text, planned in recipes:
             slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
-            candidate = run_recipe(parse_recipe(text), planned, baseline, data, evaluator, out / slug,
-                                   seed=args.seed, reporter=reporter)
+            candidate = run_recipe(
+                parse_recipe(text), planned, baseline, data, evaluator, out / slug, seed=args.seed, reporter=reporter
+            )
             rows.append(candidate)
             if candidate["status"] != "ok":
-                table.add_row(text, "-", candidate["status"], candidate["reason"][:60], "", "", "", "", f"{candidate['seconds']:.1f}")
+                table.add_row(
+                    text,
+                    "-",
+                    candidate["status"],
+                    candidate["reason"][:60],
+                    "",
+                    "",
+                    "",
+                    "",
+                    f"{candidate['seconds']:.1f}",
+                )
                 continue
-            table.add_row(text, candidate["format"], f"{candidate['accuracy']:.4f}", f"{candidate['accuracy_drop'] * 100:+.2f} pt",
-                          f"{candidate['gzip_bytes']:,}", f"{candidate['compression_ratio']:.1f}x",
-                          f"{candidate['latency_p50_ms']:.4f}", f"{candidate['speedup']:.2f}x", f"{candidate['seconds']:.1f}")
+            table.add_row(
+                text,
+                candidate["format"],
+                f"{candidate['accuracy']:.4f}",
+                f"{candidate['accuracy_drop'] * 100:+.2f} pt",
+                f"{candidate['gzip_bytes']:,}",
+                f"{candidate['compression_ratio']:.1f}x",
+                f"{candidate['latency_p50_ms']:.4f}",
+                f"{candidate['speedup']:.2f}x",
+                f"{candidate['seconds']:.1f}",
+            )
         write_json(out / "bench.json", {"baseline": base, "candidates": rows, "references": evaluator.references})
         console.print(table)
         refs = evaluator.references
-        console.print("baseline references (like for like): " + ", ".join(
-            f"{fmt}: {r['gzip_bytes']:,} gzip bytes, p50 {r['latency_p50_ms']:.4f} ms" for fmt, r in refs.items()))
+        console.print(
+            "baseline references (like for like): "
+            + ", ".join(
+                f"{fmt}: {r['gzip_bytes']:,} gzip bytes, p50 {r['latency_p50_ms']:.4f} ms" for fmt, r in refs.items()
+            )
+        )
         console.print(f"{model}: wall time {time.perf_counter() - model_start:.0f} s\n")
     console.print(f"total wall time {time.perf_counter() - started:.0f} s")
     return 0

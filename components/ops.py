@@ -13,7 +13,6 @@ them with the current Python environment.
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
 import functools
 from dataclasses import dataclass
-from typing import List
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
@@ -43,8 +42,8 @@ def prepare(
         dataset: The data spec (data.json), with a copy of an .npz source.
         metrics: The baseline's metrics, for the KFP UI.
     """
-    from kfopt.components.steps import prepare_step
     from kfopt.components.ops import log_metrics
+    from kfopt.components.steps import prepare_step
 
     record = prepare_step(model, data, baseline.path, dataset.path, seed=seed, epochs=epochs, unsafe=unsafe)
     baseline.metadata.update({"format": "keras", "source": model, "accuracy": record["metrics"]["accuracy"]})
@@ -75,16 +74,24 @@ def optimize(
     """
     import json
 
-    from kfopt.components.steps import STOPPED, optimize_step, stopped_step
     from kfopt.components.ops import describe, log_metrics
+    from kfopt.components.steps import STOPPED, optimize_step, stopped_step
 
     item = json.loads(recipe)
     if STOPPED in item:
         stopped_step(candidate.path, item["round"], item[STOPPED])
         return
-    record = optimize_step(item["recipe"], baseline.path, dataset.path, candidate.path, seed=seed,
-                           measure=measure, position=item.get("position"), round=item.get("round", 1),
-                           why=item.get("why"))
+    record = optimize_step(
+        item["recipe"],
+        baseline.path,
+        dataset.path,
+        candidate.path,
+        seed=seed,
+        measure=measure,
+        position=item.get("position"),
+        round=item.get("round", 1),
+        why=item.get("why"),
+    )
     describe(candidate, record)
     log_metrics(metrics, record)
 
@@ -107,8 +114,8 @@ def evaluate(
         candidate: The candidate model and its measured candidate.json.
         metrics: The candidate's metrics, for the KFP UI.
     """
-    from kfopt.components.steps import evaluate_step
     from kfopt.components.ops import describe, log_metrics
+    from kfopt.components.steps import evaluate_step
 
     record = evaluate_step(unmeasured.path, baseline.path, dataset.path, candidate.path, seed=seed)
     describe(candidate, record)
@@ -147,12 +154,23 @@ def plan_search(
     """
     from kfopt.components.steps import plan_search_step
 
-    plan_search_step(baseline.path, dataset.path, search.path, rounds=rounds, max_trials=max_trials,
-                     max_time=max_time, target=target, stop_when_met=stop_when_met,
-                     max_accuracy_drop=max_accuracy_drop, objective=objective, sensitivity=sensitivity, seed=seed)
+    plan_search_step(
+        baseline.path,
+        dataset.path,
+        search.path,
+        rounds=rounds,
+        max_trials=max_trials,
+        max_time=max_time,
+        target=target,
+        stop_when_met=stop_when_met,
+        max_accuracy_drop=max_accuracy_drop,
+        objective=objective,
+        sensitivity=sensitivity,
+        seed=seed,
+    )
 
 
-def propose(number: int, results: Input[Artifact], search: Input[Artifact]) -> List[str]:
+def propose(number: int, results: Input[Artifact], search: Input[Artifact]) -> list[str]:
     """Proposes the recipes of search round `number` from every candidate so far (validation split).
 
     Args:
@@ -175,8 +193,8 @@ def select(
     results: Output[Artifact],
     metrics: Output[Metrics],
     number: int = 1,
-    accelerator_candidates: Input[List[Model]] = None,
-    cpu_candidates: Input[List[Model]] = None,
+    accelerator_candidates: Input[list[Model]] = None,
+    cpu_candidates: Input[list[Model]] = None,
     previous: Input[Artifact] = None,
     search: Input[Artifact] = None,
 ) -> str:
@@ -197,16 +215,24 @@ def select(
     Returns:
         The winning recipe's label, or an empty string when no candidate is within the budget.
     """
-    from kfopt.components.steps import select_step
     from kfopt.components.ops import log_metrics
+    from kfopt.components.steps import select_step
 
     directories = [c.path for c in list(accelerator_candidates or []) + list(cpu_candidates or [])]
-    result = select_step(baseline.path, directories, results.path, max_accuracy_drop=max_accuracy_drop,
-                         objective=objective, number=number, previous_dir=previous.path if previous else None,
-                         search_dir=search.path if search else None)
+    result = select_step(
+        baseline.path,
+        directories,
+        results.path,
+        max_accuracy_drop=max_accuracy_drop,
+        objective=objective,
+        number=number,
+        previous_dir=previous.path if previous else None,
+        search_dir=search.path if search else None,
+    )
     winner = next((c for c in result["candidates"] if c["recipe"] == result["winner"]), None)
-    results.metadata.update({"winner": result["winner"] or "", "pareto": result["pareto"],
-                             "candidates": len(result["candidates"])})
+    results.metadata.update(
+        {"winner": result["winner"] or "", "pareto": result["pareto"], "candidates": len(result["candidates"])}
+    )
     if winner:
         log_metrics(metrics, winner)
     return result["winner"] or ""
@@ -249,8 +275,14 @@ def promote(
 
     from kfopt.components.steps import promote_step
 
-    outcome = promote_step(results.path, registered_model=registered_model, tracking_uri=tracking_uri,
-                           max_accuracy_drop=max_accuracy_drop, objective=objective, experiment=experiment)
+    outcome = promote_step(
+        results.path,
+        registered_model=registered_model,
+        tracking_uri=tracking_uri,
+        max_accuracy_drop=max_accuracy_drop,
+        objective=objective,
+        experiment=experiment,
+    )
     return json.dumps(outcome, default=str)
 
 
@@ -264,8 +296,13 @@ def log_metrics(metrics, record: dict) -> None:
 
 def describe(candidate, record: dict) -> None:
     """Put the facts a person filters on into the candidate artifact's metadata."""
-    candidate.metadata.update({k: record[k] for k in ("recipe", "status", "format", "accuracy", "gzip_bytes",
-                                                      "latency_p50_ms") if record.get(k) is not None})
+    candidate.metadata.update(
+        {
+            k: record[k]
+            for k in ("recipe", "status", "format", "accuracy", "gzip_bytes", "latency_p50_ms")
+            if record.get(k) is not None
+        }
+    )
     if record.get("reason"):
         candidate.metadata["reason"] = record["reason"]
 
@@ -284,10 +321,17 @@ class Components:
     promote: object
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_components(image: str = DEFAULT_IMAGE) -> Components:
     """The components, running in ``image`` (which must contain kfopt; nothing is installed at run time)."""
     make = functools.partial(dsl.component, base_image=image, install_kfp_package=False)
-    return Components(prepare=make(prepare), optimize=make(optimize), evaluate=make(evaluate),
-                      plan_search=make(plan_search), propose=make(propose), select=make(select),
-                      report=make(report), promote=make(promote))
+    return Components(
+        prepare=make(prepare),
+        optimize=make(optimize),
+        evaluate=make(evaluate),
+        plan_search=make(plan_search),
+        propose=make(propose),
+        select=make(select),
+        report=make(report),
+        promote=make(promote),
+    )

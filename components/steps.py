@@ -42,8 +42,17 @@ BASELINE_MODEL = "model.keras"
 
 
 # -- prepare ---------------------------------------------------------------------
-def prepare_step(model: str, data: str, baseline_dir, data_dir, *, seed: int = 0, epochs: int = 40,
-                 unsafe: bool = False, reporter: Reporter | None = None) -> dict:
+def prepare_step(
+    model: str,
+    data: str,
+    baseline_dir,
+    data_dir,
+    *,
+    seed: int = 0,
+    epochs: int = 40,
+    unsafe: bool = False,
+    reporter: Reporter | None = None,
+) -> dict:
     """Load (or train, for ``demo:*``) the baseline, measure it, and store it and the data spec.
 
     ``model`` may also be a URI (``gs://...``) that ``tf.io.gfile`` can read.
@@ -55,14 +64,27 @@ def prepare_step(model: str, data: str, baseline_dir, data_dir, *, seed: int = 0
     reporter = reporter or Reporter(enabled=False)
     baseline_dir, data_dir = writable_dir(baseline_dir), writable_dir(data_dir)
     with tempfile.TemporaryDirectory(prefix="kfopt-prepare-") as tmp:
-        handle, dataset = prepare(_fetch(model, Path(tmp) / "source"), data, seed=seed, unsafe=unsafe,
-                                  epochs=epochs, reporter=reporter, workdir=tmp)
+        handle, dataset = prepare(
+            _fetch(model, Path(tmp) / "source"),
+            data,
+            seed=seed,
+            unsafe=unsafe,
+            epochs=epochs,
+            reporter=reporter,
+            workdir=tmp,
+        )
         handle.save(baseline_dir)
         reporter.say("Measuring the baseline")
         metrics = Evaluator(dataset, handle, Path(tmp) / "reference").baseline_metrics()
     _store_data(data, data_dir)
-    baseline = {"model": model, "data": data, "seed": seed, "unsafe": unsafe,
-                "input_shape": list(dataset.input_shape), "metrics": metrics}
+    baseline = {
+        "model": model,
+        "data": data,
+        "seed": seed,
+        "unsafe": unsafe,
+        "input_shape": list(dataset.input_shape),
+        "metrics": metrics,
+    }
     write_json(baseline_dir / BASELINE_FILE, baseline)
     return baseline
 
@@ -79,7 +101,7 @@ def _fetch(model: str, target: Path) -> str:
     local = target / model.rstrip("/").rsplit("/", 1)[-1]
     if gfile.isdir(model):
         for root, _, files in gfile.walk(model):
-            rel = root[len(model.rstrip("/")):].lstrip("/")
+            rel = root[len(model.rstrip("/")) :].lstrip("/")
             (local / rel).mkdir(parents=True, exist_ok=True)
             for name in files:
                 gfile.copy(f"{root.rstrip('/')}/{name}", str(local / rel / name), overwrite=True)
@@ -131,9 +153,20 @@ class _Unmeasured:
         return {"format": handle.format, "info": dict(handle.info)}
 
 
-def optimize_step(recipe, baseline_dir, data_dir, candidate_dir, *, seed: int = 0, measure: bool = True,
-                  position: int | None = None, round: int = 1, why: str | None = None, registry=None,
-                  reporter: Reporter | None = None) -> dict:
+def optimize_step(
+    recipe,
+    baseline_dir,
+    data_dir,
+    candidate_dir,
+    *,
+    seed: int = 0,
+    measure: bool = True,
+    position: int | None = None,
+    round: int = 1,
+    why: str | None = None,
+    registry=None,
+    reporter: Reporter | None = None,
+) -> dict:
     """Run one recipe on the prepared baseline; write the candidate and ``candidate.json``.
 
     ``recipe`` is inline text, a recipe mapping (``Recipe.to_dict()``) or a
@@ -160,8 +193,9 @@ def optimize_step(recipe, baseline_dir, data_dir, candidate_dir, *, seed: int = 
         dataset = load_step_data(data_dir, info["input_shape"], seed)
         with tempfile.TemporaryDirectory(prefix="kfopt-optimize-") as tmp:
             evaluator = _evaluator(dataset, baseline, Path(tmp) / "reference") if measure else _Unmeasured()
-            record = run_recipe(parsed, planned, baseline, dataset, evaluator, Path(tmp) / "candidate",
-                                seed=seed, reporter=reporter)
+            record = run_recipe(
+                parsed, planned, baseline, dataset, evaluator, Path(tmp) / "candidate", seed=seed, reporter=reporter
+            )
             if record["status"] == "ok":
                 record["artifact"] = str(_copy_model(Path(record["artifact"]), candidate_dir))
     except Exception as exc:  # a bad recipe or a broken input is this candidate's failure, not the run's
@@ -175,8 +209,9 @@ def optimize_step(recipe, baseline_dir, data_dir, candidate_dir, *, seed: int = 
     return record
 
 
-def evaluate_step(candidate_in, baseline_dir, data_dir, candidate_out, *, seed: int = 0,
-                  reporter: Reporter | None = None) -> dict:
+def evaluate_step(
+    candidate_in, baseline_dir, data_dir, candidate_out, *, seed: int = 0, reporter: Reporter | None = None
+) -> dict:
     """Measure a candidate that :func:`optimize_step` saved unmeasured; write it to ``candidate_out``.
 
     Failed, skipped and already measured candidates pass through unchanged.
@@ -193,7 +228,9 @@ def evaluate_step(candidate_in, baseline_dir, data_dir, candidate_out, *, seed: 
             if not record.get("measured"):
                 baseline, baseline_info = load_baseline(baseline_dir)
                 dataset = load_step_data(data_dir, baseline_info["input_shape"], seed)
-                reporter.say(f"[{record['recipe']}] evaluating {record['format']} candidate on {len(dataset.test)} test samples")
+                reporter.say(
+                    f"[{record['recipe']}] evaluating {record['format']} candidate on {len(dataset.test)} test samples"
+                )
                 with tempfile.TemporaryDirectory(prefix="kfopt-evaluate-") as tmp:
                     # The format the technique declared, not one guessed from the file name.
                     handle = ModelHandle(record["format"], path=path, info=info)
@@ -201,8 +238,11 @@ def evaluate_step(candidate_in, baseline_dir, data_dir, candidate_out, *, seed: 
                 record.update(metrics, measured=True)
             record["artifact"] = str(path)
         except Exception as exc:
-            record = {**_failed(record["recipe"], exc, steps=record.get("steps")), "measured": False,
-                      **{k: record.get(k) for k in ("position", "round", "why")}}
+            record = {
+                **_failed(record["recipe"], exc, steps=record.get("steps")),
+                "measured": False,
+                **{k: record.get(k) for k in ("position", "round", "why")},
+            }
     write_json(candidate_out / CANDIDATE_FILE, record)
     return record
 
@@ -247,10 +287,22 @@ SEARCH_FILE = "search.json"
 STOPPED = "stopped"
 
 
-def plan_search_step(baseline_dir, data_dir, search_dir, *, rounds: int, max_trials: int = 4, max_time: float = 0,
-                     target: float = 0, stop_when_met: bool = False, max_accuracy_drop: float = 0.01,
-                     objective: str = "size", sensitivity: float = 0.9, seed: int = 0,
-                     reporter: Reporter | None = None) -> dict:
+def plan_search_step(
+    baseline_dir,
+    data_dir,
+    search_dir,
+    *,
+    rounds: int,
+    max_trials: int = 4,
+    max_time: float = 0,
+    target: float = 0,
+    stop_when_met: bool = False,
+    max_accuracy_drop: float = 0.01,
+    objective: str = "size",
+    sensitivity: float = 0.9,
+    seed: int = 0,
+    reporter: Reporter | None = None,
+) -> dict:
     """Write ``search.json``: the search's bounds (``settings``) and the baseline's ``layer_sensitivity``.
 
     Pipeline parameters use 0 for "none" (``max_time``, ``target``,
@@ -259,17 +311,28 @@ def plan_search_step(baseline_dir, data_dir, search_dir, *, rounds: int, max_tri
     from kfopt.refine import layer_sensitivity, search_settings
 
     reporter = reporter or Reporter(enabled=False)
-    settings = search_settings(rounds=rounds, max_trials=max_trials, max_time=max_time or None, objective=objective,
-                               max_accuracy_drop=max_accuracy_drop, target=target or None, stop_when_met=stop_when_met)
+    settings = search_settings(
+        rounds=rounds,
+        max_trials=max_trials,
+        max_time=max_time or None,
+        objective=objective,
+        max_accuracy_drop=max_accuracy_drop,
+        target=target or None,
+        stop_when_met=stop_when_met,
+    )
     if not 0 <= sensitivity < 1:
-        raise KfoptError(f"sensitivity={sensitivity} is not a sparsity in [0, 1).",
-                         "pass e.g. 0.9 (each layer alone pruned to 90%), or 0 to skip the sensitivity pass.")
+        raise KfoptError(
+            f"sensitivity={sensitivity} is not a sparsity in [0, 1).",
+            "pass e.g. 0.9 (each layer alone pruned to 90%), or 0 to skip the sensitivity pass.",
+        )
     rows = []
     if sensitivity:
         baseline, info = load_baseline(baseline_dir)
         dataset = load_step_data(data_dir, info["input_shape"], seed)
-        reporter.say(f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
-                     "(validation split)")
+        reporter.say(
+            f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
+            "(validation split)"
+        )
         rows = layer_sensitivity(baseline.keras(), dataset, sensitivity)
     plan = {"settings": settings, "layer_sensitivity": rows}
     write_json(writable_dir(search_dir) / SEARCH_FILE, plan)
@@ -293,18 +356,28 @@ def propose_step(results_dir, search_dir, number: int, *, registry=None) -> list
     stopped = (result.get("search") or {}).get("stopped")
     proposals = []
     if not stopped:
-        proposals, stopped = next_round(result["candidates"], number, max_accuracy_drop=bounds["max_accuracy_drop"],
-                                        objective=bounds["objective"], max_trials=bounds["max_trials"],
-                                        target=bounds["target"], stop_when_met=bounds["stop_when_met"],
-                                        elapsed=optimization_seconds(result["candidates"]), max_time=bounds["max_time"],
-                                        sensitivity=settings.get("layer_sensitivity"), techniques=registry)
+        proposals, stopped = next_round(
+            result["candidates"],
+            number,
+            max_accuracy_drop=bounds["max_accuracy_drop"],
+            objective=bounds["objective"],
+            max_trials=bounds["max_trials"],
+            target=bounds["target"],
+            stop_when_met=bounds["stop_when_met"],
+            elapsed=optimization_seconds(result["candidates"]),
+            max_time=bounds["max_time"],
+            sensitivity=settings.get("layer_sensitivity"),
+            techniques=registry,
+        )
     if stopped:
         print(f"round {number}: search stopped: {stopped}", flush=True)
         return [json.dumps({"round": number, STOPPED: stopped})]
     for proposal in proposals:
         print(f"round {number}: proposing {proposal.recipe}: {proposal.why}", flush=True)
-    return [json.dumps({"position": index, "round": number, "why": proposal.why, "recipe": proposal.recipe})
-            for index, proposal in enumerate(proposals)]
+    return [
+        json.dumps({"position": index, "round": number, "why": proposal.why, "recipe": proposal.recipe})
+        for index, proposal in enumerate(proposals)
+    ]
 
 
 def stopped_step(candidate_dir, number: int, reason: str) -> dict:
@@ -315,8 +388,17 @@ def stopped_step(candidate_dir, number: int, reason: str) -> dict:
 
 
 # -- select ----------------------------------------------------------------------
-def select_step(baseline_dir, candidate_dirs, results_dir, *, max_accuracy_drop: float = 0.01,
-                objective: str = "size", number: int = 1, previous_dir=None, search_dir=None) -> dict:
+def select_step(
+    baseline_dir,
+    candidate_dirs,
+    results_dir,
+    *,
+    max_accuracy_drop: float = 0.01,
+    objective: str = "size",
+    number: int = 1,
+    previous_dir=None,
+    search_dir=None,
+) -> dict:
     """Collect every candidate, pick the winner within the budget, write a self-contained ``results_dir``.
 
     ``results_dir/metrics.json`` has the shape ``kfopt optimize`` writes, with
@@ -405,8 +487,16 @@ def report_step(results_dir, html_path) -> Path:
 
 
 # -- promote ---------------------------------------------------------------------
-def promote_step(results_dir, *, registered_model: str = "", tracking_uri: str = "", max_accuracy_drop: float = 0.01,
-                 objective: str = "size", experiment: str = "kfopt", reporter: Reporter | None = None) -> dict:
+def promote_step(
+    results_dir,
+    *,
+    registered_model: str = "",
+    tracking_uri: str = "",
+    max_accuracy_drop: float = 0.01,
+    objective: str = "size",
+    experiment: str = "kfopt",
+    reporter: Reporter | None = None,
+) -> dict:
     """Log the run to MLflow, register the winner and promote it if it beats the champion.
 
     Calls :func:`kfopt.promotion.promote_from` on ``results_dir`` (which
@@ -427,14 +517,27 @@ def promote_step(results_dir, *, registered_model: str = "", tracking_uri: str =
     name = registered_model or default_registered_model(result["model"])
     uri = resolve_uri(tracking_uri or None)
     # Record what was asked first: if MLflow is down, `kfopt promote --from` finds the settings here.
-    result["tracking"] = {**(result.get("tracking") or {}), "registered_model": name, "uri": uri,
-                          "experiment": experiment or "kfopt", "objective": objective,
-                          "max_accuracy_drop": max_accuracy_drop}
+    result["tracking"] = {
+        **(result.get("tracking") or {}),
+        "registered_model": name,
+        "uri": uri,
+        "experiment": experiment or "kfopt",
+        "objective": objective,
+        "max_accuracy_drop": max_accuracy_drop,
+    }
     write_json(Path(results_dir) / METRICS_FILE, result)
-    reporter.say(f"promote: logging to MLflow at {uri} and registering '{result.get('winner')}' as a version of '{name}'")
+    reporter.say(
+        f"promote: logging to MLflow at {uri} and registering '{result.get('winner')}' as a version of '{name}'"
+    )
     with _default_tracking_uri(uri):
-        return promote_from(str(results_dir), registered_model=name, tracking_uri=uri,
-                            max_accuracy_drop=max_accuracy_drop, objective=objective, experiment=experiment or "kfopt")
+        return promote_from(
+            str(results_dir),
+            registered_model=name,
+            tracking_uri=uri,
+            max_accuracy_drop=max_accuracy_drop,
+            objective=objective,
+            experiment=experiment or "kfopt",
+        )
 
 
 @contextlib.contextmanager
@@ -465,11 +568,25 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise KfoptError(f"The {what} '{path}' does not exist.", "pass the output directory of the step that writes it.") from None
+        raise KfoptError(
+            f"The {what} '{path}' does not exist.", "pass the output directory of the step that writes it."
+        ) from None
     except json.JSONDecodeError as exc:
         raise KfoptError(f"The {what} '{path}' is not valid JSON ({exc}).", "re-run the step that writes it.") from None
 
 
-__all__ = ["prepare_step", "optimize_step", "evaluate_step", "plan_search_step", "propose_step", "stopped_step",
-           "select_step", "report_step", "promote_step",
-           "load_baseline", "load_step_data", "default_registered_model", "slug"]
+__all__ = [
+    "prepare_step",
+    "optimize_step",
+    "evaluate_step",
+    "plan_search_step",
+    "propose_step",
+    "stopped_step",
+    "select_step",
+    "report_step",
+    "promote_step",
+    "load_baseline",
+    "load_step_data",
+    "default_registered_model",
+    "slug",
+]

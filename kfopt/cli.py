@@ -15,14 +15,20 @@ from .errors import KfoptError
 
 RECIPE_HELP = "Inline recipe like 'prune(target_sparsity=0.8)>quantize(mode=int8)', or a recipe YAML file."
 MODEL_HELP = "A .keras/.h5 file, a SavedModel directory, or demo:mlp / demo:cnn (trained on the fly on digits)."
-DATA_HELP = ("An .npz file with x_train, y_train, x_test, y_test (any tf.io.gfile URI), "
-             "'py:module:function' returning (train, test) tf.data datasets, or 'digits'.")
+DATA_HELP = (
+    "An .npz file with x_train, y_train, x_test, y_test (any tf.io.gfile URI), "
+    "'py:module:function' returning (train, test) tf.data datasets, or 'digits'."
+)
 TRACKING_URI_HELP = "MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db]."
-REGISTERED_MODEL_HELP = ("Register the winner as a new version of this MLflow model (alias challenger) and "
-                         "move alias champion to it if it beats the current champion.")
+REGISTERED_MODEL_HELP = (
+    "Register the winner as a new version of this MLflow model (alias challenger) and "
+    "move alias champion to it if it beats the current champion."
+)
 MAX_DROP_HELP = "Accuracy budget: largest accuracy loss allowed, vs the baseline and vs the champion (a fraction)."
-OBJECTIVE_HELP = ("What 'better than the champion' means: smaller gzip_bytes (size), latency_p50_ms (latency), or "
-                  "gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5).")
+OBJECTIVE_HELP = (
+    "What 'better than the champion' means: smaller gzip_bytes (size), latency_p50_ms (latency), or "
+    "gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5)."
+)
 
 
 class _Objective(click.ParamType):
@@ -99,7 +105,6 @@ def main(debug: bool) -> None:
     logging.raiseExceptions = debug
 
 
-
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with each technique's config schema).")
 @_handle_errors
@@ -121,9 +126,17 @@ def plugins(as_json: bool) -> None:
 @click.option("--model", "-m", required=True, help=MODEL_HELP)
 @click.option("--data", "-d", default="digits", show_default=True, help=DATA_HELP)
 @click.option("--recipe", "-r", required=True, help=RECIPE_HELP)
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Directory for the baseline, the candidate and metrics.json.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for the baseline, the candidate and metrics.json.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed for data splits, training and calibration.")
-@click.option("--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation).")
+@click.option(
+    "--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation)."
+)
 @click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
 @click.option("--registered-model", default=None, help=REGISTERED_MODEL_HELP)
 @tracking_options
@@ -132,8 +145,22 @@ def plugins(as_json: bool) -> None:
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow, even when MLFLOW_TRACKING_URI is set.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_handle_errors
-def optimize(model, data, recipe, out, seed, epochs, unsafe, registered_model, tracking_uri, experiment,
-             max_accuracy_drop, objective, no_tracking, as_json) -> None:
+def optimize(
+    model,
+    data,
+    recipe,
+    out,
+    seed,
+    epochs,
+    unsafe,
+    registered_model,
+    tracking_uri,
+    experiment,
+    max_accuracy_drop,
+    objective,
+    no_tracking,
+    as_json,
+) -> None:
     """Run one recipe on one model in-process and measure the result.
 
     Writes OUT/baseline/, OUT/candidate/ and OUT/metrics.json. Logs to MLflow
@@ -144,19 +171,31 @@ def optimize(model, data, recipe, out, seed, epochs, unsafe, registered_model, t
     """
     from rich.console import Console
 
-    from .optimize import METRICS_FILE, optimize as run
+    from .optimize import METRICS_FILE
+    from .optimize import optimize as run
     from .progress import Reporter
     from .report import results_table
 
-    tracking = {"registered_model": registered_model, "tracking_uri": tracking_uri, "experiment": experiment,
-                "max_accuracy_drop": max_accuracy_drop, "objective": objective, "tracking": False if no_tracking else None}
-    result = run(model, data, recipe, out, seed=seed, unsafe=unsafe, epochs=epochs, reporter=Reporter(), tracking=tracking)
+    tracking = {
+        "registered_model": registered_model,
+        "tracking_uri": tracking_uri,
+        "experiment": experiment,
+        "max_accuracy_drop": max_accuracy_drop,
+        "objective": objective,
+        "tracking": False if no_tracking else None,
+    }
+    result = run(
+        model, data, recipe, out, seed=seed, unsafe=unsafe, epochs=epochs, reporter=Reporter(), tracking=tracking
+    )
     candidate = result["candidates"][0]
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         Console().print(results_table(result))
-        click.echo(f"Results: {out}/{METRICS_FILE}" + (f"; model: {candidate['artifact']}" if candidate.get("artifact") else ""))
+        click.echo(
+            f"Results: {out}/{METRICS_FILE}"
+            + (f"; model: {candidate['artifact']}" if candidate.get("artifact") else "")
+        )
     if candidate["status"] == "skipped":
         click.echo(f"skipped: {candidate['reason']}", err=True)
     elif candidate["status"] == "failed":
@@ -174,8 +213,11 @@ def _report_tracking(result: dict, out) -> None:
     """One line on stderr about MLflow: the registered version and the decision, or the failure and its fix."""
     tracked = result.get("tracking") or {}
     if tracked.get("status") == "failed":
-        click.echo(f"error: MLflow tracking at {tracked['uri']} failed: {tracked['error']}. Results are in {out}; "
-                   f"run `kfopt promote --from {out}` when MLflow is reachable.", err=True)
+        click.echo(
+            f"error: MLflow tracking at {tracked['uri']} failed: {tracked['error']}. Results are in {out}; "
+            f"run `kfopt promote --from {out}` when MLflow is reachable.",
+            err=True,
+        )
     elif result.get("registered_model"):
         click.echo(_decision_line(result["registered_model"]), err=True)
 
@@ -189,14 +231,22 @@ def _decision_line(registered: dict) -> str:
 
 
 @main.command()
-@click.option("--from", "directory", required=True, type=click.Path(file_okay=False),
-              help="Directory of a finished run (its --out), with metrics.json.")
+@click.option(
+    "--from",
+    "directory",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory of a finished run (its --out), with metrics.json.",
+)
 @click.option("--registered-model", default=None, help=REGISTERED_MODEL_HELP + " [default: the one the run asked for]")
 @tracking_options
-@click.option("--max-accuracy-drop", default=None, type=click.FloatRange(0, 1),
-              help=MAX_DROP_HELP + " [default: the run's, else 0.01]")
-@click.option("--objective", type=OBJECTIVE, default=None,
-              help=OBJECTIVE_HELP + " [default: the run's, else size]")
+@click.option(
+    "--max-accuracy-drop",
+    default=None,
+    type=click.FloatRange(0, 1),
+    help=MAX_DROP_HELP + " [default: the run's, else 0.01]",
+)
+@click.option("--objective", type=OBJECTIVE, default=None, help=OBJECTIVE_HELP + " [default: the run's, else size]")
 @click.option("--json", "as_json", is_flag=True, help="Print the registered_model object as JSON.")
 @_handle_errors
 def promote(directory, registered_model, tracking_uri, experiment, max_accuracy_drop, objective, as_json) -> None:
@@ -221,16 +271,25 @@ def promote(directory, registered_model, tracking_uri, experiment, max_accuracy_
             RunLogger(directory, uri, experiment).log_result(read_result(directory))
         except mlflow_errors() as exc:
             raise failure(uri, exc, directory) from exc
-        click.echo(json.dumps({"registered_model": None}) if as_json else
-                   f"Logged {directory} to MLflow at {uri} (experiment {experiment}); nothing registered: "
-                   "pass --registered-model NAME to register the winner.")
+        click.echo(
+            json.dumps({"registered_model": None})
+            if as_json
+            else f"Logged {directory} to MLflow at {uri} (experiment {experiment}); nothing registered: "
+            "pass --registered-model NAME to register the winner."
+        )
         return
     from .promotion import promote_from
 
-    decision = promote_from(directory, registered_model=registered_model, tracking_uri=tracking_uri,
-                            experiment=experiment, objective=objective or asked.get("objective") or "size",
-                            max_accuracy_drop=(max_accuracy_drop if max_accuracy_drop is not None
-                                               else asked.get("max_accuracy_drop", 0.01)))
+    decision = promote_from(
+        directory,
+        registered_model=registered_model,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        objective=objective or asked.get("objective") or "size",
+        max_accuracy_drop=(
+            max_accuracy_drop if max_accuracy_drop is not None else asked.get("max_accuracy_drop", 0.01)
+        ),
+    )
     click.echo(json.dumps(decision, indent=2) if as_json else _decision_line(decision))
 
 
@@ -255,11 +314,15 @@ def history(name, tracking_uri, as_json) -> None:
 
 
 # -- the pipeline: locally through kfp.local, compiled for and submitted to Kubeflow ---------
-SEARCH_HELP = ("YAML list of recipes to try [default: the built-in search: PTQ modes, QAT, magnitude and "
-               "structured pruning, distillation, XLA/TFLite/mixed precision].")
-SELECT_OBJECTIVE_HELP = ("How the winner is chosen among candidates within the accuracy budget, and what "
-                         "'better than the champion' means: smaller gzip_bytes (size), latency_p50_ms (latency), or "
-                         "gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5).")
+SEARCH_HELP = (
+    "YAML list of recipes to try [default: the built-in search: PTQ modes, QAT, magnitude and "
+    "structured pruning, distillation, XLA/TFLite/mixed precision]."
+)
+SELECT_OBJECTIVE_HELP = (
+    "How the winner is chosen among candidates within the accuracy budget, and what "
+    "'better than the champion' means: smaller gzip_bytes (size), latency_p50_ms (latency), or "
+    "gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5)."
+)
 PIPELINE_REGISTERED_HELP = "MLflow registered model for the winner [default: kfopt-<model name>, e.g. kfopt-demo-mlp]."
 PLACEMENT_HELP = "Node pools: a placement YAML file, or a built-in one: gke (NVIDIA GPUs), gke-tpu."
 
@@ -269,28 +332,56 @@ def _search_option(command):
 
 
 def _rounds_option(command):
-    return click.option("--rounds", default=1, show_default=True, type=click.IntRange(0),
-                        help="Refinement rounds after round 1: each proposes more aggressive recipes from the "
-                             "candidates so far (0 = the search space only).")(command)
+    return click.option(
+        "--rounds",
+        default=1,
+        show_default=True,
+        type=click.IntRange(0),
+        help="Refinement rounds after round 1: each proposes more aggressive recipes from the "
+        "candidates so far (0 = the search space only).",
+    )(command)
 
 
 def _search_bound_options(command):
     """--max-trials, --max-time, --target-compression, --stop-when-met, --sensitivity: how far refinement goes."""
-    for option in reversed([
-        click.option("--max-trials", default=4, show_default=True, type=click.IntRange(1),
-                     help="Most recipes per refinement round."),
-        click.option("--max-time", default=None, type=click.FloatRange(0, min_open=True),
-                     help="Seconds of optimization after which no new refinement starts [default: no limit]."),
-        click.option("--target-compression", default=None, type=click.FloatRange(1),
-                     help="Target ratio: compression_ratio for --objective size, speedup for latency, "
-                          "compression_ratio^W * speedup^(1-W) for mix:W."),
-        click.option("--stop-when-met", is_flag=True,
-                     help="Stop refining once a candidate within the budget reaches --target-compression."),
-        click.option("--sensitivity", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-                     help="Layer sensitivity: validation drop when one layer alone is pruned to this sparsity "
-                          "(and when its weights alone are int8); refinement keeps the most sensitive layers "
-                          "dense, or float under QAT (0 = skip)."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--max-trials",
+                default=4,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Most recipes per refinement round.",
+            ),
+            click.option(
+                "--max-time",
+                default=None,
+                type=click.FloatRange(0, min_open=True),
+                help="Seconds of optimization after which no new refinement starts [default: no limit].",
+            ),
+            click.option(
+                "--target-compression",
+                default=None,
+                type=click.FloatRange(1),
+                help="Target ratio: compression_ratio for --objective size, speedup for latency, "
+                "compression_ratio^W * speedup^(1-W) for mix:W.",
+            ),
+            click.option(
+                "--stop-when-met",
+                is_flag=True,
+                help="Stop refining once a candidate within the budget reaches --target-compression.",
+            ),
+            click.option(
+                "--sensitivity",
+                default=0.9,
+                show_default=True,
+                type=click.FloatRange(0, 1, max_open=True),
+                help="Layer sensitivity: validation drop when one layer alone is pruned to this sparsity "
+                "(and when its weights alone are int8); refinement keeps the most sensitive layers "
+                "dense, or float under QAT (0 = skip).",
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -299,32 +390,56 @@ def _cluster_options(command):
     """--image, --accelerator-image, --placement, --parallelism: how the pipeline is compiled for a cluster."""
     from .components import DEFAULT_IMAGE
 
-    for option in reversed([
-        click.option("--image", default=DEFAULT_IMAGE, show_default=True,
-                     help="Image every step runs in (built from the Dockerfile; holds kfopt)."),
-        click.option("--accelerator-image", default=None,
-                     help="Image of the fine-tuning steps, e.g. the GPU build (VARIANT=gpu) [default: --image]."),
-        click.option("--placement", default="gke", show_default=True, help=PLACEMENT_HELP),
-        click.option("--parallelism", default=0, show_default=True, type=click.IntRange(0),
-                     help="Most recipes optimized at once per node pool (0 = no limit)."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--image",
+                default=DEFAULT_IMAGE,
+                show_default=True,
+                help="Image every step runs in (built from the Dockerfile; holds kfopt).",
+            ),
+            click.option(
+                "--accelerator-image",
+                default=None,
+                help="Image of the fine-tuning steps, e.g. the GPU build (VARIANT=gpu) [default: --image].",
+            ),
+            click.option("--placement", default="gke", show_default=True, help=PLACEMENT_HELP),
+            click.option(
+                "--parallelism",
+                default=0,
+                show_default=True,
+                type=click.IntRange(0),
+                help="Most recipes optimized at once per node pool (0 = no limit).",
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
 
 def _run_parameter_options(command):
     """What a pipeline run works on: model, data, budget, objective, MLflow."""
-    for option in reversed([
-        click.option("--model", "-m", default="demo:mlp", show_default=True, help=MODEL_HELP),
-        click.option("--data", "-d", default="digits", show_default=True, help=DATA_HELP),
-        click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP),
-        click.option("--objective", type=OBJECTIVE, default="size", show_default=True,
-                     help=SELECT_OBJECTIVE_HELP),
-        click.option("--registered-model", default=None, help=PIPELINE_REGISTERED_HELP),
-        click.option("--tracking-uri", default=None, help=TRACKING_URI_HELP),
-        click.option("--seed", default=0, show_default=True, help="Seed for data splits, training and calibration."),
-        click.option("--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation)."),
-    ]):
+    for option in reversed(
+        [
+            click.option("--model", "-m", default="demo:mlp", show_default=True, help=MODEL_HELP),
+            click.option("--data", "-d", default="digits", show_default=True, help=DATA_HELP),
+            click.option(
+                "--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP
+            ),
+            click.option("--objective", type=OBJECTIVE, default="size", show_default=True, help=SELECT_OBJECTIVE_HELP),
+            click.option("--registered-model", default=None, help=PIPELINE_REGISTERED_HELP),
+            click.option("--tracking-uri", default=None, help=TRACKING_URI_HELP),
+            click.option(
+                "--seed", default=0, show_default=True, help="Seed for data splits, training and calibration."
+            ),
+            click.option(
+                "--epochs",
+                default=40,
+                show_default=True,
+                help="Epochs to train a demo baseline (early stopping on validation).",
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -333,18 +448,48 @@ def _run_parameter_options(command):
 @_run_parameter_options
 @_search_option
 @click.option("--experiment", default="kfopt", show_default=True, help="MLflow experiment.")
-@click.option("--out", "-o", default="runs/pipeline", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for the kfp.local pipeline root, pipeline.log, metrics.json and report.html.")
-@click.option("--parallelism", default=2, show_default=True, type=click.IntRange(1),
-              help="Recipes optimized at once (kfp.local runs at most 2 at a time).")
+@click.option(
+    "--out",
+    "-o",
+    default="runs/pipeline",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for the kfp.local pipeline root, pipeline.log, metrics.json and report.html.",
+)
+@click.option(
+    "--parallelism",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Recipes optimized at once (kfp.local runs at most 2 at a time).",
+)
 @_rounds_option
 @_search_bound_options
 @click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @_handle_errors
-def run(model, data, max_accuracy_drop, objective, registered_model, tracking_uri, seed, epochs, search, experiment,
-        out, parallelism, rounds, max_trials, max_time, target_compression, stop_when_met, sensitivity, unsafe,
-        as_json) -> None:
+def run(
+    model,
+    data,
+    max_accuracy_drop,
+    objective,
+    registered_model,
+    tracking_uri,
+    seed,
+    epochs,
+    search,
+    experiment,
+    out,
+    parallelism,
+    rounds,
+    max_trials,
+    max_time,
+    target_compression,
+    stop_when_met,
+    sensitivity,
+    unsafe,
+    as_json,
+) -> None:
     """Run the whole pipeline on this machine through kfp.local; with no options, the digits demo.
 
     Trains (or loads) the baseline, tries every recipe of the search in
@@ -365,8 +510,15 @@ def run(model, data, max_accuracy_drop, objective, registered_model, tracking_ur
     from .search import load_search
 
     recipes = load_search(search)  # every recipe checked before any work
-    search_settings(rounds=rounds, max_trials=max_trials, max_time=max_time, objective=objective,
-                    max_accuracy_drop=max_accuracy_drop, target=target_compression, stop_when_met=stop_when_met)
+    search_settings(
+        rounds=rounds,
+        max_trials=max_trials,
+        max_time=max_time,
+        objective=objective,
+        max_accuracy_drop=max_accuracy_drop,
+        target=target_compression,
+        stop_when_met=stop_when_met,
+    )
     started = time.perf_counter()
 
     def progress(line: str) -> None:
@@ -375,13 +527,33 @@ def run(model, data, max_accuracy_drop, objective, registered_model, tracking_ur
 
     if not as_json:
         more = f", then up to {rounds} refinement round{'s' if rounds != 1 else ''} of {max_trials}" if rounds else ""
-        click.echo(f"Running {len(recipes)} recipe{'s' if len(recipes) != 1 else ''}{more} on {model} / {data} "
-                   f"through kfp.local (log: {out}/pipeline.log)", err=True)
-    result = run_local(recipes, model=model, data=data, max_accuracy_drop=max_accuracy_drop, objective=objective,
-                       registered_model=registered_model or "", tracking_uri=tracking_uri or "", experiment=experiment,
-                       out=out, seed=seed, epochs=epochs, unsafe=unsafe, parallelism=parallelism, rounds=rounds,
-                       max_trials=max_trials, max_time=max_time, target=target_compression,
-                       stop_when_met=stop_when_met, sensitivity=sensitivity, progress=progress)
+        click.echo(
+            f"Running {len(recipes)} recipe{'s' if len(recipes) != 1 else ''}{more} on {model} / {data} "
+            f"through kfp.local (log: {out}/pipeline.log)",
+            err=True,
+        )
+    result = run_local(
+        recipes,
+        model=model,
+        data=data,
+        max_accuracy_drop=max_accuracy_drop,
+        objective=objective,
+        registered_model=registered_model or "",
+        tracking_uri=tracking_uri or "",
+        experiment=experiment,
+        out=out,
+        seed=seed,
+        epochs=epochs,
+        unsafe=unsafe,
+        parallelism=parallelism,
+        rounds=rounds,
+        max_trials=max_trials,
+        max_time=max_time,
+        target=target_compression,
+        stop_when_met=stop_when_met,
+        sensitivity=sensitivity,
+        progress=progress,
+    )
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -416,13 +588,17 @@ def _print_result(result: dict) -> None:
     if winner:
         where = f"round {winner['round']}, " if result.get("search") else ""
         why = f"; why: {winner['why']}" if winner.get("round", 1) > 1 and winner.get("why") else ""
-        click.echo(f"Winner ({where}{selection.get('objective')}: lowest {selection.get('metric')} within an accuracy "
-                   f"drop of {budget} on the validation and test splits): {winner['recipe']}: accuracy {winner['accuracy']:.4f} "
-                   f"(test drop {winner['accuracy_drop'] * 100:+.2f} pt), {winner['gzip_bytes'] / 1024:,.1f} KB gzipped "
-                   f"({winner['compression_ratio']:.1f}x smaller), p50 {winner['latency_p50_ms']:.4f} ms "
-                   f"({winner['speedup']:.2f}x faster){why}")
+        click.echo(
+            f"Winner ({where}{selection.get('objective')}: lowest {selection.get('metric')} within an accuracy "
+            f"drop of {budget} on the validation and test splits): {winner['recipe']}: accuracy {winner['accuracy']:.4f} "
+            f"(test drop {winner['accuracy_drop'] * 100:+.2f} pt), {winner['gzip_bytes'] / 1024:,.1f} KB gzipped "
+            f"({winner['compression_ratio']:.1f}x smaller), p50 {winner['latency_p50_ms']:.4f} ms "
+            f"({winner['speedup']:.2f}x faster){why}"
+        )
     else:
-        click.echo(f"No winner: no candidate finished within an accuracy drop of {budget} on both the validation and the test split.")
+        click.echo(
+            f"No winner: no candidate finished within an accuracy drop of {budget} on both the validation and the test split."
+        )
     search = result.get("search")
     if search:
         click.echo(f"Search stopped: {search['stopped']} ({search['seconds']:.0f} s of optimization).")
@@ -431,18 +607,26 @@ def _print_result(result: dict) -> None:
 
             name, reached = objective_ratio(winner or {}, search["objective"])
             if not reached or reached < search["target"]:
-                click.echo(f"note: the winner reaches {name} {reached or 0:.1f}x, short of the target {search['target']:g}x "
-                           "on the test split (the search decides on the validation split; see the val and test drops).")
+                click.echo(
+                    f"note: the winner reaches {name} {reached or 0:.1f}x, short of the target {search['target']:g}x "
+                    "on the test split (the search decides on the validation split; see the val and test drops)."
+                )
 
 
 def _print_run(result: dict) -> None:
     _print_result(result)
-    click.echo(f"Report: {_file_url(result.get('report'))}" if result.get("report") else "Report: not written (see the log)")
+    click.echo(
+        f"Report: {_file_url(result.get('report'))}" if result.get("report") else "Report: not written (see the log)"
+    )
     tracked = result.get("tracking") or {}
     if tracked.get("status") == "ok" and tracked.get("run_id"):
-        files = ["report.html", "pareto_*.png"] + [f"{k}.json" for k in ("search_trace", "layer_sensitivity") if result.get(k)]
-        click.echo(f"MLflow: parent run {tracked['run_id']} (experiment '{tracked.get('experiment')}' at "
-                   f"{tracked.get('uri')}) has {', '.join(files)} as artifacts")
+        files = ["report.html", "pareto_*.png"] + [
+            f"{k}.json" for k in ("search_trace", "layer_sensitivity") if result.get(k)
+        ]
+        click.echo(
+            f"MLflow: parent run {tracked['run_id']} (experiment '{tracked.get('experiment')}' at "
+            f"{tracked.get('uri')}) has {', '.join(files)} as artifacts"
+        )
     click.echo(f"Results: {result['results']} (metrics.json and every model); log: {result['log']}")
     if tracked.get("status") == "skipped":
         click.echo(f"MLflow: skipped: {tracked.get('error')}", err=True)
@@ -461,23 +645,58 @@ def _file_url(path) -> str:
 @click.option("--model", "-m", default="demo:mlp", show_default=True, help=MODEL_HELP)
 @click.option("--data", "-d", default="digits", show_default=True, help=DATA_HELP)
 @_search_option
-@click.option("--recipe", "-r", "recipes", multiple=True,
-              help="A round-1 recipe, inline (repeat the option for several); replaces --search.")
-@click.option("--out", "-o", default="runs/search", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for the baseline, every candidate and metrics.json (with search_trace).")
+@click.option(
+    "--recipe",
+    "-r",
+    "recipes",
+    multiple=True,
+    help="A round-1 recipe, inline (repeat the option for several); replaces --search.",
+)
+@click.option(
+    "--out",
+    "-o",
+    default="runs/search",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for the baseline, every candidate and metrics.json (with search_trace).",
+)
 @_rounds_option
 @click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP)
-@click.option("--objective", type=OBJECTIVE, default="size", show_default=True,
-              help="What the search minimises within the budget: gzip_bytes (size), latency_p50_ms (latency), or "
-                   "a weighted mix of both (mix = half and half, mix:0.7 = 70% size).")
+@click.option(
+    "--objective",
+    type=OBJECTIVE,
+    default="size",
+    show_default=True,
+    help="What the search minimises within the budget: gzip_bytes (size), latency_p50_ms (latency), or "
+    "a weighted mix of both (mix = half and half, mix:0.7 = 70% size).",
+)
 @_search_bound_options
 @click.option("--seed", default=0, show_default=True, help="Seed for data splits, training and calibration.")
-@click.option("--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation).")
+@click.option(
+    "--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation)."
+)
 @click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @_handle_errors
-def search_(model, data, search, recipes, out, rounds, max_trials, max_time, max_accuracy_drop, objective,
-            target_compression, stop_when_met, seed, epochs, unsafe, sensitivity, as_json) -> None:
+def search_(
+    model,
+    data,
+    search,
+    recipes,
+    out,
+    rounds,
+    max_trials,
+    max_time,
+    max_accuracy_drop,
+    objective,
+    target_compression,
+    stop_when_met,
+    seed,
+    epochs,
+    unsafe,
+    sensitivity,
+    as_json,
+) -> None:
     """Accuracy-aware search in-process: round 1, then rounds refining the best recipes.
 
     Round 1 runs the search space (--search, --recipe, or the built-in one).
@@ -494,10 +713,24 @@ def search_(model, data, search, recipes, out, rounds, max_trials, max_time, max
     from .refine import search as run_search
     from .tracking import REPORT_FILE
 
-    result = run_search(model, data, out, recipes=list(recipes) or search, rounds=rounds, max_trials=max_trials,
-                        max_time=max_time, max_accuracy_drop=max_accuracy_drop, objective=objective,
-                        target=target_compression, stop_when_met=stop_when_met, seed=seed, epochs=epochs,
-                        unsafe=unsafe, reporter=Reporter(enabled=not as_json), sensitivity=sensitivity or None)
+    result = run_search(
+        model,
+        data,
+        out,
+        recipes=list(recipes) or search,
+        rounds=rounds,
+        max_trials=max_trials,
+        max_time=max_time,
+        max_accuracy_drop=max_accuracy_drop,
+        objective=objective,
+        target=target_compression,
+        stop_when_met=stop_when_met,
+        seed=seed,
+        epochs=epochs,
+        unsafe=unsafe,
+        reporter=Reporter(enabled=not as_json),
+        sensitivity=sensitivity or None,
+    )
     report = report_step(out, Path(out) / REPORT_FILE)
     if as_json:
         click.echo(json.dumps({**result, "report": str(report)}, indent=2))
@@ -510,7 +743,9 @@ def search_(model, data, search, recipes, out, rounds, max_trials, max_time, max
 
 
 @main.command("compile")
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the pipeline (KFP IR YAML).")
+@click.option(
+    "--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write the pipeline (KFP IR YAML)."
+)
 @_search_option
 @_rounds_option
 @_cluster_options
@@ -526,18 +761,32 @@ def compile_(output, search, rounds, image, accelerator_image, placement, parall
     """
     from .pipelines.runners import compile_for_cluster
 
-    summary = compile_for_cluster(output, search=search, rounds=rounds, image=image, accelerator_image=accelerator_image,
-                                  placement=placement, parallelism=parallelism)
+    summary = compile_for_cluster(
+        output,
+        search=search,
+        rounds=rounds,
+        image=image,
+        accelerator_image=accelerator_image,
+        placement=placement,
+        parallelism=parallelism,
+    )
     click.echo(summary["description"])
 
 
 @main.command()
-@click.option("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline or http://localhost:8080.")
+@click.option(
+    "--host",
+    required=True,
+    help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline or http://localhost:8080.",
+)
 @click.option("--namespace", default=None, help="Kubeflow profile namespace (multi-user clusters).")
 @click.option("--experiment", default="kfopt", show_default=True, help="KFP experiment the run goes into.")
-@click.option("--token", default=None,
-              help="Bearer token for the KFP API [default: the in-cluster service-account token "
-                   "($KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token) when present].")
+@click.option(
+    "--token",
+    default=None,
+    help="Bearer token for the KFP API [default: the in-cluster service-account token "
+    "($KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token) when present].",
+)
 @click.option("--run-name", default=None, help="Run name shown in the KFP UI [default: pipeline name and time].")
 @_run_parameter_options
 @click.option("--mlflow-experiment", default="kfopt", show_default=True, help="MLflow experiment of the run.")
@@ -546,49 +795,124 @@ def compile_(output, search, rounds, image, accelerator_image, placement, parall
 @_search_bound_options
 @_cluster_options
 @_handle_errors
-def submit(host, namespace, experiment, token, run_name, model, data, max_accuracy_drop, objective, registered_model,
-           tracking_uri, seed, epochs, mlflow_experiment, search, rounds, max_trials, max_time, target_compression,
-           stop_when_met, sensitivity, image, accelerator_image, placement, parallelism) -> None:
+def submit(
+    host,
+    namespace,
+    experiment,
+    token,
+    run_name,
+    model,
+    data,
+    max_accuracy_drop,
+    objective,
+    registered_model,
+    tracking_uri,
+    seed,
+    epochs,
+    mlflow_experiment,
+    search,
+    rounds,
+    max_trials,
+    max_time,
+    target_compression,
+    stop_when_met,
+    sensitivity,
+    image,
+    accelerator_image,
+    placement,
+    parallelism,
+) -> None:
     """Compile the pipeline, upload it to Kubeflow Pipelines and start a run; print the run's URL."""
     import tempfile
     from pathlib import Path
 
-    from .pipelines.runners import compile_for_cluster, submit as submit_run
+    from .pipelines.runners import compile_for_cluster
+    from .pipelines.runners import submit as submit_run
 
     if not host.startswith(("http://", "https://")):
         raise KfoptError(f"--host '{host}' is not an http(s) URL.", "pass e.g. https://kubeflow.example.com/pipeline.")
     if not tracking_uri:
-        click.echo("note: no --tracking-uri: the promote step uses MLflow's default inside its pod "
-                   "(MLFLOW_TRACKING_URI of the image, else a throw-away SQLite file).", err=True)
+        click.echo(
+            "note: no --tracking-uri: the promote step uses MLflow's default inside its pod "
+            "(MLFLOW_TRACKING_URI of the image, else a throw-away SQLite file).",
+            err=True,
+        )
     with tempfile.TemporaryDirectory(prefix="kfopt-submit-") as tmp:
         package = Path(tmp) / "kfopt-pipeline.yaml"
-        summary = compile_for_cluster(package, search=search, rounds=rounds, image=image,
-                                      accelerator_image=accelerator_image, placement=placement, parallelism=parallelism)
+        summary = compile_for_cluster(
+            package,
+            search=search,
+            rounds=rounds,
+            image=image,
+            accelerator_image=accelerator_image,
+            placement=placement,
+            parallelism=parallelism,
+        )
         click.echo(summary["description"], err=True)
-        arguments = {"model": model, "data": data, "max_accuracy_drop": max_accuracy_drop, "objective": objective,
-                     "registered_model": registered_model or "", "tracking_uri": tracking_uri or "",
-                     "experiment": mlflow_experiment, "seed": seed, "epochs": epochs}
+        arguments = {
+            "model": model,
+            "data": data,
+            "max_accuracy_drop": max_accuracy_drop,
+            "objective": objective,
+            "registered_model": registered_model or "",
+            "tracking_uri": tracking_uri or "",
+            "experiment": mlflow_experiment,
+            "seed": seed,
+            "epochs": epochs,
+        }
         if rounds:
-            arguments.update(max_trials=max_trials, max_time=max_time or 0.0, target=target_compression or 0.0,
-                             stop_when_met=stop_when_met, sensitivity=sensitivity)
-        started = submit_run(package, host=host, arguments=arguments, namespace=namespace, experiment=experiment,
-                             run_name=run_name, token=token)
+            arguments.update(
+                max_trials=max_trials,
+                max_time=max_time or 0.0,
+                target=target_compression or 0.0,
+                stop_when_met=stop_when_met,
+                sensitivity=sensitivity,
+            )
+        started = submit_run(
+            package,
+            host=host,
+            arguments=arguments,
+            namespace=namespace,
+            experiment=experiment,
+            run_name=run_name,
+            token=token,
+        )
     click.echo(started["url"])
 
 
 @main.command()
-@click.option("--package", "-p", required=True, type=click.Path(dir_okay=False),
-              help="The compiled pipeline (what `kfopt compile --output` wrote).")
-@click.option("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline or http://localhost:8080.")
+@click.option(
+    "--package",
+    "-p",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The compiled pipeline (what `kfopt compile --output` wrote).",
+)
+@click.option(
+    "--host",
+    required=True,
+    help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline or http://localhost:8080.",
+)
 @click.option("--name", required=True, help="Pipeline name in the KFP UI; created on first publish.")
-@click.option("--version", "version", default=None,
-              help="Name of the new pipeline version [default: a hash of the package, so publishing "
-                   "the same package again uploads nothing].")
-@click.option("--namespace", default=None, help="Kubeflow profile namespace (multi-user clusters) [default: a shared pipeline].")
-@click.option("--token", default=None,
-              help="Bearer token for the KFP API [default: the in-cluster service-account token "
-                   "($KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token) when present].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (action, pipeline_id, version_id, version, url).")
+@click.option(
+    "--version",
+    "version",
+    default=None,
+    help="Name of the new pipeline version [default: a hash of the package, so publishing "
+    "the same package again uploads nothing].",
+)
+@click.option(
+    "--namespace", default=None, help="Kubeflow profile namespace (multi-user clusters) [default: a shared pipeline]."
+)
+@click.option(
+    "--token",
+    default=None,
+    help="Bearer token for the KFP API [default: the in-cluster service-account token "
+    "($KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token) when present].",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object (action, pipeline_id, version_id, version, url)."
+)
 @_handle_errors
 def publish(package, host, name, version, namespace, token, as_json) -> None:
     """Upload a compiled pipeline to Kubeflow Pipelines: a new pipeline, or a new version of it.
@@ -602,16 +926,24 @@ def publish(package, host, name, version, namespace, token, as_json) -> None:
     if as_json:
         click.echo(json.dumps(done, indent=2))
         return
-    said = {"created": f"Created pipeline '{name}' (version {done['version']})",
-            "new-version": f"Uploaded version {done['version']} of pipeline '{name}'",
-            "unchanged": f"Pipeline '{name}' already has version {done['version']}: nothing uploaded"}[done["action"]]
+    said = {
+        "created": f"Created pipeline '{name}' (version {done['version']})",
+        "new-version": f"Uploaded version {done['version']} of pipeline '{name}'",
+        "unchanged": f"Pipeline '{name}' already has version {done['version']}: nothing uploaded",
+    }[done["action"]]
     click.echo(f"{said}: {done['url']}")
 
 
 @main.command("new-plugin")
 @click.argument("name")
-@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
-              help="Folder to create the package kfopt-NAME in.")
+@click.option(
+    "--dir",
+    "directory",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder to create the package kfopt-NAME in.",
+)
 @_handle_errors
 def new_plugin(name, directory) -> None:
     """Create a plugin package for a new technique NAME, ready to install and test.
@@ -624,8 +956,10 @@ def new_plugin(name, directory) -> None:
 
     root = create_plugin(name, directory)
     names = plugin_names(name)
-    click.echo(f"Created {root}: technique '{names['name']}' in {root / names['module'] / '__init__.py'}, "
-               f"tests in {root / 'tests'}.")
+    click.echo(
+        f"Created {root}: technique '{names['name']}' in {root / names['module'] / '__init__.py'}, "
+        f"tests in {root / 'tests'}."
+    )
     click.echo(f"Next: pip install -e {root} && pytest {root} && kfopt plugins")
 
 

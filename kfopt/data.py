@@ -183,7 +183,9 @@ def _npz(uri: str, seed: int) -> Data:
     except KfoptError:
         raise
     except Exception as exc:
-        raise KfoptError(f"Data file '{uri}' is not a readable .npz file ({exc}).", "re-create it with np.savez.") from None
+        raise KfoptError(
+            f"Data file '{uri}' is not a readable .npz file ({exc}).", "re-create it with np.savez."
+        ) from None
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if len(x) != len(y):
             raise KfoptError(
@@ -204,10 +206,16 @@ def _python_datasets(spec: str) -> Data:
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
-        raise KfoptError(f"Cannot load data function '{target}': {exc}.", "check the module is importable (PYTHONPATH) and defines the function.") from None
+        raise KfoptError(
+            f"Cannot load data function '{target}': {exc}.",
+            "check the module is importable (PYTHONPATH) and defines the function.",
+        ) from None
     result = function()
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
-        raise KfoptError(f"'{target}' must return (train, test) tf.data datasets, got {type(result).__name__}.", "return a pair of datasets of (x, y) batches.")
+        raise KfoptError(
+            f"'{target}' must return (train, test) tf.data datasets, got {type(result).__name__}.",
+            "return a pair of datasets of (x, y) batches.",
+        )
     train_ds, test_ds = result
     train_ds, val_ds = _take_validation(train_ds)
     test = Split(dataset=test_ds)

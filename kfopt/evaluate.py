@@ -207,8 +207,7 @@ class Evaluator:
     ratios compare like with like.
     """
 
-    def __init__(self, data: Data, baseline: ModelHandle, workdir: str | os.PathLike,
-                 latency_runs: int = LATENCY_RUNS):
+    def __init__(self, data: Data, baseline: ModelHandle, workdir: str | os.PathLike, latency_runs: int = LATENCY_RUNS):
         self.data = data
         self.baseline = baseline
         self.workdir = Path(workdir)
@@ -233,8 +232,13 @@ class Evaluator:
             path = handle.path or handle.save(self.workdir / format)
             size, gz = artifact_sizes(path)
             p50, p95 = latency(runner_for(handle), self.x_test[:1], self.latency_runs)
-            self._references[format] = {"format": format, "size_bytes": size, "gzip_bytes": gz,
-                                         "latency_p50_ms": p50, "latency_p95_ms": p95}
+            self._references[format] = {
+                "format": format,
+                "size_bytes": size,
+                "gzip_bytes": gz,
+                "latency_p50_ms": p50,
+                "latency_p95_ms": p95,
+            }
         return self._references[format]
 
     def _baseline_as(self, format: str) -> ModelHandle:
@@ -296,8 +300,11 @@ class Evaluator:
             "accuracy_drop": base_accuracy - accuracy,
             "agreement": float((pred == base_pred).mean()),
             "val_accuracy": val_accuracy,
-            "val_accuracy_drop": (None if val_accuracy is None or self._baseline_val_accuracy is None
-                                  else self._baseline_val_accuracy - val_accuracy),
+            "val_accuracy_drop": (
+                None
+                if val_accuracy is None or self._baseline_val_accuracy is None
+                else self._baseline_val_accuracy - val_accuracy
+            ),
             "size_bytes": size,
             "gzip_bytes": gz,
             "compression_ratio": reference["gzip_bytes"] / gz,

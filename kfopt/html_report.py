@@ -23,18 +23,36 @@ COLUMNS = (("format", "format", None), *METRIC_COLUMNS)
 #: The validation-split drop, shown before the test drop when candidates carry it (a search run).
 VAL_DROP = ("val_accuracy_drop", "val drop", "{:+.4f}")
 #: Which split a column's number comes from; other columns do not depend on the data split.
-SPLITS = {"accuracy": "test", "accuracy_drop": "test", "agreement": "test",
-          "val_accuracy": "validation", "val_accuracy_drop": "validation", "int8_val_accuracy_drop": "validation"}
+SPLITS = {
+    "accuracy": "test",
+    "accuracy_drop": "test",
+    "agreement": "test",
+    "val_accuracy": "validation",
+    "val_accuracy_drop": "validation",
+    "int8_val_accuracy_drop": "validation",
+}
 #: Columns of the search trace before the objective metric; other keys of its entries follow it.
-TRACE_COLUMNS = (("round", "round", None), ("recipe", "recipe", None), ("why", "why", None),
-                 ("status", "status", None), VAL_DROP)
+TRACE_COLUMNS = (
+    ("round", "round", None),
+    ("recipe", "recipe", None),
+    ("why", "why", None),
+    ("status", "status", None),
+    VAL_DROP,
+)
 #: Columns of the layer sensitivity table; other keys of its rows follow them.
-SENSITIVITY_COLUMNS = (("layer", "layer", None), ("params", "kernel params", "{:,}"), ("sparsity", "pruned to", "{:.0%}"),
-                       ("val_accuracy", "val accuracy", "{:.4f}"), VAL_DROP,
-                       ("int8_val_accuracy_drop", "val drop, its weights int8", "{:+.4f}"))
+SENSITIVITY_COLUMNS = (
+    ("layer", "layer", None),
+    ("params", "kernel params", "{:,}"),
+    ("sparsity", "pruned to", "{:.0%}"),
+    ("val_accuracy", "val accuracy", "{:.4f}"),
+    VAL_DROP,
+    ("int8_val_accuracy_drop", "val drop, its weights int8", "{:+.4f}"),
+)
 #: objective -> (metric, x-axis label) of the plots: accuracy against each objective metric.
-PLOTS = {"size": ("gzip_bytes", "deployable size, gzip bytes (log scale)"),
-         "latency": ("latency_p50_ms", "latency p50, ms, batch 1 (log scale)")}
+PLOTS = {
+    "size": ("gzip_bytes", "deployable size, gzip bytes (log scale)"),
+    "latency": ("latency_p50_ms", "latency p50, ms, batch 1 (log scale)"),
+}
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -63,7 +81,9 @@ def render_html(result: dict, plots: dict[str, bytes] | None = None) -> str:
         f"<h1>{_e(title)}</h1>",
         "<p>",
         f"Objective: <b>{_e(objective)}</b> (lowest {_e(objective_metric(objective))})",
-        f"; accuracy budget: at most <b>{budget:.4f}</b> below the baseline on the test split" if budget is not None else "",
+        f"; accuracy budget: at most <b>{budget:.4f}</b> below the baseline on the test split"
+        if budget is not None
+        else "",
         f"; winner: <b>{_e(winner)}</b>." if winner else "; <b>no candidate is within the budget</b>.",
         "</p>",
         _search_summary(result.get("search")),
@@ -71,8 +91,10 @@ def render_html(result: dict, plots: dict[str, bytes] | None = None) -> str:
         _candidates_table(result),
         f"<p class='note'>{_candidates_note(result)}</p>",
         "<h2>Trade-offs (test split)</h2><div class='plots'>",
-        *(f"<img alt='{_e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
-          for name, png in plots.items()),
+        *(
+            f"<img alt='{_e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+            for name, png in plots.items()
+        ),
         "</div>",
         _trace_section(result),
         _sensitivity_section(result.get("layer_sensitivity")),
@@ -99,9 +121,11 @@ def _search_summary(search: dict | None) -> str:
         stopped += f" after {search['seconds']:g} s"
     chose = search.get("choices_use", "validation split (val_accuracy_drop)")
     checked = search.get("final_check_uses", "test split")
-    return (f"<p>Search: {_e(bounds)}. Stopped: <b>{_e(stopped)}</b>. "
-            f"Refinement chose recipes on the <b>{_e(chose)}</b>; the winner was picked and checked against the "
-            f"budget on the <b>{_e(checked)}</b>.</p>")
+    return (
+        f"<p>Search: {_e(bounds)}. Stopped: <b>{_e(stopped)}</b>. "
+        f"Refinement chose recipes on the <b>{_e(chose)}</b>; the winner was picked and checked against the "
+        f"budget on the <b>{_e(checked)}</b>.</p>"
+    )
 
 
 def _candidates_table(result: dict) -> str:
@@ -111,39 +135,70 @@ def _candidates_table(result: dict) -> str:
     if any("val_accuracy_drop" in c for c in candidates):
         metrics.insert(next(i for i, c in enumerate(metrics) if c[0] == "accuracy_drop"), VAL_DROP)
     rounds = [("round", "round", None)] if any("round" in c for c in candidates) else []
-    columns = [("#", "#", None), *rounds, ("model", "model", None), ("status", "status", None), *metrics,
-               ("in_budget", "in budget", None), ("notes", "notes", None)]
-    rows = [_tr("", {**result["baseline"], "#": "", "round": "", "model": "baseline", "status": "ok",
-                       "in_budget": "", "notes": ""}, columns)]
+    columns = [
+        ("#", "#", None),
+        *rounds,
+        ("model", "model", None),
+        ("status", "status", None),
+        *metrics,
+        ("in_budget", "in budget", None),
+        ("notes", "notes", None),
+    ]
+    rows = [
+        _tr(
+            "",
+            {
+                **result["baseline"],
+                "#": "",
+                "round": "",
+                "model": "baseline",
+                "status": "ok",
+                "in_budget": "",
+                "notes": "",
+            },
+            columns,
+        )
+    ]
     for number, candidate in enumerate(candidates, start=1):
         label = candidate["recipe"]
         is_winner = label == result.get("winner")
         notes = "winner" if is_winner else candidate.get("reason") or candidate.get("not_selected_because") or ""
-        row = {**candidate, "#": number, "model": label + (" \u2605" if label in pareto else ""), "notes": notes,
-               "in_budget": candidate.get("within_budget", "")}
+        row = {
+            **candidate,
+            "#": number,
+            "model": label + (" \u2605" if label in pareto else ""),
+            "notes": notes,
+            "in_budget": candidate.get("within_budget", ""),
+        }
         rows.append(_tr("winner" if is_winner else candidate.get("status", ""), row, columns))
     return _table(columns, rows)
 
 
 def _candidates_note(result: dict) -> str:
     candidates = result.get("candidates", [])
-    note = ("accuracy, drop and agree are measured on the <b>test split</b>, as are the plots; "
-            "drop and the budget are against the baseline's test accuracy.")
+    note = (
+        "accuracy, drop and agree are measured on the <b>test split</b>, as are the plots; "
+        "drop and the budget are against the baseline's test accuracy."
+    )
     if any("val_accuracy_drop" in c for c in candidates):
-        note += (" val drop is on the <b>validation split</b>: what the search chose recipes by, "
-                 "so no refinement decision looks at the test split.")
+        note += (
+            " val drop is on the <b>validation split</b>: what the search chose recipes by, "
+            "so no refinement decision looks at the test split."
+        )
     if any("round" in c for c in candidates):
         note += " round: the search round that proposed the recipe (1 = the search space)."
-    return note + (" Ratios (ratio, speedup) compare each candidate with the baseline in the candidate's own format, "
-                   "run in the same runtime. &#9733; = on the Pareto front of accuracy against the objective. "
-                   "Points in the plots carry the row number (#) of the table.")
+    return note + (
+        " Ratios (ratio, speedup) compare each candidate with the baseline in the candidate's own format, "
+        "run in the same runtime. &#9733; = on the Pareto front of accuracy against the objective. "
+        "Points in the plots carry the row number (#) of the table."
+    )
 
 
 def _trace_section(result: dict) -> str:
     trace = result.get("search_trace") or []
     if not trace:
         return ""
-    objective = (result.get("search") or {}).get("objective") or result.get("selection", {}).get("objective", "size")
+    (result.get("search") or {}).get("objective") or result.get("selection", {}).get("objective", "size")
     # Both objective metrics (a mix objective weighs the two).
     known = [*TRACE_COLUMNS, *(c for c in METRIC_COLUMNS if c[0] in OBJECTIVES.values())]
     columns = _with_extra_columns(trace, known)
@@ -153,20 +208,23 @@ def _trace_section(result: dict) -> str:
         if entry.get("recipe") == result.get("winner"):
             css = "winner"
         rows.append(_tr(css, entry, columns))
-    return ("<h2>Search trace</h2><p class='note'>Which round proposed which recipe, and why. "
-            "val drop is on the <b>validation split</b>, the split the search decides on.</p>"
-            + _table(columns, rows))
+    return (
+        "<h2>Search trace</h2><p class='note'>Which round proposed which recipe, and why. "
+        "val drop is on the <b>validation split</b>, the split the search decides on.</p>" + _table(columns, rows)
+    )
 
 
 def _sensitivity_section(rows: list[dict] | None) -> str:
     if not rows:
         return ""
     columns = _with_extra_columns(rows, SENSITIVITY_COLUMNS)
-    return ("<h2>Layer sensitivity (validation split)</h2><p class='note'>Each layer's kernel pruned alone to the "
-            "given sparsity, then its weights alone rounded to int8, with no fine-tuning; each drop is the baseline's "
-            "<b>validation-split</b> accuracy minus the changed model's. The most prune-sensitive layers come first; "
-            "refinement keeps the small sensitive ones dense (or float under QAT).</p>"
-            + _table(columns, [_tr("", row, columns) for row in rows]))
+    return (
+        "<h2>Layer sensitivity (validation split)</h2><p class='note'>Each layer's kernel pruned alone to the "
+        "given sparsity, then its weights alone rounded to int8, with no fine-tuning; each drop is the baseline's "
+        "<b>validation-split</b> accuracy minus the changed model's. The most prune-sensitive layers come first; "
+        "refinement keeps the small sensitive ones dense (or float under QAT).</p>"
+        + _table(columns, [_tr("", row, columns) for row in rows])
+    )
 
 
 # -- plots ----------------------------------------------------------------------
@@ -181,8 +239,11 @@ def plot_png(result: dict, metric: str, label: str) -> bytes:
     from matplotlib.figure import Figure
 
     # Points are labelled with their row number in the table: recipe labels are too long for a plot.
-    numbered = [(n, c) for n, c in enumerate(result.get("candidates", []), start=1)
-                if c.get("status") == "ok" and c.get(metric) is not None]
+    numbered = [
+        (n, c)
+        for n, c in enumerate(result.get("candidates", []), start=1)
+        if c.get("status") == "ok" and c.get(metric) is not None
+    ]
     candidates = [c for _, c in numbered]
     figure = Figure(figsize=(6.4, 4.4), dpi=100)
     FigureCanvasAgg(figure)  # Agg, whatever backend pyplot uses: no display on a pipeline node or CI
@@ -190,10 +251,20 @@ def plot_png(result: dict, metric: str, label: str) -> bytes:
     front = set(pareto_front(candidates, metric))
     for number, candidate in numbered:
         on_front = candidate["recipe"] in front
-        ax.scatter(candidate[metric], candidate["accuracy"], s=40 if on_front else 25,
-                   color="tab:blue" if on_front else "tab:gray", zorder=3)
-        ax.annotate(str(number), (candidate[metric], candidate["accuracy"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        ax.scatter(
+            candidate[metric],
+            candidate["accuracy"],
+            s=40 if on_front else 25,
+            color="tab:blue" if on_front else "tab:gray",
+            zorder=3,
+        )
+        ax.annotate(
+            str(number),
+            (candidate[metric], candidate["accuracy"]),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
     line = sorted((c for c in candidates if c["recipe"] in front), key=lambda c: c[metric])
     if line:
         ax.plot([c[metric] for c in line], [c["accuracy"] for c in line], color="tab:blue", lw=1, label="Pareto front")
@@ -202,13 +273,28 @@ def plot_png(result: dict, metric: str, label: str) -> bytes:
         ax.scatter(winner[metric], winner["accuracy"], marker="*", s=220, color="tab:green", zorder=4, label="winner")
     baseline = result.get("baseline", {})
     if baseline.get(metric) is not None and baseline.get("accuracy") is not None:
-        ax.scatter(baseline[metric], baseline["accuracy"], marker="X", s=80, color="black", zorder=4,
-                   label=f"baseline ({baseline.get('format', 'keras')})")
+        ax.scatter(
+            baseline[metric],
+            baseline["accuracy"],
+            marker="X",
+            s=80,
+            color="black",
+            zorder=4,
+            label=f"baseline ({baseline.get('format', 'keras')})",
+        )
         # The same baseline converted to each candidate format (what ratios and speedups compare with).
         for marker, (fmt, reference) in zip("PDs", sorted((baseline.get("references") or {}).items())):
             if reference.get(metric) is not None:
-                ax.scatter(reference[metric], baseline["accuracy"], marker=marker, s=60, facecolors="none",
-                           edgecolors="black", zorder=4, label=f"baseline as {fmt}")
+                ax.scatter(
+                    reference[metric],
+                    baseline["accuracy"],
+                    marker=marker,
+                    s=60,
+                    facecolors="none",
+                    edgecolors="black",
+                    zorder=4,
+                    label=f"baseline as {fmt}",
+                )
     budget = result.get("selection", {}).get("max_accuracy_drop")
     if budget is not None and baseline.get("accuracy") is not None:
         ax.axhline(baseline["accuracy"] - budget, color="tab:red", ls="--", lw=1, label="accuracy budget")

@@ -20,8 +20,9 @@ class CandidateModel(mlflow.pyfunc.PythonModel):
         from kfopt.plugins.technique import ModelHandle
 
         config = context.model_config or {}
-        handle = ModelHandle(config["format"], path=context.artifacts["model"],
-                             info={"threads": int(config.get("threads", 1))})
+        handle = ModelHandle(
+            config["format"], path=context.artifacts["model"], info={"threads": int(config.get("threads", 1))}
+        )
         self._runner = runner_for(handle)
         self._lock = threading.Lock()  # a TFLite interpreter is not thread-safe
 

@@ -24,9 +24,16 @@ class ObserverWarning(UserWarning):
     """An observer hook raised; the run went on without it."""
 
 
-def observer_context(out: str | os.PathLike, *, tracking: bool | None = None, tracking_uri: str | None = None,
-                     experiment: str | None = None, registered_model: str | None = None,
-                     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP, objective: str = "size") -> dict:
+def observer_context(
+    out: str | os.PathLike,
+    *,
+    tracking: bool | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    registered_model: str | None = None,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    objective: str = "size",
+) -> dict:
     """The ``context`` dict the observer hooks get, with the user's tracking settings.
 
     ``tracking=None`` means: track when asked for, i.e. when ``registered_model``,
@@ -34,8 +41,10 @@ def observer_context(out: str | os.PathLike, *, tracking: bool | None = None, tr
     """
     check_goal(max_accuracy_drop, objective)
     if tracking is False and registered_model:
-        raise KfoptError(f"Registering '{registered_model}' needs MLflow, but tracking is turned off.",
-                         "drop --no-tracking, or drop --registered-model.")
+        raise KfoptError(
+            f"Registering '{registered_model}' needs MLflow, but tracking is turned off.",
+            "drop --no-tracking, or drop --registered-model.",
+        )
     asked = bool(registered_model or tracking_uri or experiment or os.environ.get("MLFLOW_TRACKING_URI"))
     return {
         "out": str(out),
@@ -86,6 +95,9 @@ class Observers:
                 raise
             except Exception as exc:
                 plugin = self.pm.get_name(impl.plugin) or repr(impl.plugin)
-                warnings.warn(f"observer {plugin}.{name} failed and was skipped: {type(exc).__name__}: {exc}",
-                              ObserverWarning, stacklevel=3)
+                warnings.warn(
+                    f"observer {plugin}.{name} failed and was skipped: {type(exc).__name__}: {exc}",
+                    ObserverWarning,
+                    stacklevel=3,
+                )
         return results

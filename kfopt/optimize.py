@@ -33,7 +33,10 @@ def writable_dir(path: str | os.PathLike) -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".kfopt-write-check"):
             pass
     except OSError as exc:
-        raise KfoptError(f"Output directory '{path}' is not writable ({exc.strerror or exc}).", "pass --out a directory you can write to.") from None
+        raise KfoptError(
+            f"Output directory '{path}' is not writable ({exc.strerror or exc}).",
+            "pass --out a directory you can write to.",
+        ) from None
     return path
 
 
@@ -54,12 +57,23 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def prepare(model: str, data: str, *, seed: int = 0, unsafe: bool = False, epochs: int = 40,
-            reporter: Reporter | None = None, workdir: str | os.PathLike | None = None) -> tuple[ModelHandle, Data]:
+def prepare(
+    model: str,
+    data: str,
+    *,
+    seed: int = 0,
+    unsafe: bool = False,
+    epochs: int = 40,
+    reporter: Reporter | None = None,
+    workdir: str | os.PathLike | None = None,
+) -> tuple[ModelHandle, Data]:
     """Load (or, for ``demo:*``, train) the baseline and load the data that fits it."""
     reporter = reporter or Reporter(enabled=False)
     if model not in DEMO_MODELS and not Path(model).exists():
-        raise KfoptError(f"Model '{model}' does not exist.", f"pass a .keras/.h5 file, a SavedModel directory, or one of {', '.join(DEMO_MODELS)}.")
+        raise KfoptError(
+            f"Model '{model}' does not exist.",
+            f"pass a .keras/.h5 file, a SavedModel directory, or one of {', '.join(DEMO_MODELS)}.",
+        )
     shape = model_input_shape(model, unsafe=unsafe)
     dataset = load_data(data, input_shape=shape, seed=seed)
     if model in DEMO_MODELS:
@@ -76,12 +90,28 @@ def context(data: Data, workdir, seed: int, reporter: Reporter | None, device: s
     """The StepContext techniques get: train/validation only, never the test split."""
     from .device import detect_device
 
-    return StepContext(train=data.train, validation=data.validation, workdir=Path(workdir), seed=seed,
-                       device=device or detect_device(), progress=reporter, num_classes=data.num_classes)
+    return StepContext(
+        train=data.train,
+        validation=data.validation,
+        workdir=Path(workdir),
+        seed=seed,
+        device=device or detect_device(),
+        progress=reporter,
+        num_classes=data.num_classes,
+    )
 
 
-def run_recipe(recipe: Recipe, planned, baseline: ModelHandle, data: Data, evaluator: Evaluator,
-               target: Path, *, seed: int = 0, reporter: Reporter | None = None) -> dict:
+def run_recipe(
+    recipe: Recipe,
+    planned,
+    baseline: ModelHandle,
+    data: Data,
+    evaluator: Evaluator,
+    target: Path,
+    *,
+    seed: int = 0,
+    reporter: Reporter | None = None,
+) -> dict:
     """Apply each step, save the candidate into the directory ``target``, and measure it.
 
     A technique that cannot run here gives status ``skipped``; one that raises
@@ -109,12 +139,18 @@ def run_recipe(recipe: Recipe, planned, baseline: ModelHandle, data: Data, evalu
             except KfoptError:
                 raise
             except Exception as exc:  # a plugin's bug fails its candidate, never the run
-                candidate.update(status="failed", reason=f"technique '{name}' failed: {type(exc).__name__}: {exc}",
-                                 traceback=traceback.format_exc())
+                candidate.update(
+                    status="failed",
+                    reason=f"technique '{name}' failed: {type(exc).__name__}: {exc}",
+                    traceback=traceback.format_exc(),
+                )
                 break
             if not isinstance(result, ModelHandle) or result.format != step.output_format:
                 got = result.format if isinstance(result, ModelHandle) else type(result).__name__
-                candidate.update(status="failed", reason=f"technique '{name}' returned {got}, but declares it produces {step.output_format}")
+                candidate.update(
+                    status="failed",
+                    reason=f"technique '{name}' returned {got}, but declares it produces {step.output_format}",
+                )
                 break
             if result is handle:
                 candidate.update(status="failed", reason=f"technique '{name}' returned its input model unchanged")
@@ -130,9 +166,19 @@ def run_recipe(recipe: Recipe, planned, baseline: ModelHandle, data: Data, evalu
     return candidate
 
 
-def optimize(model: str, data: str, recipe: str | Recipe, out: str | os.PathLike, *, seed: int = 0,
-             unsafe: bool = False, epochs: int = 40, extra_plugins=(), reporter: Reporter | None = None,
-             tracking: dict | None = None) -> dict:
+def optimize(
+    model: str,
+    data: str,
+    recipe: str | Recipe,
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+    unsafe: bool = False,
+    epochs: int = 40,
+    extra_plugins=(),
+    reporter: Reporter | None = None,
+    tracking: dict | None = None,
+) -> dict:
     """Run one recipe on one model in-process; write models and ``metrics.json`` under ``out``.
 
     Everything the user can get wrong (recipe, configs, formats, output dir,
@@ -165,7 +211,9 @@ def optimize(model: str, data: str, recipe: str | Recipe, out: str | os.PathLike
         "pareto": [],
         "registered_model": None,
     }
-    candidate = run_recipe(parsed, planned, baseline, dataset, evaluator, out / "candidate", seed=seed, reporter=reporter)
+    candidate = run_recipe(
+        parsed, planned, baseline, dataset, evaluator, out / "candidate", seed=seed, reporter=reporter
+    )
     result["candidates"].append(candidate)
     observers.candidate_finished(candidate)
     if candidate["status"] == "ok":

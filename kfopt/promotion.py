@@ -34,9 +34,15 @@ MAX_ROUNDS = 5
 VERSION_METRICS = ("accuracy", "accuracy_drop", "gzip_bytes", "latency_p50_ms")
 
 
-def promote_from(directory: str | os.PathLike, *, registered_model: str, tracking_uri: str | None = None,
-                 max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP, objective: str = "size",
-                 experiment: str = DEFAULT_EXPERIMENT) -> dict:
+def promote_from(
+    directory: str | os.PathLike,
+    *,
+    registered_model: str,
+    tracking_uri: str | None = None,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    objective: str = "size",
+    experiment: str = DEFAULT_EXPERIMENT,
+) -> dict:
     """Log a finished run's directory to MLflow (what is not logged yet), register its winner, promote it.
 
     ``directory`` holds ``metrics.json`` as ``optimize()`` writes it. Safe to
@@ -63,30 +69,47 @@ def promote_from(directory: str | os.PathLike, *, registered_model: str, trackin
     except tracking.mlflow_errors() as exc:
         raise tracking.failure(uri, exc, directory) from exc
     result["registered_model"] = decision
-    result["tracking"] = {**(result.get("tracking") or {}), "uri": uri, "experiment": experiment, "status": "ok",
-                          "error": None, "run_id": logger.state.get("parent_run_id"),
-                          "registered_model": registered_model, "objective": objective,
-                          "max_accuracy_drop": max_accuracy_drop}
+    result["tracking"] = {
+        **(result.get("tracking") or {}),
+        "uri": uri,
+        "experiment": experiment,
+        "status": "ok",
+        "error": None,
+        "run_id": logger.state.get("parent_run_id"),
+        "registered_model": registered_model,
+        "objective": objective,
+        "max_accuracy_drop": max_accuracy_drop,
+    }
     write_json(directory / METRICS_FILE, result)
     return decision
 
 
 def check_settings(registered_model: str, max_accuracy_drop: float, objective: str) -> None:
     if not registered_model or any(c in registered_model for c in "'\"`"):
-        raise KfoptError(f"Registered model name {registered_model!r} is not usable.",
-                         "pass --registered-model a non-empty name without quotes, e.g. digits-classifier.")
+        raise KfoptError(
+            f"Registered model name {registered_model!r} is not usable.",
+            "pass --registered-model a non-empty name without quotes, e.g. digits-classifier.",
+        )
     check_goal(max_accuracy_drop, objective)
 
 
 def _check_writable(directory: Path) -> None:
     if not os.access(directory, os.W_OK):
-        raise KfoptError(f"'{directory}' is not writable; promotion records what it logged in {tracking.TRACKING_FILE} there.",
-                         "copy the run directory somewhere writable and promote from the copy.")
+        raise KfoptError(
+            f"'{directory}' is not writable; promotion records what it logged in {tracking.TRACKING_FILE} there.",
+            "copy the run directory somewhere writable and promote from the copy.",
+        )
 
 
 # -- the gate -----------------------------------------------------------------------
-def gate(challenger: dict, champion: dict | None, *, max_accuracy_drop: float, objective: str,
-         champion_version: str | None = None) -> tuple[bool, str]:
+def gate(
+    challenger: dict,
+    champion: dict | None,
+    *,
+    max_accuracy_drop: float,
+    objective: str,
+    champion_version: str | None = None,
+) -> tuple[bool, str]:
     """Whether ``challenger`` should become champion, and why, in one sentence.
 
     It must stay within the accuracy budget of its own baseline; then it wins
@@ -101,17 +124,24 @@ def gate(challenger: dict, champion: dict | None, *, max_accuracy_drop: float, o
         return True, "no champion yet"
     name = f"champion v{champion_version}" if champion_version else "the champion"
     ours, theirs = objective_value(challenger, objective), objective_value(champion, objective)
-    missing = [k for k, a, b in (("accuracy", challenger.get("accuracy"), champion.get("accuracy")), (key, ours, theirs))
-               if a is None or b is None]
+    missing = [
+        k
+        for k, a, b in (("accuracy", challenger.get("accuracy"), champion.get("accuracy")), (key, ours, theirs))
+        if a is None or b is None
+    ]
     if missing:
         return False, f"cannot compare with {name}: {', '.join(missing)} missing"
     if challenger["accuracy"] < champion["accuracy"] - max_accuracy_drop - 1e-9:
-        return False, (f"accuracy {challenger['accuracy']:.4f} is more than {max_accuracy_drop:g} below "
-                       f"{name}'s {champion['accuracy']:.4f}")
+        return False, (
+            f"accuracy {challenger['accuracy']:.4f} is more than {max_accuracy_drop:g} below "
+            f"{name}'s {champion['accuracy']:.4f}"
+        )
     if not ours < theirs:
         return False, f"{key} {ours:g} is not below {name}'s {theirs:g}"
-    return True, (f"{key} {ours:g} < {name}'s {theirs:g}, accuracy {challenger['accuracy']:.4f} "
-                  f"vs {champion['accuracy']:.4f} (budget {max_accuracy_drop:g})")
+    return True, (
+        f"{key} {ours:g} < {name}'s {theirs:g}, accuracy {challenger['accuracy']:.4f} "
+        f"vs {champion['accuracy']:.4f} (budget {max_accuracy_drop:g})"
+    )
 
 
 # -- registry -----------------------------------------------------------------------
@@ -119,29 +149,47 @@ def promote(logger: tracking.RunLogger, result: dict, name: str, *, max_accuracy
     """Register the logged winner of ``result`` as a version of ``name`` and decide on it (once)."""
     winner = result.get("winner")
     if not winner:
-        return {"name": name, "version": None, "aliases": [], "promoted": False, "previous_champion": None,
-                "reason": "no winner to register: no candidate finished ok"}
+        return {
+            "name": name,
+            "version": None,
+            "aliases": [],
+            "promoted": False,
+            "previous_champion": None,
+            "reason": "no winner to register: no candidate finished ok",
+        }
     candidate = next((c for c in result["candidates"] if c["recipe"] == winner), None)
     logged = logger.logged(winner)
     if candidate is None or not logged or not logged.get("model_id"):
-        raise KfoptError(f"The winner '{winner}' in {logger.directory}/metrics.json has no logged model.",
-                         "check that the candidate's status is ok and its model file is in the run directory.")
+        raise KfoptError(
+            f"The winner '{winner}' in {logger.directory}/metrics.json has no logged model.",
+            "check that the candidate's status is ok and its model file is in the run directory.",
+        )
     client = logger.client
     _ensure_registered_model(client, name)
     version = _version_of_run(client, name, logged["run_id"])
     if version is None:
-        tags = {"kfopt.recipe": winner, "kfopt.format": str(candidate.get("format")),
-                "kfopt.run_dir": str(logger.directory.resolve()),
-                **{f"kfopt.{k}": repr(float(candidate[k])) for k in VERSION_METRICS if candidate.get(k) is not None}}
-        version = client.create_model_version(name, source=f"models:/{logged['model_id']}", run_id=logged["run_id"],
-                                              model_id=logged["model_id"], tags=tags, description=f"kfopt: {winner}")
+        tags = {
+            "kfopt.recipe": winner,
+            "kfopt.format": str(candidate.get("format")),
+            "kfopt.run_dir": str(logger.directory.resolve()),
+            **{f"kfopt.{k}": repr(float(candidate[k])) for k in VERSION_METRICS if candidate.get(k) is not None},
+        }
+        version = client.create_model_version(
+            name,
+            source=f"models:/{logged['model_id']}",
+            run_id=logged["run_id"],
+            model_id=logged["model_id"],
+            tags=tags,
+            description=f"kfopt: {winner}",
+        )
     logger.state.setdefault("registered", {})[name] = str(version.version)
     logger.save()
     if "kfopt.decision" in version.tags:  # decided by an earlier attempt: report it again, change nothing
         return _summary(client, name, version.version)
     _set_alias(client, name, CHALLENGER, version.version)
-    promoted, reason, previous = _decide(client, name, str(version.version), candidate,
-                                         max_accuracy_drop=max_accuracy_drop, objective=objective)
+    promoted, reason, previous = _decide(
+        client, name, str(version.version), candidate, max_accuracy_drop=max_accuracy_drop, objective=objective
+    )
     decision = {
         "kfopt.reason": reason[:5000],
         "kfopt.previous_champion": previous or "none",
@@ -157,8 +205,9 @@ def promote(logger: tracking.RunLogger, result: dict, name: str, *, max_accuracy
     return _summary(client, name, version.version)
 
 
-def _decide(client, name: str, version: str, candidate: dict, *, max_accuracy_drop: float,
-            objective: str) -> tuple[bool, str, str | None]:
+def _decide(
+    client, name: str, version: str, candidate: dict, *, max_accuracy_drop: float, objective: str
+) -> tuple[bool, str, str | None]:
     """Move ``champion`` to ``version`` if it passes the gate against the champion of the moment.
 
     The champion is read again right before the alias moves, and once more
@@ -172,24 +221,39 @@ def _decide(client, name: str, version: str, candidate: dict, *, max_accuracy_dr
         if round_ == 0:
             first_previous = current
         if current == version:
-            return True, _reason_promoted(first_previous, version, client, name, candidate, max_accuracy_drop, objective), first_previous
+            return (
+                True,
+                _reason_promoted(first_previous, version, client, name, candidate, max_accuracy_drop, objective),
+                first_previous,
+            )
         champion_metrics = _metrics_of(client, name, current) if current else None
-        ok, reason = gate(candidate, champion_metrics, max_accuracy_drop=max_accuracy_drop, objective=objective,
-                          champion_version=current)
+        ok, reason = gate(
+            candidate,
+            champion_metrics,
+            max_accuracy_drop=max_accuracy_drop,
+            objective=objective,
+            champion_version=current,
+        )
         if not ok:
             return False, reason, current
         _set_alias(client, name, CHAMPION, version)
         time.sleep(SETTLE_SECONDS)
         if _champion(client, name) == version:
             return True, reason, current
-    return False, f"champion kept moving during {MAX_ROUNDS} rounds; left to the concurrent promotion", _champion(client, name)
+    return (
+        False,
+        f"champion kept moving during {MAX_ROUNDS} rounds; left to the concurrent promotion",
+        _champion(client, name),
+    )
 
 
 def _reason_promoted(previous, version, client, name, candidate, max_accuracy_drop, objective) -> str:
     if previous == version:
         return "already champion"
     metrics = _metrics_of(client, name, previous) if previous else None
-    return gate(candidate, metrics, max_accuracy_drop=max_accuracy_drop, objective=objective, champion_version=previous)[1]
+    return gate(
+        candidate, metrics, max_accuracy_drop=max_accuracy_drop, objective=objective, champion_version=previous
+    )[1]
 
 
 def _ensure_registered_model(client, name: str) -> None:
@@ -272,9 +336,11 @@ def history(name: str, tracking_uri: str | None = None) -> list[dict]:
     """Every version of ``name``, newest first, with aliases, metrics and decision tags."""
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise KfoptError(f"Registered model '{name}' does not exist at {uri}: there is no database file there.",
-                         "run from the directory you ran kfopt in, or pass --tracking-uri (or set MLFLOW_TRACKING_URI).")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise KfoptError(
+            f"Registered model '{name}' does not exist at {uri}: there is no database file there.",
+            "run from the directory you ran kfopt in, or pass --tracking-uri (or set MLFLOW_TRACKING_URI).",
+        )
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -299,27 +365,33 @@ def history(name: str, tracking_uri: str | None = None) -> list[dict]:
     except KfoptError:
         raise
     except tracking.mlflow_errors() as exc:
-        raise tracking.TrackingFailed(f"MLflow at {uri} failed: {tracking.short_reason(exc)}.",
-                                      "check the server, or --tracking-uri / MLFLOW_TRACKING_URI.") from exc
+        raise tracking.TrackingFailed(
+            f"MLflow at {uri} failed: {tracking.short_reason(exc)}.",
+            "check the server, or --tracking-uri / MLFLOW_TRACKING_URI.",
+        ) from exc
     by_version: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
         by_version.setdefault(str(version), []).append(alias)
     rows = []
     for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
         tags = mv.tags or {}
-        rows.append({
-            "version": int(mv.version),
-            "aliases": sorted(by_version.get(str(mv.version), [])),
-            "recipe": tags.get("kfopt.recipe"),
-            "format": tags.get("kfopt.format"),
-            **{k: float(tags[f"kfopt.{k}"]) if f"kfopt.{k}" in tags else None for k in VERSION_METRICS},
-            "decision": tags.get("kfopt.decision"),
-            "reason": tags.get("kfopt.reason"),
-            "previous_champion": tags.get("kfopt.previous_champion"),
-            "objective": tags.get("kfopt.objective"),
-            "decided_at": tags.get("kfopt.decided_at"),
-            "decided_by": tags.get("kfopt.decided_by"),
-            "run_id": mv.run_id,
-            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
-        })
+        rows.append(
+            {
+                "version": int(mv.version),
+                "aliases": sorted(by_version.get(str(mv.version), [])),
+                "recipe": tags.get("kfopt.recipe"),
+                "format": tags.get("kfopt.format"),
+                **{k: float(tags[f"kfopt.{k}"]) if f"kfopt.{k}" in tags else None for k in VERSION_METRICS},
+                "decision": tags.get("kfopt.decision"),
+                "reason": tags.get("kfopt.reason"),
+                "previous_champion": tags.get("kfopt.previous_champion"),
+                "objective": tags.get("kfopt.objective"),
+                "decided_at": tags.get("kfopt.decided_at"),
+                "decided_by": tags.get("kfopt.decided_by"),
+                "run_id": mv.run_id,
+                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+            }
+        )
     return rows

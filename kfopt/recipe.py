@@ -78,13 +78,18 @@ def parse_recipe(text: str | Recipe | dict | list) -> Recipe:
     path = Path(text)
     if text.endswith((".yaml", ".yml")):
         if not path.is_file():
-            raise KfoptError(f"Recipe file '{text}' does not exist.", "check the path, or write the recipe inline, e.g. 'prune>quantize(mode=int8)'.")
+            raise KfoptError(
+                f"Recipe file '{text}' does not exist.",
+                "check the path, or write the recipe inline, e.g. 'prune>quantize(mode=int8)'.",
+            )
         import yaml
 
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise KfoptError(f"Recipe file '{text}' is not valid YAML ({str(exc).splitlines()[0]}).", "fix the YAML syntax.") from None
+            raise KfoptError(
+                f"Recipe file '{text}' is not valid YAML ({str(exc).splitlines()[0]}).", "fix the YAML syntax."
+            ) from None
         return _from_data(data, text)
     return _inline(text)
 
@@ -92,12 +97,17 @@ def parse_recipe(text: str | Recipe | dict | list) -> Recipe:
 def _inline(text: str) -> Recipe:
     parts = [p for p in _split_top(text, ">")]
     if not text.strip() or any(not p.strip() for p in parts):
-        raise KfoptError(f"Recipe '{text}' has an empty step.", "write steps joined by '>', e.g. 'prune(target_sparsity=0.8)>quantize(mode=int8)'.")
+        raise KfoptError(
+            f"Recipe '{text}' has an empty step.",
+            "write steps joined by '>', e.g. 'prune(target_sparsity=0.8)>quantize(mode=int8)'.",
+        )
     steps = []
     for part in parts:
         match = _STEP.match(part)
         if not match:
-            raise KfoptError(f"Recipe step '{part.strip()}' is not of the form name(key=value, ...).", "e.g. 'quantize(mode=int8)'.")
+            raise KfoptError(
+                f"Recipe step '{part.strip()}' is not of the form name(key=value, ...).", "e.g. 'quantize(mode=int8)'."
+            )
         name, args = match.group(1), match.group(2)
         config = {}
         for arg in _split_top(args or "", ","):
@@ -105,7 +115,10 @@ def _inline(text: str) -> Recipe:
                 continue
             key, eq, value = arg.partition("=")
             if not eq or not key.strip():
-                raise KfoptError(f"Recipe step '{part.strip()}': argument '{arg.strip()}' is not key=value.", f"e.g. '{name}(key=value)'.")
+                raise KfoptError(
+                    f"Recipe step '{part.strip()}': argument '{arg.strip()}' is not key=value.",
+                    f"e.g. '{name}(key=value)'.",
+                )
             config[key.strip()] = _parse_value(value.strip())
         steps.append(Step(name, config))
     return Recipe(steps)
@@ -165,7 +178,10 @@ def _from_data(data: Any, where: str) -> Recipe:
         name = data.get("name")
         unknown = set(data) - {"name", "steps"}
         if unknown or "steps" not in data:
-            raise KfoptError(f"Recipe '{where}' must have 'steps' (and optionally 'name'); found keys {sorted(data)}.", "see the recipe example in the README.")
+            raise KfoptError(
+                f"Recipe '{where}' must have 'steps' (and optionally 'name'); found keys {sorted(data)}.",
+                "see the recipe example in the README.",
+            )
         data = data["steps"]
     if not isinstance(data, list) or not data:
         raise KfoptError(f"Recipe '{where}' has no steps.", "list steps like '- quantize: {mode: int8}'.")
@@ -176,10 +192,16 @@ def _from_data(data: Any, where: str) -> Recipe:
         elif isinstance(item, dict) and len(item) == 1:
             technique, config = next(iter(item.items()))
             if config is not None and not isinstance(config, dict):
-                raise KfoptError(f"Recipe '{where}': the config of step '{technique}' must be a mapping, got {config!r}.", f"write '- {technique}: {{key: value}}'.")
+                raise KfoptError(
+                    f"Recipe '{where}': the config of step '{technique}' must be a mapping, got {config!r}.",
+                    f"write '- {technique}: {{key: value}}'.",
+                )
             steps.append(Step(str(technique), dict(config or {})))
         else:
-            raise KfoptError(f"Recipe '{where}': step {item!r} must be 'technique' or '{{technique: {{key: value}}}}'.", "see the recipe example in the README.")
+            raise KfoptError(
+                f"Recipe '{where}': step {item!r} must be 'technique' or '{{technique: {{key: value}}}}'.",
+                "see the recipe example in the README.",
+            )
     return Recipe(steps, name=name)
 
 
@@ -191,7 +213,10 @@ def plan(recipe: Recipe, registry, input_format: str = "keras") -> list[PlannedS
         technique = registry.get(step.technique)
         config = validate_config(technique, step.config)
         if current not in technique.accepts:
-            raise KfoptError(_format_mismatch(recipe, index, step, technique, current, planned), _format_fix(recipe, technique, planned))
+            raise KfoptError(
+                _format_mismatch(recipe, index, step, technique, current, planned),
+                _format_fix(recipe, technique, planned),
+            )
         output = technique.produces_for(config)
         planned.append(PlannedStep(technique, config, current, output))
         current = output
@@ -208,7 +233,9 @@ def validate_config(technique, config: dict):
         for error in exc.errors():
             key = ".".join(str(p) for p in error["loc"]) or "config"
             if error["type"] == "extra_forbidden":
-                problems.append(f"unknown config key '{key}'.{did_you_mean(key, fields)} Valid keys: {', '.join(fields)}")
+                problems.append(
+                    f"unknown config key '{key}'.{did_you_mean(key, fields)} Valid keys: {', '.join(fields)}"
+                )
             else:
                 given = config.get(key, error.get("input"))
                 problems.append(f"{key}={given!r} is invalid: {error['msg']}")
@@ -220,7 +247,9 @@ def validate_config(technique, config: dict):
 
 def _format_mismatch(recipe, index, step, technique, current, planned) -> str:
     producer = planned[-1].technique.name if planned else None
-    source = f"step {index - 1} '{producer}' produces a {current} model" if producer else f"the input model is {current}"
+    source = (
+        f"step {index - 1} '{producer}' produces a {current} model" if producer else f"the input model is {current}"
+    )
     return f"Recipe '{recipe}': step {index} '{step.technique}' needs a {' or '.join(sorted(technique.accepts))} model, but {source}."
 
 

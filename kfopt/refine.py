@@ -49,11 +49,18 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import KfoptError
-from .select import (_TOLERANCE, OBJECTIVES, apply_selection, check_goal, objective_metric, objective_ratio, objective_value,
-                     select)
+from .select import (
+    _TOLERANCE,
+    OBJECTIVES,
+    apply_selection,
+    check_goal,
+    objective_metric,
+    objective_ratio,
+    objective_value,
+    select,
+)
 
 #: Bisection bounds when no candidate has yet failed the budget on that side.
 SPARSITY_CEILING = 0.98
@@ -215,10 +222,18 @@ def _bracket(records, budget, keep: tuple[str, ...] = ()):
         return None
     best = max(feasible, key=lambda run: (_sparsity(run[2]), _keep(run[2]) == keep, -run[0]["val_accuracy_drop"]))
     low, epochs = _sparsity(best[2]), best[2].get("epochs") or 0
-    above = [_sparsity(c) for r, _, c in runs if _keep(c) == keep and not val_feasible(r, budget)
-             and _sparsity(c) > low and (c.get("epochs") or 0) >= epochs]
+    above = [
+        _sparsity(c)
+        for r, _, c in runs
+        if _keep(c) == keep and not val_feasible(r, budget) and _sparsity(c) > low and (c.get("epochs") or 0) >= epochs
+    ]
     high = min(above, default=SPARSITY_CEILING)
-    return best, low, high, (f"lowest sparsity over budget {high:g}" if above else f"nothing over budget yet, ceiling {high:g}")
+    return (
+        best,
+        low,
+        high,
+        (f"lowest sparsity over budget {high:g}" if above else f"nothing over budget yet, ceiling {high:g}"),
+    )
 
 
 def _bisect_prune(records, budget, keep: tuple[str, ...] = ()) -> Proposal | None:
@@ -230,8 +245,11 @@ def _bisect_prune(records, budget, keep: tuple[str, ...] = ()) -> Proposal | Non
     steps = [(n, _minimal(n, c)) for n, c in _steps(best)]
     steps[index] = ("prune", _prune_config(config, middle, keep))
     kept = f" with keep_dense=[{','.join(keep)}]" if keep else ""
-    return Proposal(_inline(steps), f"bisect prune sparsity up{kept} from '{best['recipe']}' "
-                                    f"(sparsity {low:g}, {_drop(best)}; {bound}): try {middle:g}")
+    return Proposal(
+        _inline(steps),
+        f"bisect prune sparsity up{kept} from '{best['recipe']}' "
+        f"(sparsity {low:g}, {_drop(best)}; {bound}): try {middle:g}",
+    )
 
 
 def _sensitive_layers(rows, key: str, budget: float) -> list[dict]:
@@ -269,10 +287,14 @@ def _keep_sensitive_dense(records, budget, sensitivity) -> Proposal | None:
     steps = [(n, _minimal(n, c)) for n, c in _steps(best)]
     steps[index] = ("prune", _prune_config(config, high, keep))
     pruned_to = f"{rows[0]['sparsity']:.0%}" if rows[0].get("sparsity") else "the sensitivity sparsity"
-    return Proposal(_inline(steps), (
-        f"keep the most sensitive layers dense: {_layer_list(rows, 'val_accuracy_drop', f'pruned alone to {pruned_to}')}"
-        f" ({kept / total:.1%} of kernel params), and prune the rest to {high:g}, beyond '{best['recipe']}' "
-        f"(sparsity {low:g}, {_drop(best)}; {bound})"))
+    return Proposal(
+        _inline(steps),
+        (
+            f"keep the most sensitive layers dense: {_layer_list(rows, 'val_accuracy_drop', f'pruned alone to {pruned_to}')}"
+            f" ({kept / total:.1%} of kernel params), and prune the rest to {high:g}, beyond '{best['recipe']}' "
+            f"(sparsity {low:g}, {_drop(best)}; {bound})"
+        ),
+    )
 
 
 def _float_sensitive(records, budget, sensitivity, objective: str) -> Proposal | None:
@@ -280,28 +302,47 @@ def _float_sensitive(records, budget, sensitivity, objective: str) -> Proposal |
     rows = _sensitive_layers(sensitivity or [], "int8_val_accuracy_drop", budget)
     if not rows:
         return None
-    over = [r for r in records if _val_measured(r) and not val_feasible(r, budget) and objective_value(r, objective) is not None
-            and _steps(r)[-1][0] == "quantize" and _steps(r)[-1][1].get("mode") in ("int8", "qat")]
+    over = [
+        r
+        for r in records
+        if _val_measured(r)
+        and not val_feasible(r, budget)
+        and objective_value(r, objective) is not None
+        and _steps(r)[-1][0] == "quantize"
+        and _steps(r)[-1][1].get("mode") in ("int8", "qat")
+    ]
     if not over:
         return None
     base = min(over, key=lambda r: (objective_value(r, objective), r["val_accuracy_drop"], r["recipe"]))
     floats = sorted(r["layer"] for r in rows)
     steps = [(n, _minimal(n, c)) for n, c in _steps(base)]
     steps[-1] = ("quantize", {"mode": "qat", "float_layers": floats})
-    return Proposal(_inline(steps), (
-        f"keep the layers whose int8 weights cost the most accuracy in float: "
-        f"{_layer_list(rows, 'int8_val_accuracy_drop', 'with int8 weights alone')}; quantization-aware training of "
-        f"the rest, to bring '{base['recipe']}' ({_drop(base)}) within budget"))
+    return Proposal(
+        _inline(steps),
+        (
+            f"keep the layers whose int8 weights cost the most accuracy in float: "
+            f"{_layer_list(rows, 'int8_val_accuracy_drop', 'with int8 weights alone')}; quantization-aware training of "
+            f"the rest, to bring '{base['recipe']}' ({_drop(base)}) within budget"
+        ),
+    )
 
 
 def _longer(records, budget, objective: str, techniques) -> list[Proposal]:
     """Chains a little over budget that fine-tuned for fewer epochs than the defaults, at the defaults (best first)."""
-    near = [r for r in records if _val_measured(r) and not val_feasible(r, budget) and objective_value(r, objective) is not None
-            and r["val_accuracy_drop"] <= LONGER_MAX_DROP * budget + _TOLERANCE]
+    near = [
+        r
+        for r in records
+        if _val_measured(r)
+        and not val_feasible(r, budget)
+        and objective_value(r, objective) is not None
+        and r["val_accuracy_drop"] <= LONGER_MAX_DROP * budget + _TOLERANCE
+    ]
     out = []
     for record in sorted(near, key=lambda r: (objective_value(r, objective), r["val_accuracy_drop"], r["recipe"])):
-        same = Proposal(_inline([(n, _minimal(n, c)) for n, c in _steps(record)]),
-                        f"fine-tune longer: '{record['recipe']}' ({_drop(record)}), to win back accuracy")
+        same = Proposal(
+            _inline([(n, _minimal(n, c)) for n, c in _steps(record)]),
+            f"fine-tune longer: '{record['recipe']}' ({_drop(record)}), to win back accuracy",
+        )
         longer = _fully_fine_tuned(same, techniques)
         if longer.recipe != same.recipe:
             out.append(longer)
@@ -341,8 +382,9 @@ def _default_epochs(techniques, name: str) -> int | None:
 def _students(records, architecture: str = "same") -> list[tuple[dict, tuple[int, dict]]]:
     """(record, (index, config)) of the val-measured, unpruned students built as ``architecture`` (no student file)."""
     students = [(r, _family(r, "distill")) for r in records if _val_measured(r) and _family(r, "prune") is None]
-    return [(r, f) for r, f in students
-            if f is not None and not f[1].get("student") and _architecture(f[1]) == architecture]
+    return [
+        (r, f) for r, f in students if f is not None and not f[1].get("student") and _architecture(f[1]) == architecture
+    ]
 
 
 def _bisect_distill(records, budget, architecture: str = "same") -> Proposal | None:
@@ -354,18 +396,24 @@ def _bisect_distill(records, budget, architecture: str = "same") -> Proposal | N
     best, (index, config) = min(feasible, key=lambda rf: (rf[1][1].get("width", 0.5), rf[0]["val_accuracy_drop"]))
     high, epochs = float(config.get("width", 0.5)), config.get("epochs") or 0
     # A student over budget bounds the bracket when it was trained at least as long as the best one.
-    below = [f[1].get("width", 0.5) for r, f in students if not val_feasible(r, budget)
-             and f[1].get("width", 0.5) < high and (f[1].get("epochs") or 0) >= epochs]
+    below = [
+        f[1].get("width", 0.5)
+        for r, f in students
+        if not val_feasible(r, budget) and f[1].get("width", 0.5) < high and (f[1].get("epochs") or 0) >= epochs
+    ]
     low = max(below) if below else WIDTH_FLOOR
     if high / low < MIN_WIDTH_RATIO:
         return None
     middle = round(math.sqrt(low * high), 4)
     steps = [(n, _minimal(n, c)) for n, c in _steps(best)]
     steps[index] = ("distill", _distill_config(config, middle))
-    bound = (f"widest student over budget {low:g}" if below else f"nothing over budget yet, floor {low:g}")
+    bound = f"widest student over budget {low:g}" if below else f"nothing over budget yet, floor {low:g}"
     kind = "" if architecture == "same" else f" of {architecture} students"
-    return Proposal(_inline(steps), f"bisect distill width{kind} down from '{best['recipe']}' "
-                                    f"(width {high:g}, {_drop(best)}; {bound}): try {middle:g}")
+    return Proposal(
+        _inline(steps),
+        f"bisect distill width{kind} down from '{best['recipe']}' "
+        f"(width {high:g}, {_drop(best)}; {bound}): try {middle:g}",
+    )
 
 
 def _dense_student(records, budget, objective: str) -> Proposal | None:
@@ -385,13 +433,15 @@ def _dense_student(records, budget, objective: str) -> Proposal | None:
     feasible = [r for r in students if val_feasible(r, budget)]
     if not (feasible or (objective == "latency" and students)):
         return None
-    narrowest = min(feasible or students,
-                    key=lambda r: (_family(r, "distill")[1].get("width", 0.5), r["val_accuracy_drop"]))
+    narrowest = min(
+        feasible or students, key=lambda r: (_family(r, "distill")[1].get("width", 0.5), r["val_accuracy_drop"])
+    )
     return Proposal(
         _inline([("distill", {"architecture": "dense", "width": DENSE_WIDTH}), ("quantize", {"mode": "int8"})]),
         f"try a dense student (width-scaled: '{narrowest['recipe']}', {_drop(narrowest)}): TFLite conv ops cost a "
         "fixed per-op overhead whatever their width, so narrower conv students stop getting faster; a Flatten + "
-        "Dense student distilled from the teacher runs in a few fully connected ops")
+        "Dense student distilled from the teacher runs in a few fully connected ops",
+    )
 
 
 def _distill_order(records, budget, objective: str, proposals: dict) -> list[Proposal | None]:
@@ -400,6 +450,7 @@ def _distill_order(records, budget, objective: str, proposals: dict) -> list[Pro
     Dense students are only narrowed further while their best beats the best
     width-scaled one (on an MLP teacher they are the same models).
     """
+
     def score(architecture):
         values = [objective_value(r, objective) for r, _ in _students(records, architecture) if val_feasible(r, budget)]
         values = [v for v in values if v is not None]
@@ -417,28 +468,49 @@ def _chains(records, budget) -> list[Proposal]:
     # Pruning goes into the narrowest width-scaled student (dense students' widths are not comparable).
     students = [(r, f) for r, f in _students(records) if val_feasible(r, budget)]
     out = []
-    best_prune = max(prunes, key=lambda rf: (rf[1][1].get("target_sparsity", 0), -rf[0]["val_accuracy_drop"]), default=None)
+    best_prune = max(
+        prunes, key=lambda rf: (rf[1][1].get("target_sparsity", 0), -rf[0]["val_accuracy_drop"]), default=None
+    )
     best_student = min(students, key=lambda rf: (rf[1][1].get("width", 0.5), rf[0]["val_accuracy_drop"]), default=None)
     if best_prune and best_student:
         p_cfg, d_cfg = best_prune[1][1], best_student[1][1]
-        out.append(Proposal(
-            _inline([("distill", _distill_config(d_cfg, d_cfg.get("width", 0.5))),
-                     ("prune", _prune_config(p_cfg, p_cfg.get("target_sparsity", 0.5))),
-                     ("quantize", {"mode": "int8"})]),
-            f"combine families: narrowest feasible student '{best_student[0]['recipe']}' ({_drop(best_student[0])}) "
-            f"pruned like '{best_prune[0]['recipe']}' ({_drop(best_prune[0])}), then int8"))
+        out.append(
+            Proposal(
+                _inline(
+                    [
+                        ("distill", _distill_config(d_cfg, d_cfg.get("width", 0.5))),
+                        ("prune", _prune_config(p_cfg, p_cfg.get("target_sparsity", 0.5))),
+                        ("quantize", {"mode": "int8"}),
+                    ]
+                ),
+                f"combine families: narrowest feasible student '{best_student[0]['recipe']}' ({_drop(best_student[0])}) "
+                f"pruned like '{best_prune[0]['recipe']}' ({_drop(best_prune[0])}), then int8",
+            )
+        )
     if best_prune:
         p_cfg = best_prune[1][1]
-        out.append(Proposal(
-            _inline([("prune", _prune_config(p_cfg, p_cfg.get("target_sparsity", 0.5))), ("quantize", {"mode": "qat"})]),
-            f"chain prune -> qat: '{best_prune[0]['recipe']}' ({_drop(best_prune[0])}) with quantization-aware "
-            "training instead of post-training int8, to win back accuracy"))
+        out.append(
+            Proposal(
+                _inline(
+                    [("prune", _prune_config(p_cfg, p_cfg.get("target_sparsity", 0.5))), ("quantize", {"mode": "qat"})]
+                ),
+                f"chain prune -> qat: '{best_prune[0]['recipe']}' ({_drop(best_prune[0])}) with quantization-aware "
+                "training instead of post-training int8, to win back accuracy",
+            )
+        )
     return out
 
 
-def propose(records: list[dict], *, max_accuracy_drop: float = 0.01, objective: str = "size",
-            max_trials: int = 4, tried: list[str] | None = None, sensitivity: list[dict] | None = None,
-            techniques=None) -> list[Proposal]:
+def propose(
+    records: list[dict],
+    *,
+    max_accuracy_drop: float = 0.01,
+    objective: str = "size",
+    max_trials: int = 4,
+    tried: list[str] | None = None,
+    sensitivity: list[dict] | None = None,
+    techniques=None,
+) -> list[Proposal]:
     """Recipes for the next round, most promising for ``objective`` first, at most ``max_trials``.
 
     ``records`` are candidate records (``metrics.json`` shape, with
@@ -464,8 +536,9 @@ def propose(records: list[dict], *, max_accuracy_drop: float = 0.01, objective: 
     keep_sets = sorted({_keep(c) for _, _, c in _prune_runs(records)} - {()})
     prune = [_keep_sensitive_dense(records, budget, sensitivity)]
     prune += [_bisect_prune(records, budget, keep) for keep in keep_sets] + [_bisect_prune(records, budget)]
-    distill = _distill_order(records, budget, objective,
-                             {a: _bisect_distill(records, budget, a) for a in ("same", "dense")})
+    distill = _distill_order(
+        records, budget, objective, {a: _bisect_distill(records, budget, a) for a in ("same", "dense")}
+    )
     dense = _dense_student(records, budget, objective)
     # Sparsity shrinks gzip size but not dense-kernel latency; narrower students shrink both, and a dense
     # student drops the conv ops' per-op overhead (it rarely makes a conv model smaller, so last for size).
@@ -509,7 +582,7 @@ def layer_sensitivity(keras_model, data, sparsity: float = 0.9) -> list[dict]:
     model = copy_model(keras_model)
 
     def val_accuracy() -> float:
-        pred = np.concatenate([np.asarray(model(x[i:i + 256], training=False)) for i in range(0, len(x), 256)])
+        pred = np.concatenate([np.asarray(model(x[i : i + 256], training=False)) for i in range(0, len(x), 256)])
         return float((pred.argmax(axis=1) == y).mean())
 
     def accuracy_with(kernels, values) -> float:
@@ -529,9 +602,16 @@ def layer_sensitivity(keras_model, data, sparsity: float = 0.9) -> list[dict]:
         original = [k.numpy() for k in kernels]
         accuracy = accuracy_with(kernels, threshold_global(original, sparsity))
         int8 = accuracy_with(kernels, [_int8_weights(v) for v in original])
-        rows.append({"layer": layer.name, "params": int(sum(v.size for v in original)), "sparsity": sparsity,
-                     "val_accuracy": accuracy, "val_accuracy_drop": base - accuracy,
-                     "int8_val_accuracy_drop": base - int8})
+        rows.append(
+            {
+                "layer": layer.name,
+                "params": int(sum(v.size for v in original)),
+                "sparsity": sparsity,
+                "val_accuracy": accuracy,
+                "val_accuracy_drop": base - accuracy,
+                "int8_val_accuracy_drop": base - int8,
+            }
+        )
     rows.sort(key=lambda r: (-r["val_accuracy_drop"], r["layer"]))
     return rows
 
@@ -554,7 +634,9 @@ def target_met(records: list[dict], *, max_accuracy_drop: float, objective: str,
     """A candidate within the budget (validation split) whose ratio metric reaches ``target``, or None."""
     if target is None:
         return None
-    hits = [r for r in records if val_feasible(r, max_accuracy_drop) and (objective_ratio(r, objective)[1] or 0) >= target]
+    hits = [
+        r for r in records if val_feasible(r, max_accuracy_drop) and (objective_ratio(r, objective)[1] or 0) >= target
+    ]
     return max(hits, key=lambda r: objective_ratio(r, objective)[1], default=None)
 
 
@@ -570,36 +652,76 @@ def optimization_seconds(candidates: list[dict]) -> float:
 
 def search_outcome(settings: dict, candidates: list[dict], stopped: str | None) -> dict:
     """The ``search`` block of a result: ``settings``, why it stopped, what met the target, seconds spent."""
-    hit = target_met(candidates, max_accuracy_drop=settings["max_accuracy_drop"], objective=settings["objective"],
-                     target=settings["target"])
-    return {**settings, "stopped": stopped, "target_met_by": hit["recipe"] if hit else None,
-            "seconds": round(optimization_seconds(candidates), 1)}
+    hit = target_met(
+        candidates,
+        max_accuracy_drop=settings["max_accuracy_drop"],
+        objective=settings["objective"],
+        target=settings["target"],
+    )
+    return {
+        **settings,
+        "stopped": stopped,
+        "target_met_by": hit["recipe"] if hit else None,
+        "seconds": round(optimization_seconds(candidates), 1),
+    }
 
 
-def search_settings(*, rounds: int, max_trials: int, max_time: float | None, objective: str,
-                    max_accuracy_drop: float, target: float | None, stop_when_met: bool) -> dict:
+def search_settings(
+    *,
+    rounds: int,
+    max_trials: int,
+    max_time: float | None,
+    objective: str,
+    max_accuracy_drop: float,
+    target: float | None,
+    stop_when_met: bool,
+) -> dict:
     """The ``search`` block of a result: how the search was bounded, and which split decides what."""
     if stop_when_met and target is None:
-        raise KfoptError("--stop-when-met needs a target.", "pass --target-compression X as well, or drop --stop-when-met.")
+        raise KfoptError(
+            "--stop-when-met needs a target.", "pass --target-compression X as well, or drop --stop-when-met."
+        )
     check_goal(max_accuracy_drop, objective)
-    return {"rounds": rounds, "max_trials": max_trials, "max_time": max_time, "objective": objective,
-            "max_accuracy_drop": max_accuracy_drop, "target": target, "stop_when_met": stop_when_met,
-            "choices_use": "validation split (val_accuracy_drop)", "final_check_uses": "test split"}
+    return {
+        "rounds": rounds,
+        "max_trials": max_trials,
+        "max_time": max_time,
+        "objective": objective,
+        "max_accuracy_drop": max_accuracy_drop,
+        "target": target,
+        "stop_when_met": stop_when_met,
+        "choices_use": "validation split (val_accuracy_drop)",
+        "final_check_uses": "test split",
+    }
 
 
 def trace_entry(candidate: dict, objective: str) -> dict:
     """One line of the search trace: which round proposed the recipe, why, and what came of it."""
     objective_metric(objective)
-    return {"round": candidate.get("round", 1), "recipe": candidate["recipe"],
-            "why": candidate.get("why") or ROUND_ONE_WHY, "status": candidate["status"],
-            "val_accuracy_drop": candidate.get("val_accuracy_drop"),
-            **{metric: candidate.get(metric) for metric in OBJECTIVES.values()}}
+    return {
+        "round": candidate.get("round", 1),
+        "recipe": candidate["recipe"],
+        "why": candidate.get("why") or ROUND_ONE_WHY,
+        "status": candidate["status"],
+        "val_accuracy_drop": candidate.get("val_accuracy_drop"),
+        **{metric: candidate.get(metric) for metric in OBJECTIVES.values()},
+    }
 
 
-def next_round(records: list[dict], number: int, *, max_accuracy_drop: float = 0.01, objective: str = "size",
-               max_trials: int = 4, target: float | None = None, stop_when_met: bool = False,
-               elapsed: float | None = None, max_time: float | None = None, sensitivity: list[dict] | None = None,
-               techniques=None) -> tuple[list[Proposal], str | None]:
+def next_round(
+    records: list[dict],
+    number: int,
+    *,
+    max_accuracy_drop: float = 0.01,
+    objective: str = "size",
+    max_trials: int = 4,
+    target: float | None = None,
+    stop_when_met: bool = False,
+    elapsed: float | None = None,
+    max_time: float | None = None,
+    sensitivity: list[dict] | None = None,
+    techniques=None,
+) -> tuple[list[Proposal], str | None]:
     """The recipes of refinement round ``number`` (2, 3, ...), or why the search stops here.
 
     One decision shared by the in-process search and the pipeline's propose
@@ -609,25 +731,49 @@ def next_round(records: list[dict], number: int, *, max_accuracy_drop: float = 0
     or ``([], reason)``.
     """
     if stop_when_met and target is None:
-        raise KfoptError("--stop-when-met needs a target.", "pass --target-compression X as well, or drop --stop-when-met.")
+        raise KfoptError(
+            "--stop-when-met needs a target.", "pass --target-compression X as well, or drop --stop-when-met."
+        )
     hit = target_met(records, max_accuracy_drop=max_accuracy_drop, objective=objective, target=target)
     if stop_when_met and hit:
         name, value = objective_ratio(hit, objective)
         return [], f"target {target:g}x met on the validation split by '{hit['recipe']}' ({name} {value:.1f}x)"
     if max_time is not None and elapsed is not None and elapsed > max_time:
         return [], f"time budget of {max_time:g} s spent"
-    proposals = propose(records, max_accuracy_drop=max_accuracy_drop, objective=objective, max_trials=max_trials,
-                        sensitivity=sensitivity, techniques=techniques)
+    proposals = propose(
+        records,
+        max_accuracy_drop=max_accuracy_drop,
+        objective=objective,
+        max_trials=max_trials,
+        sensitivity=sensitivity,
+        techniques=techniques,
+    )
     if not proposals:
         return [], f"round {number}: nothing left to refine"
     return proposals, None
 
 
-def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.PathLike | list | None = None,
-           rounds: int = 1, max_trials: int = 4, max_time: float | None = None, max_accuracy_drop: float = 0.01,
-           objective: str = "size", target: float | None = None, stop_when_met: bool = False, seed: int = 0,
-           epochs: int = 40, unsafe: bool = False, reporter=None, latency_runs: int | None = None,
-           baseline=None, sensitivity: float | None = None) -> dict:
+def search(
+    model: str,
+    data: str,
+    out: str | os.PathLike,
+    *,
+    recipes: str | os.PathLike | list | None = None,
+    rounds: int = 1,
+    max_trials: int = 4,
+    max_time: float | None = None,
+    max_accuracy_drop: float = 0.01,
+    objective: str = "size",
+    target: float | None = None,
+    stop_when_met: bool = False,
+    seed: int = 0,
+    epochs: int = 40,
+    unsafe: bool = False,
+    reporter=None,
+    latency_runs: int | None = None,
+    baseline=None,
+    sensitivity: float | None = None,
+) -> dict:
     """Round 1 (the search space ``recipes``), then up to ``rounds`` refinement rounds, in-process.
 
     One baseline and one Evaluator serve every round. ``max_trials`` caps the
@@ -651,24 +797,42 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
     from .recipe import parse_recipe, plan
     from .search import load_search
 
-    settings = search_settings(rounds=rounds, max_trials=max_trials, max_time=max_time, objective=objective,
-                               max_accuracy_drop=max_accuracy_drop, target=target, stop_when_met=stop_when_met)
+    settings = search_settings(
+        rounds=rounds,
+        max_trials=max_trials,
+        max_time=max_time,
+        objective=objective,
+        max_accuracy_drop=max_accuracy_drop,
+        target=target,
+        stop_when_met=stop_when_met,
+    )
     reporter = reporter or Reporter(enabled=False)
     techniques = registry()
     first = load_search(recipes, techniques)  # every recipe checked before any work
     out = writable_dir(out)
-    handle, dataset = baseline or prepare(model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out)
+    handle, dataset = baseline or prepare(
+        model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out
+    )
     handle.save(out / "baseline")
     evaluator = Evaluator(dataset, handle, out / "baseline", latency_runs=latency_runs or LATENCY_RUNS)
     reporter.say("Measuring the baseline")
-    result = {"model": model, "data": data, "seed": seed,
-              "baseline": {"artifact": str(handle.path), **evaluator.baseline_metrics()},
-              "candidates": [], "winner": None, "pareto": [], "registered_model": None,
-              "search": settings,
-              "search_trace": []}
+    result = {
+        "model": model,
+        "data": data,
+        "seed": seed,
+        "baseline": {"artifact": str(handle.path), **evaluator.baseline_metrics()},
+        "candidates": [],
+        "winner": None,
+        "pareto": [],
+        "registered_model": None,
+        "search": settings,
+        "search_trace": [],
+    }
     if sensitivity is not None and handle.format == "keras":
-        reporter.say(f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
-                     "(validation split)")
+        reporter.say(
+            f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
+            "(validation split)"
+        )
         result["layer_sensitivity"] = layer_sensitivity(handle.keras(), dataset, sensitivity)
     trace, candidates = result["search_trace"], result["candidates"]
     (out / "candidates").mkdir(exist_ok=True)
@@ -683,8 +847,16 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
                 trace.append({"round": number, "recipe": recipe.label, "why": why, "status": "not run: " + stop})
                 continue
             reporter.say(f"[round {number}] {recipe.label}: {why}")
-            candidate = run_recipe(recipe, planned, handle, dataset, evaluator,
-                                   out / "candidates" / f"r{number}-{_slug(recipe.label)}", seed=seed, reporter=reporter)
+            candidate = run_recipe(
+                recipe,
+                planned,
+                handle,
+                dataset,
+                evaluator,
+                out / "candidates" / f"r{number}-{_slug(recipe.label)}",
+                seed=seed,
+                reporter=reporter,
+            )
             candidate.update(round=number, why=why)
             candidates.append(candidate)
             trace.append(trace_entry(candidate, objective))
@@ -694,10 +866,19 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
     for number in range(2, rounds + 2):
         if stop:
             break
-        proposals, stop = next_round(candidates, number, max_accuracy_drop=max_accuracy_drop, objective=objective,
-                                     max_trials=max_trials, target=target, stop_when_met=stop_when_met,
-                                     elapsed=optimization_seconds(candidates), max_time=max_time,
-                                     sensitivity=result.get("layer_sensitivity"), techniques=techniques)
+        proposals, stop = next_round(
+            candidates,
+            number,
+            max_accuracy_drop=max_accuracy_drop,
+            objective=objective,
+            max_trials=max_trials,
+            target=target,
+            stop_when_met=stop_when_met,
+            elapsed=optimization_seconds(candidates),
+            max_time=max_time,
+            sensitivity=result.get("layer_sensitivity"),
+            techniques=techniques,
+        )
         if stop:
             break
         planned_recipes = []
@@ -715,6 +896,9 @@ def search(model: str, data: str, out: str | os.PathLike, *, recipes: str | os.P
 def best_of_round(result: dict, number: int) -> dict | None:
     """The winner :func:`select` would pick among one round's candidates (test split), for comparisons."""
     selection = result.get("selection") or {}
-    chosen = select([c for c in result["candidates"] if c.get("round") == number],
-                    max_accuracy_drop=selection.get("max_accuracy_drop", 0.01), objective=selection.get("objective", "size"))
+    chosen = select(
+        [c for c in result["candidates"] if c.get("round") == number],
+        max_accuracy_drop=selection.get("max_accuracy_drop", 0.01),
+        objective=selection.get("objective", "size"),
+    )
     return next((c for c in result["candidates"] if c["recipe"] == chosen.winner), None)

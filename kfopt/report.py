@@ -94,16 +94,23 @@ def history_table(name: str, rows: list[dict]) -> Table:
         table.add_column(column, no_wrap=True, justify="left" if column in ("aliases", "decision") else "right")
     table.add_column("recipe, reason, when and by whom", ratio=1, overflow="fold")
     for row in rows:
-        def number(key, fmt, scale=1.0):
+
+        def number(key, fmt, scale=1.0, row=row):
             return "-" if row.get(key) is None else fmt.format(row[key] / scale)
 
         details = [row.get("recipe") or "-"]
         if row.get("decision"):
             when = (row.get("decided_at") or "-").replace("T", " ")[:16]
             details += [row.get("reason") or "-", f"{when} UTC by {row.get('decided_by') or '-'}"]
-        table.add_row(str(row["version"]), "\n".join(row["aliases"]) or "-", number("accuracy", "{:.4f}"),
-                      number("gzip_bytes", "{:,.1f}", 1024), number("latency_p50_ms", "{:.3f}"),
-                      row.get("decision") or "-", "\n".join(details))
+        table.add_row(
+            str(row["version"]),
+            "\n".join(row["aliases"]) or "-",
+            number("accuracy", "{:.4f}"),
+            number("gzip_bytes", "{:,.1f}", 1024),
+            number("latency_p50_ms", "{:.3f}"),
+            row.get("decision") or "-",
+            "\n".join(details),
+        )
     return table
 
 
@@ -113,8 +120,10 @@ def search_table(result: dict) -> Table:
     Recipes are shown whole (folded over lines, never cut) and escaped, so a
     printed recipe can be copied back into a command line.
     """
-    table = Table(title=f"kfopt: {result.get('model')} on {result.get('data')} (drops in accuracy points; the "
-                        f"search chose on the validation split, the winner * is checked on the test split)")
+    table = Table(
+        title=f"kfopt: {result.get('model')} on {result.get('data')} (drops in accuracy points; the "
+        f"search chose on the validation split, the winner * is checked on the test split)"
+    )
     table.add_column("round", justify="right")
     table.add_column("recipe", overflow="fold", ratio=1, min_width=28)
     table.add_column("status", overflow="fold", max_width=24, min_width=8)
@@ -122,32 +131,63 @@ def search_table(result: dict) -> Table:
         table.add_column(col, justify="right")
     base = result.get("baseline") or {}
     if base.get("accuracy") is not None:
-        table.add_row("", "baseline", base.get("format", ""), "", "", f"{base['accuracy']:.4f}",
-                      f"{base['gzip_bytes'] / 1024:,.1f}" if base.get("gzip_bytes") else "", "1.0x",
-                      f"{base['latency_p50_ms']:.4f}" if base.get("latency_p50_ms") else "", "1.00x", "")
+        table.add_row(
+            "",
+            "baseline",
+            base.get("format", ""),
+            "",
+            "",
+            f"{base['accuracy']:.4f}",
+            f"{base['gzip_bytes'] / 1024:,.1f}" if base.get("gzip_bytes") else "",
+            "1.0x",
+            f"{base['latency_p50_ms']:.4f}" if base.get("latency_p50_ms") else "",
+            "1.00x",
+            "",
+        )
     for c in result["candidates"]:
         if c["status"] != "ok":
-            table.add_row(str(c.get("round", "")), escape(c["recipe"]), escape(f"{c['status']}: {c.get('reason') or ''}"),
-                          *[""] * 7, f"{c.get('seconds', 0):.0f}")
+            table.add_row(
+                str(c.get("round", "")),
+                escape(c["recipe"]),
+                escape(f"{c['status']}: {c.get('reason') or ''}"),
+                *[""] * 7,
+                f"{c.get('seconds', 0):.0f}",
+            )
             continue
         mark = "*" if c["recipe"] == result.get("winner") else ""
         val = c.get("val_accuracy_drop")
-        table.add_row(str(c.get("round", "")), mark + escape(c["recipe"]), "ok" if c.get("within_budget") else "over budget",
-                      "-" if val is None else f"{val * 100:+.2f}", f"{c['accuracy_drop'] * 100:+.2f}",
-                      f"{c['accuracy']:.4f}", f"{c['gzip_bytes'] / 1024:,.1f}", f"{c['compression_ratio']:.1f}x",
-                      f"{c['latency_p50_ms']:.4f}", f"{c['speedup']:.2f}x", f"{c.get('seconds', 0):.0f}")
+        table.add_row(
+            str(c.get("round", "")),
+            mark + escape(c["recipe"]),
+            "ok" if c.get("within_budget") else "over budget",
+            "-" if val is None else f"{val * 100:+.2f}",
+            f"{c['accuracy_drop'] * 100:+.2f}",
+            f"{c['accuracy']:.4f}",
+            f"{c['gzip_bytes'] / 1024:,.1f}",
+            f"{c['compression_ratio']:.1f}x",
+            f"{c['latency_p50_ms']:.4f}",
+            f"{c['speedup']:.2f}x",
+            f"{c.get('seconds', 0):.0f}",
+        )
     return table
 
 
 def sensitivity_table(rows: list[dict]) -> Table:
     """Layer sensitivity rows as a rich Table."""
     sparsity = rows[0]["sparsity"] if rows else 0
-    table = Table(title=f"Layer sensitivity: one layer pruned to {sparsity:.0%} or its weights int8, "
-                        "no fine-tuning (validation split)")
+    table = Table(
+        title=f"Layer sensitivity: one layer pruned to {sparsity:.0%} or its weights int8, "
+        "no fine-tuning (validation split)"
+    )
     for col in ("layer", "kernel params", "val accuracy", "val drop", "int8 weights val drop"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for row in rows:
         int8 = row.get("int8_val_accuracy_drop")
-        table.add_row(row["layer"], f"{row['params']:,}", f"{row['val_accuracy']:.4f}", f"{row['val_accuracy_drop'] * 100:+.2f} pt",
-                      "-" if int8 is None else f"{int8 * 100:+.2f} pt")
+        table.add_row(
+            row["layer"],
+            f"{row['params']:,}",
+            f"{row['val_accuracy']:.4f}",
+            f"{row['val_accuracy_drop'] * 100:+.2f} pt",
+            "-" if int8 is None else f"{int8 * 100:+.2f} pt",
+        )
     return table

@@ -17,7 +17,7 @@ from string import Template
 from . import __version__
 from .errors import KfoptError
 
-_PYPROJECT = '''\
+_PYPROJECT = """\
 [build-system]
 requires = ["setuptools>=77"]
 build-backend = "setuptools.build_meta"
@@ -45,9 +45,9 @@ packages = ["$module"]
 testpaths = ["tests"]
 markers = ["slow: trains or converts a real model for more than a few seconds"]
 filterwarnings = ["ignore::DeprecationWarning"]
-'''
+"""
 
-_README = '''\
+_README = """\
 # $dist
 
 A [kfopt](https://pypi.org/project/kfopt/) plugin providing the `$name` technique.
@@ -64,7 +64,7 @@ precision, 7 = bfloat16). The model stays float32 and runs as before; the
 zeroed low bits make the saved model compress better. Replace it with your
 technique: see kfopt's docs/plugins.md for the contract, the hooks and how to
 publish.
-'''
+"""
 
 _MODULE = '''\
 """kfopt plugin: the $name technique.

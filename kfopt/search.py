@@ -61,21 +61,29 @@ def load_search(source: str | os.PathLike | list | None = None, registry=None) -
     where = str(source) if isinstance(source, (str, os.PathLike)) else "the search space"
     items = _read(source) if not isinstance(source, list) else source
     if not isinstance(items, list) or not items:
-        raise KfoptError(f"Search file '{where}' must be a non-empty YAML list of recipes.",
-                         "write one recipe per list item, e.g. '- quantize(mode=int8)'.")
+        raise KfoptError(
+            f"Search file '{where}' must be a non-empty YAML list of recipes.",
+            "write one recipe per list item, e.g. '- quantize(mode=int8)'.",
+        )
     recipes, seen = [], {}
     for index, item in enumerate(items, start=1):
         if not isinstance(item, (str, dict, list)):
-            raise KfoptError(f"Search file '{where}': item {index} ({item!r}) is not a recipe.",
-                             "write an inline recipe like 'prune>quantize(mode=int8)' or a mapping with 'steps'.")
+            raise KfoptError(
+                f"Search file '{where}': item {index} ({item!r}) is not a recipe.",
+                "write an inline recipe like 'prune>quantize(mode=int8)' or a mapping with 'steps'.",
+            )
         recipe = parse_recipe(item) if not isinstance(item, str) else _inline(item)
         try:
             planned = plan(recipe, registry)
         except KfoptError as exc:
-            raise KfoptError(f"Search file '{where}', recipe {index} ('{recipe.label}'): {exc.message}", exc.fix) from None
+            raise KfoptError(
+                f"Search file '{where}', recipe {index} ('{recipe.label}'): {exc.message}", exc.fix
+            ) from None
         if recipe.label in seen:
-            raise KfoptError(f"Search file '{where}': recipes {seen[recipe.label]} and {index} are both called '{recipe.label}'.",
-                             "remove the duplicate, or give one of them a different 'name'.")
+            raise KfoptError(
+                f"Search file '{where}': recipes {seen[recipe.label]} and {index} are both called '{recipe.label}'.",
+                "remove the duplicate, or give one of them a different 'name'.",
+            )
         seen[recipe.label] = index
         recipes.append(SearchRecipe(recipe, planned))
     return recipes
@@ -91,11 +99,15 @@ def _read(source) -> list:
 
     path = default_search_path() if source is None else Path(source)
     if not path.is_file():
-        raise KfoptError(f"Search file '{path}' does not exist.", "check the path, or leave out --search to use the built-in search.")
+        raise KfoptError(
+            f"Search file '{path}' does not exist.", "check the path, or leave out --search to use the built-in search."
+        )
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise KfoptError(f"Search file '{path}' is not valid YAML ({str(exc).splitlines()[0]}).", "fix the YAML syntax.") from None
+        raise KfoptError(
+            f"Search file '{path}' is not valid YAML ({str(exc).splitlines()[0]}).", "fix the YAML syntax."
+        ) from None
 
 
 def _inline(text: str) -> Recipe:

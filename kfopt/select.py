@@ -44,16 +44,25 @@ class Selection:
     fronts: dict[str, list[str]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"objective": self.objective, "metric": self.metric, "max_accuracy_drop": self.max_accuracy_drop,
-                "winner": self.winner, "pareto": list(self.pareto), "within_budget": list(self.within_budget),
-                "reasons": dict(self.reasons), "pareto_fronts": dict(self.fronts)}
+        return {
+            "objective": self.objective,
+            "metric": self.metric,
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "winner": self.winner,
+            "pareto": list(self.pareto),
+            "within_budget": list(self.within_budget),
+            "reasons": dict(self.reasons),
+            "pareto_fronts": dict(self.fronts),
+        }
 
 
 def check_goal(max_accuracy_drop: float, objective: str) -> str:
     """Validate a budget and an objective the user gave; return the objective's metric."""
     if not 0 <= max_accuracy_drop <= 1:
-        raise KfoptError(f"max_accuracy_drop={max_accuracy_drop} is not a fraction between 0 and 1.",
-                         "pass e.g. --max-accuracy-drop 0.01 for at most one percentage point.")
+        raise KfoptError(
+            f"max_accuracy_drop={max_accuracy_drop} is not a fraction between 0 and 1.",
+            "pass e.g. --max-accuracy-drop 0.01 for at most one percentage point.",
+        )
     return objective_metric(objective)
 
 
@@ -80,12 +89,14 @@ def mix_weight(objective: str) -> float | None:
     if not text.startswith(MIX + ":"):
         return None
     try:
-        weight = float(text[len(MIX) + 1:])
+        weight = float(text[len(MIX) + 1 :])
     except ValueError:
         weight = -1.0
     if not 0 < weight < 1:
-        raise KfoptError(f"Objective '{objective}': the weight after '{MIX}:' must be a number between 0 and 1.",
-                         "pass e.g. --objective mix:0.7 for 70% size and 30% latency, or plain mix for half and half.")
+        raise KfoptError(
+            f"Objective '{objective}': the weight after '{MIX}:' must be a number between 0 and 1.",
+            "pass e.g. --objective mix:0.7 for 70% size and 30% latency, or plain mix for half and half.",
+        )
     return weight
 
 
@@ -105,7 +116,7 @@ def objective_value(record: dict, objective: str) -> float | None:
     size, latency = record.get("gzip_bytes"), record.get("latency_p50_ms")
     if not size or not latency or size <= 0 or latency <= 0:
         return None
-    return size ** weight * latency ** (1 - weight)
+    return size**weight * latency ** (1 - weight)
 
 
 def objective_ratio(record: dict, objective: str) -> tuple[str, float | None]:
@@ -119,7 +130,7 @@ def objective_ratio(record: dict, objective: str) -> tuple[str, float | None]:
     if weight is None:
         objective_metric(objective)  # raises, naming the choices
     ratio, speedup = record.get("compression_ratio"), record.get("speedup")
-    value = ratio ** weight * speedup ** (1 - weight) if ratio and speedup and ratio > 0 and speedup > 0 else None
+    value = ratio**weight * speedup ** (1 - weight) if ratio and speedup and ratio > 0 and speedup > 0 else None
     return f"compression_ratio^{weight:g} * speedup^{1 - weight:g}", value
 
 
@@ -132,7 +143,9 @@ def _value(record: dict, key: str):
 
 def measured(candidate: dict, key: str) -> bool:
     """True when the candidate finished and has both accuracy and ``key`` (a metric or an objective)."""
-    return candidate.get("status") == "ok" and candidate.get("accuracy") is not None and _value(candidate, key) is not None
+    return (
+        candidate.get("status") == "ok" and candidate.get("accuracy") is not None and _value(candidate, key) is not None
+    )
 
 
 def pareto_front(candidates: Iterable[dict], key: str) -> list[str]:
@@ -150,8 +163,9 @@ def pareto_front(candidates: Iterable[dict], key: str) -> list[str]:
 
 
 def _dominates(a: dict, a_value: float, b: dict, b_value: float) -> bool:
-    return (a["accuracy"] >= b["accuracy"] and a_value <= b_value
-            and (a["accuracy"] > b["accuracy"] or a_value < b_value))
+    return (
+        a["accuracy"] >= b["accuracy"] and a_value <= b_value and (a["accuracy"] > b["accuracy"] or a_value < b_value)
+    )
 
 
 def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objective: str = "size") -> Selection:
@@ -175,16 +189,21 @@ def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objec
         if status != "ok":
             selection.reasons[label] = f"{status}: {candidate.get('reason') or 'no reason given'}"
         elif not measured(candidate, objective):
-            selection.reasons[label] = f"not measured: has no {'accuracy' if candidate.get('accuracy') is None else metric}"
+            selection.reasons[label] = (
+                f"not measured: has no {'accuracy' if candidate.get('accuracy') is None else metric}"
+            )
         elif candidate.get("accuracy_drop", 0.0) > max_accuracy_drop + _TOLERANCE:
-            selection.reasons[label] = (f"accuracy drop {candidate['accuracy_drop']:.4f} is over the budget "
-                                        f"{max_accuracy_drop:.4f}")
+            selection.reasons[label] = (
+                f"accuracy drop {candidate['accuracy_drop']:.4f} is over the budget {max_accuracy_drop:.4f}"
+            )
         elif (candidate.get("val_accuracy_drop") or 0.0) > max_accuracy_drop + _TOLERANCE:
             # Chosen on validation, confirmed on test: a candidate the search would not have kept
             # is not made the winner because it happened to do well on the test split.
-            selection.reasons[label] = (f"accuracy drop {candidate['val_accuracy_drop']:.4f} on the validation split "
-                                        f"is over the budget {max_accuracy_drop:.4f} (test split: "
-                                        f"{candidate['accuracy_drop']:.4f})")
+            selection.reasons[label] = (
+                f"accuracy drop {candidate['val_accuracy_drop']:.4f} on the validation split "
+                f"is over the budget {max_accuracy_drop:.4f} (test split: "
+                f"{candidate['accuracy_drop']:.4f})"
+            )
         else:
             eligible.append(candidate)
     selection.within_budget = [c["recipe"] for c in eligible]

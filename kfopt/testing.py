@@ -109,8 +109,14 @@ def make_context(data=None, workdir=None, *, seed: int = SEED, device: str = "cp
     data = data if data is not None else tiny_data()
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(dir=_cache_dir(), prefix="work-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    return StepContext(train=data.train, validation=data.validation, workdir=workdir, seed=seed,
-                       device=device, num_classes=data.num_classes)
+    return StepContext(
+        train=data.train,
+        validation=data.validation,
+        workdir=workdir,
+        seed=seed,
+        device=device,
+        num_classes=data.num_classes,
+    )
 
 
 def _trained_keras():
@@ -123,9 +129,11 @@ def _trained_keras():
             data = tiny_data()
             keras.utils.set_random_seed(SEED)
             model = keras.Sequential(
-                [keras.Input(shape=(64,)),
-                 keras.layers.Dense(HIDDEN, activation="relu"),
-                 keras.layers.Dense(data.num_classes, activation="softmax")],
+                [
+                    keras.Input(shape=(64,)),
+                    keras.layers.Dense(HIDDEN, activation="relu"),
+                    keras.layers.Dense(data.num_classes, activation="softmax"),
+                ],
                 name="kfopt_tiny_mlp",
             )
             ctx = make_context(data, _cache_dir() / "train")
@@ -236,7 +244,8 @@ def _check_declaration(technique) -> None:
 
     if not isinstance(technique, Technique):
         raise TechniqueContractError(
-            f"{technique!r} is not a kfopt Technique. Fix: subclass kfopt.plugins.Technique and pass an instance.")
+            f"{technique!r} is not a kfopt Technique. Fix: subclass kfopt.plugins.Technique and pass an instance."
+        )
     problems = []
     name = getattr(technique, "name", None)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", name):
@@ -254,14 +263,19 @@ def _check_declaration(technique) -> None:
     if type(technique).apply is Technique.apply:
         problems.append("apply(model, config, ctx) is not implemented")
     if problems:
-        _fail(technique, "; ".join(problems), "declare name, kind, accepts, produces, Config and apply "
-                                               "as in docs/plugins.md")
+        _fail(
+            technique,
+            "; ".join(problems),
+            "declare name, kind, accepts, produces, Config and apply as in docs/plugins.md",
+        )
     undocumented = [k for k, f in config_cls.model_fields.items() if not f.description]
     if undocumented:
         warnings.warn(
             f"technique '{name}': config field(s) {', '.join(undocumented)} have no description; "
             "`kfopt plugins --json` shows descriptions as help. Use pydantic.Field(default, description=...).",
-            TechniqueContractWarning, stacklevel=3)
+            TechniqueContractWarning,
+            stacklevel=3,
+        )
 
 
 def _check_config(technique, config, bad_configs) -> Any:
@@ -283,22 +297,34 @@ def _check_config(technique, config, bad_configs) -> Any:
         validate_config(technique, {**given, UNKNOWN_KEY: 1})
     except KfoptError as exc:
         if UNKNOWN_KEY not in str(exc):
-            _fail(technique, f"an unknown config key is refused, but the error does not name it: {exc}",
-                  "let Config be validated by kfopt (subclass Technique.Config)")
+            _fail(
+                technique,
+                f"an unknown config key is refused, but the error does not name it: {exc}",
+                "let Config be validated by kfopt (subclass Technique.Config)",
+            )
     else:
-        _fail(technique, f"an unknown config key '{UNKNOWN_KEY}' was silently accepted",
-              "subclass Technique.Config, which forbids extra keys (model_config extra='forbid')")
+        _fail(
+            technique,
+            f"an unknown config key '{UNKNOWN_KEY}' was silently accepted",
+            "subclass Technique.Config, which forbids extra keys (model_config extra='forbid')",
+        )
     for bad in bad_configs:
         try:
             validate_config(technique, dict(bad))
         except KfoptError as exc:
             keys = [k for k in bad]
             if keys and not any(k in str(exc) for k in keys):
-                _fail(technique, f"bad config {bad!r} is refused, but the error does not name the key: {exc}",
-                      "raise ValueError from a pydantic validator of that field")
+                _fail(
+                    technique,
+                    f"bad config {bad!r} is refused, but the error does not name the key: {exc}",
+                    "raise ValueError from a pydantic validator of that field",
+                )
         else:
-            _fail(technique, f"bad config {bad!r} was accepted",
-                  "constrain the field (pydantic Field(gt=..., le=...), Literal[...], or a validator)")
+            _fail(
+                technique,
+                f"bad config {bad!r} was accepted",
+                "constrain the field (pydantic Field(gt=..., le=...), Literal[...], or a validator)",
+            )
     return validated
 
 
@@ -311,8 +337,11 @@ def _check_recipe(technique, config, input_format: str) -> None:
         step = Step(technique.name, config.model_dump(exclude_unset=True))
         planned = plan(Recipe([step]), registry, input_format)
     except KfoptError as exc:
-        _fail(technique, f"it cannot be planned in a recipe next to the built-ins: {exc}",
-              "pick a name no built-in uses, and make accepts include the input model's format")
+        _fail(
+            technique,
+            f"it cannot be planned in a recipe next to the built-ins: {exc}",
+            "pick a name no built-in uses, and make accepts include the input model's format",
+        )
     if planned[0].output_format != technique.produces_for(config):
         _fail(technique, "the recipe planner and produces_for disagree", "override produces_for only")
 
@@ -360,11 +389,17 @@ def _apply(technique, handle, config, ctx, seed: int):
         pytest.skip(f"{technique.name} cannot run on this host: {skip.reason}")
     expected = technique.produces_for(config)
     if not isinstance(result, ModelHandle):
-        _fail(technique, f"apply returned {type(result).__name__}, not a ModelHandle",
-              "return ModelHandle.from_keras(...), .from_tflite(bytes) or .from_saved_model(path)")
+        _fail(
+            technique,
+            f"apply returned {type(result).__name__}, not a ModelHandle",
+            "return ModelHandle.from_keras(...), .from_tflite(bytes) or .from_saved_model(path)",
+        )
     if result.format != expected:
-        _fail(technique, f"apply returned a {result.format} model, but produces_for(config) says {expected}",
-              "return the declared format, or override produces_for(config)")
+        _fail(
+            technique,
+            f"apply returned a {result.format} model, but produces_for(config) says {expected}",
+            "return the declared format, or override produces_for(config)",
+        )
     if result is handle:
         _fail(technique, "apply returned its input model", "return a new ModelHandle (or raise TechniqueSkipped)")
     return result
@@ -379,9 +414,20 @@ def _predictions(handle, x):
     return np.concatenate([runner(x[i : i + 256]) for i in range(0, len(x), 256)])
 
 
-def check_technique(technique, config=None, *, model=None, data=None, baseline=None, workdir=None,
-                    seed: int = SEED, bad_configs=(), deterministic: bool = True, atol: float = 1e-6,
-                    max_accuracy_drop: float | None = None) -> TechniqueCheck:
+def check_technique(
+    technique,
+    config=None,
+    *,
+    model=None,
+    data=None,
+    baseline=None,
+    workdir=None,
+    seed: int = SEED,
+    bad_configs=(),
+    deterministic: bool = True,
+    atol: float = 1e-6,
+    max_accuracy_drop: float | None = None,
+) -> TechniqueCheck:
     """Run the plugin contract checks on ``technique`` with ``config``; raise :class:`TechniqueContractError`.
 
     Checks, in order: ``name``/``kind``/``accepts``/``produces``/``Config``/``apply``
@@ -417,8 +463,10 @@ def check_technique(technique, config=None, *, model=None, data=None, baseline=N
         fmt = next(f for f in ("keras", "saved_model", "tflite") if f in technique.accepts)
         model = tiny_model(fmt)
     elif model.format not in technique.accepts:
-        raise ValueError(f"check_technique: the {model.format} model passed is not in "
-                         f"{technique.name}.accepts ({sorted(technique.accepts)})")
+        raise ValueError(
+            f"check_technique: the {model.format} model passed is not in "
+            f"{technique.name}.accepts ({sorted(technique.accepts)})"
+        )
     data = data if data is not None else tiny_data()
     if baseline is None:
         baseline = model if model.format == "keras" else tiny_model("keras")
@@ -433,24 +481,33 @@ def check_technique(technique, config=None, *, model=None, data=None, baseline=N
     result = _apply(technique, model, validated, make_context(data, workdir / "run-1", seed=seed), seed)
     passed.append("apply returns the declared format")
     if _fingerprint(model) != before or model.info != info_before:
-        _fail(technique, "apply changed its input model",
-              "work on a copy: kfopt.models.copy_model(model.keras()) before training or wrapping layers")
+        _fail(
+            technique,
+            "apply changed its input model",
+            "work on a copy: kfopt.models.copy_model(model.keras()) before training or wrapping layers",
+        )
     passed.append("input unchanged")
 
     evaluator = Evaluator(data, baseline, workdir / "evaluate", latency_runs=LATENCY_RUNS)
     try:
         metrics = evaluator.evaluate(result)
     except Exception as exc:
-        _fail(technique, f"its result does not evaluate with kfopt's Evaluator ({type(exc).__name__}: {exc})",
-              "return a model that takes the input model's inputs and returns class scores")
+        _fail(
+            technique,
+            f"its result does not evaluate with kfopt's Evaluator ({type(exc).__name__}: {exc})",
+            "return a model that takes the input model's inputs and returns class scores",
+        )
     if not 0.0 <= metrics["accuracy"] <= 1.0 or metrics["size_bytes"] <= 0:
         _fail(technique, f"its result measured nonsense: {metrics}", "check the model the technique returns")
     passed.append("evaluates")
     if max_accuracy_drop is not None and metrics["accuracy_drop"] > max_accuracy_drop:
-        _fail(technique, f"accuracy dropped by {metrics['accuracy_drop']:.4f} "
-                         f"(from {metrics['accuracy'] + metrics['accuracy_drop']:.4f} to {metrics['accuracy']:.4f}), "
-                         f"more than max_accuracy_drop={max_accuracy_drop}",
-              "check the technique, or fine-tune longer in the test's config")
+        _fail(
+            technique,
+            f"accuracy dropped by {metrics['accuracy_drop']:.4f} "
+            f"(from {metrics['accuracy'] + metrics['accuracy_drop']:.4f} to {metrics['accuracy']:.4f}), "
+            f"more than max_accuracy_drop={max_accuracy_drop}",
+            "check the technique, or fine-tune longer in the test's config",
+        )
     if max_accuracy_drop is not None:
         passed.append("accuracy")
 
@@ -460,15 +517,22 @@ def check_technique(technique, config=None, *, model=None, data=None, baseline=N
         first, second = _predictions(result, x), _predictions(again, x)
         if first.shape != second.shape or not np.allclose(first, second, atol=atol, rtol=0):
             worst = float(np.max(np.abs(first - second))) if first.shape == second.shape else "shape"
-            _fail(technique, f"two runs with seed {seed} predict differently (largest difference {worst})",
-                  "seed every source of randomness from ctx.seed (kfopt seeds Python, NumPy and TensorFlow "
-                  "with it before apply), or pass deterministic=False with a reason")
+            _fail(
+                technique,
+                f"two runs with seed {seed} predict differently (largest difference {worst})",
+                "seed every source of randomness from ctx.seed (kfopt seeds Python, NumPy and TensorFlow "
+                "with it before apply), or pass deterministic=False with a reason",
+            )
         if result.format == "keras":
             w1, w2 = result.keras().get_weights(), again.keras().get_weights()
-            if len(w1) != len(w2) or not all(a.shape == b.shape and np.allclose(a, b, atol=atol, rtol=0)
-                                             for a, b in zip(w1, w2)):
-                _fail(technique, f"two runs with seed {seed} give different weights",
-                      "seed every source of randomness from ctx.seed")
+            if len(w1) != len(w2) or not all(
+                a.shape == b.shape and np.allclose(a, b, atol=atol, rtol=0) for a, b in zip(w1, w2)
+            ):
+                _fail(
+                    technique,
+                    f"two runs with seed {seed} give different weights",
+                    "seed every source of randomness from ctx.seed",
+                )
         passed.append("deterministic")
     return TechniqueCheck(technique, validated, model, result, metrics, passed)
 

@@ -23,8 +23,20 @@ TRACKING_FILE = "tracking.json"
 #: The HTML report (see :mod:`kfopt.html_report`) on the parent run, beside its plots ``pareto_*.png``.
 REPORT_FILE = "report.html"
 #: Numeric metrics of the vocabulary (DESIGN.md) logged on each candidate's run.
-METRICS = ("accuracy", "accuracy_drop", "agreement", "size_bytes", "gzip_bytes", "compression_ratio",
-           "sparsity", "params", "latency_p50_ms", "latency_p95_ms", "throughput_per_s", "speedup")
+METRICS = (
+    "accuracy",
+    "accuracy_drop",
+    "agreement",
+    "size_bytes",
+    "gzip_bytes",
+    "compression_ratio",
+    "sparsity",
+    "params",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "throughput_per_s",
+    "speedup",
+)
 #: kfopt's defaults for MLflow's own HTTP retry settings (each can be overridden in the
 #: environment): a few retries with exponential backoff ride out a restarting server
 #: (connection errors, 429 and 5xx) without leaving a user waiting minutes on a dead one.
@@ -64,17 +76,21 @@ def check_uri(uri: str) -> None:
             "pass e.g. --tracking-uri http://localhost:5000 or sqlite:///mlflow.db (or set MLFLOW_TRACKING_URI).",
         ) from None
     if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+        folder = Path(uri[len("sqlite:///") :]).parent
         if not folder.is_dir():
-            raise KfoptError(f"The folder of the SQLite tracking store '{uri}' does not exist.",
-                             f"create {folder} first, or pass another --tracking-uri.")
+            raise KfoptError(
+                f"The folder of the SQLite tracking store '{uri}' does not exist.",
+                f"create {folder} first, or pass another --tracking-uri.",
+            )
 
 
 def failure(uri: str, exc: BaseException, directory: str | os.PathLike) -> TrackingFailed:
     """The one line a user sees when MLflow failed, and the command that finishes the job."""
-    return TrackingFailed(f"MLflow tracking at {uri} failed: {short_reason(exc)}.",
-                          f"check the server (or --tracking-uri / MLFLOW_TRACKING_URI), then run "
-                          f"`kfopt promote --from {directory}`: it resumes where this stopped.")
+    return TrackingFailed(
+        f"MLflow tracking at {uri} failed: {short_reason(exc)}.",
+        f"check the server (or --tracking-uri / MLFLOW_TRACKING_URI), then run "
+        f"`kfopt promote --from {directory}`: it resumes where this stopped.",
+    )
 
 
 def short_reason(exc: BaseException) -> str:
@@ -100,8 +116,10 @@ def read_result(directory: str | os.PathLike) -> dict:
 
     path = Path(directory) / METRICS_FILE
     if not path.is_file():
-        raise KfoptError(f"No {METRICS_FILE} in '{directory}'.",
-                         "pass --from the --out directory of a finished `kfopt optimize` (or pipeline) run.")
+        raise KfoptError(
+            f"No {METRICS_FILE} in '{directory}'.",
+            "pass --from the --out directory of a finished `kfopt optimize` (or pipeline) run.",
+        )
     try:
         result = json.loads(path.read_text())
     except ValueError as exc:
@@ -122,8 +140,10 @@ def resolve_artifact(directory: str | os.PathLike, artifact: str) -> Path:
             return candidate
     if given.exists():
         return given
-    raise KfoptError(f"Model file '{artifact}' named in {directory}/metrics.json is missing.",
-                     "keep the run directory as `kfopt optimize` wrote it (baseline/, candidate/, metrics.json).")
+    raise KfoptError(
+        f"Model file '{artifact}' named in {directory}/metrics.json is missing.",
+        "keep the run directory as `kfopt optimize` wrote it (baseline/, candidate/, metrics.json).",
+    )
 
 
 def run_key(result: dict) -> str:
@@ -158,9 +178,14 @@ def _param(value) -> str:
 
 def candidate_params(candidate: dict, result: dict) -> dict[str, str]:
     """Params of a candidate's run: recipe, every step's config, versions, seed."""
-    params = {"recipe": candidate["recipe"], "steps": _param(candidate.get("steps", [])),
-              "seed": str(result.get("seed", 0)), "model": str(result.get("model")), "data": str(result.get("data")),
-              **_versions()}
+    params = {
+        "recipe": candidate["recipe"],
+        "steps": _param(candidate.get("steps", [])),
+        "seed": str(result.get("seed", 0)),
+        "model": str(result.get("model")),
+        "data": str(result.get("data")),
+        **_versions(),
+    }
     for index, step in enumerate(candidate.get("steps", []), start=1):
         params[f"step{index}.technique"] = step["technique"]
         for key, value in step.get("config", {}).items():
@@ -170,8 +195,11 @@ def candidate_params(candidate: dict, result: dict) -> dict[str, str]:
 
 def numeric_metrics(row: dict, prefix: str = "") -> dict[str, float]:
     """The vocabulary's numeric metrics in ``row`` (None and non-numbers skipped)."""
-    return {prefix + k: float(row[k]) for k in METRICS
-            if isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)}
+    return {
+        prefix + k: float(row[k])
+        for k in METRICS
+        if isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+    }
 
 
 @contextmanager
@@ -212,10 +240,14 @@ class RunLogger:
         try:
             self._file = json.loads(path.read_text()) if path.is_file() else {}
         except ValueError:
-            raise KfoptError(f"'{path}' is not valid JSON.",
-                             f"delete it and run `kfopt promote --from {self.directory}` again: "
-                             "runs logged before are found again in MLflow.") from None
-        self.state = self._file.setdefault(f"{uri} {experiment}", {"uri": uri, "experiment": experiment, "candidates": {}})
+            raise KfoptError(
+                f"'{path}' is not valid JSON.",
+                f"delete it and run `kfopt promote --from {self.directory}` again: "
+                "runs logged before are found again in MLflow.",
+            ) from None
+        self.state = self._file.setdefault(
+            f"{uri} {experiment}", {"uri": uri, "experiment": experiment, "candidates": {}}
+        )
 
     def save(self) -> None:
         from .optimize import write_json
@@ -233,7 +265,7 @@ class RunLogger:
                 if self.uri.startswith("sqlite:///"):
                     # Next to the database, not in whatever directory this process runs in
                     # (MLflow's default, ./mlruns, scatters artifacts across working directories).
-                    location = (Path(self.uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+                    location = (Path(self.uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
                 try:
                     self.client.create_experiment(self.experiment, artifact_location=location)
                 except MlflowException as exc:  # created meanwhile by a concurrent run
@@ -241,9 +273,11 @@ class RunLogger:
                         raise
                 found = self.client.get_experiment_by_name(self.experiment)
             if found.lifecycle_stage == "deleted":
-                raise KfoptError(f"MLflow experiment '{self.experiment}' is deleted.",
-                                 f"restore it (`mlflow experiments restore --experiment-id {found.experiment_id}`) "
-                                 "or pass another --experiment.")
+                raise KfoptError(
+                    f"MLflow experiment '{self.experiment}' is deleted.",
+                    f"restore it (`mlflow experiments restore --experiment-id {found.experiment_id}`) "
+                    "or pass another --experiment.",
+                )
             self.state["experiment_id"] = found.experiment_id
             self.save()
         return self.state["experiment_id"]
@@ -252,14 +286,23 @@ class RunLogger:
         """Create the parent run (once); return its id. ``key`` is the results' run_key, when known."""
         if self.state.get("parent_run_id"):
             return self.state["parent_run_id"]
-        tags = {"kfopt.out": str(self.directory.resolve()), "kfopt.model": str(run.get("model")),
-                "kfopt.data": str(run.get("data")), **({"kfopt.run_key": key} if key else {})}
+        tags = {
+            "kfopt.out": str(self.directory.resolve()),
+            "kfopt.model": str(run.get("model")),
+            "kfopt.data": str(run.get("data")),
+            **({"kfopt.run_key": key} if key else {}),
+        }
         parent = self.client.create_run(self.experiment_id(), run_name=f"kfopt {self.directory.name}", tags=tags)
         run_id = parent.info.run_id
         self.state.update(parent_run_id=run_id, finished=False)
         self.save()
-        params = {"model": str(run.get("model")), "data": str(run.get("data")), "seed": str(run.get("seed", 0)),
-                  "recipes": _param(run.get("recipes", [])), **_versions()}
+        params = {
+            "model": str(run.get("model")),
+            "data": str(run.get("data")),
+            "seed": str(run.get("seed", 0)),
+            "recipes": _param(run.get("recipes", [])),
+            **_versions(),
+        }
         self._log_batch(run_id, params=params)
         return run_id
 
@@ -320,8 +363,9 @@ class RunLogger:
     def _adopt(self, key: str) -> None:
         """Take over the runs an earlier attempt logged for the same results (found by ``run_key``)."""
         experiment_id = self.experiment_id()
-        parents = self.client.search_runs([experiment_id], f"tags.`kfopt.run_key` = '{key}'",
-                                          order_by=["attributes.start_time ASC"], max_results=1)
+        parents = self.client.search_runs(
+            [experiment_id], f"tags.`kfopt.run_key` = '{key}'", order_by=["attributes.start_time ASC"], max_results=1
+        )
         if not parents:
             return
         parent = parents[0]
@@ -332,8 +376,11 @@ class RunLogger:
             if tags.get("kfopt.logged") == "true" and tags.get("kfopt.recipe"):
                 model_id = tags.get("kfopt.model_id") or None
                 self.state["candidates"][tags["kfopt.recipe"]] = {
-                    "run_id": child.info.run_id, "complete": True, "model_id": model_id,
-                    "model_uri": f"models:/{model_id}" if model_id else None}
+                    "run_id": child.info.run_id,
+                    "complete": True,
+                    "model_id": model_id,
+                    "model_uri": f"models:/{model_id}" if model_id else None,
+                }
             elif child.info.status == "RUNNING":  # that attempt stopped half-way through this candidate
                 self._terminate(child.info.run_id, "KILLED")
         self.save()
@@ -367,8 +414,12 @@ class RunLogger:
             except Exception:
                 pass
         status = candidate.get("status", "ok")
-        tags = {"mlflow.parentRunId": parent_id, "kfopt.recipe": label, "kfopt.status": status,
-                "kfopt.format": str(candidate.get("format"))}
+        tags = {
+            "mlflow.parentRunId": parent_id,
+            "kfopt.recipe": label,
+            "kfopt.status": status,
+            "kfopt.format": str(candidate.get("format")),
+        }
         if candidate.get("reason"):
             tags["kfopt.reason"] = _param(candidate["reason"])
         run_id = self.client.create_run(self.experiment_id(), run_name=label, tags=tags).info.run_id
@@ -411,18 +462,34 @@ class RunLogger:
         runner = runner_for(handle)
         example = np.zeros((2, *runner.input_shape()), np.float32)
         signature = infer_signature(example, runner(example))
-        requirements = [f"tensorflow=={tf.__version__}", f"tf-keras=={_versions()['tf_keras_version']}",
-                        f"numpy=={np.__version__}"]
+        requirements = [
+            f"tensorflow=={tf.__version__}",
+            f"tf-keras=={_versions()['tf_keras_version']}",
+            f"numpy=={np.__version__}",
+        ]
         # Keras prints prediction progress bars on stdout; keep stdout for --json.
-        with _fluent_uri(self.uri), redirect_stdout(sys.stderr), \
-                mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        with (
+            _fluent_uri(self.uri),
+            redirect_stdout(sys.stderr),
+            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None),
+        ):
             if format == "keras":
-                return mlflow.tensorflow.log_model(handle.keras(), name="model", signature=signature,
-                                                   input_example=example, pip_requirements=requirements)
-            return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                                           artifacts={"model": str(path)}, model_config={"format": format},
-                                           signature=signature, input_example=example,
-                                           pip_requirements=[*requirements, f"kfopt=={__version__}"])
+                return mlflow.tensorflow.log_model(
+                    handle.keras(),
+                    name="model",
+                    signature=signature,
+                    input_example=example,
+                    pip_requirements=requirements,
+                )
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                artifacts={"model": str(path)},
+                model_config={"format": format},
+                signature=signature,
+                input_example=example,
+                pip_requirements=[*requirements, f"kfopt=={__version__}"],
+            )
 
     def _terminate(self, run_id: str, status: str) -> None:
         with redirect_stdout(sys.stderr):  # MLflow prints the run's URL on stdout; keep stdout for --json
@@ -434,5 +501,8 @@ class RunLogger:
         from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, params=[Param(k, v) for k, v in (params or {}).items()],
-                              metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()])
+        self.client.log_batch(
+            run_id,
+            params=[Param(k, v) for k, v in (params or {}).items()],
+            metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()],
+        )

@@ -22,8 +22,18 @@ def classifier_loss(model):
     return keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(model))
 
 
-def fine_tune(model, ctx, *, epochs: int, learning_rate: float, description: str,
-              callbacks=(), loss=None, batch_size: int = 32, early_stopping: bool = False):
+def fine_tune(
+    model,
+    ctx,
+    *,
+    epochs: int,
+    learning_rate: float,
+    description: str,
+    callbacks=(),
+    loss=None,
+    batch_size: int = 32,
+    early_stopping: bool = False,
+):
     """Compile ``model`` with Adam and fit it on ``ctx.train``, validating on ``ctx.validation``.
 
     Call inside ``ctx.strategy.scope()`` when the model was built there.
@@ -55,6 +65,12 @@ def train_demo(name: str, ctx, *, epochs: int = 40, learning_rate: float = 1e-3)
 
     with ctx.strategy.scope():
         model = build_demo(name, num_classes=ctx.num_classes or 10, seed=ctx.seed)
-    fine_tune(model, ctx, epochs=epochs, learning_rate=learning_rate,
-              description=f"training baseline {name}", early_stopping=True)
+    fine_tune(
+        model,
+        ctx,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        description=f"training baseline {name}",
+        early_stopping=True,
+    )
     return model

@@ -31,16 +31,26 @@ from kfopt.search import SearchRecipe, load_search, split_by_pool
 from .placement import Placement, apply_pool
 
 PIPELINE_NAME = "kfopt-optimize-and-promote"
-DESCRIPTION = ("Optimize a Keras model with every recipe of a search space, measure all candidates alike, pick the "
-               "best within the accuracy budget, report the trade-offs, and register/promote it in MLflow.")
+DESCRIPTION = (
+    "Optimize a Keras model with every recipe of a search space, measure all candidates alike, pick the "
+    "best within the accuracy budget, report the trade-offs, and register/promote it in MLflow."
+)
 
 #: Retries of the MLflow step: the tracking server may be briefly unreachable.
 PROMOTE_RETRIES = 3
 
 
-def build_pipeline(recipes: "str | list | None" = None, *, rounds: int = 1, image: str = DEFAULT_IMAGE,
-                   accelerator_image: "str | None" = None, placement: "Placement | None" = None, parallelism: int = 0,
-                   promote_retries: int = PROMOTE_RETRIES, registry=None):
+def build_pipeline(
+    recipes: "str | list | None" = None,
+    *,
+    rounds: int = 1,
+    image: str = DEFAULT_IMAGE,
+    accelerator_image: "str | None" = None,
+    placement: "Placement | None" = None,
+    parallelism: int = 0,
+    promote_retries: int = PROMOTE_RETRIES,
+    registry=None,
+):
     """Build the pipeline for a search space.
 
     Args:
@@ -60,7 +70,9 @@ def build_pipeline(recipes: "str | list | None" = None, *, rounds: int = 1, imag
         The ``@dsl.pipeline`` function ``optimize_and_promote``.
     """
     if rounds < 0:
-        raise KfoptError(f"rounds={rounds} is negative.", "pass 0 for the search space only, or 1, 2, ... refinement rounds.")
+        raise KfoptError(
+            f"rounds={rounds} is negative.", "pass 0 for the search space only, or 1, 2, ... refinement rounds."
+        )
     search = recipes if _planned(recipes) else load_search(recipes, registry)
     positions = {id(r): i for i, r in enumerate(search)}
     training, post_training = split_by_pool(search)
@@ -77,7 +89,7 @@ def build_pipeline(recipes: "str | list | None" = None, *, rounds: int = 1, imag
         # JSON strings: kfp.local and the compiler handle string loop items most reliably.
         return [json.dumps({"position": positions[id(r)], "recipe": r.to_dict()}) for r in group]
 
-    outputs = NamedTuple("Outputs", [("results", Artifact), ("report", HTML), ("registered_model", str)])
+    outputs = NamedTuple("Outputs", [("results", Artifact), ("report", HTML), ("registered_model", str)])  # noqa: UP014
 
     @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
     def optimize_and_promote(
@@ -103,34 +115,56 @@ def build_pipeline(recipes: "str | list | None" = None, *, rounds: int = 1, imag
 
         search_plan = None
         if rounds:
-            plan = ops.plan_search(rounds=rounds, max_trials=max_trials, max_time=max_time, target=target,
-                                   stop_when_met=stop_when_met, max_accuracy_drop=max_accuracy_drop,
-                                   objective=objective, sensitivity=sensitivity, seed=seed,
-                                   baseline=baseline, dataset=dataset)
+            plan = ops.plan_search(
+                rounds=rounds,
+                max_trials=max_trials,
+                max_time=max_time,
+                target=target,
+                stop_when_met=stop_when_met,
+                max_accuracy_drop=max_accuracy_drop,
+                objective=objective,
+                sensitivity=sensitivity,
+                seed=seed,
+                baseline=baseline,
+                dataset=dataset,
+            )
             place(plan.set_display_name("search plan + layer sensitivity").set_caching_options(True), trains=False)
             search_plan = plan.outputs["search"]
 
         def optimize_on_accelerator(loop_items, name: str):
             """A ParallelFor of fine-tuning recipes; returns the task whose 'candidate' is measured."""
             with dsl.ParallelFor(loop_items, name=name, parallelism=parallelism) as item:
-                optimize = training_ops.optimize(recipe=item, seed=seed, measure=not measure_apart,
-                                                 baseline=baseline, dataset=dataset)
-                place(optimize.set_display_name("optimize (fine-tuning, accelerator pool)").set_caching_options(True),
-                      trains=True)
+                optimize = training_ops.optimize(
+                    recipe=item, seed=seed, measure=not measure_apart, baseline=baseline, dataset=dataset
+                )
+                place(
+                    optimize.set_display_name("optimize (fine-tuning, accelerator pool)").set_caching_options(True),
+                    trains=True,
+                )
                 candidate = optimize
                 if measure_apart:
-                    candidate = ops.evaluate(seed=seed, unmeasured=optimize.outputs["candidate"],
-                                             baseline=baseline, dataset=dataset)
+                    candidate = ops.evaluate(
+                        seed=seed, unmeasured=optimize.outputs["candidate"], baseline=baseline, dataset=dataset
+                    )
                     place(candidate.set_display_name("evaluate (CPU pool)").set_caching_options(True), trains=False)
             return candidate
 
         def select_round(number: int, previous, **collected):
-            select = ops.select(max_accuracy_drop=max_accuracy_drop, objective=objective, baseline=baseline,
-                                number=number, **collected,
-                                **({"previous": previous} if previous is not None else {}),
-                                **({"search": search_plan} if search_plan is not None else {}))
-            place(select.set_display_name(f"select winner (round {number})" if rounds else "select winner")
-                  .set_caching_options(True), trains=False)
+            select = ops.select(
+                max_accuracy_drop=max_accuracy_drop,
+                objective=objective,
+                baseline=baseline,
+                number=number,
+                **collected,
+                **({"previous": previous} if previous is not None else {}),
+                **({"search": search_plan} if search_plan is not None else {}),
+            )
+            place(
+                select.set_display_name(
+                    f"select winner (round {number})" if rounds else "select winner"
+                ).set_caching_options(True),
+                trains=False,
+            )
             return select.outputs["results"]
 
         collected = {}
@@ -140,8 +174,10 @@ def build_pipeline(recipes: "str | list | None" = None, *, rounds: int = 1, imag
         if post_training:
             with dsl.ParallelFor(items(post_training), name="post-training-recipes", parallelism=parallelism) as item:
                 optimize = ops.optimize(recipe=item, seed=seed, measure=True, baseline=baseline, dataset=dataset)
-                place(optimize.set_display_name("optimize (post-training, CPU pool)").set_caching_options(True),
-                      trains=False)
+                place(
+                    optimize.set_display_name("optimize (post-training, CPU pool)").set_caching_options(True),
+                    trains=False,
+                )
             collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidate"])
         results = select_round(1, None, **collected)
 
@@ -149,13 +185,20 @@ def build_pipeline(recipes: "str | list | None" = None, *, rounds: int = 1, imag
             propose = ops.propose(number=number, results=results, search=search_plan)
             place(propose.set_display_name(f"propose round {number}").set_caching_options(True), trains=False)
             candidate = optimize_on_accelerator(propose.output, f"round-{number}-recipes")
-            results = select_round(number, results, accelerator_candidates=dsl.Collected(candidate.outputs["candidate"]))
+            results = select_round(
+                number, results, accelerator_candidates=dsl.Collected(candidate.outputs["candidate"])
+            )
 
         report = ops.report(results=results)
         place(report.set_display_name("HTML report").set_caching_options(True), trains=False)
-        promote = ops.promote(registered_model=registered_model, tracking_uri=tracking_uri,
-                              max_accuracy_drop=max_accuracy_drop, objective=objective, experiment=experiment,
-                              results=results)
+        promote = ops.promote(
+            registered_model=registered_model,
+            tracking_uri=tracking_uri,
+            max_accuracy_drop=max_accuracy_drop,
+            objective=objective,
+            experiment=experiment,
+            results=results,
+        )
         # Registration has side effects (a new model version), so it is never cached.
         promote.set_display_name("register and promote (MLflow)").set_caching_options(False)
         if promote_retries:

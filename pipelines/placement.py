@@ -105,20 +105,28 @@ def load_placement(source: str | os.PathLike | None = None) -> Placement:
     source = DEFAULT if source is None else source
     path = builtin_path(str(source)) if str(source) in BUILTIN else Path(source)
     if not path.is_file():
-        raise KfoptError(f"Placement file '{source}' does not exist.",
-                         f"pass a YAML file like {builtin_path(DEFAULT)}, or one of: {', '.join(BUILTIN)}.")
+        raise KfoptError(
+            f"Placement file '{source}' does not exist.",
+            f"pass a YAML file like {builtin_path(DEFAULT)}, or one of: {', '.join(BUILTIN)}.",
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise KfoptError(f"Placement file '{path}' is not valid YAML ({str(exc).splitlines()[0]}).", "fix the YAML syntax.") from None
+        raise KfoptError(
+            f"Placement file '{path}' is not valid YAML ({str(exc).splitlines()[0]}).", "fix the YAML syntax."
+        ) from None
     pools = data.get("pools") if isinstance(data, dict) else None
     if not isinstance(pools, dict) or set(data) - {"pools"}:
-        raise KfoptError(f"Placement file '{path}' must have one top-level key 'pools' with 'cpu' and optionally 'accelerator'.",
-                         f"see {builtin_path(DEFAULT)}.")
+        raise KfoptError(
+            f"Placement file '{path}' must have one top-level key 'pools' with 'cpu' and optionally 'accelerator'.",
+            f"see {builtin_path(DEFAULT)}.",
+        )
     try:
         placement = Placement(**pools)
     except pydantic.ValidationError as exc:
         problems = "; ".join(f"pools.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise KfoptError(f"Placement file '{path}': {problems}.", f"see {builtin_path(DEFAULT)} for the keys a pool takes.") from None
+        raise KfoptError(
+            f"Placement file '{path}': {problems}.", f"see {builtin_path(DEFAULT)} for the keys a pool takes."
+        ) from None
     placement.source = str(path)
     return placement

@@ -39,12 +39,30 @@ _ROUND_LINE = re.compile(r"^\s*(?P<line>round \d+: (?:proposing |search stopped:
 _ERROR_LINE = re.compile(r"^\s*(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Failed)): (?P<message>.+)$")
 
 
-def run_local(recipes=None, *, model: str = "demo:mlp", data: str = "digits", max_accuracy_drop: float = 0.01,
-              objective: str = "size", registered_model: str = "", tracking_uri: str = "", experiment: str = "kfopt",
-              out: str | os.PathLike = "runs/pipeline", seed: int = 0, epochs: int = 40, unsafe: bool = False,
-              parallelism: int = 2, rounds: int = 1, max_trials: int = 4, max_time: float | None = None,
-              target: float | None = None, stop_when_met: bool = False, sensitivity: float = 0.9,
-              progress=None, registry=None) -> dict:
+def run_local(
+    recipes=None,
+    *,
+    model: str = "demo:mlp",
+    data: str = "digits",
+    max_accuracy_drop: float = 0.01,
+    objective: str = "size",
+    registered_model: str = "",
+    tracking_uri: str = "",
+    experiment: str = "kfopt",
+    out: str | os.PathLike = "runs/pipeline",
+    seed: int = 0,
+    epochs: int = 40,
+    unsafe: bool = False,
+    parallelism: int = 2,
+    rounds: int = 1,
+    max_trials: int = 4,
+    max_time: float | None = None,
+    target: float | None = None,
+    stop_when_met: bool = False,
+    sensitivity: float = 0.9,
+    progress=None,
+    registry=None,
+) -> dict:
     """Run the whole pipeline on this machine through kfp.local and return the results.
 
     Returns the ``metrics.json`` of the select step plus ``registered_model``
@@ -60,15 +78,25 @@ def run_local(recipes=None, *, model: str = "demo:mlp", data: str = "digits", ma
 
     from .optimize_and_promote import build_pipeline
 
-    search_settings(rounds=rounds, max_trials=max_trials, max_time=max_time, objective=objective,
-                    max_accuracy_drop=max_accuracy_drop, target=target, stop_when_met=stop_when_met)
+    search_settings(
+        rounds=rounds,
+        max_trials=max_trials,
+        max_time=max_time,
+        objective=objective,
+        max_accuracy_drop=max_accuracy_drop,
+        target=target,
+        stop_when_met=stop_when_met,
+    )
     if model.startswith("demo:"):
         from kfopt.models import DEMO_MODELS
 
         if model not in DEMO_MODELS:
             raise KfoptError(f"Unknown demo model '{model}'.", f"use one of {', '.join(DEMO_MODELS)}.")
     elif "://" not in model and not Path(model).exists():
-        raise KfoptError(f"Model '{model}' does not exist.", "pass a .keras/.h5 file, a SavedModel directory, or demo:mlp / demo:cnn.")
+        raise KfoptError(
+            f"Model '{model}' does not exist.",
+            "pass a .keras/.h5 file, a SavedModel directory, or demo:mlp / demo:cnn.",
+        )
     if tracking_uri:
         from kfopt.tracking import check_uri
 
@@ -86,10 +114,23 @@ def run_local(recipes=None, *, model: str = "demo:mlp", data: str = "digits", ma
         from kfp import local
 
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
-        task = pipeline(model=model, data=data, max_accuracy_drop=max_accuracy_drop, objective=objective,
-                        registered_model=registered_model, tracking_uri=tracking_uri, experiment=experiment,
-                        seed=seed, epochs=epochs, unsafe=unsafe, max_trials=max_trials, max_time=max_time or 0.0,
-                        target=target or 0.0, stop_when_met=stop_when_met, sensitivity=sensitivity)
+        task = pipeline(
+            model=model,
+            data=data,
+            max_accuracy_drop=max_accuracy_drop,
+            objective=objective,
+            registered_model=registered_model,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            seed=seed,
+            epochs=epochs,
+            unsafe=unsafe,
+            max_trials=max_trials,
+            max_time=max_time or 0.0,
+            target=target or 0.0,
+            stop_when_met=stop_when_met,
+            sensitivity=sensitivity,
+        )
     seconds = round(time.perf_counter() - started, 1)
     run_dir = _new_run_dir(root, before)
     log_text = log_path.read_text(errors="replace")
@@ -174,8 +215,10 @@ def _new_run_dir(root: Path, before: set) -> Path:
 
 def _last_select(run_dir: Path) -> Path:
     """Where kfp.local keeps the results of the last select step that ran (select, select-2, ...)."""
-    found = sorted((p for p in run_dir.glob("select*/results") if (p / METRICS_FILE).is_file()),
-                   key=lambda p: (p / METRICS_FILE).stat().st_mtime)
+    found = sorted(
+        (p for p in run_dir.glob("select*/results") if (p / METRICS_FILE).is_file()),
+        key=lambda p: (p / METRICS_FILE).stat().st_mtime,
+    )
     return found[-1] if found else run_dir / "select" / "results"
 
 
@@ -207,8 +250,12 @@ def _record_registration(result: dict, task, log_text: str, tracking_uri: str) -
         # TrackingFailed says "MLflow tracking at URI failed: WHY. Fix: ..."; the CLI words the rest itself.
         error = re.sub(r"^MLflow tracking at \S+ failed: ", "", error).split(" Fix: ")[0].rstrip(".")
         result["registered_model"] = None
-        result["tracking"] = {**(result.get("tracking") or {}), "status": "failed", "error": error,
-                              "uri": resolve_uri(tracking_uri or None)}
+        result["tracking"] = {
+            **(result.get("tracking") or {}),
+            "status": "failed",
+            "error": error,
+            "uri": resolve_uri(tracking_uri or None),
+        }
 
 
 def _last_error(log_text: str, prefer: str | None = None) -> str | None:
@@ -216,12 +263,16 @@ def _last_error(log_text: str, prefer: str | None = None) -> str | None:
     lines = [_strip_ansi(line) for line in log_text.splitlines()]
     if prefer:
         marks = [i for i, line in enumerate(lines) if prefer in line]
-        lines = lines[marks[0]:] if marks else lines
+        lines = lines[marks[0] :] if marks else lines
     errors = [m for m in (_ERROR_LINE.match(line) for line in lines) if m]
     if not errors:
         return None
     message = errors[-1]["message"].strip()
-    return message if errors[-1]["type"].endswith(("KfoptError", "TrackingFailed")) else f"{errors[-1]['type'].rsplit('.', 1)[-1]}: {message}"
+    return (
+        message
+        if errors[-1]["type"].endswith(("KfoptError", "TrackingFailed"))
+        else f"{errors[-1]['type'].rsplit('.', 1)[-1]}: {message}"
+    )
 
 
 def _failure(log_text: str, run_dir: Path, log_path: Path) -> KfoptError:
@@ -232,17 +283,30 @@ def _failure(log_text: str, run_dir: Path, log_path: Path) -> KfoptError:
             message = match["message"].strip()
             text, _, fix = message.partition(" Fix: ")
             return KfoptError(text, fix or f"see {log_path}.")
-    failed = [m["task"] for m in (_TASK_LINE.search(_strip_ansi(l)) for l in log_text.splitlines()) if m and m["status"] == "FAILURE"]
+    failed = [
+        m["task"]
+        for m in (_TASK_LINE.search(_strip_ansi(line_)) for line_ in log_text.splitlines())
+        if m and m["status"] == "FAILURE"
+    ]
     where = f"step '{failed[0]}' failed" if failed else "the pipeline produced no results"
     error = _last_error(log_text)
-    return KfoptError(f"The local pipeline run failed: {where}" + (f" ({error})." if error else "."),
-                      f"see {log_path} and the step folders under {run_dir}.")
+    return KfoptError(
+        f"The local pipeline run failed: {where}" + (f" ({error})." if error else "."),
+        f"see {log_path} and the step folders under {run_dir}.",
+    )
 
 
 # -- a Kubeflow cluster ----------------------------------------------------------------
-def compile_for_cluster(output, *, search=None, rounds: int = 1, image: str | None = None,
-                        accelerator_image: str | None = None, placement: str | os.PathLike | None = None,
-                        parallelism: int = 0) -> dict:
+def compile_for_cluster(
+    output,
+    *,
+    search=None,
+    rounds: int = 1,
+    image: str | None = None,
+    accelerator_image: str | None = None,
+    placement: str | os.PathLike | None = None,
+    parallelism: int = 0,
+) -> dict:
     """Compile the pipeline with node-pool placement; return a summary (and a one-paragraph ``description``)."""
     from kfopt.components import DEFAULT_IMAGE
     from kfopt.search import load_search, split_by_pool
@@ -255,22 +319,42 @@ def compile_for_cluster(output, *, search=None, rounds: int = 1, image: str | No
     output = Path(output)
     if output.parent and not output.parent.is_dir():
         raise KfoptError(f"The folder of --output '{output}' does not exist.", f"create {output.parent} first.")
-    compile_pipeline(output, recipes, rounds=rounds, image=image or DEFAULT_IMAGE, accelerator_image=accelerator_image,
-                     placement=pools, parallelism=parallelism)
+    compile_pipeline(
+        output,
+        recipes,
+        rounds=rounds,
+        image=image or DEFAULT_IMAGE,
+        accelerator_image=accelerator_image,
+        placement=pools,
+        parallelism=parallelism,
+    )
     training, post_training = split_by_pool(recipes)
     accelerator = pools.accelerator.accelerator if pools.accelerator else None
-    pool = (f"accelerator pool ({accelerator.count} x {accelerator.type})" if accelerator
-            else "CPU pool (the placement has no accelerator pool)")
-    lines = [f"Wrote {output} ({len(recipes)} recipes; placement {pools.source}; image {image or DEFAULT_IMAGE}"
-             + (f", fine-tuning image {accelerator_image}" if accelerator_image else "") + ")",
-             f"  {len(training)} fine-tuning on the {pool}: " + (", ".join(r.label for r in training) or "none"),
-             f"  {len(post_training)} post-training on the CPU pool: " + (", ".join(r.label for r in post_training) or "none"),
-             f"  {rounds} refinement round{'s' if rounds != 1 else ''} after round 1"
-             + (f", proposed recipes on the {pool}" if rounds else "")]
+    pool = (
+        f"accelerator pool ({accelerator.count} x {accelerator.type})"
+        if accelerator
+        else "CPU pool (the placement has no accelerator pool)"
+    )
+    lines = [
+        f"Wrote {output} ({len(recipes)} recipes; placement {pools.source}; image {image or DEFAULT_IMAGE}"
+        + (f", fine-tuning image {accelerator_image}" if accelerator_image else "")
+        + ")",
+        f"  {len(training)} fine-tuning on the {pool}: " + (", ".join(r.label for r in training) or "none"),
+        f"  {len(post_training)} post-training on the CPU pool: "
+        + (", ".join(r.label for r in post_training) or "none"),
+        f"  {rounds} refinement round{'s' if rounds != 1 else ''} after round 1"
+        + (f", proposed recipes on the {pool}" if rounds else ""),
+    ]
     description = "\n".join(lines)
-    return {"output": str(output), "recipes": [r.label for r in recipes], "accelerator_recipes": [r.label for r in training],
-            "cpu_recipes": [r.label for r in post_training], "rounds": rounds, "placement": pools.source,
-            "description": description}
+    return {
+        "output": str(output),
+        "recipes": [r.label for r in recipes],
+        "accelerator_recipes": [r.label for r in training],
+        "cpu_recipes": [r.label for r in post_training],
+        "rounds": rounds,
+        "placement": pools.source,
+        "description": description,
+    }
 
 
 def default_token() -> str | None:
@@ -279,8 +363,16 @@ def default_token() -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def submit(package: str | os.PathLike, *, host: str, arguments: dict, namespace: str | None = None,
-           experiment: str = "kfopt", run_name: str | None = None, token: str | None = None) -> dict:
+def submit(
+    package: str | os.PathLike,
+    *,
+    host: str,
+    arguments: dict,
+    namespace: str | None = None,
+    experiment: str = "kfopt",
+    run_name: str | None = None,
+    token: str | None = None,
+) -> dict:
     """Upload a compiled pipeline and start a run; return ``run_id`` and ``url``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -288,12 +380,15 @@ def submit(package: str | os.PathLike, *, host: str, arguments: dict, namespace:
 
         try:
             client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token or default_token())
-            run = client.create_run_from_pipeline_package(str(package), arguments=arguments, run_name=run_name,
-                                                          experiment_name=experiment, namespace=namespace)
+            run = client.create_run_from_pipeline_package(
+                str(package), arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace
+            )
         except Exception as exc:  # connection refused, 401/403, a namespace that does not exist...
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise KfoptError(f"Kubeflow Pipelines at {host} refused the run ({type(exc).__name__}: {first[:300]}).",
-                             "check --host (the KFP API endpoint), --namespace and --token.") from None
+            raise KfoptError(
+                f"Kubeflow Pipelines at {host} refused the run ({type(exc).__name__}: {first[:300]}).",
+                "check --host (the KFP API endpoint), --namespace and --token.",
+            ) from None
     return {"run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
 
 
@@ -309,8 +404,16 @@ def package_version(package: str | os.PathLike) -> str:
     return "sha256-" + hashlib.sha256(Path(package).read_bytes()).hexdigest()[:12]
 
 
-def publish(package: str | os.PathLike, *, host: str, name: str, version: str | None = None,
-            namespace: str | None = None, token: str | None = None, description: str | None = None) -> dict:
+def publish(
+    package: str | os.PathLike,
+    *,
+    host: str,
+    name: str,
+    version: str | None = None,
+    namespace: str | None = None,
+    token: str | None = None,
+    description: str | None = None,
+) -> dict:
     """Upload a compiled pipeline to Kubeflow Pipelines as pipeline ``name``; idempotent.
 
     A new name is uploaded as a new pipeline (its first version); an existing
@@ -344,50 +447,75 @@ def publish(package: str | os.PathLike, *, host: str, name: str, version: str | 
             client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token or default_token())
             pipeline_id = _pipeline_id(client, name, namespace)
             if pipeline_id is None:
-                created = client.upload_pipeline(str(package), pipeline_name=name, description=text, namespace=namespace)
+                created = client.upload_pipeline(
+                    str(package), pipeline_name=name, description=text, namespace=namespace
+                )
                 pipeline_id, action = created.pipeline_id, "created"
                 version_id = _find_version(client, pipeline_id, version, mark)
             else:
                 version_id = _find_version(client, pipeline_id, version, mark)
                 action = "unchanged"
                 if version_id is None:
-                    uploaded = client.upload_pipeline_version(str(package), pipeline_version_name=version,
-                                                              pipeline_id=pipeline_id, description=text)
+                    uploaded = client.upload_pipeline_version(
+                        str(package), pipeline_version_name=version, pipeline_id=pipeline_id, description=text
+                    )
                     version_id, action = uploaded.pipeline_version_id, "new-version"
         except KfoptError:
             raise
         except Exception as exc:  # connection refused, 401/403, 409 (a name taken meanwhile)...
-            raise KfoptError(f"Publishing '{name}' to Kubeflow Pipelines at {host} failed ({_api_error(exc)}).",
-                             "check --host (the KFP API endpoint), --namespace and --token.") from None
+            raise KfoptError(
+                f"Publishing '{name}' to Kubeflow Pipelines at {host} failed ({_api_error(exc)}).",
+                "check --host (the KFP API endpoint), --namespace and --token.",
+            ) from None
     url = f"{host.rstrip('/')}/#/pipelines/details/{pipeline_id}" + (f"/version/{version_id}" if version_id else "")
-    return {"action": action, "name": name, "pipeline_id": pipeline_id, "version_id": version_id,
-            "version": version, "url": url}
+    return {
+        "action": action,
+        "name": name,
+        "pipeline_id": pipeline_id,
+        "version_id": version_id,
+        "version": version,
+        "url": url,
+    }
 
 
 def _check_package(package: Path) -> None:
     import yaml
 
     if not package.is_file():
-        raise KfoptError(f"Pipeline package '{package}' does not exist.", "compile it first: kfopt compile --output FILE.")
+        raise KfoptError(
+            f"Pipeline package '{package}' does not exist.", "compile it first: kfopt compile --output FILE."
+        )
     try:
         docs = list(yaml.safe_load_all(package.read_text()))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise KfoptError(f"Pipeline package '{package}' is not YAML ({first}).", "pass the file kfopt compile wrote.") from None
+        raise KfoptError(
+            f"Pipeline package '{package}' is not YAML ({first}).", "pass the file kfopt compile wrote."
+        ) from None
     if not docs or not isinstance(docs[0], dict) or "pipelineInfo" not in docs[0] or "root" not in docs[0]:
-        raise KfoptError(f"'{package}' is not a compiled KFP pipeline (no pipelineInfo/root).",
-                         "pass the file kfopt compile --output wrote.")
+        raise KfoptError(
+            f"'{package}' is not a compiled KFP pipeline (no pipelineInfo/root).",
+            "pass the file kfopt compile --output wrote.",
+        )
 
 
 def _pipeline_id(client, name: str, namespace: str | None) -> str | None:
     """The id of the pipeline called ``name`` (in ``namespace``, for a multi-user cluster), or None."""
     if namespace is None:
         return client.get_pipeline_id(name)
-    found = client.list_pipelines(namespace=namespace, page_size=10, filter=json.dumps(
-        {"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})).pipelines or []
+    found = (
+        client.list_pipelines(
+            namespace=namespace,
+            page_size=10,
+            filter=json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]}),
+        ).pipelines
+        or []
+    )
     if len(found) > 1:
-        raise KfoptError(f"{len(found)} pipelines are called '{name}' in namespace '{namespace}'.",
-                         "delete the extra ones in the KFP UI or pass another --name.")
+        raise KfoptError(
+            f"{len(found)} pipelines are called '{name}' in namespace '{namespace}'.",
+            "delete the extra ones in the KFP UI or pass another --name.",
+        )
     return found[0].pipeline_id if found else None
 
 

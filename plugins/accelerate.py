@@ -42,15 +42,16 @@ class Accelerate(Technique):
         backend: Literal["xla", "tflite", "mixed_precision", "tensorrt"] = Field(
             "xla",
             description="xla: XLA-compiled SavedModel; tflite: float32 TFLite run with XNNPACK; "
-                        "mixed_precision: float16 (GPU) / bfloat16 (TPU) Keras model; tensorrt: TF-TRT SavedModel "
-                        "(needs an NVIDIA GPU and a TensorFlow built with TensorRT).",
+            "mixed_precision: float16 (GPU) / bfloat16 (TPU) Keras model; tensorrt: TF-TRT SavedModel "
+            "(needs an NVIDIA GPU and a TensorFlow built with TensorRT).",
         )
         threads: int = Field(
-            1, ge=1,
+            1,
+            ge=1,
             description="CPU threads the TFLite interpreter runs with (backend=tflite only). Default 1: batch-1 "
-                        "latency of small models is usually best on one thread, results are reproducible, and "
-                        "candidates measured side by side on one node do not fight over cores. Raise it for large "
-                        "conv models on a host with dedicated cores.",
+            "latency of small models is usually best on one thread, results are reproducible, and "
+            "candidates measured side by side on one node do not fight over cores. Raise it for large "
+            "conv models on a host with dedicated cores.",
         )
 
         @pydantic.model_validator(mode="after")
@@ -60,19 +61,23 @@ class Accelerate(Technique):
                 raise ValueError(f"threads only applies to backend=tflite, not backend={self.backend}")
             return self
 
-    def produces_for(self, config: "Accelerate.Config") -> str:
+    def produces_for(self, config: Accelerate.Config) -> str:
         return PRODUCES[config.backend]
 
-    def trains_for(self, config: "Accelerate.Config") -> bool:
+    def trains_for(self, config: Accelerate.Config) -> bool:
         # mixed_precision does not fine-tune, but it only runs on a GPU/TPU, so it
         # must be placed on the accelerator pool like training steps are.
         return config.backend == "mixed_precision"
 
-    def apply(self, model: ModelHandle, config: "Accelerate.Config", ctx: StepContext) -> ModelHandle:
+    def apply(self, model: ModelHandle, config: Accelerate.Config, ctx: StepContext) -> ModelHandle:
         keras_model = model.keras()
         # Facts the evaluator cannot read back from a SavedModel or TFLite file.
-        info = {**model.info, "accelerate": config.backend, "params": int(keras_model.count_params()),
-                "sparsity": weight_sparsity(keras_model)}
+        info = {
+            **model.info,
+            "accelerate": config.backend,
+            "params": int(keras_model.count_params()),
+            "sparsity": weight_sparsity(keras_model),
+        }
         if config.backend == "xla":
             path = to_saved_model(keras_model, _new_dir(ctx, "xla") / "saved_model", jit_compile=True)
             if not is_xla_compiled(path):
@@ -154,8 +159,10 @@ def tensorrt_unavailable() -> str | None:
     if not tf.config.list_physical_devices("GPU"):
         reasons.append("no NVIDIA GPU is visible")
     if not _pywrap_py_utils.is_tensorrt_enabled():
-        reasons.append(f"this TensorFlow ({tf.__version__}) was built without TensorRT "
-                       "(TF-TRT is not in the pip wheels since 2.18; use NVIDIA's TensorFlow container)")
+        reasons.append(
+            f"this TensorFlow ({tf.__version__}) was built without TensorRT "
+            "(TF-TRT is not in the pip wheels since 2.18; use NVIDIA's TensorFlow container)"
+        )
     if importlib.util.find_spec("tensorrt") is None:
         reasons.append("the tensorrt package is not installed (pip install tensorrt)")
     return f"TF-TRT cannot run on this host: {'; '.join(reasons)}" if reasons else None

@@ -65,44 +65,54 @@ class Distill(Technique):
         architecture: Literal["same", "dense"] = Field(
             "same",
             description="Student architecture: `same` = the teacher's layers with their widths scaled by `width`; "
-                        f"`dense` = Flatten, then {DENSE_HIDDEN_LAYERS} ReLU Dense layers of `width` x the teacher's "
-                        "widest layer (largest `units`/`filters` except the output layer) each, then the output "
-                        "layer (no convs: fast where conv ops' per-op overhead dominates). Not with `student`.",
+            f"`dense` = Flatten, then {DENSE_HIDDEN_LAYERS} ReLU Dense layers of `width` x the teacher's "
+            "widest layer (largest `units`/`filters` except the output layer) each, then the output "
+            "layer (no convs: fast where conv ops' per-op overhead dominates). Not with `student`.",
         )
         width: float = Field(
-            0.5, gt=0, le=1,
+            0.5,
+            gt=0,
+            le=1,
             description="Student width as a fraction of the teacher's. architecture=same: every Dense `units` and "
-                        "Conv `filters` is multiplied by it (at least 1), except the output layer. architecture=dense: "
-                        "each hidden layer has `width` x the teacher's widest layer units (at least 1). Ignored when "
-                        "`student` is given.",
+            "Conv `filters` is multiplied by it (at least 1), except the output layer. architecture=dense: "
+            "each hidden layer has `width` x the teacher's widest layer units (at least 1). Ignored when "
+            "`student` is given.",
         )
         student: str | None = Field(
             None,
             description="Path to a Keras model file to use as the student (trained from its current weights); "
-                        "it must take the teacher's inputs and give the teacher's number of classes.",
+            "it must take the teacher's inputs and give the teacher's number of classes.",
         )
         temperature: float = Field(
-            4.0, gt=0, description="Softmax temperature T for the soft targets; higher shows more of the teacher's "
-                                   "knowledge about wrong classes.",
+            4.0,
+            gt=0,
+            description="Softmax temperature T for the soft targets; higher shows more of the teacher's "
+            "knowledge about wrong classes.",
         )
         alpha: float = Field(
-            0.1, ge=0, le=1, description="Weight of the hard-label cross-entropy; 1 - alpha weighs the distillation "
-                                         "(KL) term.",
+            0.1,
+            ge=0,
+            le=1,
+            description="Weight of the hard-label cross-entropy; 1 - alpha weighs the distillation (KL) term.",
         )
         epochs: int = Field(
-            30, ge=1, description=f"Maximum training epochs; stops early when the validation loss has not improved "
-                                  f"for {PATIENCE} epochs (keeping the best weights).",
+            30,
+            ge=1,
+            description=f"Maximum training epochs; stops early when the validation loss has not improved "
+            f"for {PATIENCE} epochs (keeping the best weights).",
         )
         learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate for the student.")
 
         @pydantic.model_validator(mode="after")
         def _dense_is_built(self):
             if self.student and self.architecture != "same":
-                raise ValueError(f"architecture={self.architecture} builds a student, but student={self.student!r} "
-                                 "gives one; drop architecture, or drop student")
+                raise ValueError(
+                    f"architecture={self.architecture} builds a student, but student={self.student!r} "
+                    "gives one; drop architecture, or drop student"
+                )
             return self
 
-    def apply(self, model: ModelHandle, config: "Distill.Config", ctx: StepContext) -> ModelHandle:
+    def apply(self, model: ModelHandle, config: Distill.Config, ctx: StepContext) -> ModelHandle:
         keras = _tf.keras()
         teacher = model.keras()
         keras.utils.set_random_seed(ctx.seed)
@@ -195,8 +205,11 @@ def build_dense_student(teacher, width: float):
             "use architecture=same, or pass a student model file with student=PATH.",
         )
     keep = _output_width_layers(teacher)
-    widths = [layer.get_config()[key] for layer in _all_layers(teacher)
-              if (key := _width_key(layer)) and id(layer) not in keep]
+    widths = [
+        layer.get_config()[key]
+        for layer in _all_layers(teacher)
+        if (key := _width_key(layer)) and id(layer) not in keep
+    ]
     widest = max(widths, default=out_shape[0])
     hidden = max(1, int(round(widest * width)))
     last = teacher.outputs[0]._keras_history[0]
@@ -253,8 +266,10 @@ def _load_student(path: str, teacher):
     from kfopt.models import load_keras
 
     loaded = load_keras(path)
-    for what, got, want in (("input", loaded.input_shape, teacher.input_shape),
-                            ("output", loaded.output_shape, teacher.output_shape)):
+    for what, got, want in (
+        ("input", loaded.input_shape, teacher.input_shape),
+        ("output", loaded.output_shape, teacher.output_shape),
+    ):
         if tuple(got[1:]) != tuple(want[1:]):
             raise KfoptError(
                 f"Student model '{path}' has {what} shape {tuple(got[1:])}, but the teacher's is {tuple(want[1:])}.",
@@ -283,8 +298,7 @@ def logits_model(model):
     keras = _tf.keras()
     if not model.outputs or len(model.outputs) != 1:
         raise KfoptError(
-            f"Distillation needs a built model with one output; '{model.name}' has "
-            f"{len(model.outputs or [])}.",
+            f"Distillation needs a built model with one output; '{model.name}' has {len(model.outputs or [])}.",
             "distill a single-output classifier (build it with keras.Input first).",
         )
     last, node_index, _ = model.outputs[0]._keras_history
@@ -298,6 +312,7 @@ def logits_model(model):
         logits = last._inbound_nodes[node_index].input_tensors
         return keras.Model(model.inputs, logits, name=f"{model.name}_logits"), True
     if activation == "softmax":
+
         def linear_output(layer):
             config = layer.get_config()
             if layer is last:

@@ -44,8 +44,12 @@ class Registry:
             except KfoptError:
                 raise
             except Exception as exc:  # a plugin's bug must not break every command
-                warnings.warn(f"kfopt plugin {owner} failed to register its techniques and was skipped: "
-                              f"{type(exc).__name__}: {exc}", PluginLoadWarning, stacklevel=2)
+                warnings.warn(
+                    f"kfopt plugin {owner} failed to register its techniques and was skipped: "
+                    f"{type(exc).__name__}: {exc}",
+                    PluginLoadWarning,
+                    stacklevel=2,
+                )
 
     def _add(self, technique: Technique, owner: str) -> None:
         if not isinstance(technique, Technique):
@@ -121,8 +125,7 @@ def _load_entry_points(pm: KfoptPluginManager) -> None:
             plugin = ep.load()
         except Exception as exc:  # a broken plugin must never break the CLI
             warnings.warn(
-                f"kfopt plugin '{ep.name}' ({ep.value}) failed to import and was skipped: "
-                f"{type(exc).__name__}: {exc}",
+                f"kfopt plugin '{ep.name}' ({ep.value}) failed to import and was skipped: {type(exc).__name__}: {exc}",
                 PluginLoadWarning,
                 stacklevel=2,
             )
@@ -135,4 +138,3 @@ def _load_entry_points(pm: KfoptPluginManager) -> None:
 def registry(extra_plugins=()) -> Registry:
     """The techniques available here: built-ins, installed plugins, and ``extra_plugins``."""
     return Registry(build_manager(extra_plugins))
-

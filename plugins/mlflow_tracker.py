@@ -54,20 +54,30 @@ def kfopt_run_finished(result: dict, context: dict) -> dict | None:
             logger = _logger(state, context)
             logger.log_result(result)  # whatever the per-candidate hook could not log
             if name:
-                registered = promotion.promote(logger, result, name, max_accuracy_drop=context["max_accuracy_drop"],
-                                               objective=context["objective"])
+                registered = promotion.promote(
+                    logger, result, name, max_accuracy_drop=context["max_accuracy_drop"], objective=context["objective"]
+                )
         except Exception as exc:
             state["error"] = _reason(exc)
     if name and registered is None:
-        registered = {"name": name, "version": None, "aliases": [], "promoted": False, "previous_champion": None,
-                      "reason": f"not registered: MLflow tracking failed ({state['error']})"}
+        registered = {
+            "name": name,
+            "version": None,
+            "aliases": [],
+            "promoted": False,
+            "previous_champion": None,
+            "reason": f"not registered: MLflow tracking failed ({state['error']})",
+        }
     logger = state["logger"]
     return {
         "tracking": {
-            "uri": state["uri"], "experiment": context["experiment"],
-            "status": "failed" if state["error"] else "ok", "error": state["error"],
+            "uri": state["uri"],
+            "experiment": context["experiment"],
+            "status": "failed" if state["error"] else "ok",
+            "error": state["error"],
             "run_id": logger.state.get("parent_run_id") if logger else None,
-            "registered_model": name, "objective": context["objective"],
+            "registered_model": name,
+            "objective": context["objective"],
             "max_accuracy_drop": context["max_accuracy_drop"],
         },
         "registered_model": registered,

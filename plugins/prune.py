@@ -60,7 +60,9 @@ class Prune(Technique):
             "structured: m:n sparsity (see m_by_n); l1: L1-regularised fine-tuning, then thresholding.",
         )
         target_sparsity: float = Field(
-            0.8, gt=0, lt=1,
+            0.8,
+            gt=0,
+            lt=1,
             description="Fraction of kernel weights to zero (magnitude and l1; structured gets m/n); "
             "with keep_dense, of the pruned layers' weights (the whole model's sparsity is lower).",
         )
@@ -76,7 +78,8 @@ class Prune(Technique):
         # 3e-4 kept demo:mlp within ~0.5 points at 80-90% sparsity; 1e-4 and below left
         # too many mid-sized weights, so thresholding at 90% cost 1-4 points.
         l1: float = Field(
-            3e-4, ge=0,
+            3e-4,
+            ge=0,
             description="l1 only: strength of the L1 penalty on kernels (as keras.regularizers.L1).",
         )
         keep_dense: LayerNames = Field(
@@ -107,7 +110,7 @@ class Prune(Technique):
             m, n = self.m_by_n.split(":")
             return int(m), int(n)
 
-    def apply(self, model: ModelHandle, config: "Prune.Config", ctx: StepContext) -> ModelHandle:
+    def apply(self, model: ModelHandle, config: Prune.Config, ctx: StepContext) -> ModelHandle:
         keras = _tf.keras()
         source = model.keras()
         keras.utils.set_random_seed(ctx.seed)
@@ -135,17 +138,22 @@ def _prune_tfmot(source, config: Prune.Config, ctx: StepContext, loss):
     sparsity = tfmot.sparsity.keras
     if config.method == "structured":
         # tfmot computes m:n masks once, on the first step; the schedule is required but unused.
-        params = {"pruning_schedule": sparsity.ConstantSparsity(0.5, begin_step=0),
-                  "sparsity_m_by_n": config.m_n()}
+        params = {"pruning_schedule": sparsity.ConstantSparsity(0.5, begin_step=0), "sparsity_m_by_n": config.m_n()}
         description = f"pruning {config.m_by_n} structured"
     else:
         total = config.epochs * steps_per_epoch(ctx.train)
         frequency = max(1, int(total * RAMP_FRACTION) // MASK_UPDATES)
         # PolynomialDecay only reaches final_sparsity on a step that is a multiple of frequency.
         end_step = max(frequency, int(total * RAMP_FRACTION) // frequency * frequency)
-        params = {"pruning_schedule": sparsity.PolynomialDecay(
-            initial_sparsity=0.0, final_sparsity=config.target_sparsity,
-            begin_step=0, end_step=end_step, frequency=frequency)}
+        params = {
+            "pruning_schedule": sparsity.PolynomialDecay(
+                initial_sparsity=0.0,
+                final_sparsity=config.target_sparsity,
+                begin_step=0,
+                end_step=end_step,
+                frequency=frequency,
+            )
+        }
         description = f"pruning to {config.target_sparsity:.0%} sparsity"
 
     keep = set(config.keep_dense)
@@ -163,9 +171,16 @@ def _prune_tfmot(source, config: Prune.Config, ctx: StepContext, loss):
                 "use prune(method=l1), which works with any layer, or a Sequential/functional model "
                 "of layers tfmot supports.",
             ) from None
-    fine_tune(wrapped, ctx, epochs=config.epochs, learning_rate=config.learning_rate,
-              description=description, loss=loss, batch_size=BATCH_SIZE,
-              callbacks=[sparsity.UpdatePruningStep()])
+    fine_tune(
+        wrapped,
+        ctx,
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        description=description,
+        loss=loss,
+        batch_size=BATCH_SIZE,
+        callbacks=[sparsity.UpdatePruningStep()],
+    )
     return sparsity.strip_pruning(wrapped)
 
 
@@ -173,14 +188,26 @@ def _prune_l1(source, config: Prune.Config, ctx: StepContext, loss):
     tf = _tf.tf()
     with ctx.strategy.scope():
         copy = copy_model(source)
-        kernels = [w for layer in kernel_layers(copy) if layer.name not in config.keep_dense
-                   for w in layer.trainable_weights if len(w.shape) >= 2]
+        kernels = [
+            w
+            for layer in kernel_layers(copy)
+            if layer.name not in config.keep_dense
+            for w in layer.trainable_weights
+            if len(w.shape) >= 2
+        ]
         strength = config.l1
         for kernel in kernels:
             # Callable losses are re-evaluated each step on the current weights.
             copy.add_loss(lambda kernel=kernel: strength * tf.reduce_sum(tf.abs(kernel)))
-    fine_tune(copy, ctx, epochs=config.epochs, learning_rate=config.learning_rate,
-              description=f"L1 fine-tuning (l1={config.l1:g})", loss=loss, batch_size=BATCH_SIZE)
+    fine_tune(
+        copy,
+        ctx,
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        description=f"L1 fine-tuning (l1={config.l1:g})",
+        loss=loss,
+        batch_size=BATCH_SIZE,
+    )
 
     # The penalty lives on the copy; hand back a plain model without it.
     result = copy_model(copy)

@@ -10,10 +10,10 @@ from pydantic import Field
 from kfopt import _tf
 from kfopt.convert import to_tflite
 from kfopt.errors import KfoptError
+from kfopt.models import copy_model
 from kfopt.sparsity import weight_sparsity
 from kfopt.training import classifier_loss, fine_tune
 
-from kfopt.models import copy_model
 from .prune import check_layer_names
 from .spec import hookimpl
 from .technique import LayerNames, ModelHandle, StepContext, Technique
@@ -64,14 +64,16 @@ class Quantize(Technique):
         @pydantic.model_validator(mode="after")
         def _float_layers_need_qat(self):
             if self.float_layers and self.mode != "qat":
-                raise ValueError(f"float_layers applies to mode=qat only (mode={self.mode} quantizes every layer); "
-                                 "use mode=qat, or drop float_layers")
+                raise ValueError(
+                    f"float_layers applies to mode=qat only (mode={self.mode} quantizes every layer); "
+                    "use mode=qat, or drop float_layers"
+                )
             return self
 
-    def trains_for(self, config: "Quantize.Config") -> bool:
+    def trains_for(self, config: Quantize.Config) -> bool:
         return config.mode == "qat"
 
-    def apply(self, model: ModelHandle, config: "Quantize.Config", ctx: StepContext) -> ModelHandle:
+    def apply(self, model: ModelHandle, config: Quantize.Config, ctx: StepContext) -> ModelHandle:
         source = model.keras()
         sparsity = weight_sparsity(source)
         if config.mode == "qat":
@@ -97,17 +99,27 @@ def _quantization_aware(source, config: Quantize.Config, ctx: StepContext, input
     preserve = input_sparsity > PRUNED_SPARSITY
     # The prune-preserving scheme masks each kernel with its zero pattern inside the
     # weight quantizer, so fine-tuning cannot bring pruned weights back.
-    scheme = (quant.collab_opts.Default8BitPrunePreserveQuantizeScheme() if preserve
-              else quant.default_8bit.Default8BitQuantizeScheme())
+    scheme = (
+        quant.collab_opts.Default8BitPrunePreserveQuantizeScheme()
+        if preserve
+        else quant.default_8bit.Default8BitQuantizeScheme()
+    )
     # Decide the loss from the plain model: quantize wrappers hide the softmax.
     loss = classifier_loss(source)
     floats = set(config.float_layers)
     with ctx.strategy.scope():
         copy = copy_model(source)  # never train the caller's layers
         try:
-            annotated = (keras.models.clone_model(copy, clone_function=lambda layer: layer if layer.name in floats
-                                                  else quant.quantize_annotate_layer(layer))
-                         if floats else quant.quantize_annotate_model(copy))
+            annotated = (
+                keras.models.clone_model(
+                    copy,
+                    clone_function=lambda layer: (
+                        layer if layer.name in floats else quant.quantize_annotate_layer(layer)
+                    ),
+                )
+                if floats
+                else quant.quantize_annotate_model(copy)
+            )
             qat_model = quant.quantize_apply(annotated, scheme)
         except (ValueError, RuntimeError, TypeError) as exc:
             raise KfoptError(
@@ -118,8 +130,14 @@ def _quantization_aware(source, config: Quantize.Config, ctx: StepContext, input
         if preserve:  # the scheme masks annotated kernels only: float layers keep their zeros by not training
             for name in floats:
                 qat_model.get_layer(name).trainable = False
-    fine_tune(qat_model, ctx, epochs=config.epochs, learning_rate=config.learning_rate,
-              description="quantization-aware training", loss=loss)
+    fine_tune(
+        qat_model,
+        ctx,
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        description="quantization-aware training",
+        loss=loss,
+    )
     # With the preserving scheme the kernels' zeros are masked at conversion even if the
     # float variables drifted, so the input's sparsity is what the TFLite weights have.
     return qat_model, input_sparsity if preserve else weight_sparsity(qat_model)

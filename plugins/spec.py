@@ -18,7 +18,7 @@ hookimpl = pluggy.HookimplMarker("kfopt")
 
 
 @hookspec
-def kfopt_register_techniques(register: Callable[["Technique"], None]) -> None:
+def kfopt_register_techniques(register: Callable[[Technique], None]) -> None:
     """Register optimization techniques by calling ``register(technique_instance)``.
 
     Called once when the plugin manager is built. Return value is ignored.

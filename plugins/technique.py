@@ -49,7 +49,7 @@ class Technique:
         """Whether ``config`` fine-tunes the model (placement uses this)."""
         return self.trains
 
-    def apply(self, model: "ModelHandle", config: Any, ctx: "StepContext") -> "ModelHandle":
+    def apply(self, model: ModelHandle, config: Any, ctx: StepContext) -> ModelHandle:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -64,8 +64,15 @@ class ModelHandle:
     converted from, or the ``threads`` a TFLite model is meant to run with).
     """
 
-    def __init__(self, format: str, *, keras_model=None, tflite_bytes: bytes | None = None,
-                 path: str | os.PathLike | None = None, info: dict | None = None):
+    def __init__(
+        self,
+        format: str,
+        *,
+        keras_model=None,
+        tflite_bytes: bytes | None = None,
+        path: str | os.PathLike | None = None,
+        info: dict | None = None,
+    ):
         if format not in FORMATS:
             raise ValueError(f"unknown model format {format!r}; known: {', '.join(FORMATS)}")
         self.format = format
@@ -76,15 +83,15 @@ class ModelHandle:
 
     # -- constructors -------------------------------------------------
     @classmethod
-    def from_keras(cls, model, info: dict | None = None) -> "ModelHandle":
+    def from_keras(cls, model, info: dict | None = None) -> ModelHandle:
         return cls("keras", keras_model=model, info=info)
 
     @classmethod
-    def from_tflite(cls, data: bytes, info: dict | None = None) -> "ModelHandle":
+    def from_tflite(cls, data: bytes, info: dict | None = None) -> ModelHandle:
         return cls("tflite", tflite_bytes=bytes(data), info=info)
 
     @classmethod
-    def from_saved_model(cls, path: str | os.PathLike, info: dict | None = None) -> "ModelHandle":
+    def from_saved_model(cls, path: str | os.PathLike, info: dict | None = None) -> ModelHandle:
         return cls("saved_model", path=path, info=info)
 
     # -- accessors ----------------------------------------------------
@@ -138,7 +145,7 @@ class ModelHandle:
         return target
 
     @classmethod
-    def load(cls, path: str | os.PathLike, info: dict | None = None) -> "ModelHandle":
+    def load(cls, path: str | os.PathLike, info: dict | None = None) -> ModelHandle:
         """Open a saved artifact, telling its format from its name."""
         path = Path(path)
         if path.suffix == ".tflite":

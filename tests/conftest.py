@@ -29,8 +29,9 @@ def digits_images():
 
 
 def make_ctx(data, tmp_path, seed=0):
-    return StepContext(train=data.train, validation=data.validation, workdir=tmp_path,
-                       seed=seed, num_classes=data.num_classes)
+    return StepContext(
+        train=data.train, validation=data.validation, workdir=tmp_path, seed=seed, num_classes=data.num_classes
+    )
 
 
 @pytest.fixture

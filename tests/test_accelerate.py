@@ -77,17 +77,22 @@ def test_mixed_precision_rebuild_keeps_the_output_float32(mlp, digits_flat):
     assert agreement > 0.98
 
 
-@pytest.mark.parametrize("backend, produces, trains", [
-    ("xla", "saved_model", False), ("tflite", "tflite", False),
-    ("mixed_precision", "keras", True), ("tensorrt", "saved_model", False)])
+@pytest.mark.parametrize(
+    "backend, produces, trains",
+    [
+        ("xla", "saved_model", False),
+        ("tflite", "tflite", False),
+        ("mixed_precision", "keras", True),
+        ("tensorrt", "saved_model", False),
+    ],
+)
 def test_format_and_placement_depend_on_backend(backend, produces, trains):
     config = Accelerate.Config(backend=backend)
     assert Accelerate().produces_for(config) == produces
     assert Accelerate().trains_for(config) is trains
 
 
-@pytest.mark.parametrize("bad", [{"backend": "onnx"}, {"threads": 0}, {"backend": "xla", "threads": 4},
-                                 {"thread": 2}])
+@pytest.mark.parametrize("bad", [{"backend": "onnx"}, {"threads": 0}, {"backend": "xla", "threads": 4}, {"thread": 2}])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(pydantic.ValidationError):
         Accelerate.Config(**bad)

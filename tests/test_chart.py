@@ -84,7 +84,9 @@ class _BinaryEngine:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "values.json"
             path.write_text(json.dumps(values))  # JSON is YAML
-            return subprocess.run([self.path, *args, "--namespace", NAMESPACE, "-f", str(path)], capture_output=True, text=True)
+            return subprocess.run(
+                [self.path, *args, "--namespace", NAMESPACE, "-f", str(path)], capture_output=True, text=True
+            )
 
     def render(self, values: dict) -> tuple[dict[str, str], str]:
         done = self._run("template", RELEASE, str(CHART), values=values)
@@ -102,7 +104,12 @@ class _BinaryEngine:
     def lint(self, values: dict) -> list[tuple[int, str]]:
         done = self._run("lint", str(CHART), "--strict", values=values)
         levels = {"[INFO]": 1, "[WARNING]": 2, "[ERROR]": 3}
-        found = [(levels[m[1]], m[2]) for m in re.finditer(r"^(\S*\s*)?(\[INFO\]|\[WARNING\]|\[ERROR\])(.*)$", done.stdout + done.stderr, flags=re.M)]
+        found = [
+            (levels[m[1]], m[2])
+            for m in re.finditer(
+                r"^(\S*\s*)?(\[INFO\]|\[WARNING\]|\[ERROR\])(.*)$", done.stdout + done.stderr, flags=re.M
+            )
+        ]
         return found or ([(3, done.stdout + done.stderr)] if done.returncode else [])
 
 
@@ -134,8 +141,11 @@ class Rendered:
         """Every pod template: by 'Kind/name'."""
         pods = {}
         for d in self.docs:
-            spec = {"Deployment": lambda d: d["spec"]["template"]["spec"], "Job": lambda d: d["spec"]["template"]["spec"],
-                    "CronJob": lambda d: d["spec"]["jobTemplate"]["spec"]["template"]["spec"]}.get(d["kind"])
+            spec = {
+                "Deployment": lambda d: d["spec"]["template"]["spec"],
+                "Job": lambda d: d["spec"]["template"]["spec"],
+                "CronJob": lambda d: d["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            }.get(d["kind"])
             if spec:
                 pods[f"{d['kind']}/{d['metadata']['name']}"] = spec(d)
         return pods
@@ -160,15 +170,33 @@ def env(c: dict) -> dict:
 EVERYTHING = {  # every optional resource of the chart at once
     "schedule": {"enabled": True},
     "rbac": {"create": True},
-    "pipeline": {"search": ["quantize(mode=int8)", {"name": "student", "steps": [{"distill": {"width": 0.5}}, "quantize(mode=int8)"]}]},
+    "pipeline": {
+        "search": [
+            "quantize(mode=int8)",
+            {"name": "student", "steps": [{"distill": {"width": 0.5}}, "quantize(mode=int8)"]},
+        ]
+    },
     "mlflow": {"ingress": {"enabled": True, "tlsSecretName": "tls"}, "networkPolicy": {"enabled": True}},
 }
-POSTGRES_S3 = {"mlflow": {
-    "replicas": 2,
-    "backendStore": {"type": "postgresql", "postgresql": {"host": "pg.db.svc", "existingSecret": "mlflow-db", "sslmode": "require"}},
-    "artifactStore": {"type": "s3", "s3": {"bucket": "models", "prefix": "kfopt", "endpointUrl": "http://minio.minio.svc:9000",
-                                           "existingSecret": "mlflow-s3", "region": "eu-west-1"}},
-}}
+POSTGRES_S3 = {
+    "mlflow": {
+        "replicas": 2,
+        "backendStore": {
+            "type": "postgresql",
+            "postgresql": {"host": "pg.db.svc", "existingSecret": "mlflow-db", "sslmode": "require"},
+        },
+        "artifactStore": {
+            "type": "s3",
+            "s3": {
+                "bucket": "models",
+                "prefix": "kfopt",
+                "endpointUrl": "http://minio.minio.svc:9000",
+                "existingSecret": "mlflow-s3",
+                "region": "eu-west-1",
+            },
+        },
+    }
+}
 
 
 # -- Kubernetes validity -----------------------------------------------------------------------
@@ -179,7 +207,11 @@ REQUIRED = {
     "Service": ["spec.selector", "spec.ports"],
     "Deployment": ["spec.selector.matchLabels", "spec.template.metadata.labels", "spec.template.spec.containers"],
     "Job": ["spec.template.spec.containers", "spec.template.spec.restartPolicy"],
-    "CronJob": ["spec.schedule", "spec.jobTemplate.spec.template.spec.containers", "spec.jobTemplate.spec.template.spec.restartPolicy"],
+    "CronJob": [
+        "spec.schedule",
+        "spec.jobTemplate.spec.template.spec.containers",
+        "spec.jobTemplate.spec.template.spec.restartPolicy",
+    ],
     "PersistentVolumeClaim": ["spec.accessModes", "spec.resources.requests.storage"],
     "Ingress": ["spec.rules"],
     "NetworkPolicy": ["spec.podSelector", "spec.policyTypes"],
@@ -214,7 +246,9 @@ def check_kubernetes_objects(rendered: Rendered, existing_claims=()) -> None:
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{where} is not a valid Kubernetes {version} object: {'.'.join(map(str, exc.path))}: {exc.message}")
+                pytest.fail(
+                    f"{where} is not a valid Kubernetes {version} object: {'.'.join(map(str, exc.path))}: {exc.message}"
+                )
     for where, pod in rendered.pod_specs().items():
         if not where.startswith("Deployment"):
             assert pod["restartPolicy"] in ("Never", "OnFailure"), where
@@ -232,22 +266,27 @@ def check_kubernetes_objects(rendered: Rendered, existing_claims=()) -> None:
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     for service in rendered.all("Service"):
-        assert any(service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
-                   for d in rendered.all("Deployment")), "the Service selects no pod"
+        assert any(
+            service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            for d in rendered.all("Deployment")
+        ), "the Service selects no pod"
 
 
 # -- rendering and linting -------------------------------------------------------------------------
 def test_the_helm_engine_is_helm():
     assert re.search(r"v\d+\.\d+\.\d+", ENGINE.name), ENGINE.name
-    assert render().notes.startswith("kfopt 0.1.0 is installed as release \"rel\" in namespace \"ml\"")
+    assert render().notes.startswith('kfopt 0.1.0 is installed as release "rel" in namespace "ml"')
 
 
 def test_default_install_renders_mlflow_and_the_registration_hook():
     rendered = render()
     assert rendered.kinds() == {
-        ("ServiceAccount", FULLNAME), ("ConfigMap", f"{FULLNAME}-config"),
-        ("Deployment", f"{FULLNAME}-mlflow"), ("Service", f"{FULLNAME}-mlflow"),
-        ("PersistentVolumeClaim", f"{FULLNAME}-mlflow-db"), ("PersistentVolumeClaim", f"{FULLNAME}-mlflow-artifacts"),
+        ("ServiceAccount", FULLNAME),
+        ("ConfigMap", f"{FULLNAME}-config"),
+        ("Deployment", f"{FULLNAME}-mlflow"),
+        ("Service", f"{FULLNAME}-mlflow"),
+        ("PersistentVolumeClaim", f"{FULLNAME}-mlflow-db"),
+        ("PersistentVolumeClaim", f"{FULLNAME}-mlflow-artifacts"),
         ("Job", f"{FULLNAME}-register"),
     }
     check_kubernetes_objects(rendered)
@@ -285,15 +324,32 @@ def test_every_optional_resource_renders_valid_kubernetes_objects(tmp_path):
     rendered = render(EVERYTHING)
     (tmp_path / "search.yaml").write_text(rendered.one("ConfigMap")["data"]["search.yaml"])
     assert [r.label for r in load_search(tmp_path / "search.yaml")] == ["quantize(mode=int8)", "student"]
-    assert {kind for kind, _ in rendered.kinds()} == {"ServiceAccount", "ConfigMap", "Deployment", "Service", "PersistentVolumeClaim",
-                                                     "Job", "CronJob", "Ingress", "NetworkPolicy", "Role", "RoleBinding"}
+    assert {kind for kind, _ in rendered.kinds()} == {
+        "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "Job",
+        "CronJob",
+        "Ingress",
+        "NetworkPolicy",
+        "Role",
+        "RoleBinding",
+    }
     check_kubernetes_objects(rendered)
 
 
 def test_external_mlflow_deploys_no_server_and_the_runs_log_there():
     uri = "http://mlflow.mlflow.svc.cluster.local:5000"
     rendered = render({"mlflow": {"external": {"uri": uri}}, "schedule": {"enabled": True}})
-    assert not {kind for kind, _ in rendered.kinds()} & {"Deployment", "Service", "PersistentVolumeClaim", "Ingress", "NetworkPolicy"}
+    assert not {kind for kind, _ in rendered.kinds()} & {
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "Ingress",
+        "NetworkPolicy",
+    }
     assert "serve-mlflow.py" not in rendered.one("ConfigMap")["data"]
     args = container(rendered.pod_specs()[f"CronJob/{FULLNAME}-schedule"], "submit")["args"]
     assert args[args.index("--tracking-uri") + 1] == uri
@@ -313,7 +369,10 @@ def test_postgresql_and_s3_take_credentials_from_existing_secrets_only():
     assert variables["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "mlflow-s3", "key": "AWS_ACCESS_KEY_ID"}}
     assert variables["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "mlflow-s3", "key": "AWS_SECRET_ACCESS_KEY"}}
     assert variables["KFOPT_DB_HOST"] == "pg.db.svc" and variables["KFOPT_DB_SSLMODE"] == "require"
-    assert variables["MLFLOW_S3_ENDPOINT_URL"] == "http://minio.minio.svc:9000" and variables["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert (
+        variables["MLFLOW_S3_ENDPOINT_URL"] == "http://minio.minio.svc:9000"
+        and variables["AWS_DEFAULT_REGION"] == "eu-west-1"
+    )
     assert "MLFLOW_BACKEND_STORE_URI" not in variables  # built at runtime by serve-mlflow.py, never in the spec
     args = mlflow["args"]
     assert args[args.index("--artifacts-destination") + 1] == "s3://models/kfopt" and "--serve-artifacts" in args
@@ -326,7 +385,13 @@ def test_postgresql_and_s3_take_credentials_from_existing_secrets_only():
 
 
 def test_gcs_and_unproxied_artifact_stores():
-    rendered = render({"mlflow": {"artifactStore": {"type": "gcs", "gcs": {"bucket": "b", "prefix": "", "existingSecret": "gcs-key"}}}})
+    rendered = render(
+        {
+            "mlflow": {
+                "artifactStore": {"type": "gcs", "gcs": {"bucket": "b", "prefix": "", "existingSecret": "gcs-key"}}
+            }
+        }
+    )
     check_kubernetes_objects(rendered)
     pod = rendered.one("Deployment")["spec"]["template"]["spec"]
     mlflow = container(pod, "mlflow")
@@ -336,7 +401,9 @@ def test_gcs_and_unproxied_artifact_stores():
     rendered = render({"mlflow": {"artifactStore": {"type": "s3", "proxied": False, "s3": {"bucket": "b"}}}})
     args = container(rendered.one("Deployment")["spec"]["template"]["spec"], "mlflow")["args"]
     assert "--no-serve-artifacts" in args and args[args.index("--default-artifact-root") + 1] == "s3://b/mlflow"
-    assert "AWS_ACCESS_KEY_ID" not in env(container(rendered.one("Deployment")["spec"]["template"]["spec"], "mlflow"))  # IRSA
+    assert "AWS_ACCESS_KEY_ID" not in env(
+        container(rendered.one("Deployment")["spec"]["template"]["spec"], "mlflow")
+    )  # IRSA
 
 
 def test_security_context_of_every_pod_and_container():
@@ -354,11 +421,20 @@ def test_security_context_of_every_pod_and_container():
             assert not any("hostPath" in v for v in volumes.values()), where
             for c in pod.get("initContainers", []) + pod["containers"]:
                 sc = c["securityContext"]
-                assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+                assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, (
+                    where,
+                    c["name"],
+                )
                 assert sc["capabilities"] == {"drop": ["ALL"]} and sc["privileged"] is False, (where, c["name"])
-                assert sc["seccompProfile"] == {"type": "RuntimeDefault"} and sc["runAsNonRoot"] is True, (where, c["name"])
+                assert sc["seccompProfile"] == {"type": "RuntimeDefault"} and sc["runAsNonRoot"] is True, (
+                    where,
+                    c["name"],
+                )
                 mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-                assert "emptyDir" in volumes[mounts["/tmp"]] and "emptyDir" in volumes[mounts["/home/kfopt"]], (where, c["name"])
+                assert "emptyDir" in volumes[mounts["/tmp"]] and "emptyDir" in volumes[mounts["/home/kfopt"]], (
+                    where,
+                    c["name"],
+                )
                 assert env(c)["HOME"] == "/home/kfopt", (where, c["name"])
                 assert c["resources"]["requests"], (where, c["name"])
         assert rendered.one("ServiceAccount")["automountServiceAccountToken"] is False
@@ -370,18 +446,32 @@ def test_rbac_is_created_only_when_asked_and_grants_only_kfp_pipelines():
     role, binding = rendered.one("Role"), rendered.one("RoleBinding")
     assert role["metadata"]["namespace"] == "team-a" == binding["metadata"]["namespace"]
     assert role["metadata"]["name"] == f"{FULLNAME}-{NAMESPACE}-kfp" == binding["roleRef"]["name"]
-    assert role["rules"] == [{"apiGroups": ["pipelines.kubeflow.org"], "resources": ["pipelines"], "verbs": ["get", "list", "create"]}]
+    assert role["rules"] == [
+        {"apiGroups": ["pipelines.kubeflow.org"], "resources": ["pipelines"], "verbs": ["get", "list", "create"]}
+    ]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
     scheduled = render({"rbac": {"create": True}, "schedule": {"enabled": True}}).one("Role")
     assert scheduled["metadata"]["namespace"] == "kubeflow"  # shared pipelines are authorized in KFP's namespace
     assert {r for rule in scheduled["rules"] for r in rule["resources"]} == {"pipelines", "experiments", "runs"}
-    assert all(rule["apiGroups"] == ["pipelines.kubeflow.org"] and "delete" not in rule["verbs"] for rule in scheduled["rules"])
+    assert all(
+        rule["apiGroups"] == ["pipelines.kubeflow.org"] and "delete" not in rule["verbs"] for rule in scheduled["rules"]
+    )
 
 
 def test_the_registration_hook_compiles_with_the_configmap_and_publishes_with_the_sa_token():
-    rendered = render({"pipeline": {"name": "kfopt-prod", "version": "v7", "acceleratorImage": "r/kfopt:gpu", "parallelism": 4,
-                                    "rounds": 2, "search": ["quantize(mode=int8)"]},
-                       "kfp": {"namespace": "team-a", "host": "https://kubeflow.example.com/pipeline"}})
+    rendered = render(
+        {
+            "pipeline": {
+                "name": "kfopt-prod",
+                "version": "v7",
+                "acceleratorImage": "r/kfopt:gpu",
+                "parallelism": 4,
+                "rounds": 2,
+                "search": ["quantize(mode=int8)"],
+            },
+            "kfp": {"namespace": "team-a", "host": "https://kubeflow.example.com/pipeline"},
+        }
+    )
     job = rendered.one("Job")
     annotations = job["metadata"]["annotations"]
     assert annotations["helm.sh/hook"] == "post-install,post-upgrade"
@@ -390,15 +480,33 @@ def test_the_registration_hook_compiles_with_the_configmap_and_publishes_with_th
     compile_args = container(pod, "compile")["args"]
     assert compile_args[:3] == ["compile", "--output", "/tmp/pipeline/pipeline.yaml"]
     options = dict(zip(compile_args[3::2], compile_args[4::2]))
-    assert options == {"--image": "ghcr.io/kfopt/kfopt:0.1.0", "--accelerator-image": "r/kfopt:gpu",
-                       "--placement": "/etc/kfopt/placement.yaml", "--search": "/etc/kfopt/search.yaml", "--parallelism": "4",
-                       "--rounds": "2"}
+    assert options == {
+        "--image": "ghcr.io/kfopt/kfopt:0.1.0",
+        "--accelerator-image": "r/kfopt:gpu",
+        "--placement": "/etc/kfopt/placement.yaml",
+        "--search": "/etc/kfopt/search.yaml",
+        "--parallelism": "4",
+        "--rounds": "2",
+    }
     assert yaml.safe_load(rendered.one("ConfigMap")["data"]["search.yaml"]) == ["quantize(mode=int8)"]
     publish = container(pod, "publish")
-    assert publish["args"] == ["publish", "--package", "/tmp/pipeline/pipeline.yaml", "--host", "https://kubeflow.example.com/pipeline",
-                               "--name", "kfopt-prod", "--version", "v7", "--namespace", "team-a"]
+    assert publish["args"] == [
+        "publish",
+        "--package",
+        "/tmp/pipeline/pipeline.yaml",
+        "--host",
+        "https://kubeflow.example.com/pipeline",
+        "--name",
+        "kfopt-prod",
+        "--version",
+        "v7",
+        "--namespace",
+        "team-a",
+    ]
     assert env(publish)["KF_PIPELINES_SA_TOKEN_PATH"] == "/var/run/secrets/kubeflow/pipelines/token"
-    token = next(v for v in pod["volumes"] if v["name"] == "kfp-token")["projected"]["sources"][0]["serviceAccountToken"]
+    token = next(v for v in pod["volumes"] if v["name"] == "kfp-token")["projected"]["sources"][0][
+        "serviceAccountToken"
+    ]
     assert token["audience"] == "pipelines.kubeflow.org" and token["path"] == "token"
     default = container(render().one("Job")["spec"]["template"]["spec"], "publish")["args"]
     assert "--version" not in default and "--namespace" not in default  # content-hash versions, shared pipeline
@@ -406,18 +514,38 @@ def test_the_registration_hook_compiles_with_the_configmap_and_publishes_with_th
 
 
 def test_the_schedule_runs_kfopt_submit_with_the_run_arguments():
-    rendered = render({"schedule": {"enabled": True, "cron": "30 2 * * 1", "timeZone": "Europe/Berlin", "arguments": {
-        "model": "gs://b/m", "data": "gs://b/d.npz", "maxAccuracyDrop": 0.005, "objective": "latency", "registeredModel": "resnet"}}})
+    rendered = render(
+        {
+            "schedule": {
+                "enabled": True,
+                "cron": "30 2 * * 1",
+                "timeZone": "Europe/Berlin",
+                "arguments": {
+                    "model": "gs://b/m",
+                    "data": "gs://b/d.npz",
+                    "maxAccuracyDrop": 0.005,
+                    "objective": "latency",
+                    "registeredModel": "resnet",
+                },
+            }
+        }
+    )
     cron = rendered.one("CronJob")
     assert cron["spec"]["schedule"] == "30 2 * * 1" and cron["spec"]["timeZone"] == "Europe/Berlin"
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     args = container(cron["spec"]["jobTemplate"]["spec"]["template"]["spec"], "submit")["args"]
     assert args[0] == "submit"
     options = dict(zip(args[1::2], args[2::2]))
-    assert options["--model"] == "gs://b/m" and options["--data"] == "gs://b/d.npz" and options["--max-accuracy-drop"] == "0.005"
+    assert (
+        options["--model"] == "gs://b/m"
+        and options["--data"] == "gs://b/d.npz"
+        and options["--max-accuracy-drop"] == "0.005"
+    )
     assert options["--objective"] == "latency" and options["--registered-model"] == "resnet"
     assert options["--tracking-uri"] == f"http://{FULLNAME}-mlflow.{NAMESPACE}.svc.cluster.local:5000"
-    assert options["--placement"] == "/etc/kfopt/placement.yaml" and options["--host"].startswith("http://ml-pipeline.kubeflow")
+    assert options["--placement"] == "/etc/kfopt/placement.yaml" and options["--host"].startswith(
+        "http://ml-pipeline.kubeflow"
+    )
     # Every option the CronJob passes is one `kfopt submit` accepts.
     result = CliRunner().invoke(main, ["submit", "--help"])
     assert all(option in result.output for option in options)
@@ -430,7 +558,9 @@ def test_network_policy_admits_the_release_and_the_configured_peers():
     assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "mlflow"
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     rule = policy["spec"]["ingress"][0]
-    assert rule["from"][0] == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kfopt", "app.kubernetes.io/instance": RELEASE}}}
+    assert rule["from"][0] == {
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kfopt", "app.kubernetes.io/instance": RELEASE}}
+    }
     assert rule["from"][1] == peer and rule["ports"] == [{"port": "http", "protocol": "TCP"}]
     check_kubernetes_objects(rendered)
 
@@ -438,29 +568,46 @@ def test_network_policy_admits_the_release_and_the_configured_peers():
 def test_ingress_host_is_an_allowed_host_of_the_server():
     rendered = render({"mlflow": {"ingress": {"enabled": True, "host": "mlflow.corp.example", "className": "nginx"}}})
     ingress = rendered.one("Ingress")
-    assert ingress["spec"]["rules"][0]["host"] == "mlflow.corp.example" and ingress["spec"]["ingressClassName"] == "nginx"
+    assert (
+        ingress["spec"]["rules"][0]["host"] == "mlflow.corp.example" and ingress["spec"]["ingressClassName"] == "nginx"
+    )
     args = container(rendered.one("Deployment")["spec"]["template"]["spec"], "mlflow")["args"]
     assert "mlflow.corp.example" in args[args.index("--allowed-hosts") + 1].split(",")
     assert "http://mlflow.corp.example/" in rendered.notes
 
 
 # -- the values schema --------------------------------------------------------------------------------
-@pytest.mark.parametrize("values, message", [
-    ({"mlflow": {"backendStore": {"type": "mysql"}}}, "at '/mlflow/backendStore/type': value must be one of 'sqlite', 'postgresql'"),
-    ({"placement": {"accelerator": {"cuont": 2}}}, "at '/placement/accelerator': additional properties 'cuont' not allowed"),
-    ({"placement": {"accelerator": {"count": 0}}}, "at '/placement/accelerator/count': minimum: got 0, want 1"),
-    ({"placement": {"cpu": {"memory": "8 GB"}}}, "'8 GB' does not match pattern"),
-    ({"placement": {"cpu": {"tolerations": [{"key": "k", "operator": "Maybe"}]}}}, "value must be one of 'Equal', 'Exists'"),
-    ({"mlflow": {"backendStore": {"type": "postgresql"}}}, "at '/mlflow/backendStore/postgresql': missing properties 'host', 'existingSecret'"),
-    ({"mlflow": {"artifactStore": {"type": "s3"}}}, "at '/mlflow/artifactStore/s3': missing property 'bucket'"),
-    ({"mlflow": {"artifactStore": {"proxied": False}}}, "at '/mlflow/artifactStore/proxied': value must be true"),
-    ({"mlflow": {"replicas": 3}}, "at '/mlflow/replicas': maximum: got 3, want 1"),
-    ({"kfp": {"host": "ml-pipeline:8888"}}, "at '/kfp/host'"),
-    ({"schedule": {"arguments": {"objective": "speed"}}}, "value must be one of 'size', 'latency'"),
-    ({"mlflow": {"external": {"uri": "mlflow:5000"}}}, "at '/mlflow/external/uri'"),
-    ({"podSecurityContext": {"runAsUser": 0}}, "at '/podSecurityContext/runAsUser': minimum: got 0, want 1"),
-    ({"mlflow": {"password": "hunter2"}}, "at '/mlflow': additional properties 'password' not allowed"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (
+            {"mlflow": {"backendStore": {"type": "mysql"}}},
+            "at '/mlflow/backendStore/type': value must be one of 'sqlite', 'postgresql'",
+        ),
+        (
+            {"placement": {"accelerator": {"cuont": 2}}},
+            "at '/placement/accelerator': additional properties 'cuont' not allowed",
+        ),
+        ({"placement": {"accelerator": {"count": 0}}}, "at '/placement/accelerator/count': minimum: got 0, want 1"),
+        ({"placement": {"cpu": {"memory": "8 GB"}}}, "'8 GB' does not match pattern"),
+        (
+            {"placement": {"cpu": {"tolerations": [{"key": "k", "operator": "Maybe"}]}}},
+            "value must be one of 'Equal', 'Exists'",
+        ),
+        (
+            {"mlflow": {"backendStore": {"type": "postgresql"}}},
+            "at '/mlflow/backendStore/postgresql': missing properties 'host', 'existingSecret'",
+        ),
+        ({"mlflow": {"artifactStore": {"type": "s3"}}}, "at '/mlflow/artifactStore/s3': missing property 'bucket'"),
+        ({"mlflow": {"artifactStore": {"proxied": False}}}, "at '/mlflow/artifactStore/proxied': value must be true"),
+        ({"mlflow": {"replicas": 3}}, "at '/mlflow/replicas': maximum: got 3, want 1"),
+        ({"kfp": {"host": "ml-pipeline:8888"}}, "at '/kfp/host'"),
+        ({"schedule": {"arguments": {"objective": "speed"}}}, "value must be one of 'size', 'latency'"),
+        ({"mlflow": {"external": {"uri": "mlflow:5000"}}}, "at '/mlflow/external/uri'"),
+        ({"podSecurityContext": {"runAsUser": 0}}, "at '/podSecurityContext/runAsUser': minimum: got 0, want 1"),
+        ({"mlflow": {"password": "hunter2"}}, "at '/mlflow': additional properties 'password' not allowed"),
+    ],
+)
 def test_schema_rejects_a_wrong_value_with_a_message_that_names_it(values, message):
     with pytest.raises(HelmFailed) as failed:
         render(values)
@@ -474,19 +621,35 @@ def test_schema_rejects_a_wrong_value_with_a_message_that_names_it(values, messa
 
 
 def test_existing_claims_replace_the_chart_claims():
-    rendered = render({"mlflow": {"backendStore": {"sqlite": {"persistence": {"existingClaim": "mlflow-db-old"}}},
-                                  "artifactStore": {"pvc": {"existingClaim": "mlflow-artifacts-old"}}}})
+    rendered = render(
+        {
+            "mlflow": {
+                "backendStore": {"sqlite": {"persistence": {"existingClaim": "mlflow-db-old"}}},
+                "artifactStore": {"pvc": {"existingClaim": "mlflow-artifacts-old"}},
+            }
+        }
+    )
     assert not rendered.all("PersistentVolumeClaim")
     check_kubernetes_objects(rendered, existing_claims=("mlflow-db-old", "mlflow-artifacts-old"))
     volumes = rendered.one("Deployment")["spec"]["template"]["spec"]["volumes"]
-    assert {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v} == {"mlflow-db-old", "mlflow-artifacts-old"}
+    assert {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v} == {
+        "mlflow-db-old",
+        "mlflow-artifacts-old",
+    }
 
 
 def test_template_rules_the_schema_cannot_state():
     with pytest.raises(HelmFailed, match="accessModes \\[ReadWriteMany\\]"):
         render({"mlflow": {"replicas": 2, "backendStore": POSTGRES_S3["mlflow"]["backendStore"]}})
-    rendered = render({"mlflow": {"replicas": 2, "backendStore": POSTGRES_S3["mlflow"]["backendStore"],
-                                  "artifactStore": {"pvc": {"accessModes": ["ReadWriteMany"]}}}})
+    rendered = render(
+        {
+            "mlflow": {
+                "replicas": 2,
+                "backendStore": POSTGRES_S3["mlflow"]["backendStore"],
+                "artifactStore": {"pvc": {"accessModes": ["ReadWriteMany"]}},
+            }
+        }
+    )
     assert rendered.one("PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
@@ -553,7 +716,8 @@ def test_default_placement_is_one_nvidia_gpu_for_fine_tuning_on_any_cluster():
     assert placement.accelerator.accelerator.model_dump() == {"type": "nvidia.com/gpu", "count": 1}
     assert placement.accelerator.node_selector == {}  # no cloud-specific label: the GPU request and toleration place it
     assert [t.model_dump() for t in placement.accelerator.tolerations] == [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "value": None, "effect": "NoSchedule"}]
+        {"key": "nvidia.com/gpu", "operator": "Exists", "value": None, "effect": "NoSchedule"}
+    ]
     assert (placement.cpu.cpu, placement.cpu.memory) == ("2", "8Gi")
     # A default nodeSelector key can be dropped with null (Helm merges maps).
     values = {"placement": {"cpu": {"nodeSelector": {"pool": "cpu"}}}}
@@ -574,29 +738,62 @@ def test_placement_values_reach_the_configmap_and_load_back(name):
         assert (pool.accelerator.type, pool.accelerator.count) == (accelerator["type"], accelerator["count"])
         assert pool.node_selector == accelerator["nodeSelector"]
         assert [t.model_dump(exclude_none=True) for t in pool.tolerations] == accelerator["tolerations"]
-        assert (pool.cpu, pool.memory, pool.memory_limit) == (accelerator["cpu"], accelerator["memory"], accelerator.get("memoryLimit"))
+        assert (pool.cpu, pool.memory, pool.memory_limit) == (
+            accelerator["cpu"],
+            accelerator["memory"],
+            accelerator.get("memoryLimit"),
+        )
     assert (placement.cpu.cpu, placement.cpu.memory) == (values["cpu"]["cpu"], values["cpu"]["memory"])
     assert placement.cpu.node_selector == values["cpu"].get("nodeSelector", {})
 
 
 def test_numbers_and_limits_in_placement_values_become_the_strings_kfopt_expects():
-    values = {"placement": {"accelerator": {"type": "amd.com/gpu", "count": 2, "cpu": 6, "memory": "24Gi", "cpuLimit": 8,
-                                            "memoryLimit": "32Gi", "nodeSelector": {"pool": "mi300"}, "tolerations": []},
-                            "cpu": {"cpu": 0.5, "memory": "2Gi", "tolerations": [{"key": "spot", "operator": "Equal", "value": "true",
-                                                                                  "effect": "NoSchedule"}]}}}
+    values = {
+        "placement": {
+            "accelerator": {
+                "type": "amd.com/gpu",
+                "count": 2,
+                "cpu": 6,
+                "memory": "24Gi",
+                "cpuLimit": 8,
+                "memoryLimit": "32Gi",
+                "nodeSelector": {"pool": "mi300"},
+                "tolerations": [],
+            },
+            "cpu": {
+                "cpu": 0.5,
+                "memory": "2Gi",
+                "tolerations": [{"key": "spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
+            },
+        }
+    }
     placement = load_placement_text(render(values).placement_file())
     assert placement.accelerator.accelerator.model_dump() == {"type": "amd.com/gpu", "count": 2}
-    assert (placement.accelerator.cpu, placement.accelerator.cpu_limit, placement.accelerator.memory_limit) == ("6", "8", "32Gi")
+    assert (placement.accelerator.cpu, placement.accelerator.cpu_limit, placement.accelerator.memory_limit) == (
+        "6",
+        "8",
+        "32Gi",
+    )
     assert placement.accelerator.tolerations == [] and placement.cpu.cpu == "0.5"
-    assert placement.cpu.tolerations[0].model_dump() == {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+    assert placement.cpu.tolerations[0].model_dump() == {
+        "key": "spot",
+        "operator": "Equal",
+        "value": "true",
+        "effect": "NoSchedule",
+    }
 
 
 def test_the_rendered_placement_compiles_into_the_pipeline(tmp_path):
     from kfopt.pipelines.runners import compile_for_cluster
 
     (tmp_path / "placement.yaml").write_text(render(example("gke-tpu-v5e.yaml")).placement_file())
-    summary = compile_for_cluster(tmp_path / "pipeline.yaml", placement=tmp_path / "placement.yaml",
-                                  search=None, image="r/kfopt:1", accelerator_image="r/kfopt:tpu")
+    summary = compile_for_cluster(
+        tmp_path / "pipeline.yaml",
+        placement=tmp_path / "placement.yaml",
+        search=None,
+        image="r/kfopt:1",
+        accelerator_image="r/kfopt:tpu",
+    )
     assert "accelerator pool (4 x google.com/tpu)" in summary["description"] and summary["accelerator_recipes"]
     compiled = (tmp_path / "pipeline.yaml").read_text()
     assert "cloud.google.com/gke-tpu-topology: 2x2" in compiled and "tpu-v5-lite-podslice" in compiled
@@ -616,15 +813,29 @@ def test_serve_mlflow_builds_the_postgres_uri_from_the_environment(tmp_path):
     script.write_text(render(POSTGRES_S3).one("ConfigMap")["data"]["serve-mlflow.py"])
     fake = tmp_path / "bin" / "mlflow"
     fake.parent.mkdir()
-    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                    f"json.dump({{'argv': sys.argv[1:], 'uri': os.environ.get('MLFLOW_BACKEND_STORE_URI'), "
-                    f"'password_left': 'KFOPT_DB_PASSWORD' in os.environ}}, open({str(tmp_path / 'got.json')!r}, 'w'))\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"json.dump({{'argv': sys.argv[1:], 'uri': os.environ.get('MLFLOW_BACKEND_STORE_URI'), "
+        f"'password_left': 'KFOPT_DB_PASSWORD' in os.environ}}, open({str(tmp_path / 'got.json')!r}, 'w'))\n"
+    )
     fake.chmod(0o755)
-    environment = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "KFOPT_DB_HOST": "pg.db.svc",
-                   "KFOPT_DB_PORT": "5432", "KFOPT_DB_NAME": "mlflow", "KFOPT_DB_USER": "ml flow",
-                   "KFOPT_DB_PASSWORD": "p@ss:w/rd#1%", "KFOPT_DB_SSLMODE": "require"}
-    done = subprocess.run([sys.executable, str(script), "--host", "0.0.0.0", "--port", "5000"], env=environment,
-                          capture_output=True, text=True, timeout=60)
+    environment = {
+        **os.environ,
+        "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+        "KFOPT_DB_HOST": "pg.db.svc",
+        "KFOPT_DB_PORT": "5432",
+        "KFOPT_DB_NAME": "mlflow",
+        "KFOPT_DB_USER": "ml flow",
+        "KFOPT_DB_PASSWORD": "p@ss:w/rd#1%",
+        "KFOPT_DB_SSLMODE": "require",
+    }
+    done = subprocess.run(
+        [sys.executable, str(script), "--host", "0.0.0.0", "--port", "5000"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     got = json.loads((tmp_path / "got.json").read_text())
     assert got["argv"] == ["server", "--host", "0.0.0.0", "--port", "5000"]
@@ -640,27 +851,41 @@ def test_the_chart_command_starts_a_real_mlflow_server_that_answers_on_its_servi
     rendered = render({"mlflow": {"port": port, "service": {"port": 5000}}})
     mlflow = container(rendered.one("Deployment")["spec"]["template"]["spec"], "mlflow")
     (tmp_path / "serve-mlflow.py").write_text(rendered.one("ConfigMap")["data"]["serve-mlflow.py"])
-    paths = {"/etc/kfopt/serve-mlflow.py": str(tmp_path / "serve-mlflow.py"), "/artifacts": str(tmp_path / "artifacts"),
-             "sqlite:////data/": f"sqlite:///{tmp_path}/", "0.0.0.0": "127.0.0.1"}  # loopback only
+    paths = {
+        "/etc/kfopt/serve-mlflow.py": str(tmp_path / "serve-mlflow.py"),
+        "/artifacts": str(tmp_path / "artifacts"),
+        "sqlite:////data/": f"sqlite:///{tmp_path}/",
+        "0.0.0.0": "127.0.0.1",
+    }  # loopback only
 
     def local(text: str) -> str:
         for old, new in paths.items():
             text = text.replace(old, new)
         return text
 
-    command = [sys.executable if c == "python3" else local(c) for c in mlflow["command"]] + [local(a) for a in mlflow["args"]]
-    environment = {**os.environ, **{k: local(v) for k, v in env(mlflow).items() if isinstance(v, str)},
-                   "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
-                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable if c == "python3" else local(c) for c in mlflow["command"]] + [
+        local(a) for a in mlflow["args"]
+    ]
+    environment = {
+        **os.environ,
+        **{k: local(v) for k, v in env(mlflow).items() if isinstance(v, str)},
+        "HOME": str(tmp_path),
+        "TMPDIR": str(tmp_path),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     environment.pop("MLFLOW_TRACKING_URI", None)
     with open(tmp_path / "server.log", "wb") as log:
-        server = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+        server = subprocess.Popen(
+            command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
         while True:
             assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "no /health within 90 s: " + (tmp_path / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, (
+                "no /health within 90 s: " + (tmp_path / "server.log").read_text()[-2000:]
+            )
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
                     if response.status == 200:
@@ -669,7 +894,9 @@ def test_the_chart_command_starts_a_real_mlflow_server_that_answers_on_its_servi
                 time.sleep(0.2)
 
         def status(host: str) -> int:
-            request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host})
+            request = urllib.request.Request(
+                f"{url}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host}
+            )
             try:
                 with urllib.request.urlopen(request, timeout=10) as response:
                     return response.status
@@ -677,7 +904,9 @@ def test_the_chart_command_starts_a_real_mlflow_server_that_answers_on_its_servi
                 return exc.code
 
         assert status(f"{FULLNAME}-mlflow.{NAMESPACE}.svc.cluster.local:5000") == 200  # how pipeline steps reach it
-        assert status(f"{FULLNAME}-mlflow:5000") == 200 and status("localhost:5000") == 200  # same namespace; port-forward
+        assert (
+            status(f"{FULLNAME}-mlflow:5000") == 200 and status("localhost:5000") == 200
+        )  # same namespace; port-forward
         assert status("attacker.example.com") == 403  # MLflow's DNS-rebinding protection stays on
         assert (tmp_path / "mlflow.db").is_file()
     finally:
@@ -703,11 +932,14 @@ def publish_cli(*args):
     return result.exit_code, result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--host", "kubeflow.local", "--name", "k"], "--host 'kubeflow.local' is not an http(s) URL"),
-    (["--host", "http://127.0.0.1:9", "--name", " "], "--name is empty"),
-    (["--host", "http://127.0.0.1:9", "--name", "k", "--version", ""], "--version is empty"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--host", "kubeflow.local", "--name", "k"], "--host 'kubeflow.local' is not an http(s) URL"),
+        (["--host", "http://127.0.0.1:9", "--name", " "], "--name is empty"),
+        (["--host", "http://127.0.0.1:9", "--name", "k", "--version", ""], "--version is empty"),
+    ],
+)
 def test_publish_argument_errors_are_one_line_with_exit_2(package, args, message):
     code, output = publish_cli("--package", str(package), *args)
     assert code == 2 and output.count("\n") == 1 and output.startswith("error: ") and message in output, output
@@ -730,8 +962,12 @@ def test_publish_to_an_unreachable_host_is_one_line_with_exit_2(package):
     assert "Connection refused" in output and "Fix: check --host" in output
     assert time.monotonic() - started < 30
     # The installed console script says the same (no traceback), and exits 2.
-    done = subprocess.run([KFOPT, "publish", "--package", str(package), "--host", f"http://127.0.0.1:{port}", "--name", "kfopt"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [KFOPT, "publish", "--package", str(package), "--host", f"http://127.0.0.1:{port}", "--name", "kfopt"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr and "Connection refused" in done.stdout + done.stderr
 
 
@@ -769,10 +1005,16 @@ class FakeKfpApi(BaseHTTPRequestHandler):
         if match:
             items = self.versions.get(match[1], [])
             start, size = int(query.get("page_token") or 0), int(query.get("page_size") or 10)
-            page = items[start:start + size]
+            page = items[start : start + size]
             more = start + size < len(items)
-            return self._reply(200, {"pipeline_versions": page, "total_size": len(items),
-                                     **({"next_page_token": str(start + size)} if more else {})})
+            return self._reply(
+                200,
+                {
+                    "pipeline_versions": page,
+                    "total_size": len(items),
+                    **({"next_page_token": str(start + size)} if more else {}),
+                },
+            )
         self._reply(404, {"message": "not found"})
 
     def do_POST(self):
@@ -783,18 +1025,35 @@ class FakeKfpApi(BaseHTTPRequestHandler):
         assert b"pipelineInfo" in body  # the package is uploaded
         if url.path == "/apis/v2beta1/pipelines/upload":
             pid = f"p{len(self.pipelines) + 1}"
-            pipeline = {"pipeline_id": pid, "name": query["name"], "display_name": query["name"],
-                        "description": query.get("description", ""), "namespace": query.get("namespace", "")}
+            pipeline = {
+                "pipeline_id": pid,
+                "name": query["name"],
+                "display_name": query["name"],
+                "description": query.get("description", ""),
+                "namespace": query.get("namespace", ""),
+            }
             self.pipelines[pid] = pipeline
-            self.versions[pid] = [{"pipeline_id": pid, "pipeline_version_id": f"{pid}v1", "name": query["name"],
-                                   "display_name": query["name"], "description": query.get("description", "")}]
+            self.versions[pid] = [
+                {
+                    "pipeline_id": pid,
+                    "pipeline_version_id": f"{pid}v1",
+                    "name": query["name"],
+                    "display_name": query["name"],
+                    "description": query.get("description", ""),
+                }
+            ]
             return self._reply(200, pipeline)
         if url.path == "/apis/v2beta1/pipelines/upload_version":
             pid, name = query["pipelineid"], query["name"]
             if any(v["display_name"] == name for v in self.versions[pid]):
                 return self._reply(409, {"message": "Failed to create a pipeline version", "code": 6})
-            version = {"pipeline_id": pid, "pipeline_version_id": f"{pid}v{len(self.versions[pid]) + 1}", "name": name,
-                       "display_name": name, "description": query.get("description", "")}
+            version = {
+                "pipeline_id": pid,
+                "pipeline_version_id": f"{pid}v{len(self.versions[pid]) + 1}",
+                "name": name,
+                "display_name": name,
+                "description": query.get("description", ""),
+            }
             self.versions[pid].append(version)
             return self._reply(200, version)
         self._reply(404, {"message": "not found"})
@@ -834,7 +1093,10 @@ def test_publish_creates_then_adds_versions_only_when_the_package_changed(kfp_ap
     assert [v["display_name"] for v in api.versions["p1"]] == ["kfopt", upgraded["version"]]
 
     code, output = publish_cli("--package", str(package), "--host", host, "--name", "kfopt", "--version", "v2")
-    assert code == 0 and output.strip() == f"Uploaded version v2 of pipeline 'kfopt': {host}/#/pipelines/details/p1/version/p1v3"
+    assert (
+        code == 0
+        and output.strip() == f"Uploaded version v2 of pipeline 'kfopt': {host}/#/pipelines/details/p1/version/p1v3"
+    )
     code, output = publish_cli("--package", str(package), "--host", host, "--name", "kfopt", "--version", "v2")
     assert code == 0 and "already has version v2: nothing uploaded" in output
     code, output = publish_cli("--package", str(package), "--host", host, "--name", "other", "--json")

@@ -22,7 +22,10 @@ def run(*args):
 
 def test_import_and_help_do_not_import_tensorflow():
     code = "import sys, kfopt, kfopt.cli, kfopt.plugins; from kfopt.plugins.manager import registry; registry(); print('tensorflow' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
     help_text = subprocess.run([KFOPT, "--help"], capture_output=True, text=True, check=True).stdout
     assert "optimize" in help_text and "plugins" in help_text
 
@@ -49,12 +52,17 @@ def test_plugins_lists_the_four_techniques():
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    base = {"--model": "demo:mlp", "--data": "digits", "--recipe": "quantize(mode=dynamic)", "--out": str(tmp_path / "out")}
+    base = {
+        "--model": "demo:mlp",
+        "--data": "digits",
+        "--recipe": "quantize(mode=dynamic)",
+        "--out": str(tmp_path / "out"),
+    }
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
     code, out, _ = run("optimize", *[x for kv in base.items() for x in kv])
     assert code == 2, out
-    lines = [l for l in out.splitlines() if l.startswith("error:")]
+    lines = [line_ for line_ in out.splitlines() if line_.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], out
     assert "Traceback" not in out
 
@@ -73,7 +81,9 @@ def test_corrupt_model_and_unwritable_out(tmp_path):
 def test_data_that_does_not_fit_the_model(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, x_train=np.zeros((20, 10)), y_train=np.zeros(20), x_test=np.zeros((5, 10)), y_test=np.zeros(5))
-    code, out, _ = run("optimize", "--model", "demo:mlp", "--data", str(path), "--recipe", "quantize", "--out", str(tmp_path / "o"))
+    code, out, _ = run(
+        "optimize", "--model", "demo:mlp", "--data", str(path), "--recipe", "quantize", "--out", str(tmp_path / "o")
+    )
     assert code == 2 and "inputs of shape (10,), but the model expects (64,)" in out
 
 
@@ -81,16 +91,42 @@ def test_data_that_does_not_fit_the_model(tmp_path):
 def test_optimize_end_to_end_json(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [KFOPT, "optimize", "--model", "demo:mlp", "--data", "digits", "--epochs", "5",
-         "--recipe", "quantize(mode=int8)", "--out", str(out), "--json"],
-        capture_output=True, text=True)
+        [
+            KFOPT,
+            "optimize",
+            "--model",
+            "demo:mlp",
+            "--data",
+            "digits",
+            "--epochs",
+            "5",
+            "--recipe",
+            "quantize(mode=int8)",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert set(result) >= {"baseline", "candidates", "winner", "pareto", "registered_model"}
     candidate = result["candidates"][0]
     assert candidate["status"] == "ok" and candidate["format"] == "tflite"
-    for key in ("accuracy", "accuracy_drop", "agreement", "size_bytes", "gzip_bytes", "compression_ratio",
-                "sparsity", "latency_p50_ms", "latency_p95_ms", "throughput_per_s", "speedup"):
+    for key in (
+        "accuracy",
+        "accuracy_drop",
+        "agreement",
+        "size_bytes",
+        "gzip_bytes",
+        "compression_ratio",
+        "sparsity",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "throughput_per_s",
+        "speedup",
+    ):
         assert candidate[key] is not None, key
     assert candidate["compression_ratio"] > 3
     assert json.loads((out / "metrics.json").read_text())["candidates"][0]["recipe"] == "quantize(mode=int8)"
@@ -99,9 +135,28 @@ def test_optimize_end_to_end_json(tmp_path):
 
 def test_search_time_budget_bounds_refinement_never_round_one(tmp_path):
     out = tmp_path / "search"
-    result = CliRunner().invoke(main, ["search", "--model", "demo:mlp", "--epochs", "3", "--out", str(out),
-                                       "--recipe", "quantize(mode=dynamic)", "--rounds", "2", "--max-time", "0.001",
-                                       "--sensitivity", "0", "--objective", "MIX:0.3"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "search",
+            "--model",
+            "demo:mlp",
+            "--epochs",
+            "3",
+            "--out",
+            str(out),
+            "--recipe",
+            "quantize(mode=dynamic)",
+            "--rounds",
+            "2",
+            "--max-time",
+            "0.001",
+            "--sensitivity",
+            "0",
+            "--objective",
+            "MIX:0.3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "metrics.json").read_text())
     assert [(c["round"], c["status"]) for c in saved["candidates"]] == [(1, "ok")]

@@ -12,8 +12,11 @@ from kfopt.plugins.distill import DENSE_HIDDEN_LAYERS, Distill, build_dense_stud
 
 
 def _widths(model):
-    return [layer.get_config().get("units") or layer.get_config().get("filters")
-            for layer in model.layers if "units" in layer.get_config() or "filters" in layer.get_config()]
+    return [
+        layer.get_config().get("units") or layer.get_config().get("filters")
+        for layer in model.layers
+        if "units" in layer.get_config() or "filters" in layer.get_config()
+    ]
 
 
 def _functional_cnn(softmax_layer: bool = True):
@@ -111,8 +114,9 @@ def test_student_from_a_file_is_used_as_given(mlp, digits_flat, ctx_factory, tmp
     wrong = keras.Sequential([keras.Input((64,)), keras.layers.Dense(3)])
     wrong.save(tmp_path / "wrong.keras")
     with pytest.raises(KfoptError, match=r"output shape \(3,\)"):
-        Distill().apply(ModelHandle.from_keras(mlp), Distill.Config(student=str(tmp_path / "wrong.keras")),
-                        ctx_factory(digits_flat))
+        Distill().apply(
+            ModelHandle.from_keras(mlp), Distill.Config(student=str(tmp_path / "wrong.keras")), ctx_factory(digits_flat)
+        )
 
 
 def _has_conv(model):
@@ -158,8 +162,18 @@ def techniques_registry():
     return registry()
 
 
-@pytest.mark.parametrize("bad", [{"architecture": "conv"}, {"width": 0}, {"width": 1.5}, {"alpha": 2}, {"temperature": 0},
-                                 {"epochs": 0}, {"widht": 0.5}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"architecture": "conv"},
+        {"width": 0},
+        {"width": 1.5},
+        {"alpha": 2},
+        {"temperature": 0},
+        {"epochs": 0},
+        {"widht": 0.5},
+    ],
+)
 def test_config_rejects_bad_values_and_unknown_keys(bad):
     with pytest.raises(pydantic.ValidationError):
         Distill.Config(**bad)

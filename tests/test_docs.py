@@ -43,7 +43,8 @@ def test_hook_is_documented_with_its_signature(hook):
     documented = sections()
     assert heading in documented, (
         f"docs/plugins.md has no heading '### {heading}': document the hook there "
-        "(its typed signature, when it is called, what a return value means).")
+        "(its typed signature, when it is called, what a return value means)."
+    )
     body = documented[heading]
     assert f"def {hook}(" in body, f"the section '{heading}' does not show the typed signature"
     assert "Return value" in body, f"the section '{heading}' does not say what a return value means"
@@ -54,8 +55,17 @@ def test_kit_fixture_is_documented(fixture):
     assert f"`{fixture}`" in DOCS.read_text()
 
 
-@pytest.mark.parametrize("term", ["KFOPT_PLUGINS", "KFOPT_DISABLE_PLUGIN_AUTOLOAD", "TechniqueSkipped",
-                                  "check_technique", "[project.entry-points.kfopt]", "kfopt new-plugin"])
+@pytest.mark.parametrize(
+    "term",
+    [
+        "KFOPT_PLUGINS",
+        "KFOPT_DISABLE_PLUGIN_AUTOLOAD",
+        "TechniqueSkipped",
+        "check_technique",
+        "[project.entry-points.kfopt]",
+        "kfopt new-plugin",
+    ],
+)
 def test_plugin_essentials_are_documented(term):
     assert term in DOCS.read_text()
 

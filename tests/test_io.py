@@ -83,7 +83,8 @@ def test_python_datasets_hold_out_validation_batches(tmp_path, monkeypatch):
         "    x = np.random.default_rng(0).random((200, 8), dtype=np.float32)\n"
         "    y = (x.sum(axis=1) > 4).astype('int64')\n"
         "    ds = lambda a, b: tf.data.Dataset.from_tensor_slices((a, b)).batch(10)\n"
-        "    return ds(x[:160], y[:160]), ds(x[160:], y[160:])\n")
+        "    return ds(x[:160], y[:160]), ds(x[160:], y[160:])\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     data = load_data("py:my_data:load")
     assert len(data.validation) == 20 and len(data.train) == 140 and len(data.test) == 40

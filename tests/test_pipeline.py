@@ -29,7 +29,7 @@ TRAINING = {SEARCH[1], SEARCH[3]}
 def compiled(tmp_path, recipes=SEARCH, **options):
     options.setdefault("rounds", 0)
     path = compile_pipeline(tmp_path / "pipeline.yaml", recipes, **options)
-    pipeline, *platform = list(yaml.safe_load_all(open(path)))
+    pipeline, *platform = list(yaml.safe_load_all(Path(path).read_text()))
     return pipeline, platform[0]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if platform else {}
 
 
@@ -48,8 +48,13 @@ def executor_of(pipeline, component):
 
 
 def test_compiled_pipeline_places_fine_tuning_on_the_accelerator_pool(tmp_path):
-    pipeline, k8s = compiled(tmp_path, image="registry.example/kfopt:1", accelerator_image="registry.example/kfopt:1-gpu",
-                             placement=load_placement("gke"), parallelism=3)
+    pipeline, k8s = compiled(
+        tmp_path,
+        image="registry.example/kfopt:1",
+        accelerator_image="registry.example/kfopt:1-gpu",
+        placement=load_placement("gke"),
+        parallelism=3,
+    )
     containers = pipeline["deploymentSpec"]["executors"]
     found = loops(pipeline)
     assert {name for name in found} == {"fine-tuning-recipes", "post-training-recipes"}
@@ -97,8 +102,22 @@ def test_compiled_pipeline_retries_promotion_and_caches_the_deterministic_steps(
     assert set(select_inputs["artifacts"]) == {"baseline", "accelerator_candidates", "cpu_candidates"}
     assert set(select_inputs["parameters"]) == {"max_accuracy_drop", "objective", "number"}
     assert set(pipeline["root"]["inputDefinitions"]["parameters"]) == {
-        "model", "data", "max_accuracy_drop", "objective", "registered_model", "tracking_uri", "experiment",
-        "seed", "epochs", "unsafe", "max_trials", "max_time", "target", "stop_when_met", "sensitivity"}
+        "model",
+        "data",
+        "max_accuracy_drop",
+        "objective",
+        "registered_model",
+        "tracking_uri",
+        "experiment",
+        "seed",
+        "epochs",
+        "unsafe",
+        "max_trials",
+        "max_time",
+        "target",
+        "stop_when_met",
+        "sensitivity",
+    }
 
 
 def test_search_rounds_propose_recipes_at_run_time_and_merge_every_round(tmp_path):
@@ -133,10 +152,22 @@ def _candidate(directory, recipe, steps_, val_drop, gzip_bytes, **extra):
     """A measured candidate as an optimize step writes it (the model file is opaque bytes here)."""
     directory.mkdir(parents=True)
     (directory / "model.tflite").write_bytes(b"tflite " + recipe.encode())
-    record = {"recipe": recipe, "steps": steps_, "status": "ok", "artifact": "/elsewhere/model.tflite", "format": "tflite",
-              "accuracy": 0.97 - val_drop, "accuracy_drop": val_drop, "val_accuracy_drop": val_drop,
-              "gzip_bytes": gzip_bytes, "compression_ratio": 80000 / gzip_bytes, "latency_p50_ms": 0.01, "speedup": 2.0,
-              "seconds": 10.0, **extra}
+    record = {
+        "recipe": recipe,
+        "steps": steps_,
+        "status": "ok",
+        "artifact": "/elsewhere/model.tflite",
+        "format": "tflite",
+        "accuracy": 0.97 - val_drop,
+        "accuracy_drop": val_drop,
+        "val_accuracy_drop": val_drop,
+        "gzip_bytes": gzip_bytes,
+        "compression_ratio": 80000 / gzip_bytes,
+        "latency_p50_ms": 0.01,
+        "speedup": 2.0,
+        "seconds": 10.0,
+        **extra,
+    }
     (directory / steps.CANDIDATE_FILE).write_text(json.dumps(record))
     return directory
 
@@ -145,18 +176,39 @@ def test_round_steps_propose_from_validation_and_merge_rounds_into_one_results_f
     baseline = tmp_path / "baseline"
     baseline.mkdir()
     (baseline / steps.BASELINE_MODEL).write_bytes(b"keras")
-    (baseline / steps.BASELINE_FILE).write_text(json.dumps({"model": "demo:mlp", "data": "digits", "seed": 0,
-                                                            "input_shape": [64], "metrics": {"accuracy": 0.97}}))
+    (baseline / steps.BASELINE_FILE).write_text(
+        json.dumps(
+            {"model": "demo:mlp", "data": "digits", "seed": 0, "input_shape": [64], "metrics": {"accuracy": 0.97}}
+        )
+    )
     plan = tmp_path / "plan"
     plan.mkdir()
-    (plan / steps.SEARCH_FILE).write_text(json.dumps({"settings": {
-        "rounds": 2, "max_trials": 1, "max_time": None, "objective": "size", "max_accuracy_drop": 0.01, "target": None,
-        "stop_when_met": False}, "layer_sensitivity": [{"layer": "dense", "params": 10, "sparsity": 0.9,
-                                                        "val_accuracy": 0.9, "val_accuracy_drop": 0.07}]}))
-    prune = [{"technique": "prune", "config": {"method": "magnitude", "target_sparsity": 0.5, "epochs": 1}},
-             {"technique": "quantize", "config": {"mode": "int8"}}]
-    first = [_candidate(tmp_path / "c1", "prune-0.5", prune, 0.0, 20000, position=0),
-             _candidate(tmp_path / "c2", "int8", prune[1:], 0.0, 23000, position=1)]
+    (plan / steps.SEARCH_FILE).write_text(
+        json.dumps(
+            {
+                "settings": {
+                    "rounds": 2,
+                    "max_trials": 1,
+                    "max_time": None,
+                    "objective": "size",
+                    "max_accuracy_drop": 0.01,
+                    "target": None,
+                    "stop_when_met": False,
+                },
+                "layer_sensitivity": [
+                    {"layer": "dense", "params": 10, "sparsity": 0.9, "val_accuracy": 0.9, "val_accuracy_drop": 0.07}
+                ],
+            }
+        )
+    )
+    prune = [
+        {"technique": "prune", "config": {"method": "magnitude", "target_sparsity": 0.5, "epochs": 1}},
+        {"technique": "quantize", "config": {"mode": "int8"}},
+    ]
+    first = [
+        _candidate(tmp_path / "c1", "prune-0.5", prune, 0.0, 20000, position=0),
+        _candidate(tmp_path / "c2", "int8", prune[1:], 0.0, 23000, position=1),
+    ]
     round1 = steps.select_step(baseline, first, tmp_path / "r1", max_accuracy_drop=0.01, number=1, search_dir=plan)
     assert [t["round"] for t in round1["search_trace"]] == [1, 1] and round1["search"]["stopped"] is None
     assert round1["layer_sensitivity"][0]["layer"] == "dense"
@@ -165,13 +217,23 @@ def test_round_steps_propose_from_validation_and_merge_rounds_into_one_results_f
     assert len(items) == 1 and items[0]["round"] == 2  # max_trials 1
     assert "bisect prune sparsity up" in items[0]["why"] and "target_sparsity=0.74" in items[0]["recipe"]
 
-    proposed = _candidate(tmp_path / "c3", items[0]["recipe"], prune, 0.005, 12000, position=0, round=2,
-                          why=items[0]["why"])
-    round2 = steps.select_step(baseline, [proposed], tmp_path / "r2", max_accuracy_drop=0.01, number=2,
-                               previous_dir=tmp_path / "r1", search_dir=plan)
+    proposed = _candidate(
+        tmp_path / "c3", items[0]["recipe"], prune, 0.005, 12000, position=0, round=2, why=items[0]["why"]
+    )
+    round2 = steps.select_step(
+        baseline,
+        [proposed],
+        tmp_path / "r2",
+        max_accuracy_drop=0.01,
+        number=2,
+        previous_dir=tmp_path / "r1",
+        search_dir=plan,
+    )
     assert [c["recipe"] for c in round2["candidates"]] == ["prune-0.5", "int8", items[0]["recipe"]]
     assert round2["winner"] == items[0]["recipe"]
-    assert [t["round"] for t in round2["search_trace"]] == [1, 1, 2] and round2["search_trace"][2]["why"] == items[0]["why"]
+    assert [t["round"] for t in round2["search_trace"]] == [1, 1, 2] and round2["search_trace"][2]["why"] == items[0][
+        "why"
+    ]
     assert round2["search"]["stopped"] is None and round2["search"]["seconds"] == 30.0
     for candidate in round2["candidates"]:  # every round's models are copied: the folder is self-contained
         assert candidate["artifact"].startswith(str(tmp_path / "r2")) and Path(candidate["artifact"]).is_file()
@@ -183,8 +245,15 @@ def test_round_steps_propose_from_validation_and_merge_rounds_into_one_results_f
     (stop,) = [json.loads(i) for i in steps.propose_step(tmp_path / "r2", plan, 3)]
     assert stop["round"] == 3 and "target 3x met on the validation split by" in stop[steps.STOPPED]
     steps.stopped_step(tmp_path / "c4", 3, stop[steps.STOPPED])
-    round3 = steps.select_step(baseline, [tmp_path / "c4"], tmp_path / "r3", max_accuracy_drop=0.01, number=3,
-                               previous_dir=tmp_path / "r2", search_dir=plan)
+    round3 = steps.select_step(
+        baseline,
+        [tmp_path / "c4"],
+        tmp_path / "r3",
+        max_accuracy_drop=0.01,
+        number=3,
+        previous_dir=tmp_path / "r2",
+        search_dir=plan,
+    )
     assert len(round3["candidates"]) == 3 and round3["search"]["stopped"] == stop[steps.STOPPED]
     assert round3["search"]["target_met_by"] == items[0]["recipe"]
 
@@ -193,7 +262,9 @@ def test_tpu_placement_uses_the_gke_tpu_labels(tmp_path):
     pipeline, k8s = compiled(tmp_path, placement=load_placement("gke-tpu"))
     [executor] = k8s
     assert k8s[executor]["nodeSelector"]["labels"] == {
-        "cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice", "cloud.google.com/gke-tpu-topology": "2x2"}
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+        "cloud.google.com/gke-tpu-topology": "2x2",
+    }
     accelerator = pipeline["deploymentSpec"]["executors"][executor]["container"]["resources"]["accelerator"]
     assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("google.com/tpu", "4")
 
@@ -226,20 +297,38 @@ def test_placement_file_errors_say_what_to_fix(tmp_path):
 def test_default_search_covers_the_techniques_and_splits_by_pool():
     search = load_search()
     labels = [r.label for r in search]
-    assert {"quantize(mode=dynamic)", "quantize(mode=float16)", "quantize(mode=int8)", "quantize(mode=qat)",
-            "accelerate(backend=xla)", "accelerate(backend=tflite)", "accelerate(backend=mixed_precision)"} <= set(labels)
-    assert any(l.startswith("prune(method=magnitude") for l in labels) and any(l.startswith("prune(method=structured") for l in labels)
-    assert sum(l.startswith("distill(") for l in labels) == 2
+    assert {
+        "quantize(mode=dynamic)",
+        "quantize(mode=float16)",
+        "quantize(mode=int8)",
+        "quantize(mode=qat)",
+        "accelerate(backend=xla)",
+        "accelerate(backend=tflite)",
+        "accelerate(backend=mixed_precision)",
+    } <= set(labels)
+    assert any(line_.startswith("prune(method=magnitude") for line_ in labels) and any(
+        line_.startswith("prune(method=structured") for line_ in labels
+    )
+    assert sum(line_.startswith("distill(") for line_ in labels) == 2
     training, post_training = split_by_pool(search)
-    assert {r.label for r in post_training} == {"quantize(mode=dynamic)", "quantize(mode=float16)", "quantize(mode=int8)",
-                                                "accelerate(backend=xla)", "accelerate(backend=tflite)"}
-    assert "quantize(mode=qat)" in {r.label for r in training} and "accelerate(backend=mixed_precision)" in {r.label for r in training}
+    assert {r.label for r in post_training} == {
+        "quantize(mode=dynamic)",
+        "quantize(mode=float16)",
+        "quantize(mode=int8)",
+        "accelerate(backend=xla)",
+        "accelerate(backend=tflite)",
+    }
+    assert "quantize(mode=qat)" in {r.label for r in training} and "accelerate(backend=mixed_precision)" in {
+        r.label for r in training
+    }
 
 
 def test_search_file_errors_name_the_recipe(tmp_path):
     path = tmp_path / "search.yaml"
     path.write_text("- quantize(mode=int8)\n- prune(sparsity=0.5)\n")
-    with pytest.raises(KfoptError, match=r"recipe 2 \('prune\(sparsity=0.5\)'\): Step 'prune': unknown config key 'sparsity'"):
+    with pytest.raises(
+        KfoptError, match=r"recipe 2 \('prune\(sparsity=0.5\)'\): Step 'prune': unknown config key 'sparsity'"
+    ):
         load_search(path)
     path.write_text("- quantize(mode=int8)\n- name: quantize(mode=int8)\n  steps: [quantize: {mode: dynamic}]\n")
     with pytest.raises(KfoptError, match="recipes 1 and 2 are both called"):
@@ -253,27 +342,42 @@ def test_cli_compile_and_argument_errors(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["compile", "--output", str(tmp_path / "p.yaml"), "--placement", "gke-tpu"])
     assert result.exit_code == 0, result.output
-    assert "6 fine-tuning on the accelerator pool (4 x google.com/tpu)" in result.output and (tmp_path / "p.yaml").is_file()
+    assert (
+        "6 fine-tuning on the accelerator pool (4 x google.com/tpu)" in result.output
+        and (tmp_path / "p.yaml").is_file()
+    )
     for args, message in [
         (["submit", "--host", "kubeflow.local"], "--host 'kubeflow.local' is not an http(s) URL"),
-        (["compile", "--output", str(tmp_path / "p.yaml"), "--placement", "aks"], "Placement file 'aks' does not exist"),
+        (
+            ["compile", "--output", str(tmp_path / "p.yaml"), "--placement", "aks"],
+            "Placement file 'aks' does not exist",
+        ),
         (["run", "--search", str(tmp_path / "none.yaml")], "Search file"),
         (["run", "--model", str(tmp_path / "none.keras")], "does not exist"),
     ]:
         result = runner.invoke(main, args)
         assert result.exit_code == 2, (args, result.output)
-        assert [l for l in result.output.splitlines() if l.startswith("error:")] and message in result.output, result.output
+        assert [
+            line_ for line_ in result.output.splitlines() if line_.startswith("error:")
+        ] and message in result.output, result.output
     assert runner.invoke(main, ["run", "--objective", "speed"]).exit_code == 2
 
 
 def test_importing_the_pipeline_packages_does_not_import_tensorflow():
-    code = ("import sys, kfopt.components, kfopt.pipelines, kfopt.pipelines.placement, kfopt.search, kfopt.select, "
-            "kfopt.html_report; print('tensorflow' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    code = (
+        "import sys, kfopt.components, kfopt.pipelines, kfopt.pipelines.placement, kfopt.search, kfopt.select, "
+        "kfopt.html_report; print('tensorflow' in sys.modules)"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_a_recipe_that_cannot_be_planned_is_a_failed_candidate(tmp_path):
-    record = steps.optimize_step("quantize(mode=int4)", tmp_path / "baseline", tmp_path / "data", tmp_path / "candidate")
+    record = steps.optimize_step(
+        "quantize(mode=int4)", tmp_path / "baseline", tmp_path / "data", tmp_path / "candidate"
+    )
     assert record["status"] == "failed" and "mode=" in record["reason"]
     assert json.loads((tmp_path / "candidate" / steps.CANDIDATE_FILE).read_text())["status"] == "failed"
 
@@ -295,14 +399,30 @@ def test_html_report_lists_every_candidate_and_embeds_both_plots():
     from kfopt.html_report import render_html
 
     result = {
-        "model": "demo:mlp", "data": "digits",
-        "baseline": {"format": "keras", "accuracy": 0.97, "accuracy_drop": 0.0, "gzip_bytes": 300_000, "latency_p50_ms": 0.4},
+        "model": "demo:mlp",
+        "data": "digits",
+        "baseline": {
+            "format": "keras",
+            "accuracy": 0.97,
+            "accuracy_drop": 0.0,
+            "gzip_bytes": 300_000,
+            "latency_p50_ms": 0.4,
+        },
         "candidates": [
-            {"recipe": "a<b>", "status": "ok", "format": "tflite", "accuracy": 0.96, "accuracy_drop": 0.01,
-             "gzip_bytes": 30_000, "latency_p50_ms": 0.002, "within_budget": True},
+            {
+                "recipe": "a<b>",
+                "status": "ok",
+                "format": "tflite",
+                "accuracy": 0.96,
+                "accuracy_drop": 0.01,
+                "gzip_bytes": 30_000,
+                "latency_p50_ms": 0.002,
+                "within_budget": True,
+            },
             {"recipe": "broken", "status": "failed", "reason": "technique 'distill' failed: OSError: bad file"},
         ],
-        "winner": "a<b>", "pareto": ["a<b>"],
+        "winner": "a<b>",
+        "pareto": ["a<b>"],
         "selection": {"objective": "size", "metric": "gzip_bytes", "max_accuracy_drop": 0.01},
     }
     page = render_html(result)
@@ -324,16 +444,26 @@ def prepared(tmp_path_factory):
 def test_steps_measure_a_candidate_optimized_on_another_pool_like_any_other(prepared, tmp_path):
     root, baseline = prepared
     assert baseline["metrics"]["accuracy"] > 0.8 and (root / "baseline" / "model.keras").is_file()
-    recipe = {"name": "prune-int8", "steps": [{"prune": {"target_sparsity": 0.5, "epochs": 1}}, {"quantize": {"mode": "int8"}}]}
-    unmeasured = steps.optimize_step(recipe, root / "baseline", root / "data", tmp_path / "gpu", measure=False, position=1)
+    recipe = {
+        "name": "prune-int8",
+        "steps": [{"prune": {"target_sparsity": 0.5, "epochs": 1}}, {"quantize": {"mode": "int8"}}],
+    }
+    unmeasured = steps.optimize_step(
+        recipe, root / "baseline", root / "data", tmp_path / "gpu", measure=False, position=1
+    )
     assert unmeasured["status"] == "ok" and unmeasured["measured"] is False and "accuracy" not in unmeasured
     measured = steps.evaluate_step(tmp_path / "gpu", root / "baseline", root / "data", tmp_path / "cpu")
     assert measured["measured"] is True and measured["format"] == "tflite"
     assert measured["sparsity"] == pytest.approx(0.5, abs=0.05)  # facts of the source model survive the hop
     assert measured["compared_with"]["format"] == "tflite"
-    direct = steps.optimize_step("quantize(mode=dynamic)", root / "baseline", root / "data", tmp_path / "direct", position=0)
-    result = steps.select_step(root / "baseline", [tmp_path / "cpu", tmp_path / "direct"], tmp_path / "results",
-                               max_accuracy_drop=0.2, objective="size")
+    steps.optimize_step("quantize(mode=dynamic)", root / "baseline", root / "data", tmp_path / "direct", position=0)
+    result = steps.select_step(
+        root / "baseline",
+        [tmp_path / "cpu", tmp_path / "direct"],
+        tmp_path / "results",
+        max_accuracy_drop=0.2,
+        objective="size",
+    )
     assert [c["recipe"] for c in result["candidates"]] == ["quantize(mode=dynamic)", "prune-int8"]  # search order
     assert result["winner"] == min(result["candidates"], key=lambda c: c["gzip_bytes"])["recipe"]
     for candidate in result["candidates"]:  # the results folder is self-contained
@@ -346,12 +476,24 @@ def test_kfp_local_run_picks_a_winner_and_survives_a_failing_recipe(tmp_path):
 
     corrupt = tmp_path / "student.keras"
     corrupt.write_bytes(b"not a model")
-    search = ["quantize(mode=dynamic)", "quantize(mode=int8)", "prune(target_sparsity=0.5,epochs=1)>quantize(mode=int8)",
-              f"distill(student={corrupt},epochs=1)"]
+    search = [
+        "quantize(mode=dynamic)",
+        "quantize(mode=int8)",
+        "prune(target_sparsity=0.5,epochs=1)>quantize(mode=int8)",
+        f"distill(student={corrupt},epochs=1)",
+    ]
     lines = []
-    result = run_local(search, out=tmp_path / "run", epochs=5, max_accuracy_drop=0.05, rounds=1, max_trials=1,
-                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registered_model="digits-test",
-                       progress=lines.append)
+    result = run_local(
+        search,
+        out=tmp_path / "run",
+        epochs=5,
+        max_accuracy_drop=0.05,
+        rounds=1,
+        max_trials=1,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        registered_model="digits-test",
+        progress=lines.append,
+    )
     by_label = {c["recipe"]: c for c in result["candidates"]}
     *first, refined = by_label
     assert first == search  # every recipe is a candidate, in the search's order
@@ -368,7 +510,7 @@ def test_kfp_local_run_picks_a_winner_and_survives_a_failing_recipe(tmp_path):
     eligible = [c for c in result["candidates"] if c["status"] == "ok" and c["accuracy_drop"] <= 0.05]
     assert result["winner"] == min(eligible, key=lambda c: (c["gzip_bytes"], -c["accuracy"]))["recipe"]
     assert result["winner"] in result["pareto"]
-    page = open(result["report"]).read()
+    page = Path(result["report"]).read_text()
     for label in by_label:
         assert html.escape(label, quote=True) in page
     assert (tmp_path / "run" / "metrics.json").is_file() and "prepare: success" in lines

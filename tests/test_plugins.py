@@ -4,8 +4,8 @@ import sys
 import warnings
 
 import pytest
-
 from conftest import RoundWeights
+
 from kfopt.errors import KfoptError
 from kfopt.optimize import optimize
 from kfopt.plugins import hookimpl
@@ -29,15 +29,25 @@ class TestPlugin:
 def test_builtins_are_listed_with_kfopt_as_owner():
     techniques = registry()
     assert {t.name: t.kind for t in techniques} == {
-        "accelerate": "accelerate", "distill": "distill", "prune": "prune", "quantize": "quantize"}
+        "accelerate": "accelerate",
+        "distill": "distill",
+        "prune": "prune",
+        "quantize": "quantize",
+    }
     assert set(techniques.owners.values()) == {"kfopt"}
 
 
 def test_test_local_plugin_is_listed_and_usable_in_a_recipe(tmp_path):
     techniques = registry([TestPlugin()])
     assert "round_weights" in [t.name for t in techniques]
-    result = optimize("demo:mlp", "digits", "round_weights(decimals=1)>quantize(mode=dynamic)", tmp_path,
-                      epochs=3, extra_plugins=[TestPlugin()])
+    result = optimize(
+        "demo:mlp",
+        "digits",
+        "round_weights(decimals=1)>quantize(mode=dynamic)",
+        tmp_path,
+        epochs=3,
+        extra_plugins=[TestPlugin()],
+    )
     candidate = result["candidates"][0]
     assert candidate["status"] == "ok", candidate.get("reason")
     assert candidate["format"] == "tflite" and candidate["accuracy"] > 0.5
@@ -98,12 +108,14 @@ def test_entry_point_plugin_loads_with_its_package_name(tmp_path, monkeypatch):
         "from tests_plugin_helpers import RoundWeights\n"
         "@hookimpl\n"
         "def kfopt_register_techniques(register):\n"
-        "    register(RoundWeights())\n")
+        "    register(RoundWeights())\n"
+    )
     (tmp_path / "tests_plugin_helpers.py").write_text(
         "from kfopt.plugins import Technique, ModelHandle\n"
         "class RoundWeights(Technique):\n"
         "    name = 'round_weights'\n    kind = 'compress'\n    accepts = {'keras'}\n    produces = 'keras'\n"
-        "    class Config(Technique.Config):\n        decimals: int = 2\n")
+        "    class Config(Technique.Config):\n        decimals: int = 2\n"
+    )
     _fake_distribution(tmp_path, "kfopt-roundplugin", "round = kfopt_roundplugin")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("KFOPT_DISABLE_PLUGIN_AUTOLOAD", raising=False)

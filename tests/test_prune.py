@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pydantic
 import pytest
-
 from conftest import accuracy, clone
+
 from kfopt import _tf
+from kfopt.data import Split
 from kfopt.errors import KfoptError
 from kfopt.plugins import ModelHandle
 from kfopt.plugins import prune as prune_module
-from kfopt.data import Split
 from kfopt.plugins.prune import Prune, steps_per_epoch, threshold_global
 from kfopt.sparsity import weight_sparsity
 
@@ -22,28 +22,37 @@ def assert_same_weights(model, reference):
 
 
 def run(model, data, ctx_factory, **config):
-    return Prune().apply(ModelHandle.from_keras(model, info={"from": "test"}),
-                         Prune.Config(**config), ctx_factory(data))
+    return Prune().apply(
+        ModelHandle.from_keras(model, info={"from": "test"}), Prune.Config(**config), ctx_factory(data)
+    )
 
 
 def test_registers_through_the_hook():
     registered = []
     prune_module.kfopt_register_techniques(register=registered.append)
     (technique,) = registered
-    assert (technique.name, technique.kind, technique.accepts, technique.produces) == ("prune", "prune", {"keras"}, "keras")
+    assert (technique.name, technique.kind, technique.accepts, technique.produces) == (
+        "prune",
+        "prune",
+        {"keras"},
+        "keras",
+    )
     assert technique.trains_for(Prune.Config())
 
 
-@pytest.mark.parametrize("bad", [
-    {"target_sparsity": 1.5},
-    {"target_sparsity": 0},
-    {"method": "random"},
-    {"epochs": 0},
-    {"m_by_n": "4:2"},
-    {"m_by_n": "two:four"},
-    {"sparsity": 0.5},  # unknown key
-    {"method": "structured", "target_sparsity": 0.7},  # would be silently ignored
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"target_sparsity": 1.5},
+        {"target_sparsity": 0},
+        {"method": "random"},
+        {"epochs": 0},
+        {"m_by_n": "4:2"},
+        {"m_by_n": "two:four"},
+        {"sparsity": 0.5},  # unknown key
+        {"method": "structured", "target_sparsity": 0.7},  # would be silently ignored
+    ],
+)
 def test_config_rejects(bad):
     with pytest.raises(pydantic.ValidationError):
         Prune.Config(**bad)
@@ -123,8 +132,9 @@ def test_unsupported_layer_is_a_clear_error(digits_flat, ctx_factory):
 
 
 @pytest.mark.parametrize("method, target", [("magnitude", 0.9), ("l1", 0.9), ("structured", 0.5)])
-def test_keep_dense_leaves_those_layers_dense_and_prunes_the_others_to_the_target(method, target, mlp, digits_flat,
-                                                                                  ctx_factory):
+def test_keep_dense_leaves_those_layers_dense_and_prunes_the_others_to_the_target(
+    method, target, mlp, digits_flat, ctx_factory
+):
     before = clone(mlp)
     kept = mlp.layers[-1].name  # the small output layer
     config = {} if method == "structured" else {"target_sparsity": target}

@@ -7,8 +7,8 @@ import gzip
 import numpy as np
 import pydantic
 import pytest
-
 from conftest import accuracy, clone
+
 from kfopt import _tf
 from kfopt.errors import KfoptError
 from kfopt.plugins import ModelHandle
@@ -47,15 +47,19 @@ def tflite_accuracy(tflite_bytes, data) -> float:
 def kernel_sparsity(tflite_bytes) -> float:
     """Fraction of zeros in the Dense layers' weight tensors stored in the flatbuffer."""
     it = interpreter(tflite_bytes)
-    kernels = [it.get_tensor(d["index"]) for d in it.get_tensor_details()
-               if "MatMul" in d["name"] and len(d["shape"]) == 2 and d["shape"][0] > 1]
+    kernels = [
+        it.get_tensor(d["index"])
+        for d in it.get_tensor_details()
+        if "MatMul" in d["name"] and len(d["shape"]) == 2 and d["shape"][0] > 1
+    ]
     assert kernels, "no Dense weight tensors found"
     return sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)
 
 
 def run(model, data, ctx_factory, **config):
-    return Quantize().apply(ModelHandle.from_keras(model, info={"from": "test"}),
-                            Quantize.Config(**config), ctx_factory(data))
+    return Quantize().apply(
+        ModelHandle.from_keras(model, info={"from": "test"}), Quantize.Config(**config), ctx_factory(data)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +74,12 @@ def test_registers_through_the_hook():
     registered = []
     quantize_module.kfopt_register_techniques(register=registered.append)
     (technique,) = registered
-    assert (technique.name, technique.kind, technique.accepts, technique.produces) == ("quantize", "quantize", {"keras"}, "tflite")
+    assert (technique.name, technique.kind, technique.accepts, technique.produces) == (
+        "quantize",
+        "quantize",
+        {"keras"},
+        "tflite",
+    )
     assert technique.trains_for(Quantize.Config(mode="qat"))
     assert not technique.trains_for(Quantize.Config(mode="int8"))
 
@@ -88,8 +97,10 @@ def test_post_training_modes_run_and_keep_accuracy(mode, mlp, digits_flat, ctx_f
     assert out.format == "tflite"
     assert out.info == {"from": "test", "sparsity": 0.0, "params": mlp.count_params(), "quantization": mode}
     assert tflite_accuracy(out.tflite(), digits_flat) >= accuracy(mlp, digits_flat) - 0.02
-    io_types = {d["dtype"] for d in (*interpreter(out.tflite()).get_input_details(),
-                                     *interpreter(out.tflite()).get_output_details())}
+    io_types = {
+        d["dtype"]
+        for d in (*interpreter(out.tflite()).get_input_details(), *interpreter(out.tflite()).get_output_details())
+    }
     assert io_types == ({np.int8} if mode == "int8" else {np.float32})
 
 
@@ -127,8 +138,11 @@ def test_qat_float_layers_stay_float_and_the_others_int8(mlp, sparse_mlp, digits
     out = run(sparse_mlp, digits_flat, ctx_factory, mode="qat", epochs=1, float_layers=[kept])
 
     it = interpreter(out.tflite())
-    weights = {d["name"]: d["dtype"] for d in it.get_tensor_details()
-               if "MatMul" in d["name"] and len(d["shape"]) == 2 and d["shape"][0] > 1}  # kernels, not activations
+    weights = {
+        d["name"]: d["dtype"]
+        for d in it.get_tensor_details()
+        if "MatMul" in d["name"] and len(d["shape"]) == 2 and d["shape"][0] > 1
+    }  # kernels, not activations
     assert [dtype for name, dtype in weights.items() if f"/{kept}/" in name] == [np.float32]
     assert sorted(dtype.__name__ for name, dtype in weights.items() if f"/{kept}/" not in name) == ["int8", "int8"]
     assert it.get_input_details()[0]["dtype"] == np.float32  # float layers need float inputs/outputs around them

@@ -42,7 +42,10 @@ def test_wrong_order_fails_saying_what_comes_first(techniques):
 
 
 def test_unknown_technique_suggests_nearest(techniques):
-    with pytest.raises(KfoptError, match=r"Unknown technique 'prun'\. Did you mean 'prune'\?.*Valid techniques: accelerate, distill, prune, quantize"):
+    with pytest.raises(
+        KfoptError,
+        match=r"Unknown technique 'prun'\. Did you mean 'prune'\?.*Valid techniques: accelerate, distill, prune, quantize",
+    ):
         plan(parse_recipe("prun"), techniques)
 
 
@@ -57,7 +60,9 @@ def test_out_of_range_value_names_it(techniques):
 
 
 def test_bad_choice_lists_choices(techniques):
-    with pytest.raises(KfoptError, match=r"mode='int4' is invalid: Input should be 'dynamic', 'float16', 'int8' or 'qat'"):
+    with pytest.raises(
+        KfoptError, match=r"mode='int4' is invalid: Input should be 'dynamic', 'float16', 'int8' or 'qat'"
+    ):
         plan(parse_recipe("quantize(mode=int4)"), techniques)
 
 

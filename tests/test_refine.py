@@ -24,9 +24,19 @@ def techniques():
 
 def record(techniques, label, val_drop, test_drop, gzip, status="ok", **extra):
     steps = [p.as_dict() for p in plan(parse_recipe([label]), techniques)]
-    return {"recipe": label, "steps": steps, "status": status, "val_accuracy_drop": val_drop, "accuracy_drop": test_drop,
-            "accuracy": 0.95 - test_drop, "gzip_bytes": gzip, "latency_p50_ms": 0.01, "compression_ratio": 100000 / gzip,
-            "speedup": 1.0, **extra}
+    return {
+        "recipe": label,
+        "steps": steps,
+        "status": status,
+        "val_accuracy_drop": val_drop,
+        "accuracy_drop": test_drop,
+        "accuracy": 0.95 - test_drop,
+        "gzip_bytes": gzip,
+        "latency_p50_ms": 0.01,
+        "compression_ratio": 100000 / gzip,
+        "speedup": 1.0,
+        **extra,
+    }
 
 
 def sparsity_of(recipe):
@@ -47,7 +57,9 @@ def test_refinement_pushes_prune_up_and_distill_width_down(techniques):
     recipes = [p.recipe for p in proposals]
     assert len(proposals) == 4 and all(p.why for p in proposals)
     prune = proposals[0]
-    assert recipes[0].endswith(">quantize(mode=int8)") and "epochs=20" in recipes[0]  # screened at 3, proposed at the default
+    assert (
+        recipes[0].endswith(">quantize(mode=int8)") and "epochs=20" in recipes[0]
+    )  # screened at 3, proposed at the default
     assert "fine-tuning for the default epochs (prune 20)" in prune.why
     assert 0.8 < sparsity_of(prune.recipe) < 0.98
     assert "bisect prune sparsity up" in prune.why
@@ -76,8 +88,12 @@ def test_bisection_narrows_between_feasible_and_over_budget(techniques):
     # Never proposes a recipe already tried; nothing feasible -> nothing to refine.
     again = propose(records, max_accuracy_drop=BUDGET, tried=[p.recipe for p in proposals], techniques=techniques)
     assert not {p.recipe for p in again} & {p.recipe for p in proposals}
-    assert propose([r for r in records if r["val_accuracy_drop"] > BUDGET], max_accuracy_drop=BUDGET,
-                   techniques=techniques) == []
+    assert (
+        propose(
+            [r for r in records if r["val_accuracy_drop"] > BUDGET], max_accuracy_drop=BUDGET, techniques=techniques
+        )
+        == []
+    )
 
 
 def test_refinement_chooses_on_validation_not_test(techniques):
@@ -91,15 +107,44 @@ def test_refinement_chooses_on_validation_not_test(techniques):
     assert "sparsity 0.8" in first.why
     assert best_feasible(records, BUDGET, "size")["recipe"].startswith("prune(target_sparsity=0.8)")
     assert target_met(records, max_accuracy_drop=BUDGET, objective="size", target=16)["recipe"].startswith(
-        "prune(target_sparsity=0.8)")  # 0.9 reaches 20x but is not within budget on validation
+        "prune(target_sparsity=0.8)"
+    )  # 0.9 reaches 20x but is not within budget on validation
 
 
 #: Layer sensitivity of a demo:cnn-like model: two small sensitive layers, a mid-sized one, a big robust one.
 CNN_ROWS = [
-    {"layer": "dense_1", "params": 640, "sparsity": 0.9, "val_accuracy": 0.35, "val_accuracy_drop": 0.63, "int8_val_accuracy_drop": 0.0},
-    {"layer": "conv2d", "params": 144, "sparsity": 0.9, "val_accuracy": 0.74, "val_accuracy_drop": 0.24, "int8_val_accuracy_drop": 0.0},
-    {"layer": "conv2d_1", "params": 4608, "sparsity": 0.9, "val_accuracy": 0.78, "val_accuracy_drop": 0.20, "int8_val_accuracy_drop": 0.0},
-    {"layer": "dense", "params": 51200, "sparsity": 0.9, "val_accuracy": 0.99, "val_accuracy_drop": 0.0, "int8_val_accuracy_drop": 0.0},
+    {
+        "layer": "dense_1",
+        "params": 640,
+        "sparsity": 0.9,
+        "val_accuracy": 0.35,
+        "val_accuracy_drop": 0.63,
+        "int8_val_accuracy_drop": 0.0,
+    },
+    {
+        "layer": "conv2d",
+        "params": 144,
+        "sparsity": 0.9,
+        "val_accuracy": 0.74,
+        "val_accuracy_drop": 0.24,
+        "int8_val_accuracy_drop": 0.0,
+    },
+    {
+        "layer": "conv2d_1",
+        "params": 4608,
+        "sparsity": 0.9,
+        "val_accuracy": 0.78,
+        "val_accuracy_drop": 0.20,
+        "int8_val_accuracy_drop": 0.0,
+    },
+    {
+        "layer": "dense",
+        "params": 51200,
+        "sparsity": 0.9,
+        "val_accuracy": 0.99,
+        "val_accuracy_drop": 0.0,
+        "int8_val_accuracy_drop": 0.0,
+    },
 ]
 
 
@@ -138,14 +183,18 @@ def test_int8_sensitive_layers_stay_float_under_qat(techniques):
     (recipe,) = [p.recipe for p in proposals if "float_layers" in p.recipe]
     assert recipe.endswith(">quantize(mode=qat,float_layers=[dense_1])")
     assert plan(parse_recipe([recipe]), techniques)[-1].config.float_layers == ["dense_1"]
-    assert not any("float_layers" in p.recipe for p in propose(records, max_accuracy_drop=BUDGET, sensitivity=CNN_ROWS,
-                                                               techniques=techniques))
+    assert not any(
+        "float_layers" in p.recipe
+        for p in propose(records, max_accuracy_drop=BUDGET, sensitivity=CNN_ROWS, techniques=techniques)
+    )
 
 
 def test_a_chain_a_little_over_budget_is_retried_with_longer_fine_tuning(techniques):
     records = [
         record(techniques, "prune(target_sparsity=0.8,epochs=3)>quantize(mode=int8)", 0.015, 0.01, 6000),
-        record(techniques, "distill(width=0.25,epochs=6)>quantize(mode=int8)", 0.05, 0.05, 3000),  # far over: not retried
+        record(
+            techniques, "distill(width=0.25,epochs=6)>quantize(mode=int8)", 0.05, 0.05, 3000
+        ),  # far over: not retried
     ]
     (proposal,) = propose(records, max_accuracy_drop=BUDGET, techniques=techniques)
     assert proposal.recipe == "prune(method=magnitude,target_sparsity=0.8,epochs=20)>quantize(mode=int8)"
@@ -154,9 +203,25 @@ def test_a_chain_a_little_over_budget_is_retried_with_longer_fine_tuning(techniq
 
 def test_two_round_search_on_digits_finds_a_more_aggressive_recipe(tmp_path):
     out = tmp_path / "search"
-    args = ["search", "--model", "demo:mlp", "--data", "digits", "--epochs", "8", "--out", str(out),
-            "--recipe", "prune(target_sparsity=0.5,epochs=2)>quantize(mode=int8)",
-            "--rounds", "1", "--max-trials", "1", "--max-accuracy-drop", "0.05"]
+    args = [
+        "search",
+        "--model",
+        "demo:mlp",
+        "--data",
+        "digits",
+        "--epochs",
+        "8",
+        "--out",
+        str(out),
+        "--recipe",
+        "prune(target_sparsity=0.5,epochs=2)>quantize(mode=int8)",
+        "--rounds",
+        "1",
+        "--max-trials",
+        "1",
+        "--max-accuracy-drop",
+        "0.05",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "round" in result.output and "Winner" in result.output
@@ -199,16 +264,25 @@ def test_latency_proposes_a_dense_student_once_a_width_scaled_student_distils(te
     (step, quantize) = plan(parse_recipe([first.recipe]), techniques)
     assert (step.config.architecture, quantize.config.mode) == ("dense", "int8")
     # For size it comes after the prune and distill refinements.
-    size = [p.recipe for p in propose(records, max_accuracy_drop=BUDGET, objective="size", max_trials=10, techniques=techniques)]
+    size = [
+        p.recipe
+        for p in propose(records, max_accuracy_drop=BUDGET, objective="size", max_trials=10, techniques=techniques)
+    ]
     assert size[-1] == first.recipe and len(size) > 1
     # Only once.
     tried = records + [record(techniques, first.recipe, 0.05, 0.05, 5000)]
-    assert not any("architecture=dense" in p.recipe
-                   for p in propose(tried, max_accuracy_drop=BUDGET, objective="latency", techniques=techniques))
+    assert not any(
+        "architecture=dense" in p.recipe
+        for p in propose(tried, max_accuracy_drop=BUDGET, objective="latency", techniques=techniques)
+    )
 
     def dense_proposed(records, objective):
-        return any("architecture=dense" in p.recipe for p in propose(
-            records, max_accuracy_drop=BUDGET, objective=objective, max_trials=10, techniques=techniques))
+        return any(
+            "architecture=dense" in p.recipe
+            for p in propose(
+                records, max_accuracy_drop=BUDGET, objective=objective, max_trials=10, techniques=techniques
+            )
+        )
 
     # Width-scaled students all over budget: still worth a trial for latency, not for size; none tried: neither.
     over = [dict(r, val_accuracy_drop=0.05) if r["recipe"].startswith("distill") else r for r in records]
@@ -221,25 +295,44 @@ def test_dense_and_same_architecture_widths_bisect_separately(techniques):
     records = [
         record(techniques, "distill(width=0.5)>quantize(mode=int8)", 0.002, 0.002, 8000, latency_p50_ms=0.008),
         record(techniques, "distill(width=0.25)>quantize(mode=int8)", 0.05, 0.05, 4000, latency_p50_ms=0.0077),
-        record(techniques, "distill(architecture=dense,width=1)>quantize(mode=int8)", 0.004, 0.003, 9000,
-               latency_p50_ms=0.0014),
-        record(techniques, "distill(architecture=dense,width=0.125)>quantize(mode=int8)", 0.04, 0.04, 2000,
-               latency_p50_ms=0.0009),
+        record(
+            techniques,
+            "distill(architecture=dense,width=1)>quantize(mode=int8)",
+            0.004,
+            0.003,
+            9000,
+            latency_p50_ms=0.0014,
+        ),
+        record(
+            techniques,
+            "distill(architecture=dense,width=0.125)>quantize(mode=int8)",
+            0.04,
+            0.04,
+            2000,
+            latency_p50_ms=0.0009,
+        ),
     ]
     proposals = propose(records, max_accuracy_drop=BUDGET, objective="latency", max_trials=2, techniques=techniques)
     dense, same = proposals
     # The dense family has the faster feasible student, so its bisection comes first; each within its own bracket.
     assert "architecture=dense" in dense.recipe and dense.recipe.endswith(">quantize(mode=int8)")
     assert width_of(dense.recipe) == pytest.approx(math.sqrt(0.125 * 1), abs=1e-3)
-    assert "bisect distill width of dense students down" in dense.why and "widest student over budget 0.125" in dense.why
+    assert (
+        "bisect distill width of dense students down" in dense.why and "widest student over budget 0.125" in dense.why
+    )
     assert "architecture" not in same.recipe
     assert width_of(same.recipe) == pytest.approx(math.sqrt(0.25 * 0.5), abs=1e-3)
     assert "widest student over budget 0.25" in same.why
     # Dense students no faster than the best width-scaled one (an MLP teacher): not narrowed further.
     slow = [dict(r, latency_p50_ms=0.009) if "architecture=dense" in r["recipe"] else r for r in records]
-    assert not any("architecture=dense" in p.recipe
-                   for p in propose(slow, max_accuracy_drop=BUDGET, objective="latency", techniques=techniques))
+    assert not any(
+        "architecture=dense" in p.recipe
+        for p in propose(slow, max_accuracy_drop=BUDGET, objective="latency", techniques=techniques)
+    )
     # Without the over-budget dense student the dense bracket's floor is the default, not the same family's 0.25.
-    (dense_only,) = [p for p in propose(records[:3], max_accuracy_drop=BUDGET, objective="latency", techniques=techniques)
-                     if "architecture=dense" in p.recipe]
+    (dense_only,) = [
+        p
+        for p in propose(records[:3], max_accuracy_drop=BUDGET, objective="latency", techniques=techniques)
+        if "architecture=dense" in p.recipe
+    ]
     assert width_of(dense_only.recipe) == pytest.approx(0.25) and "floor 0.0625" in dense_only.why

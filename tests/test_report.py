@@ -18,44 +18,129 @@ TRICKY = "quantize(mode=<int8>&co)"  # HTML special characters in a recipe label
 
 def search_result() -> dict:
     """A two-round search as kfopt.refine.search writes it: a winner, one over budget, a failure, an unrun trial."""
+
     def ok(recipe, round, why, accuracy, val_drop, gzip, latency, fmt="tflite", **extra):
-        return {"recipe": recipe, "status": "ok", "reason": None, "format": fmt, "round": round, "why": why,
-                "accuracy": accuracy, "accuracy_drop": 0.96 - accuracy, "val_accuracy": 0.97 - val_drop,
-                "val_accuracy_drop": val_drop, "gzip_bytes": gzip, "compression_ratio": 300_000 / gzip,
-                "latency_p50_ms": latency, "speedup": 0.4 / latency, **extra}
+        return {
+            "recipe": recipe,
+            "status": "ok",
+            "reason": None,
+            "format": fmt,
+            "round": round,
+            "why": why,
+            "accuracy": accuracy,
+            "accuracy_drop": 0.96 - accuracy,
+            "val_accuracy": 0.97 - val_drop,
+            "val_accuracy_drop": val_drop,
+            "gzip_bytes": gzip,
+            "compression_ratio": 300_000 / gzip,
+            "latency_p50_ms": latency,
+            "speedup": 0.4 / latency,
+            **extra,
+        }
 
     why2 = "bisect prune sparsity up from 'prune(target_sparsity=0.5)' (val drop +0.20 pt < budget): try 0.75"
     candidates = [
-        ok("prune(target_sparsity=0.5)", 1, "round 1: from the search space", 0.955, 0.002, 150_000, 0.41, "keras",
-           within_budget=True, not_selected_because="larger than the winner"),
-        ok(TRICKY, 1, "round 1: from the search space", 0.90, 0.04, 40_000, 0.01,
-           within_budget=False, not_selected_because="accuracy drop 0.0600 is over the budget 0.0100"),
-        {"recipe": "distill(width=0.5)", "status": "failed", "reason": "technique 'distill' failed: OSError: <no file>",
-         "round": 1, "why": "round 1: from the search space", "within_budget": False,
-         "not_selected_because": "failed: technique 'distill' failed"},
+        ok(
+            "prune(target_sparsity=0.5)",
+            1,
+            "round 1: from the search space",
+            0.955,
+            0.002,
+            150_000,
+            0.41,
+            "keras",
+            within_budget=True,
+            not_selected_because="larger than the winner",
+        ),
+        ok(
+            TRICKY,
+            1,
+            "round 1: from the search space",
+            0.90,
+            0.04,
+            40_000,
+            0.01,
+            within_budget=False,
+            not_selected_because="accuracy drop 0.0600 is over the budget 0.0100",
+        ),
+        {
+            "recipe": "distill(width=0.5)",
+            "status": "failed",
+            "reason": "technique 'distill' failed: OSError: <no file>",
+            "round": 1,
+            "why": "round 1: from the search space",
+            "within_budget": False,
+            "not_selected_because": "failed: technique 'distill' failed",
+        },
         ok("prune(target_sparsity=0.75)", 2, why2, 0.952, 0.006, 90_000, 0.40, "keras", within_budget=True),
     ]
-    trace = [{"round": c["round"], "recipe": c["recipe"], "why": c["why"], "status": c["status"],
-              "val_accuracy_drop": c.get("val_accuracy_drop"), "gzip_bytes": c.get("gzip_bytes")} for c in candidates]
-    trace.append({"round": 2, "recipe": "prune(target_sparsity=0.9)", "why": "a <guess> & a hope",
-                  "status": "not run: time budget of 60 s spent"})
+    trace = [
+        {
+            "round": c["round"],
+            "recipe": c["recipe"],
+            "why": c["why"],
+            "status": c["status"],
+            "val_accuracy_drop": c.get("val_accuracy_drop"),
+            "gzip_bytes": c.get("gzip_bytes"),
+        }
+        for c in candidates
+    ]
+    trace.append(
+        {
+            "round": 2,
+            "recipe": "prune(target_sparsity=0.9)",
+            "why": "a <guess> & a hope",
+            "status": "not run: time budget of 60 s spent",
+        }
+    )
     return {
-        "model": "demo:mlp", "data": "digits", "seed": 0,
-        "baseline": {"format": "keras", "accuracy": 0.96, "accuracy_drop": 0.0, "val_accuracy": 0.97,
-                     "val_accuracy_drop": 0.0, "gzip_bytes": 300_000, "latency_p50_ms": 0.4, "compression_ratio": 1.0},
+        "model": "demo:mlp",
+        "data": "digits",
+        "seed": 0,
+        "baseline": {
+            "format": "keras",
+            "accuracy": 0.96,
+            "accuracy_drop": 0.0,
+            "val_accuracy": 0.97,
+            "val_accuracy_drop": 0.0,
+            "gzip_bytes": 300_000,
+            "latency_p50_ms": 0.4,
+            "compression_ratio": 1.0,
+        },
         "candidates": candidates,
-        "winner": "prune(target_sparsity=0.75)", "pareto": ["prune(target_sparsity=0.75)", TRICKY],
+        "winner": "prune(target_sparsity=0.75)",
+        "pareto": ["prune(target_sparsity=0.75)", TRICKY],
         "registered_model": None,
-        "selection": {"objective": "size", "metric": "gzip_bytes", "max_accuracy_drop": 0.01,
-                      "within_budget": ["prune(target_sparsity=0.5)", "prune(target_sparsity=0.75)"]},
-        "search": {"rounds": 1, "max_trials": 2, "max_time": 60.0, "objective": "size", "max_accuracy_drop": 0.01,
-                   "target": None, "stop_when_met": False, "choices_use": "validation split (val_accuracy_drop)",
-                   "final_check_uses": "test split", "stopped": "time budget of 60 s spent", "target_met_by": None,
-                   "seconds": 61.2},
+        "selection": {
+            "objective": "size",
+            "metric": "gzip_bytes",
+            "max_accuracy_drop": 0.01,
+            "within_budget": ["prune(target_sparsity=0.5)", "prune(target_sparsity=0.75)"],
+        },
+        "search": {
+            "rounds": 1,
+            "max_trials": 2,
+            "max_time": 60.0,
+            "objective": "size",
+            "max_accuracy_drop": 0.01,
+            "target": None,
+            "stop_when_met": False,
+            "choices_use": "validation split (val_accuracy_drop)",
+            "final_check_uses": "test split",
+            "stopped": "time budget of 60 s spent",
+            "target_met_by": None,
+            "seconds": 61.2,
+        },
         "search_trace": trace,
         "layer_sensitivity": [
-            {"layer": "dense_2", "params": 2560, "sparsity": 0.9, "val_accuracy": 0.91, "val_accuracy_drop": 0.06,
-             "kept_after_fine_tune": 0.125},
+            {
+                "layer": "dense_2",
+                "params": 2560,
+                "sparsity": 0.9,
+                "val_accuracy": 0.91,
+                "val_accuracy_drop": 0.06,
+                "kept_after_fine_tune": 0.125,
+            },
             {"layer": "dense_1", "params": 65536, "sparsity": 0.9, "val_accuracy": 0.97, "val_accuracy_drop": 0.0},
         ],
     }
@@ -94,7 +179,9 @@ def test_report_shows_every_candidate_trace_sensitivity_and_splits():
     # Which split every number comes from.
     assert "validation split (val_accuracy_drop)" in text and "test split" in text
     assert "Stopped: time budget of 60 s spent after 61.2 s" in " ".join(text.split())
-    assert re.search(r"accuracy\s*test split", text_of(candidates)) and re.search(r"val drop\s*validation split", text_of(candidates))
+    assert re.search(r"accuracy\s*test split", text_of(candidates)) and re.search(
+        r"val drop\s*validation split", text_of(candidates)
+    )
     assert "Layer sensitivity (validation split)" in text and "Trade-offs (test split)" in text
 
 
@@ -129,9 +216,11 @@ def test_report_of_a_run_without_search_or_sensitivity():
 
 
 def test_plots_use_agg_without_touching_the_global_backend():
-    code = ("import matplotlib; matplotlib.use('svg'); from kfopt.html_report import pareto_plots; "
-            "p = pareto_plots({'baseline': {'accuracy': 0.9, 'gzip_bytes': 9, 'latency_p50_ms': 1}, 'candidates': []}); "
-            f"print(matplotlib.get_backend(), all(v.startswith({PNG_MAGIC!r}) for v in p.values()))")
+    code = (
+        "import matplotlib; matplotlib.use('svg'); from kfopt.html_report import pareto_plots; "
+        "p = pareto_plots({'baseline': {'accuracy': 0.9, 'gzip_bytes': 9, 'latency_p50_ms': 1}, 'candidates': []}); "
+        f"print(matplotlib.get_backend(), all(v.startswith({PNG_MAGIC!r}) for v in p.values()))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["svg", "True"]
 
@@ -156,8 +245,14 @@ def test_parent_run_carries_report_plots_trace_and_sensitivity(mlflow_server, tm
     parent = parents[0]
     assert parent.data.tags["kfopt.search_stopped"] == "time budget of 60 s spent"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
-        "report.html", "pareto_size.png", "pareto_latency.png", "search_trace.json", "layer_sensitivity.json",
-        "metrics.json", "baseline.json"}
+        "report.html",
+        "pareto_size.png",
+        "pareto_latency.png",
+        "search_trace.json",
+        "layer_sensitivity.json",
+        "metrics.json",
+        "baseline.json",
+    }
     folder = tmp_path / "downloaded"
     folder.mkdir()
     client.download_artifacts(parent.info.run_id, "", str(folder))

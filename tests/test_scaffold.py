@@ -5,9 +5,9 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from click.testing import CliRunner
 
 from kfopt.cli import main
@@ -47,12 +47,15 @@ def test_generated_module_registers_a_working_technique(tmp_path, monkeypatch, k
         sys.modules.pop("kfopt_low_bits", None)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("9lives", "is not usable as a technique name"),
-    ("two words", "is not usable as a technique name"),
-    ("class", "is not usable as a technique name"),
-    ("quantize", "already exists (from kfopt)"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("9lives", "is not usable as a technique name"),
+        ("two words", "is not usable as a technique name"),
+        ("class", "is not usable as a technique name"),
+        ("quantize", "already exists (from kfopt)"),
+    ],
+)
 def test_refuses_names_that_cannot_work(tmp_path, name, message):
     with pytest.raises(KfoptError, match=message.replace("(", r"\(").replace(")", r"\)")):
         create_plugin(name, tmp_path)
@@ -80,7 +83,13 @@ def test_generated_tests_pass_as_created(tmp_path):
     root = create_plugin("low_bits", tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KFOPT_")}
     env["PYTHONPATH"] = str(root)  # as if installed, without touching this environment
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "4 passed" in done.stdout

@@ -9,8 +9,15 @@ from kfopt.select import apply_selection, pareto_front, select
 
 
 def ok(label, accuracy, drop, gzip, latency=1.0):
-    return {"recipe": label, "status": "ok", "reason": None, "accuracy": accuracy, "accuracy_drop": drop,
-            "gzip_bytes": gzip, "latency_p50_ms": latency}
+    return {
+        "recipe": label,
+        "status": "ok",
+        "reason": None,
+        "accuracy": accuracy,
+        "accuracy_drop": drop,
+        "gzip_bytes": gzip,
+        "latency_p50_ms": latency,
+    }
 
 
 def failed(label, status="failed", reason="technique 'x' failed: ValueError: boom"):
@@ -20,7 +27,7 @@ def failed(label, status="failed", reason="technique 'x' failed: ValueError: boo
 CANDIDATES = [
     ok("int8", 0.970, 0.002, 90_000, latency=0.020),
     ok("prune80>int8", 0.968, 0.004, 35_000, latency=0.025),
-    ok("distill25>int8", 0.940, 0.032, 11_000, latency=0.010),   # smallest, but over the budget
+    ok("distill25>int8", 0.940, 0.032, 11_000, latency=0.010),  # smallest, but over the budget
     ok("xla", 0.972, 0.000, 320_000, latency=0.300),
     failed("qat"),
     failed("mixed_precision", "skipped", "accelerate: mixed precision needs a GPU"),
@@ -103,10 +110,13 @@ def test_apply_selection_writes_the_metrics_json_fields():
     apply_selection(result, select(result["candidates"], max_accuracy_drop=0.01, objective="size"))
     assert result["winner"] == "prune80>int8"
     assert result["pareto"] == ["distill25>int8", "prune80>int8", "int8", "xla"]
-    assert result["selection"] == {"objective": "size", "metric": "gzip_bytes", "max_accuracy_drop": 0.01,
-                                   "within_budget": ["int8", "prune80>int8", "xla"],
-                                   "pareto_fronts": {"gzip_bytes": result["pareto"],
-                                                     "latency_p50_ms": ["distill25>int8", "int8", "xla"]}}
+    assert result["selection"] == {
+        "objective": "size",
+        "metric": "gzip_bytes",
+        "max_accuracy_drop": 0.01,
+        "within_budget": ["int8", "prune80>int8", "xla"],
+        "pareto_fronts": {"gzip_bytes": result["pareto"], "latency_p50_ms": ["distill25>int8", "int8", "xla"]},
+    }
     by_label = {c["recipe"]: c for c in result["candidates"]}
     assert by_label["int8"]["within_budget"] is True and "not_selected_because" not in by_label["int8"]
     assert by_label["distill25>int8"]["within_budget"] is False
@@ -116,7 +126,7 @@ def test_apply_selection_writes_the_metrics_json_fields():
 def test_a_weighted_mix_trades_size_against_latency():
     small_slow = ok("small-slow", 0.97, 0.0, 10_000, latency=0.100)
     big_fast = ok("big-fast", 0.97, 0.0, 100_000, latency=0.010)
-    balanced = ok("balanced", 0.97, 0.0, 20_000, latency=0.020)   # 20k*0.02 < 10k*0.1 = 100k*0.01
+    balanced = ok("balanced", 0.97, 0.0, 20_000, latency=0.020)  # 20k*0.02 < 10k*0.1 = 100k*0.01
     candidates = [small_slow, big_fast, balanced]
     assert select(candidates, objective="size").winner == "small-slow"
     assert select(candidates, objective="latency").winner == "big-fast"
@@ -132,7 +142,9 @@ def test_a_weighted_mix_trades_size_against_latency():
 
     ratios = {"compression_ratio": 16.0, "speedup": 4.0, "val_accuracy_drop": 0.0}
     assert objective_ratio(ratios, "mix") == ("compression_ratio^0.5 * speedup^0.5", 8.0)
-    assert target_met([{**balanced, **ratios}], max_accuracy_drop=0.01, objective="mix", target=8)["recipe"] == "balanced"
+    assert (
+        target_met([{**balanced, **ratios}], max_accuracy_drop=0.01, objective="mix", target=8)["recipe"] == "balanced"
+    )
     assert target_met([{**balanced, **ratios}], max_accuracy_drop=0.01, objective="mix", target=9) is None
     for bad in ("mix:1.5", "mix:x", "mixed"):
         with pytest.raises(KfoptError, match="mix"):

@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pydantic
 import pytest
+from conftest import RoundWeights
 from pydantic import Field
 
 from kfopt.errors import TechniqueSkipped
 from kfopt.models import copy_model
 from kfopt.plugins import ModelHandle, Technique, hookimpl
-from conftest import RoundWeights
 from kfopt.testing import TechniqueContractError, TechniqueContractWarning, check_technique
 
 
@@ -56,9 +56,14 @@ def test_importing_the_kit_does_not_import_tensorflow():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_tiny_models_in_every_format_evaluate_well(kfopt_keras_model, kfopt_tflite_model, kfopt_saved_model,
-                                                    kfopt_evaluator):
-    for handle, fmt in ((kfopt_keras_model, "keras"), (kfopt_tflite_model, "tflite"), (kfopt_saved_model, "saved_model")):
+def test_tiny_models_in_every_format_evaluate_well(
+    kfopt_keras_model, kfopt_tflite_model, kfopt_saved_model, kfopt_evaluator
+):
+    for handle, fmt in (
+        (kfopt_keras_model, "keras"),
+        (kfopt_tflite_model, "tflite"),
+        (kfopt_saved_model, "saved_model"),
+    ):
         assert handle.format == fmt
         metrics = kfopt_evaluator.evaluate(handle)
         assert metrics["accuracy"] > 0.85, fmt
@@ -104,10 +109,19 @@ def test_registry_fixture_refuses_a_misspelt_hook(kfopt_registry):
 
 # -- check_technique on good techniques ------------------------------------------------------
 def test_check_technique_passes_a_good_keras_technique(tmp_path):
-    check = check_technique(RoundWeights(), {"decimals": 1}, bad_configs=[{"decimals": -1}],
-                            max_accuracy_drop=0.05, workdir=tmp_path)
-    assert check.passed == ["declaration", "config", "recipe", "apply returns the declared format",
-                            "input unchanged", "evaluates", "accuracy", "deterministic"]
+    check = check_technique(
+        RoundWeights(), {"decimals": 1}, bad_configs=[{"decimals": -1}], max_accuracy_drop=0.05, workdir=tmp_path
+    )
+    assert check.passed == [
+        "declaration",
+        "config",
+        "recipe",
+        "apply returns the declared format",
+        "input unchanged",
+        "evaluates",
+        "accuracy",
+        "deterministic",
+    ]
     assert check.config.decimals == 1 and check.result.format == "keras"
     assert check.metrics["accuracy"] > 0.85
 

@@ -20,8 +20,8 @@ from kfopt.promotion import gate, promote_from
 from kfopt.tracking import TRACKING_FILE, RunLogger, read_result
 
 SMALLER = "prune(target_sparsity=0.5,epochs=1)>quantize(mode=dynamic)"  # tflite, zeros compress: smallest
-SMALL = "quantize(mode=dynamic)"                                           # tflite, int8 weights
-KERAS = "prune(target_sparsity=0.5,epochs=1)"                             # keras fp32: largest
+SMALL = "quantize(mode=dynamic)"  # tflite, int8 weights
+KERAS = "prune(target_sparsity=0.5,epochs=1)"  # keras fp32: largest
 BUDGET = "0.05"  # three-epoch baselines; the budget is not what these tests are about
 
 
@@ -59,10 +59,12 @@ def finished_runs(tmp_path_factory):
 @pytest.fixture
 def run_dir(finished_runs, tmp_path):
     """A fresh copy of one of the finished runs, moved away from where it was written."""
+
     def copy(name):
         target = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}"
         shutil.copytree(finished_runs / name, target)
         return target
+
     return copy
 
 
@@ -90,15 +92,25 @@ def load_champion(uri, name):
 # -- the gate (no MLflow) ----------------------------------------------------------------
 def test_gate_budget_objective_and_ties():
     champion = {"accuracy": 0.95, "gzip_bytes": 100, "latency_p50_ms": 1.0}
-    ok = lambda c, **kw: gate(c, champion, max_accuracy_drop=0.01, objective=kw.get("objective", "size"))[0]
-    assert gate({"accuracy": 0.9, "accuracy_drop": 0.0, "gzip_bytes": 1}, None, max_accuracy_drop=0.01, objective="size")[0]
-    assert ok({"accuracy": 0.945, "gzip_bytes": 99})                       # within budget, smaller
-    assert not ok({"accuracy": 0.93, "gzip_bytes": 10})                    # smaller but too inaccurate
-    assert not ok({"accuracy": 0.99, "gzip_bytes": 100})                   # a tie is not better
+
+    def ok(c, **kw):
+        return gate(c, champion, max_accuracy_drop=0.01, objective=kw.get("objective", "size"))[0]
+
+    assert gate(
+        {"accuracy": 0.9, "accuracy_drop": 0.0, "gzip_bytes": 1}, None, max_accuracy_drop=0.01, objective="size"
+    )[0]
+    assert ok({"accuracy": 0.945, "gzip_bytes": 99})  # within budget, smaller
+    assert not ok({"accuracy": 0.93, "gzip_bytes": 10})  # smaller but too inaccurate
+    assert not ok({"accuracy": 0.99, "gzip_bytes": 100})  # a tie is not better
     assert not ok({"accuracy": 0.99, "accuracy_drop": 0.05, "gzip_bytes": 1})  # blew its own baseline budget
     assert ok({"accuracy": 0.95, "latency_p50_ms": 0.5}, objective="latency")
-    passed, reason = gate({"accuracy": 0.95, "gzip_bytes": 10}, {"accuracy": 0.95}, max_accuracy_drop=0.01,
-                          objective="size", champion_version="3")
+    passed, reason = gate(
+        {"accuracy": 0.95, "gzip_bytes": 10},
+        {"accuracy": 0.95},
+        max_accuracy_drop=0.01,
+        objective="size",
+        champion_version="3",
+    )
     assert not passed and "gzip_bytes missing" in reason and "v3" in reason
 
 
@@ -139,8 +151,18 @@ def test_observer_hooks_see_the_run_and_a_broken_observer_does_not_fail_it(tmp_p
 @pytest.mark.slow
 def test_better_run_becomes_champion_worse_one_stays_challenger(mlflow_server, tmp_path):
     name, uri = "digits-size", mlflow_server.uri
-    common = ["--model", "demo:mlp", "--epochs", "3", "--registered-model", name, "--tracking-uri", uri,
-              "--max-accuracy-drop", BUDGET]
+    common = [
+        "--model",
+        "demo:mlp",
+        "--epochs",
+        "3",
+        "--registered-model",
+        name,
+        "--tracking-uri",
+        uri,
+        "--max-accuracy-drop",
+        BUDGET,
+    ]
     code, out = cli("optimize", *common, "--recipe", SMALL, "--out", tmp_path / "1", "--json")
     assert code == 0, out
     first = json.loads(cli.stdout)["registered_model"]
@@ -181,7 +203,10 @@ def test_better_run_becomes_champion_worse_one_stays_challenger(mlflow_server, t
     assert code == 0, out
     rows = json.loads(cli.stdout)
     assert [(r["version"], r["decision"], r["aliases"]) for r in rows] == [
-        (3, "rejected", ["challenger"]), (2, "promoted", ["champion"]), (1, "promoted", [])]
+        (3, "rejected", ["challenger"]),
+        (2, "promoted", ["champion"]),
+        (1, "promoted", []),
+    ]
     code, out = cli("history", name, "--tracking-uri", uri)
     assert code == 0 and "rejected" in out and "champion" in out
     code, out = cli("history", "digits-siz", "--tracking-uri", uri)
@@ -191,8 +216,9 @@ def test_better_run_becomes_champion_worse_one_stays_challenger(mlflow_server, t
 @pytest.mark.slow
 def test_keras_winner_loads_as_pyfunc(mlflow_server, run_dir):
     name = "digits-keras"
-    decision = promote_from(run_dir("keras"), registered_model=name, tracking_uri=mlflow_server.uri,
-                            max_accuracy_drop=float(BUDGET))
+    decision = promote_from(
+        run_dir("keras"), registered_model=name, tracking_uri=mlflow_server.uri, max_accuracy_drop=float(BUDGET)
+    )
     assert decision["version"] == 1 and decision["promoted"] and decision["reason"] == "no champion yet"
     model = load_champion(mlflow_server.uri, name)
     assert "tensorflow" in model.metadata.flavors  # MLflow's own Keras flavor, not the wrapper
@@ -203,15 +229,34 @@ def test_keras_winner_loads_as_pyfunc(mlflow_server, run_dir):
 @pytest.mark.slow
 def test_server_down_then_promote_later_registers_once(mlflow_server, run_dir, tmp_path, monkeypatch):
     name, uri = "digits-outage", mlflow_server.uri
-    assert promote_from(run_dir("small"), registered_model=name, tracking_uri=uri,
-                        max_accuracy_drop=float(BUDGET))["version"] == 1
+    assert (
+        promote_from(run_dir("small"), registered_model=name, tracking_uri=uri, max_accuracy_drop=float(BUDGET))[
+            "version"
+        ]
+        == 1
+    )
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # fail in seconds, not after the default backoff
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     out_dir = tmp_path / "during-outage"
     mlflow_server.stop()
     try:
-        code, out = cli("optimize", "--model", "demo:mlp", "--epochs", "3", "--recipe", SMALLER, "--out", out_dir,
-                        "--registered-model", name, "--tracking-uri", uri, "--max-accuracy-drop", BUDGET)
+        code, out = cli(
+            "optimize",
+            "--model",
+            "demo:mlp",
+            "--epochs",
+            "3",
+            "--recipe",
+            SMALLER,
+            "--out",
+            out_dir,
+            "--registered-model",
+            name,
+            "--tracking-uri",
+            uri,
+            "--max-accuracy-drop",
+            BUDGET,
+        )
     finally:
         mlflow_server.start()
         monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # later commands: a fresh shell's settings
@@ -227,15 +272,22 @@ def test_server_down_then_promote_later_registers_once(mlflow_server, run_dir, t
     for _ in range(2):
         code, out = cli("promote", "--from", out_dir, "--json")
         assert code == 0, out
-        assert json.loads(cli.stdout) | {"reason": None} == {"name": name, "version": 2, "aliases": ["challenger", "champion"],
-                                                      "promoted": True, "previous_champion": "1", "reason": None}
+        assert json.loads(cli.stdout) | {"reason": None} == {
+            "name": name,
+            "version": 2,
+            "aliases": ["challenger", "champion"],
+            "promoted": True,
+            "previous_champion": "1",
+            "reason": None,
+        }
     # A retry in a fresh pipeline pod has no tracking.json: the runs are found again by the results' fingerprint.
     (out_dir / TRACKING_FILE).unlink()
     assert promote_from(out_dir, registered_model=name, tracking_uri=uri)["version"] == 2
     mlflow = client(uri)
     assert len(mlflow.search_model_versions(f"name='{name}'")) == 2
-    runs = mlflow.search_runs([mlflow.get_experiment_by_name("kfopt").experiment_id],
-                              f"tags.`kfopt.out` = '{out_dir.resolve()}'")
+    runs = mlflow.search_runs(
+        [mlflow.get_experiment_by_name("kfopt").experiment_id], f"tags.`kfopt.out` = '{out_dir.resolve()}'"
+    )
     assert len(runs) == 1  # one parent run, not one per attempt
     assert read_result(out_dir)["registered_model"]["version"] == 2
 
@@ -246,15 +298,31 @@ def test_concurrent_promotions_leave_champion_on_the_better_one(mlflow_server, r
     worse, better = run_dir("small"), run_dir("smaller")
     for directory in (worse, better):  # log the runs first, so the two processes race on the decision itself
         RunLogger(directory, uri, "kfopt").log_result(read_result(directory))
-    command = [sys.executable, "-m", "kfopt.cli", "promote", "--registered-model", name, "--tracking-uri", uri,
-               "--max-accuracy-drop", BUDGET, "--json", "--from"]
+    command = [
+        sys.executable,
+        "-m",
+        "kfopt.cli",
+        "promote",
+        "--registered-model",
+        name,
+        "--tracking-uri",
+        uri,
+        "--max-accuracy-drop",
+        BUDGET,
+        "--json",
+        "--from",
+    ]
     env = {**os.environ, "KFOPT_DISABLE_PLUGIN_AUTOLOAD": "1"}
     started = time.monotonic()
-    procs = [subprocess.Popen([*command, str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for d in (worse, better)]
+    procs = [
+        subprocess.Popen([*command, str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for d in (worse, better)
+    ]
     outputs = [p.communicate(timeout=240) for p in procs]
     if not all(p.returncode == 0 for p in procs):  # pytest.fail keeps the whole stderr (assert would cut it)
-        pytest.fail("\n\n".join(f"exit {p.returncode}\nstdout: {o}\nstderr: {e[-4000:]}" for p, (o, e) in zip(procs, outputs)))
+        pytest.fail(
+            "\n\n".join(f"exit {p.returncode}\nstdout: {o}\nstderr: {e[-4000:]}" for p, (o, e) in zip(procs, outputs))
+        )
     decisions = {d: json.loads(o) for d, (o, _) in zip(("worse", "better"), outputs)}
     mlflow = client(uri)
     assert mlflow.get_registered_model(name).aliases["champion"] == str(decisions["better"]["version"])
@@ -272,7 +340,9 @@ def test_embedded_sqlite_default_needs_no_server(run_dir, tmp_path, monkeypatch)
     assert code == 0, out
     assert "local-digits v1 (challenger, champion): promoted to champion" in out
     assert (tmp_path / "mlflow.db").is_file()
-    artifacts = Path(client(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("kfopt").artifact_location[7:])
+    artifacts = Path(
+        client(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("kfopt").artifact_location[7:]
+    )
     assert artifacts == tmp_path / "mlruns" and any(artifacts.iterdir())  # beside the database...
     state = json.loads((directory / TRACKING_FILE).read_text())
     assert list(state) == [f"sqlite:///{tmp_path / 'mlflow.db'} kfopt"]
@@ -282,7 +352,9 @@ def test_embedded_sqlite_default_needs_no_server(run_dir, tmp_path, monkeypatch)
     (tmp_path / "elsewhere").mkdir()
     other = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
     RunLogger(directory, other, "kfopt").experiment_id()  # ...wherever the database is, not in the cwd
-    assert client(other).get_experiment_by_name("kfopt").artifact_location == (tmp_path / "elsewhere" / "mlruns").as_uri()
+    assert (
+        client(other).get_experiment_by_name("kfopt").artifact_location == (tmp_path / "elsewhere" / "mlruns").as_uri()
+    )
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch):
@@ -290,10 +362,35 @@ def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch):
     cases = [
         (["promote", "--from", tmp_path, "--registered-model", "m"], "No metrics.json in"),
         (["history", "nothing-here", "--tracking-uri", f"sqlite:///{tmp_path / 'new.db'}"], "does not exist at"),
-        (["optimize", "--model", "demo:mlp", "--recipe", SMALL, "--out", tmp_path / "o", "--tracking-uri", "bogus://x"],
-         "Unexpected URI scheme in tracking URI 'bogus://x'. Valid schemes are:"),
-        (["optimize", "--model", "demo:mlp", "--recipe", SMALL, "--out", tmp_path / "o", "--registered-model", "m",
-          "--no-tracking"], "needs MLflow, but tracking is turned off"),
+        (
+            [
+                "optimize",
+                "--model",
+                "demo:mlp",
+                "--recipe",
+                SMALL,
+                "--out",
+                tmp_path / "o",
+                "--tracking-uri",
+                "bogus://x",
+            ],
+            "Unexpected URI scheme in tracking URI 'bogus://x'. Valid schemes are:",
+        ),
+        (
+            [
+                "optimize",
+                "--model",
+                "demo:mlp",
+                "--recipe",
+                SMALL,
+                "--out",
+                tmp_path / "o",
+                "--registered-model",
+                "m",
+                "--no-tracking",
+            ],
+            "needs MLflow, but tracking is turned off",
+        ),
     ]
     for args, message in cases:
         code, out = cli(*args)
@@ -303,8 +400,10 @@ def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch):
 
 
 def test_tracking_stays_lazy():
-    code = ("import sys, kfopt, kfopt.cli, kfopt.observers, kfopt.tracking, kfopt.promotion;"
-            "from kfopt.plugins.manager import registry; registry();"
-            "print('mlflow' in sys.modules, 'tensorflow' in sys.modules)")
+    code = (
+        "import sys, kfopt, kfopt.cli, kfopt.observers, kfopt.tracking, kfopt.promotion;"
+        "from kfopt.plugins.manager import registry; registry();"
+        "print('mlflow' in sys.modules, 'tensorflow' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

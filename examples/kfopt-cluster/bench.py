@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import kfopt_cluster
+
 from kfopt.optimize import optimize
 
 RECIPES = [
@@ -40,14 +41,24 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for index, recipe in enumerate(RECIPES):
         started = time.perf_counter()
-        result = optimize("demo:mlp", "digits", recipe, Path(args.out) / str(index), seed=args.seed,
-                          extra_plugins=[kfopt_cluster], tracking={"tracking": False})
+        result = optimize(
+            "demo:mlp",
+            "digits",
+            recipe,
+            Path(args.out) / str(index),
+            seed=args.seed,
+            extra_plugins=[kfopt_cluster],
+            tracking={"tracking": False},
+        )
         c = result["candidates"][0]
         if c["status"] != "ok":
             print(f"| {recipe} | {c['status']}: {c['reason']} | | | | | |")
             continue
-        print(f"| {recipe} | {c['accuracy']:.4f} | {c['accuracy_drop']:+.4f} | {c['compression_ratio']:.2f}x | "
-              f"{c['gzip_bytes'] / 1024:.1f} | {c['sparsity']:.2f} | {time.perf_counter() - started:.0f} |", flush=True)
+        print(
+            f"| {recipe} | {c['accuracy']:.4f} | {c['accuracy_drop']:+.4f} | {c['compression_ratio']:.2f}x | "
+            f"{c['gzip_bytes'] / 1024:.1f} | {c['sparsity']:.2f} | {time.perf_counter() - started:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

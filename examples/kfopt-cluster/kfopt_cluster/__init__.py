@@ -19,8 +19,12 @@ __version__ = "0.1.0"
 #: Above this kernel sparsity the input counts as pruned, and clustering keeps its zeros.
 PRUNED_SPARSITY = 0.1
 #: Config ``init`` values -> tfmot CentroidInitialization member names.
-INITS = {"linear": "LINEAR", "kmeans_plus_plus": "KMEANS_PLUS_PLUS",
-         "density_based": "DENSITY_BASED", "random": "RANDOM"}
+INITS = {
+    "linear": "LINEAR",
+    "kmeans_plus_plus": "KMEANS_PLUS_PLUS",
+    "density_based": "DENSITY_BASED",
+    "random": "RANDOM",
+}
 
 
 class Cluster(Technique):
@@ -49,13 +53,15 @@ class Cluster(Technique):
             description="Centroid initialisation: linear (evenly spaced between min and max), kmeans_plus_plus, "
             "density_based (evenly spaced on the weights' CDF), random (uniform between min and max).",
         )
-        epochs: int = Field(3, ge=0, description="Fine-tuning epochs of the centroids (0: cluster without fine-tuning).")
+        epochs: int = Field(
+            3, ge=0, description="Fine-tuning epochs of the centroids (0: cluster without fine-tuning)."
+        )
         learning_rate: float = Field(1e-4, gt=0, description="Adam learning rate for fine-tuning.")
 
-    def trains_for(self, config: "Cluster.Config") -> bool:
+    def trains_for(self, config: Cluster.Config) -> bool:
         return config.epochs > 0
 
-    def apply(self, model: ModelHandle, config: "Cluster.Config", ctx: StepContext) -> ModelHandle:
+    def apply(self, model: ModelHandle, config: Cluster.Config, ctx: StepContext) -> ModelHandle:
         from kfopt import _tf
         from kfopt.models import copy_model
         from kfopt.sparsity import weight_sparsity
@@ -66,8 +72,10 @@ class Cluster(Technique):
         _tf.keras().utils.set_random_seed(ctx.seed)
         input_sparsity = weight_sparsity(source)
         preserve = input_sparsity > PRUNED_SPARSITY
-        params = {"number_of_clusters": config.clusters,
-                  "cluster_centroids_init": getattr(clustering.CentroidInitialization, INITS[config.init])}
+        params = {
+            "number_of_clusters": config.clusters,
+            "cluster_centroids_init": getattr(clustering.CentroidInitialization, INITS[config.init]),
+        }
         # Decide the loss from the plain model: cluster wrappers hide the softmax.
         loss = classifier_loss(source)
         with ctx.strategy.scope():
@@ -90,8 +98,14 @@ class Cluster(Technique):
                     "use a Sequential or functional model of layers tfmot can cluster (Dense, Conv, ...).",
                 ) from None
         if config.epochs:
-            fine_tune(wrapped, ctx, epochs=config.epochs, learning_rate=config.learning_rate,
-                      description=f"clustering to {config.clusters} centroids", loss=loss)
+            fine_tune(
+                wrapped,
+                ctx,
+                epochs=config.epochs,
+                learning_rate=config.learning_rate,
+                description=f"clustering to {config.clusters} centroids",
+                loss=loss,
+            )
         clustered = clustering.strip_clustering(wrapped)
         info = {**model.info, "sparsity": weight_sparsity(clustered), "clusters": config.clusters}
         return ModelHandle.from_keras(clustered, info=info)

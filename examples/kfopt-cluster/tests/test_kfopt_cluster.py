@@ -7,13 +7,13 @@ import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, distribution
 
+import kfopt_cluster
 import numpy as np
 import pytest
+from kfopt_cluster import Cluster
 
-import kfopt_cluster
 from kfopt.sparsity import weight_sparsity
 from kfopt.testing import check_technique
-from kfopt_cluster import Cluster
 
 
 def kernels(keras_model):
@@ -22,9 +22,11 @@ def kernels(keras_model):
 
 def test_meets_the_plugin_contract(tmp_path):
     check = check_technique(
-        Cluster(), {"clusters": 8, "epochs": 1},
+        Cluster(),
+        {"clusters": 8, "epochs": 1},
         bad_configs=[{"clusters": 1}, {"init": "nearest"}, {"epochs": -1}, {"learning_rate": 0}],
-        max_accuracy_drop=0.05, workdir=tmp_path,
+        max_accuracy_drop=0.05,
+        workdir=tmp_path,
     )
     assert check.metrics["compression_ratio"] > 1.5  # 8 shared values per kernel gzip far better than floats
     assert check.result.info["clusters"] == 8
@@ -107,8 +109,21 @@ def test_kfopt_plugins_lists_it_with_its_package():
 @pytest.mark.slow
 def test_prune_cluster_quantize_recipe_runs_through_the_cli(tmp_path):
     recipe = "prune(epochs=2)>cluster(clusters=16,epochs=1)>quantize(mode=int8)"
-    done = _kfopt("optimize", "--model", "demo:mlp", "--data", "digits", "--epochs", "5", "--recipe", recipe,
-                  "--out", str(tmp_path), "--json", "--no-tracking")
+    done = _kfopt(
+        "optimize",
+        "--model",
+        "demo:mlp",
+        "--data",
+        "digits",
+        "--epochs",
+        "5",
+        "--recipe",
+        recipe,
+        "--out",
+        str(tmp_path),
+        "--json",
+        "--no-tracking",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     candidate = json.loads(done.stdout)["candidates"][0]
     assert candidate["status"] == "ok", candidate.get("reason")
