@@ -6,12 +6,18 @@
     observers.run_started({"model": ..., "data": ..., "seed": 0, "recipes": [...], "out": str(out)})
     observers.candidate_finished(candidate)          # once per candidate
     result.update(observers.run_finished(result))    # after metrics.json is written
+
+Every hook gets the same :class:`RunContext`: the run's settings, read-only,
+and a state area per observer (``context.state("my_observer")``).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from .errors import KfoptError
 from .select import check_goal
@@ -19,9 +25,70 @@ from .select import check_goal
 DEFAULT_EXPERIMENT = "kfopt"
 DEFAULT_MAX_ACCURACY_DROP = 0.01
 
+_State = TypeVar("_State")
+
 
 class ObserverWarning(UserWarning):
     """An observer hook raised; the run went on without it."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The ``context`` every observer hook of one run gets: the run's settings and each observer's own state.
+
+    The settings are read-only, so no observer can change what another one
+    sees. What an observer keeps between its hooks goes in
+    :meth:`state`, under its own name. Build one with :func:`observer_context`.
+    """
+
+    out: str
+    """The run directory (``metrics.json``, the baseline and candidates are written under it)."""
+    tracking: bool
+    """Whether this run is logged to MLflow (asked for explicitly, or implied by the other tracking settings)."""
+    tracking_uri: str | None
+    """MLflow tracking URI as the user gave it; None: ``MLFLOW_TRACKING_URI``, else kfopt's local default."""
+    experiment: str
+    """MLflow experiment name."""
+    registered_model: str | None
+    """Registered model the winner becomes a version of; None: nothing is registered."""
+    max_accuracy_drop: float
+    """The accuracy budget: largest accuracy loss allowed, vs the baseline and vs the champion."""
+    objective: str
+    """What "better" means: ``size``, ``latency`` or ``mix:W``."""
+    _states: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def state(self, observer: str, factory: Callable[[], _State] = dict) -> _State:
+        """``observer``'s own state for this run: ``factory()`` on the first call, the same object afterwards.
+
+        Name it after the plugin (e.g. its entry-point name), so observers never
+        see each other's state. ``factory`` may be a dataclass for typed state.
+        """
+        if observer not in self._states:
+            self._states[observer] = factory()
+        return self._states[observer]
+
+    # Observers written when the context was a dict read settings as context["tracking"]; keep that
+    # working (like kfopt's result records, which read as the JSON they are written as).
+    def __getitem__(self, key: str) -> Any:
+        if key not in _SETTINGS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A setting by name, as ``context.get("tracking_uri")`` read the former dict; prefer the attribute."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        raise TypeError(
+            f"the observer context is read-only (context[{key!r}] = ...): "
+            f"keep an observer's own data in context.state({key!r}) instead"
+        )
+
+
+_SETTINGS = frozenset(f.name for f in fields(RunContext) if not f.name.startswith("_"))
 
 
 def observer_context(
@@ -33,8 +100,8 @@ def observer_context(
     registered_model: str | None = None,
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
     objective: str = "size",
-) -> dict:
-    """The ``context`` dict the observer hooks get, with the user's tracking settings.
+) -> RunContext:
+    """The :class:`RunContext` the observer hooks get, with the user's tracking settings.
 
     ``tracking=None`` means: track when asked for, i.e. when ``registered_model``,
     ``tracking_uri`` or ``experiment`` is given or ``MLFLOW_TRACKING_URI`` is set.
@@ -46,15 +113,15 @@ def observer_context(
             "drop --no-tracking, or drop --registered-model.",
         )
     asked = bool(registered_model or tracking_uri or experiment or os.environ.get("MLFLOW_TRACKING_URI"))
-    return {
-        "out": str(out),
-        "tracking": asked if tracking is None else tracking,
-        "tracking_uri": tracking_uri,
-        "experiment": experiment or DEFAULT_EXPERIMENT,
-        "registered_model": registered_model,
-        "max_accuracy_drop": float(max_accuracy_drop),
-        "objective": objective,
-    }
+    return RunContext(
+        out=str(out),
+        tracking=asked if tracking is None else tracking,
+        tracking_uri=tracking_uri,
+        experiment=experiment or DEFAULT_EXPERIMENT,
+        registered_model=registered_model,
+        max_accuracy_drop=float(max_accuracy_drop),
+        objective=objective,
+    )
 
 
 class Observers:
@@ -64,7 +131,7 @@ class Observers:
     propagates; any other exception from an observer becomes a warning.
     """
 
-    def __init__(self, pm, context: dict):
+    def __init__(self, pm, context: RunContext):
         self.pm = pm
         self.context = context
 

@@ -1,12 +1,71 @@
-"""The kfopt plugin contract and the built-in techniques.
+"""The kfopt plugin contract, and the one module plugin authors import from.
 
-A plugin module implements :func:`kfopt_register_techniques` with ``@hookimpl``
-and is listed under the ``kfopt`` entry-point group of its package.
+Everything a plugin needs is here (and the test kit in :mod:`kfopt.testing`);
+other kfopt modules are internal and may change between releases.
+
+Declaring and registering a technique:
+
+- ``hookimpl``, ``hookspec``: the pluggy markers (project name ``kfopt``); the
+  hooks are documented in :mod:`kfopt.plugins.spec` and docs/plugins.md.
+- ``Technique``: the base class (``name``, ``kind``, ``accepts``, ``produces``,
+  ``Config``, ``apply``).
+- ``ModelHandle``: a model in one format (``FORMATS``: keras, tflite,
+  saved_model), what ``apply`` takes and returns.
+- ``StepContext``: what ``apply`` gets: train/validation data, workdir, seed,
+  device, ``tf.distribute`` strategy, progress.
+- ``TechniqueSkipped``: raise it when this host cannot run the technique.
+- ``KfoptError``: raise ``KfoptError(message, fix)`` for a config or a model
+  the technique cannot work with.
+
+TensorFlow, only inside ``apply`` (these select Keras 2 before TensorFlow is
+first imported, which tfmot needs):
+
+- ``tf()``, ``keras()``, ``tfmot()``: the ``tensorflow``, ``tf_keras`` and
+  ``tensorflow_model_optimization`` modules.
+
+Helpers the built-in techniques use:
+
+- ``copy_model(keras_model)``: an independent copy to train or wrap.
+- ``fine_tune(model, ctx, epochs=..., learning_rate=..., ...)``: compile and
+  fit on ``ctx.train`` with validation, as the built-ins do.
+- ``classifier_loss(keras_model)``: the loss matching the model's output
+  (probabilities or logits).
+- ``weight_sparsity(keras_model)``: the fraction of zero kernel weights.
+
+Observers (``kfopt_run_started``, ``kfopt_candidate_finished``,
+``kfopt_run_finished``):
+
+- ``RunContext``: the ``context`` they get: the run's settings as attributes
+  and ``context.state(name)``, each observer's own state.
+
+Importing this module does not import TensorFlow.
 """
 
-from kfopt.errors import TechniqueSkipped
+from kfopt._tf import keras, tf, tfmot
+from kfopt.errors import KfoptError, TechniqueSkipped
+from kfopt.models import copy_model
+from kfopt.observers import RunContext
+from kfopt.sparsity import weight_sparsity
+from kfopt.training import classifier_loss, fine_tune
 
 from .spec import hookimpl, hookspec
 from .technique import FORMATS, ModelHandle, StepContext, Technique
 
-__all__ = ["hookimpl", "hookspec", "Technique", "ModelHandle", "StepContext", "TechniqueSkipped", "FORMATS"]
+__all__ = [
+    "hookimpl",
+    "hookspec",
+    "Technique",
+    "ModelHandle",
+    "StepContext",
+    "TechniqueSkipped",
+    "KfoptError",
+    "FORMATS",
+    "tf",
+    "keras",
+    "tfmot",
+    "copy_model",
+    "fine_tune",
+    "classifier_loss",
+    "weight_sparsity",
+    "RunContext",
+]

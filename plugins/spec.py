@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from kfopt.observers import RunContext
+
     from .technique import Technique
 
 hookspec = pluggy.HookspecMarker("kfopt")
@@ -27,30 +29,31 @@ def kfopt_register_techniques(register: Callable[[Technique], None]) -> None:
 
 
 # -- observer hooks: tracking and progress display ----------------------------------
-# ``context`` is one dict per run, the same object for all three calls, so an
-# observer can keep its own state in it (under a key named after the observer).
-# It carries the run's settings: ``out`` (the run directory), and for tracking
-# ``tracking`` (True, False or None for "when asked"), ``tracking_uri``,
+# ``context`` is the run's RunContext (kfopt.plugins.RunContext, built by
+# kfopt.observers.observer_context), the same object in all three calls. Its
+# attributes are the run's settings, read-only: ``out`` (the run directory),
+# ``tracking`` (whether the run is logged to MLflow), ``tracking_uri``,
 # ``experiment``, ``registered_model``, ``max_accuracy_drop`` and ``objective``.
-# See kfopt.observers.observer_context. An observer that raises is reported as a
-# warning; it never fails the run.
+# An observer keeps its own state in ``context.state("its_name")``, never shared.
+# A KfoptError raised by an observer stops the run (a setting the user must fix);
+# any other exception is reported as a warning and never fails the run.
 
 
 @hookspec
-def kfopt_run_started(run: dict, context: dict) -> None:
+def kfopt_run_started(run: dict, context: RunContext) -> None:
     """Called once before any work: ``run`` names the ``model``, ``data``, ``seed``,
     ``recipes`` (labels) and ``out`` directory. Return value is ignored."""
 
 
 @hookspec
-def kfopt_candidate_finished(candidate: dict, context: dict) -> None:
+def kfopt_candidate_finished(candidate: dict, context: RunContext) -> None:
     """Called once per candidate after it is saved and measured, whatever its
     ``status`` (ok, skipped, failed); ``candidate`` is the entry of metrics.json.
     Return value is ignored."""
 
 
 @hookspec
-def kfopt_run_finished(result: dict, context: dict) -> dict | None:
+def kfopt_run_finished(result: dict, context: RunContext) -> dict | None:
     """Called once after ``metrics.json`` is written; ``result`` is its content.
 
     Return a dict of fields to add to the result (e.g. ``registered_model``,
