@@ -76,7 +76,7 @@ def prepare_step(
         handle.save(baseline_dir)
         reporter.say("Measuring the baseline")
         metrics = Evaluator(dataset, handle, Path(tmp) / "reference").baseline_metrics()
-    _store_data(data, data_dir)
+    _store_data(data, data_dir, dataset.validation_from)
     baseline = {
         "model": model,
         "data": data,
@@ -111,9 +111,9 @@ def _fetch(model: str, target: Path) -> str:
     return str(local)
 
 
-def _store_data(data: str, data_dir: Path) -> None:
+def _store_data(data: str, data_dir: Path, validation_from: str = "test") -> None:
     """Record the data spec; an .npz source is copied so every step reads the same bytes."""
-    info = {"source": data, "spec": data, "file": None}
+    info = {"source": data, "spec": data, "file": None, "validation_from": validation_from}
     if data.endswith(".npz") or "://" in data:
         from kfopt import _tf
 
@@ -128,7 +128,9 @@ def load_step_data(data_dir, input_shape, seed: int = 0):
 
     info = _read_json(Path(data_dir) / DATA_FILE, "data spec")
     spec = str(Path(data_dir) / info["file"]) if info.get("file") else info["spec"]
-    return load_data(spec, input_shape=tuple(input_shape), seed=seed)
+    return load_data(
+        spec, input_shape=tuple(input_shape), seed=seed, validation_from=info.get("validation_from", "test")
+    )
 
 
 def load_baseline(baseline_dir):

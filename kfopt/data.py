@@ -1,40 +1,87 @@
 """Loading the data a model is optimized and evaluated on.
 
-Three sources: an ``.npz`` file (x_train, y_train, x_test, y_test; any
-tf.io.gfile URI), ``py:module:function`` returning ``(train, test)`` tf.data
-datasets of ``(x, y)`` batches (for data larger than memory), or ``digits``
-(scikit-learn's bundled 8x8 handwritten digits). Validation data always comes
-out of the training split; the test split is only used for the final score.
+Three sources: an ``.npz`` file (x_train, y_train, x_test, y_test, optionally
+x_val, y_val; any tf.io.gfile URI), ``py:module:function`` returning
+``(train, test)`` or ``(train, test, validation)`` tf.data datasets of
+``(x, y)`` batches (for data larger than memory), or ``digits``
+(scikit-learn's bundled 8x8 handwritten digits).
+
+Validation decides early stopping and refinement, so it must be data the
+baseline has not seen. It comes from, in this order:
+
+1. the data itself: ``x_val``/``y_val`` in the npz, or the loader's third dataset;
+2. the test split (``validation_from="test"``, the default): a user's model was
+   usually trained on all of ``x_train``, so validation is held out of the
+   test split (seeded, stratified by class) and the test split shrinks;
+3. the training split (``validation_from="train"``), only when kfopt trains the
+   baseline itself on the rest (the ``demo:*`` models).
+
+The test split is only used for the final score. :attr:`Data.splits` says
+where validation came from and how many samples each split has.
 """
 
 from __future__ import annotations
 
 import importlib
 import io
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import Any, Literal
 
 import numpy as np
 
 from .errors import KfoptError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+VALIDATION_KEYS = ("x_val", "y_val")
+ValidationFrom = Literal["train", "test"]
+VALIDATION_FROM = ("train", "test")
+# Of the training split, when kfopt trains the baseline on the rest.
 VALIDATION_FRACTION = 0.1
+# Of the test split, when the baseline was trained elsewhere: enough to choose on,
+# at least MIN_TEST_VALIDATION samples, never more than half of the test split.
+TEST_VALIDATION_FRACTION = 0.2
+MIN_TEST_VALIDATION = 50
+
+FROM_NPZ = "x_val/y_val in the npz"
+FROM_LOADER = "the loader's third dataset"
+FROM_TRAIN = "held out of the training data (kfopt trained the baseline on the rest)"
 
 
 class Split:
     """One split of the data: numpy arrays, or a tf.data dataset of (x, y) batches."""
 
-    def __init__(self, x: np.ndarray | None = None, y: np.ndarray | None = None, dataset: Any = None):
+    def __init__(
+        self, x: np.ndarray | None = None, y: np.ndarray | None = None, dataset: Any = None, size: int | None = None
+    ):
         if dataset is None and (x is None or y is None):
             raise ValueError("a Split needs x and y arrays or a tf.data dataset")
         self.x, self.y, self.dataset = x, y, dataset
+        self._size = size
 
     def __len__(self) -> int:
+        size = self.count()
+        if size is None:
+            raise KfoptError(
+                "A tf.data dataset repeats forever, so its samples cannot be counted.",
+                "return datasets without .repeat() from the py: loader; kfopt iterates them epoch by epoch.",
+            )
+        return size
+
+    def count(self) -> int | None:
+        """The number of samples (``None`` for a dataset that repeats forever).
+
+        A tf.data split is read once to count it (then remembered).
+        """
         if self.x is not None:
             return len(self.x)
-        return sum(len(y) for _, y in self.batches())
+        if self._size is None:
+            if _repeats_forever(self.dataset):
+                return None
+            self._size = sum(len(y) for y in _label_batches(self.dataset))
+        return self._size
 
     def batches(self, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield numpy ``(x, y)`` batches (the dataset's own batches for tf.data)."""
@@ -69,6 +116,20 @@ class Split:
         return np.concatenate(xs), np.concatenate(ys)
 
 
+@dataclass(frozen=True)
+class Splits:
+    """How many samples each split has and where validation came from (for metrics.json and the tables)."""
+
+    train: int | None  # None: a tf.data training dataset that repeats forever
+    validation: int
+    test: int
+    validation_source: str
+
+    def as_dict(self) -> dict[str, int | str | None]:
+        """``{"train", "validation", "test", "validation_source"}``, JSON-ready."""
+        return asdict(self)
+
+
 @dataclass
 class Data:
     """Train, validation and test splits, and what they are."""
@@ -78,30 +139,58 @@ class Data:
     test: Split
     num_classes: int
     source: str
+    validation_source: str = "given with the data"
+    # What load_data was asked for, so a later pipeline step reloads the very same splits.
+    validation_from: ValidationFrom = "test"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         x, _ = next(self.test.batches(1))
         return tuple(x.shape[1:])
 
+    @cached_property
+    def splits(self) -> Splits:
+        """Sample counts of the splits and where validation came from (a tf.data train split is read once)."""
+        return Splits(
+            train=self.train.count(),
+            validation=len(self.validation),
+            test=len(self.test),
+            validation_source=self.validation_source,
+        )
 
-def load_data(spec: str, *, input_shape: tuple | None = None, seed: int = 0) -> Data:
+
+def load_data(
+    spec: str,
+    *,
+    input_shape: tuple | None = None,
+    seed: int = 0,
+    validation_from: ValidationFrom = "test",
+) -> Data:
     """Load ``spec`` (an .npz path/URI, ``py:module:function`` or ``digits``).
 
     ``input_shape`` (the model's input, without batch axis) lets ``digits`` be
     served as flat 64-vectors or as images of any size with one channel.
+
+    ``validation_from`` says where validation is held out when the data does
+    not bring its own (``x_val``/``y_val``, a loader's third dataset):
+    ``"test"`` (the default) for a model kfopt did not train, which has usually
+    seen all of the training data; ``"train"`` only when kfopt trains the
+    baseline itself on the rest of the training split (``demo:*``).
     """
+    if validation_from not in VALIDATION_FROM:
+        raise ValueError(f"validation_from must be one of {VALIDATION_FROM}, not {validation_from!r}")
     if spec == "digits":
-        data = _digits(input_shape, seed)
+        data = _digits(input_shape, seed, validation_from)
     elif spec.startswith("py:"):
-        data = _python_datasets(spec)
+        data = _python_datasets(spec, seed, validation_from)
     elif spec.endswith(".npz") or "://" in spec:
-        data = _npz(spec, seed)
+        data = _npz(spec, seed, validation_from)
     else:
         raise KfoptError(
             f"Unknown data source '{spec}'.",
             "pass an .npz file (x_train, y_train, x_test, y_test), 'py:module:function' or 'digits'.",
         )
+    data.validation_from = validation_from
     if input_shape is not None:
         check_fits(data, input_shape)
     return data
@@ -125,6 +214,21 @@ def _labels(y: np.ndarray, source: str) -> np.ndarray:
     return y.reshape(-1).astype(np.int64)
 
 
+def _class_ids(y: np.ndarray) -> np.ndarray | None:
+    """The class of each row when the labels are classes (ids or one-hot), else None (nothing to stratify by)."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim == 2:
+        one_hot = np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all()
+        return y.argmax(axis=1) if one_hot else None  # multi-hot or multi-output targets: no single class
+    if y.ndim != 1:
+        return None
+    if y.dtype.kind in "biu" or (y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all()):
+        return y.astype(np.int64)
+    return None
+
+
 def _split_validation(x, y, seed: int):
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
@@ -133,7 +237,49 @@ def _split_validation(x, y, seed: int):
     return Split(x[train], y[train]), Split(x[val], y[val])
 
 
-def _digits(input_shape: tuple | None, seed: int) -> Data:
+def validation_count(test_size: int) -> int:
+    """How many of ``test_size`` test samples are held out for validation (at least 1, at most half)."""
+    wanted = max(int(round(test_size * TEST_VALIDATION_FRACTION)), MIN_TEST_VALIDATION)
+    return max(1, min(wanted, test_size // 2))
+
+
+def _held_out_rows(classes: np.ndarray | None, size: int, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``count`` of ``size`` rows, seeded; each class in proportion when ``classes`` is given."""
+    rng = np.random.default_rng(seed)
+    if classes is None:
+        return np.sort(rng.permutation(size)[:count])
+    _, inverse = np.unique(classes, return_inverse=True)
+    sizes = np.bincount(inverse)
+    quota = count * sizes / size
+    take = np.floor(quota).astype(np.int64)
+    # The rows left over go to the classes with the largest remainders (ties broken by the seed).
+    order = np.lexsort((rng.random(len(sizes)), -(quota - take)))
+    take[order[: count - int(take.sum())]] += 1
+    held = [rng.permutation(np.flatnonzero(inverse == c))[: take[c]] for c in range(len(sizes))]
+    return np.sort(np.concatenate(held))
+
+
+def _hold_out_of_test(
+    x: np.ndarray, y: np.ndarray, classes: np.ndarray | None, seed: int, source: str
+) -> tuple[Split, Split, str]:
+    """(the smaller test split, validation, where validation came from): seeded, stratified by ``classes``.
+
+    ``classes`` is the class of each row, or None when the labels are not
+    classes (regression, multi-label): then the rows are drawn at random.
+    """
+    if len(x) < 2:
+        raise KfoptError(
+            f"Data from '{source}' has {len(x)} test sample(s): too few to hold validation out of the test split.",
+            "give more test data, or your own validation split (x_val/y_val in the npz).",
+        )
+    held = _held_out_rows(classes, len(x), validation_count(len(x)), seed)
+    keep = np.setdiff1d(np.arange(len(x)), held)
+    percent = round(100 * len(held) / len(x))
+    how = "seeded, stratified by class" if classes is not None else "seeded"
+    return Split(x[keep], y[keep]), Split(x[held], y[held]), f"held out of the test split ({percent}%, {how})"
+
+
+def _digits(input_shape: tuple | None, seed: int, validation_from: ValidationFrom) -> Data:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -142,8 +288,11 @@ def _digits(input_shape: tuple | None, seed: int) -> Data:
     y = bunch.target.astype(np.int64)
     x = _digits_as(x, input_shape)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
-    train, validation = _split_validation(x_train, y_train, seed)
-    return Data(train, validation, Split(x_test, y_test), 10, "digits")
+    if validation_from == "train":
+        train, validation = _split_validation(x_train, y_train, seed)
+        return Data(train, validation, Split(x_test, y_test), 10, "digits", FROM_TRAIN)
+    test, validation, how = _hold_out_of_test(x_test, y_test, y_test, seed, "digits")
+    return Data(Split(x_train, y_train), validation, test, 10, "digits", how)
 
 
 def _digits_as(images: np.ndarray, input_shape: tuple | None) -> np.ndarray:
@@ -164,7 +313,7 @@ def _digits_as(images: np.ndarray, input_shape: tuple | None) -> np.ndarray:
     )
 
 
-def _npz(uri: str, seed: int) -> Data:
+def _read_npz(uri: str) -> dict[str, np.ndarray]:
     from . import _tf
 
     tf = _tf.tf()
@@ -179,26 +328,55 @@ def _npz(uri: str, seed: int) -> Data:
                     f"Data file '{uri}' is missing the arrays {', '.join(missing)} (it has: {', '.join(arrays.files) or 'none'}).",
                     f"save it with np.savez(path, {', '.join(k + '=...' for k in NPZ_KEYS)}).",
                 )
-            x_train, y_train, x_test, y_test = (arrays[k] for k in NPZ_KEYS)
+            given = [k for k in VALIDATION_KEYS if k in arrays.files]
+            if len(given) == 1:
+                (present,) = given
+                (absent,) = set(VALIDATION_KEYS) - set(given)
+                raise KfoptError(
+                    f"Data file '{uri}' has {present} but no {absent}: a validation split needs both.",
+                    f"save {absent} too (np.savez(path, ..., x_val=..., y_val=...)), or neither to hold "
+                    "validation out of the test split.",
+                )
+            return {k: arrays[k] for k in NPZ_KEYS + tuple(given)}
     except KfoptError:
         raise
     except Exception as exc:
         raise KfoptError(
             f"Data file '{uri}' is not a readable .npz file ({exc}).", "re-create it with np.savez."
         ) from None
-    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+
+
+def _npz(uri: str, seed: int, validation_from: ValidationFrom) -> Data:
+    arrays = _read_npz(uri)
+    splits = ("train", "test", "val") if "x_val" in arrays else ("train", "test")
+    for split in splits:
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if len(x) != len(y):
             raise KfoptError(
                 f"Data file '{uri}': x_{split} has {len(x)} rows but y_{split} has {len(y)}.",
                 "save matching inputs and labels.",
             )
-    y_train, y_test = _labels(y_train, uri), _labels(y_test, uri)
-    train, validation = _split_validation(x_train.astype(np.float32), y_train, seed)
-    classes = int(max(y_train.max(), y_test.max()) + 1)
-    return Data(train, validation, Split(x_test.astype(np.float32), y_test), classes, uri)
+        if split == "val" and not len(x):
+            raise KfoptError(
+                f"Data file '{uri}': x_val is empty.", "save some validation rows, or leave out x_val/y_val."
+            )
+    x_train, x_test = arrays["x_train"].astype(np.float32), arrays["x_test"].astype(np.float32)
+    y_train, y_test = _labels(arrays["y_train"], uri), _labels(arrays["y_test"], uri)
+    train = Split(x_train, y_train)
+    if "x_val" in arrays:
+        validation, how = Split(arrays["x_val"].astype(np.float32), _labels(arrays["y_val"], uri)), FROM_NPZ
+        test = Split(x_test, y_test)
+    elif validation_from == "train":
+        (train, validation), how = _split_validation(x_train, y_train, seed), FROM_TRAIN
+        test = Split(x_test, y_test)
+    else:
+        # Stratify on the labels as saved (a regression target has no classes to keep in proportion).
+        test, validation, how = _hold_out_of_test(x_test, y_test, _class_ids(arrays["y_test"]), seed, uri)
+    classes = int(max(y_train.max(), y_test.max(), validation.y.max()) + 1)
+    return Data(train, validation, test, classes, uri, how)
 
 
-def _python_datasets(spec: str) -> Data:
+def _python_datasets(spec: str, seed: int, validation_from: ValidationFrom) -> Data:
     target = spec[len("py:") :]
     module_name, _, function_name = target.partition(":")
     if not module_name or not function_name:
@@ -211,16 +389,55 @@ def _python_datasets(spec: str) -> Data:
             "check the module is importable (PYTHONPATH) and defines the function.",
         ) from None
     result = function()
-    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+    if not (isinstance(result, (tuple, list)) and len(result) in (2, 3)):
         raise KfoptError(
-            f"'{target}' must return (train, test) tf.data datasets, got {type(result).__name__}.",
-            "return a pair of datasets of (x, y) batches.",
+            f"'{target}' must return (train, test) or (train, test, validation) tf.data datasets, "
+            f"got {type(result).__name__}.",
+            "return a pair (or a triple) of datasets of (x, y) batches.",
         )
-    train_ds, test_ds = result
-    train_ds, val_ds = _take_validation(train_ds)
-    test = Split(dataset=test_ds)
-    labels = np.concatenate([y for _, y in test.batches()])
-    return Data(Split(dataset=train_ds), Split(dataset=val_ds), test, int(labels.max()) + 1, spec)
+    for name, dataset in zip(("train", "test", "validation"), result):
+        if not hasattr(dataset, "as_numpy_iterator"):
+            raise KfoptError(
+                f"'{target}' returned a {type(dataset).__name__} as its {name} dataset, not a tf.data.Dataset.",
+                "return tf.data datasets of (x, y) batches (tf.data.Dataset.from_tensor_slices((x, y)).batch(n)).",
+            )
+    train_ds, test_ds = result[0], result[1]
+    if _repeats_forever(test_ds):
+        raise KfoptError(
+            f"The test dataset of '{target}' repeats forever, so it cannot be measured.",
+            "return it without .repeat().",
+        )
+    # Every branch reads the test and validation labels once: to count the samples and the classes.
+    if len(result) == 3:
+        (validation, val_labels), (test, test_labels), how = _counted(result[2]), _counted(test_ds), FROM_LOADER
+    elif validation_from == "train":
+        train_ds, val_ds = _take_validation(train_ds)
+        (validation, val_labels), (test, test_labels), how = _counted(val_ds), _counted(test_ds), FROM_TRAIN
+    else:
+        test, validation, how, test_labels = _hold_out_of_test_dataset(test_ds, seed, target)
+        val_labels = []
+    for name, split in (("test", test), ("validation", validation)):
+        if not len(split):
+            raise KfoptError(f"The {name} dataset of '{target}' is empty.", f"return {name} data as (x, y) batches.")
+    labels = np.concatenate([_labels(y, spec) for y in [*test_labels, *val_labels]])
+    return Data(Split(dataset=train_ds), validation, test, int(labels.max()) + 1, spec, how)
+
+
+def _counted(dataset) -> tuple[Split, list[np.ndarray]]:
+    """A tf.data split whose sample count is known now, and its label batches (read once)."""
+    labels = list(_label_batches(dataset))
+    return Split(dataset=dataset, size=sum(len(y) for y in labels)), labels
+
+
+def _label_batches(dataset) -> Iterator[np.ndarray]:
+    """The label batch of each (x, y) batch, without turning the inputs into numpy."""
+    return dataset.map(lambda *element: element[1]).as_numpy_iterator()
+
+
+def _repeats_forever(dataset) -> bool:
+    from . import _tf
+
+    return int(dataset.cardinality()) == int(_tf.tf().data.INFINITE_CARDINALITY)
 
 
 def _take_validation(dataset):
@@ -228,3 +445,62 @@ def _take_validation(dataset):
     count = int(dataset.cardinality())
     n_val = max(1, int(round(count * VALIDATION_FRACTION))) if count > 0 else 1
     return dataset.skip(n_val), dataset.take(n_val)
+
+
+def _hold_out_of_test_dataset(dataset, seed: int, target: str) -> tuple[Split, Split, str, list[np.ndarray]]:
+    """(the smaller test split, validation, where validation came from, all test labels) for a tf.data test dataset.
+
+    The split is by position, without materializing the data: every
+    ``stride``-th batch (from a seeded offset) is validation, the others stay
+    test, so a test set sorted by class still gives validation of every class.
+    It is not stratified; a warning says when validation misses a class the test
+    split has. A test dataset of a single batch is split by rows (seeded, stratified).
+    """
+    from . import _tf
+
+    tf = _tf.tf()
+    label_batches = list(_label_batches(dataset))
+    if not label_batches:
+        raise KfoptError(f"The test dataset of '{target}' is empty.", "return a test dataset with (x, y) batches.")
+    if len(label_batches) == 1:
+        x, y = (np.asarray(a) for a in next(dataset.as_numpy_iterator()))
+        test, validation, how = _hold_out_of_test(x, y, _class_ids(y), seed, f"py:{target}")
+        return test, validation, how, label_batches
+    batches = len(label_batches)
+    stride = min(int(round(1 / TEST_VALIDATION_FRACTION)), batches)
+    offset = int(np.random.default_rng(seed).integers(stride))
+    held = [i % stride == offset for i in range(batches)]
+
+    def part(keep_held: bool):
+        chosen = dataset.enumerate().filter(lambda i, element: tf.equal(i % stride, offset) == keep_held)
+        return chosen.map(lambda i, element: element)
+
+    sizes = [len(y) for y in label_batches]
+    test = Split(dataset=part(False), size=sum(s for s, h in zip(sizes, held) if not h))
+    validation = Split(dataset=part(True), size=sum(s for s, h in zip(sizes, held) if h))
+    _warn_missing_classes(label_batches, held, target)
+    how = (
+        f"held out of the test dataset by position (every {_ordinal(stride)} batch: "
+        f"{sum(held)} of {batches} batches, {round(100 * len(validation) / sum(sizes))}%, seeded, not stratified)"
+    )
+    return test, validation, how, label_batches
+
+
+def _warn_missing_classes(label_batches: list[np.ndarray], held: list[bool], target: str) -> None:
+    classes = [_class_ids(y) for y in label_batches]
+    if any(c is None for c in classes):
+        return
+    in_validation = set(np.concatenate([c for c, h in zip(classes, held) if h]).tolist())
+    in_test = set(np.concatenate([c for c, h in zip(classes, held) if not h]).tolist())
+    missing = sorted(in_test - in_validation)
+    if missing:
+        warnings.warn(
+            f"Validation held out of the test dataset of '{target}' has no samples of class(es) "
+            f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}; "
+            "shuffle the test dataset once (seeded) before batching, or return a third, validation dataset.",
+            stacklevel=4,
+        )
+
+
+def _ordinal(n: int) -> str:
+    return {2: "2nd", 3: "3rd"}.get(n, f"{n}th")

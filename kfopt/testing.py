@@ -98,7 +98,7 @@ def tiny_data():
         if "data" not in _cache:
             from kfopt.data import load_data
 
-            _cache["data"] = load_data("digits", input_shape=(64,), seed=SEED)
+            _cache["data"] = load_data("digits", input_shape=(64,), seed=SEED, validation_from="train")
         return _cache["data"]
 
 
@@ -122,10 +122,9 @@ def make_context(data=None, workdir=None, *, seed: int = SEED, device: str = "cp
 def _trained_keras():
     with _lock:
         if "keras" not in _cache:
-            from kfopt import _tf
-            from kfopt.training import fine_tune
+            from kfopt import plugins
 
-            keras = _tf.keras()
+            keras = plugins.keras()
             data = tiny_data()
             keras.utils.set_random_seed(SEED)
             model = keras.Sequential(
@@ -137,7 +136,7 @@ def _trained_keras():
                 name="kfopt_tiny_mlp",
             )
             ctx = make_context(data, _cache_dir() / "train")
-            fine_tune(model, ctx, epochs=TINY_EPOCHS, learning_rate=1e-2, description="kfopt tiny model")
+            plugins.fine_tune(model, ctx, epochs=TINY_EPOCHS, learning_rate=1e-2, description="kfopt tiny model")
             _cache["keras"] = model
         return _cache["keras"]
 
@@ -148,8 +147,7 @@ def tiny_model(format: str = "keras"):
     The model trains once per process (seeded, about a second); each call
     returns an independent copy, so a test may change it freely.
     """
-    from kfopt.models import copy_model
-    from kfopt.plugins import FORMATS, ModelHandle
+    from kfopt.plugins import FORMATS, ModelHandle, copy_model
 
     if format not in FORMATS:
         raise ValueError(f"unknown model format {format!r}; known: {', '.join(FORMATS)}")
@@ -281,7 +279,7 @@ def _check_declaration(technique) -> None:
 def _check_config(technique, config, bad_configs) -> Any:
     import pydantic
 
-    from kfopt.errors import KfoptError
+    from kfopt.plugins import KfoptError
     from kfopt.recipe import validate_config
 
     if isinstance(config, pydantic.BaseModel):
@@ -329,7 +327,7 @@ def _check_config(technique, config, bad_configs) -> Any:
 
 
 def _check_recipe(technique, config, input_format: str) -> None:
-    from kfopt.errors import KfoptError
+    from kfopt.plugins import KfoptError
     from kfopt.recipe import Recipe, Step, plan
 
     try:
@@ -365,8 +363,7 @@ def _fingerprint(handle) -> str:
 
 def _copy_handle(handle, workdir: Path):
     """An independent copy of ``handle``, so a second run cannot see what the first one did."""
-    from kfopt.models import copy_model
-    from kfopt.plugins import ModelHandle
+    from kfopt.plugins import ModelHandle, copy_model
 
     if handle.format == "keras":
         return ModelHandle.from_keras(copy_model(handle.keras()), info=handle.info)
@@ -378,11 +375,9 @@ def _copy_handle(handle, workdir: Path):
 
 
 def _apply(technique, handle, config, ctx, seed: int):
-    from kfopt import _tf
-    from kfopt.errors import TechniqueSkipped
-    from kfopt.plugins import ModelHandle
+    from kfopt.plugins import ModelHandle, TechniqueSkipped, keras
 
-    _tf.keras().utils.set_random_seed(seed)  # as kfopt does before every step
+    keras().utils.set_random_seed(seed)  # as kfopt does before every step
     try:
         result = technique.apply(handle, config, ctx)
     except TechniqueSkipped as skip:
@@ -432,7 +427,7 @@ def check_technique(
 
     Checks, in order: ``name``/``kind``/``accepts``/``produces``/``Config``/``apply``
     are declared; ``config`` (a dict, or a Config instance) validates and an
-    unknown key is refused with a :class:`~kfopt.errors.KfoptError` naming it
+    unknown key is refused with a :class:`~kfopt.plugins.KfoptError` naming it
     (so is every dict in ``bad_configs``, e.g. ``[{"clusters": 0}]``); the
     technique registers next to the built-ins and plans in a recipe; ``apply``
     returns a new ``ModelHandle`` in ``technique.produces_for(config)``'s format;
@@ -484,7 +479,7 @@ def check_technique(
         _fail(
             technique,
             "apply changed its input model",
-            "work on a copy: kfopt.models.copy_model(model.keras()) before training or wrapping layers",
+            "work on a copy: kfopt.plugins.copy_model(model.keras()) before training or wrapping layers",
         )
     passed.append("input unchanged")
 

@@ -19,13 +19,13 @@ from kfopt.training import train_demo
 @pytest.fixture(scope="session")
 def digits_flat():
     """Digits as 64-vectors (for demo:mlp)."""
-    return load_data("digits", input_shape=(64,), seed=0)
+    return load_data("digits", input_shape=(64,), seed=0, validation_from="train")
 
 
 @pytest.fixture(scope="session")
 def digits_images():
     """Digits resized to 28x28x1 (for demo:cnn)."""
-    return load_data("digits", input_shape=(28, 28, 1), seed=0)
+    return load_data("digits", input_shape=(28, 28, 1), seed=0, validation_from="train")
 
 
 def make_ctx(data, tmp_path, seed=0):

@@ -46,12 +46,36 @@ def test_corrupt_and_missing_models(tmp_path):
 
 
 def test_digits_splits_are_disjoint_and_shaped(digits_flat, digits_images):
+    # The fixtures are for baselines kfopt trains itself: validation comes out of the training split.
     assert digits_flat.input_shape == (64,) and digits_images.input_shape == (28, 28, 1)
     train_x, _ = digits_flat.train.arrays()
     val_x, _ = digits_flat.validation.arrays()
     test_x, _ = digits_flat.test.arrays()
     assert len(train_x) + len(val_x) + len(test_x) == 1797
     assert len(test_x) == 360 and len(val_x) == round(0.1 * (1797 - 360))
+    assert digits_flat.splits.as_dict() == {
+        "train": 1293,
+        "validation": 144,
+        "test": 360,
+        "validation_source": "held out of the training data (kfopt trained the baseline on the rest)",
+    }
+
+
+def test_digits_for_a_user_model_hold_validation_out_of_test():
+    data = load_data("digits", input_shape=(64,), seed=0)
+    assert data.splits.as_dict() == {
+        "train": 1437,
+        "validation": 72,
+        "test": 288,
+        "validation_source": "held out of the test split (20%, seeded, stratified by class)",
+    }
+    # Stratified: every class is in validation in about its share of the test split.
+    _, y_val = data.validation.arrays()
+    assert sorted(np.bincount(y_val, minlength=10)) == [7, 7, 7, 7, 7, 7, 7, 7, 8, 8]
+    again = load_data("digits", input_shape=(64,), seed=0)
+    np.testing.assert_array_equal(again.validation.arrays()[0], data.validation.arrays()[0])
+    other = load_data("digits", input_shape=(64,), seed=1)
+    assert not np.array_equal(other.validation.arrays()[1], y_val)
 
 
 def test_npz_missing_arrays_and_bad_shapes(tmp_path):
@@ -71,24 +95,144 @@ def test_npz_one_hot_labels(tmp_path):
     y = np.eye(3)[[0, 1, 2, 1]]
     np.savez(path, x_train=np.ones((4, 5)), y_train=y, x_test=np.ones((4, 5)), y_test=y)
     data = load_data(str(path))
-    assert data.num_classes == 3 and len(data.train) + len(data.validation) == 4
+    assert data.num_classes == 3 and len(data.train) == 4 and len(data.validation) + len(data.test) == 4
+    assert load_data(str(path), validation_from="train").splits.as_dict() == {
+        "train": 3,
+        "validation": 1,
+        "test": 4,
+        "validation_source": "held out of the training data (kfopt trained the baseline on the rest)",
+    }
 
 
-def test_python_datasets_hold_out_validation_batches(tmp_path, monkeypatch):
-    (tmp_path / "my_data.py").write_text(
-        "import numpy as np\n"
-        "from kfopt import _tf\n"
-        "def load():\n"
-        "    tf = _tf.tf()\n"
-        "    x = np.random.default_rng(0).random((200, 8), dtype=np.float32)\n"
-        "    y = (x.sum(axis=1) > 4).astype('int64')\n"
-        "    ds = lambda a, b: tf.data.Dataset.from_tensor_slices((a, b)).batch(10)\n"
-        "    return ds(x[:160], y[:160]), ds(x[160:], y[160:])\n"
-    )
+def test_npz_validation_arrays_are_used_as_given(tmp_path):
+    path = tmp_path / "d.npz"
+    x, y = np.arange(60, dtype=np.float32).reshape(30, 2), np.arange(30) % 3
+    np.savez(path, x_train=x[:20], y_train=y[:20], x_test=x[20:26], y_test=y[20:26], x_val=x[26:], y_val=y[26:])
+    for validation_from in ("test", "train"):
+        data = load_data(str(path), validation_from=validation_from)
+        np.testing.assert_array_equal(data.validation.arrays()[0], x[26:])
+        np.testing.assert_array_equal(data.test.arrays()[0], x[20:26])
+        np.testing.assert_array_equal(data.train.arrays()[0], x[:20])
+        assert data.splits.validation_source == "x_val/y_val in the npz"
+
+
+@pytest.mark.parametrize(("given", "missing"), [("x_val", "y_val"), ("y_val", "x_val")])
+def test_npz_validation_needs_both_arrays(tmp_path, given, missing):
+    path = tmp_path / "d.npz"
+    arrays = {"x_train": np.ones((4, 2)), "y_train": np.zeros(4), "x_test": np.ones((4, 2)), "y_test": np.zeros(4)}
+    np.savez(path, **arrays, **{given: np.zeros((2, 2)) if given == "x_val" else np.zeros(2)})
+    with pytest.raises(KfoptError, match=f"has {given} but no {missing}.*Fix: save {missing} too"):
+        load_data(str(path))
+
+
+def test_npz_regression_targets_are_held_out_unstratified(tmp_path):
+    path = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    x, y = rng.random((300, 3), dtype=np.float32), rng.random(300) * 10
+    np.savez(path, x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y[100:])
+    data = load_data(str(path))
+    assert data.splits.as_dict() == {
+        "train": 100,
+        "validation": 50,
+        "test": 150,
+        "validation_source": "held out of the test split (25%, seeded)",
+    }
+
+
+LOADER = """
+import numpy as np
+from kfopt import _tf
+
+def arrays():
+    x = np.random.default_rng(0).random((200, 8), dtype=np.float32)
+    return x, (x.sum(axis=1) > 4).astype("int64")
+
+def dataset(x, y, batch=10):
+    return _tf.tf().data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+def load():
+    x, y = arrays()
+    return dataset(x[:160], y[:160]), dataset(x[160:], y[160:])
+
+def load_three():
+    x, y = arrays()
+    return dataset(x[:140], y[:140]), dataset(x[140:180], y[140:180]), dataset(x[180:], y[180:])
+
+def load_one_test_batch():
+    x, y = arrays()
+    return dataset(x[:160], y[:160]), dataset(x[160:], y[160:], batch=40)
+
+def load_sorted():
+    x, y = arrays()
+    classes = np.repeat(np.arange(5), 10)
+    return dataset(x[:160], y[:160] * 4), dataset(x[150:], classes)
+
+def load_endless():
+    x, y = arrays()
+    return dataset(x[:160], y[:160]), dataset(x[160:], y[160:]).repeat()
+"""
+
+
+@pytest.fixture
+def loader(tmp_path, monkeypatch):
+    (tmp_path / "my_data.py").write_text(LOADER)
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_python_datasets_hold_validation_out_of_test_by_position(loader):
     data = load_data("py:my_data:load")
-    assert len(data.validation) == 20 and len(data.train) == 140 and len(data.test) == 40
+    assert data.splits.as_dict() == {
+        "train": 160,
+        "validation": 10,
+        "test": 30,
+        "validation_source": "held out of the test dataset by position "
+        "(every 4th batch: 1 of 4 batches, 25%, seeded, not stratified)",
+    }
     assert data.num_classes == 2
+    # Still tf.data (nothing materialized), and each of the four test batches is in exactly one split.
+    assert data.test.x is None and data.validation.x is None
+    from my_data import arrays
+
+    x_test = arrays()[0][160:]
+    parts = [data.test.arrays()[0], data.validation.arrays()[0]]
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts), axis=0), np.sort(x_test, axis=0))
+    assert len(np.unique(np.concatenate(parts), axis=0)) == len(x_test)
+
+
+def test_python_datasets_warn_when_validation_misses_a_class(loader):
+    # A test dataset sorted by class, one class per batch: the validation batch has one class only.
+    with pytest.warns(
+        UserWarning, match=r"has no samples of class\(es\) (\d, ){3}\d; shuffle the test dataset"
+    ) as seen:
+        data = load_data("py:my_data:load_sorted")
+    (held_class,) = set(data.validation.arrays()[1].tolist())
+    assert str(held_class) not in str(seen[0].message).split("class(es)")[1].split(";")[0]
+
+
+def test_python_datasets_hold_validation_out_of_train_for_kfopt_trained_baselines(loader):
+    data = load_data("py:my_data:load", validation_from="train")
+    assert len(data.validation) == 20 and len(data.train) == 140 and len(data.test) == 40
+
+
+def test_python_datasets_third_dataset_is_validation(loader):
+    data = load_data("py:my_data:load_three")
+    assert data.splits.as_dict() == {
+        "train": 140,
+        "validation": 20,
+        "test": 40,
+        "validation_source": "the loader's third dataset",
+    }
+
+
+def test_python_datasets_single_test_batch_is_split_by_rows(loader):
+    data = load_data("py:my_data:load_one_test_batch")
+    assert (len(data.validation), len(data.test)) == (20, 20)
+    assert data.splits.validation_source == "held out of the test split (50%, seeded, stratified by class)"
+
+
+def test_python_datasets_endless_test_is_refused(loader):
+    with pytest.raises(KfoptError, match="repeats forever"):
+        load_data("py:my_data:load_endless")
 
 
 def test_unknown_data_source():
