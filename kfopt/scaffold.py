@@ -70,8 +70,10 @@ _MODULE = '''\
 """kfopt plugin: the $name technique.
 
 kfopt loads this module through the ``kfopt`` entry point in pyproject.toml and
-calls ``kfopt_register_techniques``. Import TensorFlow only inside ``apply``,
-through ``kfopt._tf`` (it selects Keras 2 first), so ``kfopt plugins`` stays fast.
+calls ``kfopt_register_techniques``. Everything from kfopt comes from
+``kfopt.plugins`` (its other modules are internal). Reach TensorFlow only inside
+``apply``, through ``kfopt.plugins.tf()``, ``keras()`` or ``tfmot()`` (they select
+Keras 2 first), so ``kfopt plugins`` stays fast.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from kfopt.plugins import ModelHandle, StepContext, Technique, hookimpl
+from kfopt.plugins import ModelHandle, StepContext, Technique, copy_model, hookimpl
 
 __version__ = "0.1.0"
 
@@ -104,8 +106,6 @@ class $cls(Technique):
         )
 
     def apply(self, model: ModelHandle, config: "$cls.Config", ctx: StepContext) -> ModelHandle:
-        from kfopt.models import copy_model
-
         rounded = copy_model(model.keras())  # work on a copy: never change the caller's model
         rounded.set_weights([round_mantissa(w, config.mantissa_bits) for w in rounded.get_weights()])
         return ModelHandle.from_keras(rounded, info=dict(model.info))

@@ -9,9 +9,7 @@ import pytest
 from conftest import RoundWeights
 from pydantic import Field
 
-from kfopt.errors import TechniqueSkipped
-from kfopt.models import copy_model
-from kfopt.plugins import ModelHandle, Technique, hookimpl
+from kfopt.plugins import ModelHandle, Technique, TechniqueSkipped, copy_model, hookimpl, tf
 from kfopt.testing import TechniqueContractError, TechniqueContractWarning, check_technique
 
 
@@ -27,9 +25,7 @@ class SavedModelToTFLite(Technique):
         pass
 
     def apply(self, model, config, ctx):
-        from kfopt import _tf
-
-        converter = _tf.tf().lite.TFLiteConverter.from_saved_model(str(model.saved_model_path()))
+        converter = tf().lite.TFLiteConverter.from_saved_model(str(model.saved_model_path()))
         return ModelHandle.from_tflite(converter.convert())
 
 

@@ -1,8 +1,10 @@
 """kfopt plugin: weight clustering with tensorflow-model-optimization.
 
 Registered with kfopt through the ``kfopt`` entry-point group (see pyproject.toml).
-Like every kfopt module, it gets TensorFlow, tf_keras and tfmot from
-``kfopt._tf`` inside ``apply``, so ``kfopt plugins`` stays fast.
+Everything it uses from kfopt comes from ``kfopt.plugins``, the plugin
+author's import surface. TensorFlow, tf_keras and tfmot are reached only inside
+``apply``, through ``kfopt.plugins.tfmot()`` and ``keras()`` (they select Keras 2
+first), so ``kfopt plugins`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,8 +13,19 @@ from typing import Literal
 
 from pydantic import Field
 
-from kfopt.errors import KfoptError
-from kfopt.plugins import ModelHandle, StepContext, Technique, hookimpl
+from kfopt.plugins import (
+    KfoptError,
+    ModelHandle,
+    StepContext,
+    Technique,
+    classifier_loss,
+    copy_model,
+    fine_tune,
+    hookimpl,
+    keras,
+    tfmot,
+    weight_sparsity,
+)
 
 __version__ = "0.1.0"
 
@@ -62,14 +75,9 @@ class Cluster(Technique):
         return config.epochs > 0
 
     def apply(self, model: ModelHandle, config: Cluster.Config, ctx: StepContext) -> ModelHandle:
-        from kfopt import _tf
-        from kfopt.models import copy_model
-        from kfopt.sparsity import weight_sparsity
-        from kfopt.training import classifier_loss, fine_tune
-
-        clustering = _tf.tfmot().clustering.keras  # through kfopt._tf: Keras 2 selected first
+        clustering = tfmot().clustering.keras  # TensorFlow is first imported here, with Keras 2 selected
         source = model.keras()
-        _tf.keras().utils.set_random_seed(ctx.seed)
+        keras().utils.set_random_seed(ctx.seed)
         input_sparsity = weight_sparsity(source)
         preserve = input_sparsity > PRUNED_SPARSITY
         params = {
