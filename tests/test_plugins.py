@@ -1,5 +1,7 @@
 """The plugin contract: third-party techniques register through the same hook as built-ins."""
 
+import dataclasses
+import subprocess
 import sys
 import warnings
 
@@ -7,8 +9,9 @@ import pytest
 from conftest import RoundWeights
 
 from kfopt.errors import KfoptError
+from kfopt.observers import Observers, observer_context
 from kfopt.optimize import optimize
-from kfopt.plugins import hookimpl
+from kfopt.plugins import RunContext, hookimpl
 from kfopt.plugins.manager import PluginLoadWarning, build_manager, registry
 
 
@@ -142,3 +145,88 @@ def test_broken_plugin_warns_and_is_skipped(tmp_path, monkeypatch):
     messages = [str(w.message) for w in caught if issubclass(w.category, PluginLoadWarning)]
     assert any("'broken'" in m and "failed to import and was skipped" in m for m in messages)
     sys.modules.pop("kfopt_module_that_does_not_exist", None)
+
+
+# -- the public import surface --------------------------------------------------------------
+def test_the_public_surface_is_listed_and_imports_no_tensorflow():
+    import kfopt.plugins
+
+    code = "import sys, kfopt.plugins; sys.exit('tensorflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "import kfopt.plugins imported TensorFlow"
+    for name in kfopt.plugins.__all__:
+        assert hasattr(kfopt.plugins, name), name
+        assert f"``{name}" in kfopt.plugins.__doc__, f"the kfopt.plugins docstring does not list {name}"
+
+
+def test_the_public_helpers_are_kfopts_own_not_copies():
+    import kfopt.plugins
+    from kfopt import _tf, errors, models, observers, sparsity, training
+
+    # kfopt._tf stays the one place that selects Keras 2 before TensorFlow is imported.
+    assert (kfopt.plugins.tf, kfopt.plugins.keras, kfopt.plugins.tfmot) == (_tf.tf, _tf.keras, _tf.tfmot)
+    assert kfopt.plugins.copy_model is models.copy_model
+    assert (kfopt.plugins.fine_tune, kfopt.plugins.classifier_loss) == (training.fine_tune, training.classifier_loss)
+    assert kfopt.plugins.weight_sparsity is sparsity.weight_sparsity
+    assert (kfopt.plugins.KfoptError, kfopt.plugins.TechniqueSkipped) == (errors.KfoptError, errors.TechniqueSkipped)
+    assert kfopt.plugins.RunContext is observers.RunContext
+
+
+# -- the observer context ---------------------------------------------------------------------
+def test_observer_context_is_a_typed_read_only_record(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    context = observer_context(tmp_path, registered_model="digits", max_accuracy_drop=0.02, objective="latency")
+    assert isinstance(context, RunContext)
+    assert (context.out, context.tracking, context.tracking_uri, context.experiment) == (
+        str(tmp_path),
+        True,  # registering needs MLflow: asked for
+        None,
+        "kfopt",
+    )
+    assert (context.registered_model, context.max_accuracy_drop, context.objective) == ("digits", 0.02, "latency")
+    assert observer_context(tmp_path).tracking is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        context.tracking = False  # one observer cannot change what the others see
+    with pytest.raises(TypeError, match=r"context.state\('mine'\)"):
+        context["mine"] = {}
+    # Observers written against the former dict still read their settings.
+    assert (context["objective"], context.get("tracking_uri", "x"), context.get("mine", "x")) == ("latency", None, "x")
+
+
+def test_each_observer_keeps_its_own_state_for_the_run(tmp_path, monkeypatch):
+    @dataclasses.dataclass
+    class Seen:
+        statuses: list = dataclasses.field(default_factory=list)
+
+    class Counter:
+        def __init__(self, name):
+            self.name = name
+
+        @hookimpl
+        def kfopt_candidate_finished(self, candidate, context: RunContext):
+            context.state(self.name, Seen).statuses.append(candidate["status"])
+
+        @hookimpl
+        def kfopt_run_finished(self, result, context: RunContext):
+            return {self.name: context.state(self.name, Seen).statuses}
+
+    monkeypatch.setenv("KFOPT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pm = build_manager([Counter("first"), Counter("second")])
+    observers = Observers(pm, observer_context(tmp_path, tracking=False))
+    for status in ("ok", "failed"):
+        observers.candidate_finished({"status": status})
+    assert observers.run_finished({}) == {"first": ["ok", "failed"], "second": ["ok", "failed"]}
+    first, second = observers.context.state("first"), observers.context.state("second")
+    assert first is not second and first.statuses is not second.statuses
+    assert observers.context.state("first") is first  # the same object in every hook of the run
+    assert observer_context(tmp_path, tracking=False).state("first") == {}  # a new run starts empty
+
+
+def test_the_mlflow_tracker_keeps_its_state_in_its_own_area(tmp_path, monkeypatch):
+    from kfopt.plugins import mlflow_tracker
+
+    monkeypatch.setenv("KFOPT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    observers = Observers(build_manager(), observer_context(tmp_path, tracking_uri=uri))
+    observers.run_started({"model": "demo:mlp", "data": "digits", "seed": 0, "recipes": [], "out": str(tmp_path)})
+    state = observers.context.state(mlflow_tracker.STATE)
+    assert (state.uri, state.logger, state.error) == (uri, None, None)  # MLflow is not contacted before a candidate
