@@ -155,3 +155,19 @@ def test_the_new_plugin_template_imports_only_the_public_modules(tmp_path):
 @pytest.mark.parametrize("name", kfopt.plugins.__all__)
 def test_every_public_name_is_in_the_guide(name):
     assert f"`{name}" in DOCS.read_text(), f"docs/plugins.md does not mention kfopt.plugins.{name}"
+
+
+def test_the_guides_observer_example_works(tmp_path, monkeypatch):
+    """The observer shown with RunContext runs as documented: its own typed state, a field added to the result."""
+    import types
+
+    from kfopt.observers import Observers, observer_context
+
+    [code] = [code for _, code in docs_python_blocks() if "context.state(" in code]
+    example = types.ModuleType("kfopt_tally")
+    exec(compile(code, "docs/plugins.md", "exec"), example.__dict__)
+    monkeypatch.setenv("KFOPT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    observers = Observers(build_manager([example]), observer_context(tmp_path, tracking=False))
+    for status in ("ok", "failed", "ok"):
+        observers.candidate_finished({"status": status})
+    assert observers.run_finished({}) == {"tally": {"failed": 1, "ok": 2}}
