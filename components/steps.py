@@ -33,7 +33,7 @@ from pathlib import Path
 from kfopt.errors import KfoptError
 from kfopt.optimize import METRICS_FILE, writable_dir, write_json
 from kfopt.progress import Reporter
-from kfopt.refine import ROUND_ONE_WHY
+from kfopt.search import ROUND_ONE_WHY
 
 BASELINE_FILE = "baseline.json"
 CANDIDATE_FILE = "candidate.json"
@@ -310,7 +310,7 @@ def plan_search_step(
     Pipeline parameters use 0 for "none" (``max_time``, ``target``,
     ``sensitivity``). The propose and select steps of every round read this file.
     """
-    from kfopt.refine import layer_sensitivity, search_settings
+    from kfopt.search import layer_sensitivity, search_settings
 
     reporter = reporter or Reporter(enabled=False)
     settings = search_settings(
@@ -344,13 +344,13 @@ def plan_search_step(
 def propose_step(results_dir, search_dir, number: int, *, registry=None) -> list[str]:
     """The loop items of search round ``number``: JSON of ``{"position", "round", "why", "recipe"}`` each.
 
-    Decides with :func:`kfopt.refine.next_round` on every candidate so far (the
+    Decides with :func:`kfopt.search.next_round` on every candidate so far (the
     previous select step's results; validation split only). ``max_time`` counts
     the optimization seconds of those candidates, which holds when steps run in
     parallel or come from the cache. When the search stops, the one item is
     ``{"round", "stopped": reason}`` so the round's loop runs a no-op.
     """
-    from kfopt.refine import next_round, optimization_seconds
+    from kfopt.search import next_round, optimization_seconds
 
     result = _read_json(Path(results_dir) / METRICS_FILE, "results")
     settings = _read_json(Path(search_dir) / SEARCH_FILE, "search plan")
@@ -411,7 +411,7 @@ def select_step(
     :func:`plan_search_step`; the result then also carries ``search``,
     ``search_trace`` and ``layer_sensitivity``, like ``kfopt search`` writes.
     """
-    from kfopt.refine import ALL_ROUNDS_DONE, search_outcome, trace_entry
+    from kfopt.search import ALL_ROUNDS_DONE, search_outcome, trace_entry
     from kfopt.select import apply_selection, objective_metric, select
     from kfopt.tracking import resolve_artifact
 

@@ -506,8 +506,7 @@ def run(
     import time
 
     from .pipelines.runners import run_local
-    from .refine import search_settings
-    from .search import load_search
+    from .search import load_search, search_settings
 
     recipes = load_search(search)  # every recipe checked before any work
     search_settings(
@@ -710,7 +709,7 @@ def search_(
 
     from .components.steps import report_step
     from .progress import Reporter
-    from .refine import search as run_search
+    from .search import search as run_search
     from .tracking import REPORT_FILE
 
     result = run_search(

@@ -74,7 +74,7 @@ def run_local(
     input, before any work where it can, and when a step the run cannot do
     without (prepare, select) fails.
     """
-    from kfopt.refine import search_settings
+    from kfopt.search import search_settings
 
     from .optimize_and_promote import build_pipeline
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -188,13 +189,7 @@ def _prune_l1(source, config: Prune.Config, ctx: StepContext, loss):
     tf = _tf.tf()
     with ctx.strategy.scope():
         copy = copy_model(source)
-        kernels = [
-            w
-            for layer in kernel_layers(copy)
-            if layer.name not in config.keep_dense
-            for w in layer.trainable_weights
-            if len(w.shape) >= 2
-        ]
+        kernels = [w for layer in kernel_layers(copy) if layer.name not in config.keep_dense for w in _kernels(layer)]
         strength = config.l1
         for kernel in kernels:
             # Callable losses are re-evaluated each step on the current weights.
@@ -221,7 +216,39 @@ def _prune_l1(source, config: Prune.Config, ctx: StepContext, loss):
 
 def kernel_layers(keras_model) -> list:
     """The model's (top-level) layers with kernels (trainable weights of ndim >= 2): what pruning acts on."""
-    return [layer for layer in keras_model.layers if any(len(w.shape) >= 2 for w in layer.trainable_weights)]
+    return [layer for layer in keras_model.layers if _kernels(layer)]
+
+
+def _kernels(layer) -> list:
+    # Kernels are what pruning zeroes; biases and normalisation weights (ndim < 2) always stay.
+    return [w for w in layer.trainable_weights if len(w.shape) >= 2]
+
+
+@dataclass
+class LayerKernels:
+    """One layer pruning acts on, and its kernel variables (biases and normalisation weights are never pruned)."""
+
+    name: str
+    variables: list
+
+    def values(self) -> list[np.ndarray]:
+        """The kernels' current values."""
+        return [v.numpy() for v in self.variables]
+
+    def pruned(self, sparsity: float) -> list[np.ndarray]:
+        """The kernels' values with the smallest-magnitude ``sparsity`` fraction of this layer's weights zeroed.
+
+        The same global thresholding as ``prune(method=l1)``, over this one layer, with no fine-tuning.
+        """
+        return threshold_global(self.values(), sparsity)
+
+
+def layer_kernels(keras_model) -> list[LayerKernels]:
+    """Every layer pruning acts on, with its kernels: what a layer-at-a-time sensitivity pass varies.
+
+    The variables are the model's own: assigning to them changes ``keras_model``.
+    """
+    return [LayerKernels(layer.name, _kernels(layer)) for layer in kernel_layers(keras_model)]
 
 
 def check_layer_names(keras_model, names: list[str], technique: str, key: str) -> None:

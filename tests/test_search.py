@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from kfopt.cli import main
 from kfopt.plugins.manager import registry
 from kfopt.recipe import parse_recipe, plan
-from kfopt.refine import best_feasible, layer_sensitivity, propose, target_met
+from kfopt.search import best_feasible, layer_sensitivity, propose, target_met
 
 BUDGET = 0.01
 
