@@ -8,9 +8,11 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from pydantic import Field
 
 from kfopt.cli import main
 from kfopt.plugins.manager import registry
+from kfopt.plugins.prune import Prune
 from kfopt.recipe import parse_recipe, plan
 from kfopt.search import best_feasible, layer_sensitivity, propose, target_met
 
@@ -336,3 +338,57 @@ def test_dense_and_same_architecture_widths_bisect_separately(techniques):
         if "architecture=dense" in p.recipe
     ]
     assert width_of(dense_only.recipe) == pytest.approx(0.25) and "floor 0.0625" in dense_only.why
+
+
+class Prune70(Prune):
+    """prune with another default target_sparsity: the search must read it from here, not assume 0.8."""
+
+    class Config(Prune.Config):
+        target_sparsity: float = Field(0.7, gt=0, lt=1)
+
+
+class WithPrune70:
+    """A registry where 'prune' is Prune70."""
+
+    def __init__(self, techniques):
+        self.techniques = techniques
+
+    def get(self, name):
+        return Prune70() if name == "prune" else self.techniques.get(name)
+
+
+@pytest.mark.parametrize("registry_of", [lambda t: t, WithPrune70], ids=["prune", "prune70"])
+def test_a_step_that_does_not_record_a_key_ran_with_its_technique_config_default(techniques, registry_of):
+    chosen = registry_of(techniques)
+    default = chosen.get("prune").Config.model_fields["target_sparsity"].default
+    # A hand-written record: its prune step leaves target_sparsity (and method) to the defaults.
+    written = {
+        **record(techniques, "quantize(mode=int8)", 0.002, 0.002, 5000),
+        "recipe": "prune(epochs=20)>quantize(mode=int8)",
+        "steps": [
+            {"technique": "prune", "config": {"epochs": 20}},
+            {"technique": "quantize", "config": {"mode": "int8"}},
+        ],
+    }
+    proposals = propose([written], max_accuracy_drop=BUDGET, max_trials=10, techniques=chosen)
+    bisect = next(p for p in proposals if "bisect prune sparsity up" in p.why)
+    assert f"(sparsity {default:g}," in bisect.why
+    assert sparsity_of(bisect.recipe) == pytest.approx(round((default + 0.98) / 2, 3))
+    qat = next(p for p in proposals if p.why.startswith("chain prune -> qat"))
+    assert qat.recipe == f"prune(method=magnitude,target_sparsity={default:g},epochs=20)>quantize(mode=qat)"
+    for proposal in proposals:  # the label the pipeline passes on parses back to what the search plans
+        assert parse_recipe([proposal.recipe]).steps == proposal.steps
+
+
+def test_a_copied_structured_prune_keeps_its_pattern_and_takes_no_target_sparsity(techniques):
+    records = [
+        record(techniques, "prune(method=structured,m_by_n=1:4,epochs=3)>quantize(mode=int8)", 0.015, 0.015, 5000),
+        record(techniques, "prune(method=structured,epochs=3)>quantize(mode=int8)", 0.015, 0.015, 4000),
+    ]
+    recipes = [p.recipe for p in propose(records, max_accuracy_drop=BUDGET, techniques=techniques)]
+    assert recipes == [
+        "prune(method=structured,epochs=20)>quantize(mode=int8)",
+        "prune(method=structured,m_by_n=1:4,epochs=20)>quantize(mode=int8)",
+    ]
+    for recipe in recipes:
+        plan(parse_recipe([recipe]), techniques)  # would raise if target_sparsity came along

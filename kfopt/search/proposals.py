@@ -280,17 +280,27 @@ def _copied(step: Step, defaults: Defaults) -> Step:
     """``step`` as a proposal copies it: the keys that say what it does, so proposals stay readable."""
     setting = defaults.setting
     if step.technique == "prune":
-        return _prune(
-            setting(step, "method"),
-            setting(step, "target_sparsity"),
-            setting(step, "epochs"),
-            _layers(setting(step, "keep_dense")),
-        )
+        return _copied_prune(step, defaults)
     if step.technique == "distill":
         return _distill(setting(step, "architecture"), setting(step, "width"), setting(step, "epochs"), defaults)
     if step.technique == "quantize":
         return _quantize(setting(step, "mode"), setting(step, "float_layers"))
     return Step(step.technique, dict(step.config))
+
+
+def _copied_prune(step: Step, defaults: Defaults) -> Step:
+    method, epochs = defaults.setting(step, "method"), defaults.setting(step, "epochs")
+    keep = _layers(defaults.setting(step, "keep_dense"))
+    if method != "structured":
+        return _prune(method, defaults.setting(step, "target_sparsity"), epochs, keep)
+    # m:n sparsity takes no target_sparsity (its Config rejects one): the pattern says how sparse it is.
+    config = {"method": method}
+    if defaults.setting(step, "m_by_n") != defaults("prune", "m_by_n"):
+        config["m_by_n"] = defaults.setting(step, "m_by_n")
+    config["epochs"] = epochs
+    if keep:
+        config["keep_dense"] = list(keep)
+    return Step("prune", config)
 
 
 def _copied_recipe(record: dict, defaults: Defaults) -> list[Step]:
