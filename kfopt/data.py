@@ -454,7 +454,8 @@ def _hold_out_of_test_dataset(dataset, seed: int, target: str) -> tuple[Split, S
     ``stride``-th batch (from a seeded offset) is validation, the others stay
     test, so a test set sorted by class still gives validation of every class.
     It is not stratified; a warning says when validation misses a class the test
-    split has. A test dataset of a single batch is split by rows (seeded, stratified).
+    split has. The dataset must give the same batches on every pass (no reshuffling
+    each iteration). A test dataset of a single batch is split by rows (seeded, stratified).
     """
     from . import _tf
 
@@ -466,6 +467,15 @@ def _hold_out_of_test_dataset(dataset, seed: int, target: str) -> tuple[Split, S
         x, y = (np.asarray(a) for a in next(dataset.as_numpy_iterator()))
         test, validation, how = _hold_out_of_test(x, y, _class_ids(y), seed, f"py:{target}")
         return test, validation, how, label_batches
+    # A split by position needs the same batches on every pass: a test dataset reshuffled
+    # each iteration would put different rows in validation and test each time they are read.
+    if not np.array_equal(next(_label_batches(dataset)), label_batches[0]):
+        raise KfoptError(
+            f"The test dataset of '{target}' yields different batches on each pass (shuffled each iteration?), "
+            "so validation cannot be held out of it by position.",
+            "do not shuffle the test dataset (or shuffle it with reshuffle_each_iteration=False), "
+            "or return a third, validation dataset.",
+        )
     batches = len(label_batches)
     stride = min(int(round(1 / TEST_VALIDATION_FRACTION)), batches)
     offset = int(np.random.default_rng(seed).integers(stride))

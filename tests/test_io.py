@@ -167,6 +167,10 @@ def load_sorted():
     classes = np.repeat(np.arange(5), 10)
     return dataset(x[:160], y[:160] * 4), dataset(x[150:], classes)
 
+def load_reshuffled():
+    x, y = arrays()
+    return dataset(x[:160], y[:160]), _tf.tf().data.Dataset.from_tensor_slices((x, y)).shuffle(200, seed=1).batch(10)
+
 def load_endless():
     x, y = arrays()
     return dataset(x[:160], y[:160]), dataset(x[160:], y[160:]).repeat()
@@ -230,9 +234,11 @@ def test_python_datasets_single_test_batch_is_split_by_rows(loader):
     assert data.splits.validation_source == "held out of the test split (50%, seeded, stratified by class)"
 
 
-def test_python_datasets_endless_test_is_refused(loader):
+def test_python_datasets_endless_or_reshuffled_test_is_refused(loader):
     with pytest.raises(KfoptError, match="repeats forever"):
         load_data("py:my_data:load_endless")
+    with pytest.raises(KfoptError, match="different batches on each pass.*Fix: do not shuffle the test dataset"):
+        load_data("py:my_data:load_reshuffled")
 
 
 def test_unknown_data_source():
