@@ -452,9 +452,9 @@ def _hold_out_of_test_dataset(dataset, seed: int, target: str) -> tuple[Split, S
 
     The split is by position, without materializing the data: every
     ``stride``-th batch (from a seeded offset) is validation, the others stay
-    test, so a test set sorted by class still gives validation of every class.
-    It is not stratified; a warning says when validation misses a class the test
-    split has. The dataset must give the same batches on every pass (no reshuffling
+    test, so validation is spread over the whole test set rather than taken from
+    its start (which, in a test set sorted by class, would be one class). It is
+    not stratified; a warning says when validation misses a class the test split has. The dataset must give the same batches on every pass (no reshuffling
     each iteration). A test dataset of a single batch is split by rows (seeded, stratified).
     """
     from . import _tf
