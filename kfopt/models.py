@@ -14,9 +14,12 @@ DEMO_MODELS = ("demo:mlp", "demo:cnn")
 DEMO_INPUT_SHAPES = {"demo:mlp": (64,), "demo:cnn": (28, 28, 1)}
 
 
-def load_keras(path: str | os.PathLike, *, unsafe: bool = False):
+def load_keras(path: str | os.PathLike, *, unsafe: bool = False, sample=None):
     """Load a tf_keras model from a ``.keras`` file, ``.h5`` file or SavedModel directory.
 
+    A file saved by Keras 3 is rebuilt in tf_keras and the conversion proven on
+    ``sample`` (input data; generated when None), see :mod:`kfopt.keras3`; the
+    returned model remembers it came from Keras 3 (:func:`kfopt.keras3.flavor_of`).
     Safe mode is on: a model containing a ``Lambda`` layer (arbitrary Python
     code) is refused unless ``unsafe=True``.
     """
@@ -25,10 +28,16 @@ def load_keras(path: str | os.PathLike, *, unsafe: bool = False):
         raise KfoptError(f"Model '{path}' does not exist.", "check the path, or use demo:mlp / demo:cnn.")
     config_text = _model_config_text(path)
     if not unsafe and '"Lambda"' in config_text:
+        named = ", ".join(f"'{name}'" for name in _lambda_layer_names(config_text)) or "a layer"
         raise KfoptError(
-            f"Model '{path}' contains a Lambda layer, which runs arbitrary Python code when loaded; refused in safe mode.",
-            "pass --unsafe only if you trust where the model came from.",
+            f"Model '{path}' has Lambda layer {named}, which runs arbitrary Python code when loaded; "
+            "refused in safe mode.",
+            "replace the Lambda with built-in layers, or pass --unsafe only if you trust where the model came from.",
         )
+    from . import keras3
+
+    if path.is_file() and keras3.is_keras3_file(path):
+        return keras3.load(path, unsafe=unsafe, sample=sample)
     keras = _tf.keras()
     try:
         if path.suffix == ".keras":
@@ -37,8 +46,31 @@ def load_keras(path: str | os.PathLike, *, unsafe: bool = False):
     except Exception as exc:
         raise KfoptError(
             f"Model '{path}' could not be loaded as a Keras model ({type(exc).__name__}: {_first_line(exc)}).",
-            "pass a .keras file, an .h5 file or a SavedModel directory saved with tf_keras.",
+            "pass a .keras or .h5 file saved by Keras 3 or tf_keras, or a SavedModel directory saved with tf_keras.",
         ) from None
+
+
+def _lambda_layer_names(config_text: str) -> list[str]:
+    """Names of the Lambda layers in a model's architecture JSON (nested models included)."""
+    import json
+
+    names: list[str] = []
+
+    def visit(value) -> None:
+        if isinstance(value, dict):
+            if value.get("class_name") == "Lambda":
+                names.append(str((value.get("config") or {}).get("name") or value.get("name") or "?"))
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, list):
+            for item in value:
+                visit(item)
+
+    try:
+        visit(json.loads(config_text))
+    except ValueError:  # a SavedModel's metadata is not plain JSON; the refusal still stands
+        pass
+    return names
 
 
 def _model_config_text(path: Path) -> str:
@@ -112,6 +144,13 @@ def model_input_shape(spec: str, *, unsafe: bool = False) -> tuple:
     """Input shape (no batch axis) of a model spec, loading the model only if needed."""
     if spec in DEMO_INPUT_SHAPES:
         return DEMO_INPUT_SHAPES[spec]
+    path = Path(spec)
+    if path.suffix == ".keras" and path.is_file() and not _lambda_layer_names(_model_config_text(path)):
+        from . import keras3
+
+        # A Keras 3 file is converted (and proven) once, when the model itself is loaded.
+        if keras3.is_keras3_file(path) and (shape := keras3.keras3_input_shape(path)) is not None:
+            return shape
     return tuple(load_keras(spec, unsafe=unsafe).input_shape[1:])
 
 
