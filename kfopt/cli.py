@@ -171,7 +171,6 @@ def optimize(
     """
     from rich.console import Console
 
-    from .optimize import METRICS_FILE
     from .optimize import optimize as run
     from .progress import Reporter
     from .report import results_table
@@ -189,12 +188,11 @@ def optimize(
     )
     candidate = result["candidates"][0]
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(_json(result))
     else:
         Console().print(results_table(result))
         click.echo(
-            f"Results: {out}/{METRICS_FILE}"
-            + (f"; model: {candidate['artifact']}" if candidate.get("artifact") else "")
+            f"Results: {out}/metrics.json" + (f"; model: {candidate['artifact']}" if candidate.get("artifact") else "")
         )
     if candidate["status"] == "skipped":
         click.echo(f"skipped: {candidate['reason']}", err=True)
@@ -256,9 +254,9 @@ def promote(directory, registered_model, tracking_uri, experiment, max_accuracy_
     metrics.json). Safe to repeat: nothing is logged or registered twice.
     Without a registered model, only the runs are logged.
     """
-    from .tracking import read_result
+    from .result import RunResult
 
-    asked = read_result(directory).get("tracking") or {}
+    asked = RunResult.load(directory).get("tracking") or {}
     registered_model = registered_model or asked.get("registered_model")
     tracking_uri = tracking_uri or asked.get("uri")
     experiment = experiment or asked.get("experiment") or "kfopt"
@@ -268,7 +266,7 @@ def promote(directory, registered_model, tracking_uri, experiment, max_accuracy_
         uri = resolve_uri(tracking_uri)
         check_uri(uri)
         try:
-            RunLogger(directory, uri, experiment).log_result(read_result(directory))
+            RunLogger(directory, uri, experiment).log_result(RunResult.load(directory))
         except mlflow_errors() as exc:
             raise failure(uri, exc, directory) from exc
         click.echo(
@@ -290,7 +288,7 @@ def promote(directory, registered_model, tracking_uri, experiment, max_accuracy_
             max_accuracy_drop if max_accuracy_drop is not None else asked.get("max_accuracy_drop", 0.01)
         ),
     )
-    click.echo(json.dumps(decision, indent=2) if as_json else _decision_line(decision))
+    click.echo(_json(decision) if as_json else _decision_line(decision))
 
 
 @main.command()
@@ -554,7 +552,7 @@ def run(
         progress=progress,
     )
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(_json(result))
     else:
         _print_run(result)
     if not any(c["status"] == "ok" for c in result["candidates"]):
@@ -563,6 +561,13 @@ def run(
         from .tracking import TrackingFailed
 
         sys.exit(TrackingFailed.exit_code)
+
+
+def _json(value) -> str:
+    """One JSON object for --json: records (kfopt.result) as the metrics.json they are written as."""
+    from .rundir import jsonable
+
+    return json.dumps(value, indent=2, default=jsonable)
 
 
 def _console():
@@ -583,7 +588,7 @@ def _print_result(result: dict) -> None:
     console.print(search_table(result) if result.get("search") else results_table(result))
     selection = result.get("selection") or {}
     budget = selection.get("max_accuracy_drop")
-    winner = next((c for c in result["candidates"] if c["recipe"] == result.get("winner")), None)
+    winner = result.winning_candidate
     if winner:
         where = f"round {winner['round']}, " if result.get("search") else ""
         why = f"; why: {winner['why']}" if winner.get("round", 1) > 1 and winner.get("why") else ""
@@ -732,7 +737,8 @@ def search_(
     )
     report = report_step(out, Path(out) / REPORT_FILE)
     if as_json:
-        click.echo(json.dumps({**result, "report": str(report)}, indent=2))
+        result.report = str(report)
+        click.echo(_json(result))
     else:
         _print_result(result)
         click.echo(f"Report: {_file_url(report)}")

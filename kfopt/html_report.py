@@ -15,6 +15,7 @@ import html
 import io
 
 from .report import COLUMNS as METRIC_COLUMNS
+from .result import RunResult
 from .select import OBJECTIVES, objective_metric, pareto_front
 
 #: (key, header, format) of the candidates table: the terminal table's metrics, after the format.
@@ -67,8 +68,9 @@ tr.failed td, tr.skipped td { color: #888; }
 """
 
 
-def render_html(result: dict, plots: dict[str, bytes] | None = None) -> str:
+def render_html(result: RunResult | dict, plots: dict[str, bytes] | None = None) -> str:
     """The whole report page for ``result``; ``plots`` are :func:`pareto_plots` of it, if already drawn."""
+    result = RunResult.of(result)
     plots = pareto_plots(result) if plots is None else plots
     selection = result.get("selection", {})
     objective = selection.get("objective", "size")
@@ -228,12 +230,13 @@ def _sensitivity_section(rows: list[dict] | None) -> str:
 
 
 # -- plots ----------------------------------------------------------------------
-def pareto_plots(result: dict) -> dict[str, bytes]:
+def pareto_plots(result: RunResult | dict) -> dict[str, bytes]:
     """The trade-off plots as PNG files: ``pareto_size.png`` and ``pareto_latency.png`` (accuracy on the test split)."""
+    result = RunResult.of(result)
     return {f"pareto_{objective}.png": plot_png(result, metric, label) for objective, (metric, label) in PLOTS.items()}
 
 
-def plot_png(result: dict, metric: str, label: str) -> bytes:
+def plot_png(result: RunResult, metric: str, label: str) -> bytes:
     """A PNG scatter plot of accuracy against ``metric``: candidates, Pareto front, winner, baseline, budget."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -268,7 +271,7 @@ def plot_png(result: dict, metric: str, label: str) -> bytes:
     line = sorted((c for c in candidates if c["recipe"] in front), key=lambda c: c[metric])
     if line:
         ax.plot([c[metric] for c in line], [c["accuracy"] for c in line], color="tab:blue", lw=1, label="Pareto front")
-    winner = next((c for c in candidates if c["recipe"] == result.get("winner")), None)
+    winner = result.winning_candidate
     if winner:
         ax.scatter(winner[metric], winner["accuracy"], marker="*", s=220, color="tab:green", zorder=4, label="winner")
     baseline = result.get("baseline", {})

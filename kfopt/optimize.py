@@ -6,7 +6,6 @@ very same functions with artifact paths.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -21,40 +20,8 @@ from .models import DEMO_MODELS, load_keras, model_input_shape
 from .plugins.technique import ModelHandle, StepContext
 from .progress import Reporter
 from .recipe import Recipe, parse_recipe, plan
-
-METRICS_FILE = "metrics.json"
-
-
-def writable_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and prove it is writable, before any work is done."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".kfopt-write-check"):
-            pass
-    except OSError as exc:
-        raise KfoptError(
-            f"Output directory '{path}' is not writable ({exc.strerror or exc}).",
-            "pass --out a directory you can write to.",
-        ) from None
-    return path
-
-
-def write_json(path: str | os.PathLike, data: dict) -> Path:
-    """Write JSON atomically: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+from .result import Baseline, Candidate, RunResult
+from .rundir import METRICS_FILE, writable_dir, write_json  # noqa: F401 (METRICS_FILE, write_json: until importers move)
 
 
 def prepare(
@@ -75,7 +42,7 @@ def prepare(
             f"pass a .keras/.h5 file, a SavedModel directory, or one of {', '.join(DEMO_MODELS)}.",
         )
     shape = model_input_shape(model, unsafe=unsafe)
-    dataset = load_data(data, input_shape=shape, seed=seed)
+    dataset = load_data(data, input_shape=shape, seed=seed, validation_from="train" if model in DEMO_MODELS else "test")
     if model in DEMO_MODELS:
         from .training import train_demo
 
@@ -111,7 +78,7 @@ def run_recipe(
     *,
     seed: int = 0,
     reporter: Reporter | None = None,
-) -> dict:
+) -> Candidate:
     """Apply each step, save the candidate into the directory ``target``, and measure it.
 
     A technique that cannot run here gives status ``skipped``; one that raises
@@ -121,7 +88,7 @@ def run_recipe(
     from . import _tf
 
     reporter = reporter or Reporter(enabled=False)
-    candidate = {"recipe": recipe.label, "steps": [p.as_dict() for p in planned], "status": "ok", "reason": None}
+    candidate = Candidate(recipe=recipe.label, steps=[p.as_dict() for p in planned])
     started = time.perf_counter()
     handle = baseline
     target = Path(target)
@@ -134,35 +101,32 @@ def run_recipe(
             try:
                 result = step.technique.apply(handle, step.config, ctx)
             except TechniqueSkipped as skip:
-                candidate.update(status="skipped", reason=f"{name}: {skip.reason}")
+                candidate.status, candidate.reason = "skipped", f"{name}: {skip.reason}"
                 break
             except KfoptError:
                 raise
             except Exception as exc:  # a plugin's bug fails its candidate, never the run
-                candidate.update(
-                    status="failed",
-                    reason=f"technique '{name}' failed: {type(exc).__name__}: {exc}",
-                    traceback=traceback.format_exc(),
-                )
+                candidate.status = "failed"
+                candidate.reason = f"technique '{name}' failed: {type(exc).__name__}: {exc}"
+                candidate.traceback = traceback.format_exc()
                 break
             if not isinstance(result, ModelHandle) or result.format != step.output_format:
                 got = result.format if isinstance(result, ModelHandle) else type(result).__name__
-                candidate.update(
-                    status="failed",
-                    reason=f"technique '{name}' returned {got}, but declares it produces {step.output_format}",
-                )
+                candidate.status = "failed"
+                candidate.reason = f"technique '{name}' returned {got}, but declares it produces {step.output_format}"
                 break
             if result is handle:
-                candidate.update(status="failed", reason=f"technique '{name}' returned its input model unchanged")
+                candidate.status, candidate.reason = "failed", f"technique '{name}' returned its input model unchanged"
                 break
             handle = result
-        if candidate["status"] == "ok":
+        if candidate.ok:
             if target.exists():
                 shutil.rmtree(target)
             path = handle.save(target)
             reporter.say(f"[{recipe.label}] evaluating {handle.format} candidate on {len(data.test)} test samples")
-            candidate.update(artifact=str(path), **evaluator.evaluate(handle))
-    candidate["seconds"] = round(time.perf_counter() - started, 2)
+            candidate.artifact = str(path)
+            candidate.record(evaluator.evaluate(handle))
+    candidate.seconds = round(time.perf_counter() - started, 2)
     return candidate
 
 
@@ -175,17 +139,21 @@ def optimize(
     seed: int = 0,
     unsafe: bool = False,
     epochs: int = 40,
+    max_accuracy_drop: float = 0.01,
+    objective: str = "size",
     extra_plugins=(),
     reporter: Reporter | None = None,
     tracking: dict | None = None,
-) -> dict:
+) -> RunResult:
     """Run one recipe on one model in-process; write models and ``metrics.json`` under ``out``.
 
     Everything the user can get wrong (recipe, configs, formats, output dir,
-    model, data, tracking URI) is checked before any training starts.
+    model, data, tracking URI, budget, objective) is checked before any
+    training starts. The candidate is the winner only when :func:`kfopt.select.select`
+    says so, like in a search: within ``max_accuracy_drop`` and measured on ``objective``.
     ``tracking`` holds keyword arguments of :func:`kfopt.observers.observer_context`
     (``registered_model``, ``tracking_uri``, ``experiment``, ...); MLflow
-    trouble never raises: it shows as ``result["tracking"]["status"] == "failed"``.
+    trouble never raises: it shows as ``result.tracking.status == "failed"``.
     """
     from .observers import Observers, observer_context
     from .plugins.manager import registry
@@ -195,34 +163,40 @@ def optimize(
     techniques = registry(extra_plugins)
     planned = plan(parsed, techniques)
     out = writable_dir(out)
-    observers = Observers(techniques.pm, observer_context(out, **(tracking or {})))
+    settings = {**(tracking or {}), "max_accuracy_drop": max_accuracy_drop, "objective": objective}
+    observers = Observers(techniques.pm, observer_context(out, **settings))
     observers.run_started({"model": model, "data": data, "seed": seed, "recipes": [parsed.label], "out": str(out)})
     baseline, dataset = prepare(model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out)
     baseline.save(out / "baseline")
     evaluator = Evaluator(dataset, baseline, out / "baseline")
     reporter.say("Measuring the baseline")
-    result = {
-        "model": model,
-        "data": data,
-        "seed": seed,
-        "baseline": {"artifact": str(baseline.path), **evaluator.baseline_metrics()},
-        "candidates": [],
-        "winner": None,
-        "pareto": [],
-        "registered_model": None,
-    }
+    result = start_result(model, data, seed, baseline, evaluator)
     candidate = run_recipe(
         parsed, planned, baseline, dataset, evaluator, out / "candidate", seed=seed, reporter=reporter
     )
-    result["candidates"].append(candidate)
+    result.candidates.append(candidate)
     observers.candidate_finished(candidate)
-    if candidate["status"] == "ok":
-        result["winner"] = candidate["recipe"]
-        result["pareto"] = [candidate["recipe"]]
-    result["baseline"]["references"] = evaluator.references
-    write_json(out / METRICS_FILE, result)
-    updates = observers.run_finished(result)
-    if updates:
-        result.update(updates)
-        write_json(out / METRICS_FILE, result)
+    finish_result(result, evaluator, max_accuracy_drop=max_accuracy_drop, objective=objective)
+    result.save(out)
+    result.update_from(observers.run_finished(result))
+    result.save(out)
     return result
+
+
+def start_result(model: str, data: str, seed: int, baseline: ModelHandle, evaluator: Evaluator) -> RunResult:
+    """The run record of a run that measured ``baseline``, before any candidate: one skeleton for every path."""
+    return RunResult(
+        model=model,
+        data=data,
+        seed=seed,
+        splits=evaluator.data.splits.as_dict(),
+        baseline=Baseline(artifact=str(baseline.path), **evaluator.baseline_metrics()),
+    )
+
+
+def finish_result(result: RunResult, evaluator: Evaluator, *, max_accuracy_drop: float, objective: str) -> RunResult:
+    """Record the baseline's references and decide the winner with :func:`kfopt.select.select`."""
+    from .select import select
+
+    result.baseline.references = evaluator.references
+    return result.apply(select(result.candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))

@@ -20,7 +20,8 @@ from pathlib import Path
 from . import tracking
 from .errors import KfoptError
 from .observers import DEFAULT_EXPERIMENT, DEFAULT_MAX_ACCURACY_DROP
-from .select import check_goal, objective_metric, objective_value
+from .result import Candidate, Registration, RunResult, Tracking
+from .select import TOLERANCE, check_goal, objective_metric, objective_value, select, why_not_eligible
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -42,20 +43,18 @@ def promote_from(
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
     objective: str = "size",
     experiment: str = DEFAULT_EXPERIMENT,
-) -> dict:
+) -> Registration:
     """Log a finished run's directory to MLflow (what is not logged yet), register its winner, promote it.
 
     ``directory`` holds ``metrics.json`` as ``optimize()`` writes it. Safe to
     call again: runs and the model version are created once (``tracking.json``
     in the directory records them), and a decision already taken is returned
-    as it was. Returns ``{"name", "version", "aliases", "promoted", "reason",
-    "previous_champion"}`` and writes it into metrics.json as ``registered_model``.
+    as it was. Returns the :class:`~kfopt.result.Registration` and writes it into
+    metrics.json as ``registered_model``.
     Raises ``TrackingFailed`` (exit code 3) when MLflow cannot be reached.
     """
-    from .optimize import METRICS_FILE, write_json
-
     directory = Path(directory)
-    result = tracking.read_result(directory)
+    result = RunResult.load(directory)
     check_settings(registered_model, max_accuracy_drop, objective)
     _check_writable(directory)
     uri = tracking.resolve_uri(tracking_uri)
@@ -68,19 +67,17 @@ def promote_from(
         raise
     except tracking.mlflow_errors() as exc:
         raise tracking.failure(uri, exc, directory) from exc
-    result["registered_model"] = decision
-    result["tracking"] = {
-        **(result.get("tracking") or {}),
-        "uri": uri,
-        "experiment": experiment,
-        "status": "ok",
-        "error": None,
-        "run_id": logger.state.get("parent_run_id"),
-        "registered_model": registered_model,
-        "objective": objective,
-        "max_accuracy_drop": max_accuracy_drop,
-    }
-    write_json(directory / METRICS_FILE, result)
+    result.registered_model = decision
+    result.tracking = Tracking(
+        status="ok",
+        uri=uri,
+        experiment=experiment,
+        run_id=logger.state.get("parent_run_id"),
+        registered_model=registered_model,
+        objective=objective,
+        max_accuracy_drop=max_accuracy_drop,
+    )
+    result.save(directory)
     return decision
 
 
@@ -112,14 +109,15 @@ def gate(
 ) -> tuple[bool, str]:
     """Whether ``challenger`` should become champion, and why, in one sentence.
 
-    It must stay within the accuracy budget of its own baseline; then it wins
+    It must be eligible by :func:`kfopt.select.why_not_eligible` (the budget
+    against its own baseline, the same check that picked it); then it wins
     when there is no champion, or when its accuracy is at least the champion's
     minus the budget and it is strictly better on the objective.
     """
     key = objective_metric(objective)
-    drop = challenger.get("accuracy_drop")
-    if drop is not None and drop > max_accuracy_drop + 1e-9:
-        return False, f"accuracy drop {drop:.4f} from its baseline exceeds the budget {max_accuracy_drop:g}"
+    reason = why_not_eligible({"status": "ok", **challenger}, max_accuracy_drop=max_accuracy_drop, objective=objective)
+    if reason:
+        return False, reason
     if champion is None:
         return True, "no champion yet"
     name = f"champion v{champion_version}" if champion_version else "the champion"
@@ -131,7 +129,7 @@ def gate(
     ]
     if missing:
         return False, f"cannot compare with {name}: {', '.join(missing)} missing"
-    if challenger["accuracy"] < champion["accuracy"] - max_accuracy_drop - 1e-9:
+    if challenger["accuracy"] < champion["accuracy"] - max_accuracy_drop - TOLERANCE:
         return False, (
             f"accuracy {challenger['accuracy']:.4f} is more than {max_accuracy_drop:g} below "
             f"{name}'s {champion['accuracy']:.4f}"
@@ -145,21 +143,25 @@ def gate(
 
 
 # -- registry -----------------------------------------------------------------------
-def promote(logger: tracking.RunLogger, result: dict, name: str, *, max_accuracy_drop: float, objective: str) -> dict:
-    """Register the logged winner of ``result`` as a version of ``name`` and decide on it (once)."""
-    winner = result.get("winner")
-    if not winner:
-        return {
-            "name": name,
-            "version": None,
-            "aliases": [],
-            "promoted": False,
-            "previous_champion": None,
-            "reason": "no winner to register: no candidate finished ok",
-        }
-    candidate = next((c for c in result["candidates"] if c["recipe"] == winner), None)
+def promote(
+    logger: tracking.RunLogger, result: RunResult, name: str, *, max_accuracy_drop: float, objective: str
+) -> Registration:
+    """Register the winner of ``result`` as a version of ``name`` and decide on it (once).
+
+    The winner is decided again by :func:`kfopt.select.select` under this
+    promotion's budget and objective (the one selection path): a candidate over
+    the budget is never registered.
+    """
+    result.apply(select(result.candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
+    candidate: Candidate | None = result.winning_candidate
+    if candidate is None:
+        why = "; ".join(f"{c.recipe}: {c.not_selected_because}" for c in result.candidates)
+        return Registration(
+            name=name, reason=f"no winner to register: no candidate is within the budget ({why})"[:5000]
+        )
+    winner = candidate.recipe
     logged = logger.logged(winner)
-    if candidate is None or not logged or not logged.get("model_id"):
+    if not logged or not logged.get("model_id"):
         raise KfoptError(
             f"The winner '{winner}' in {logger.directory}/metrics.json has no logged model.",
             "check that the candidate's status is ok and its model file is in the run directory.",
@@ -170,7 +172,7 @@ def promote(logger: tracking.RunLogger, result: dict, name: str, *, max_accuracy
     if version is None:
         tags = {
             "kfopt.recipe": winner,
-            "kfopt.format": str(candidate.get("format")),
+            "kfopt.format": str(candidate.format),
             "kfopt.run_dir": str(logger.directory.resolve()),
             **{f"kfopt.{k}": repr(float(candidate[k])) for k in VERSION_METRICS if candidate.get(k) is not None},
         }
@@ -309,18 +311,18 @@ def _metrics_of(client, name: str, version: str) -> dict:
     return metrics
 
 
-def _summary(client, name: str, version) -> dict:
+def _summary(client, name: str, version) -> Registration:
     mv = client.get_model_version(name, str(version))
     aliases = client.get_registered_model(name).aliases or {}
     previous = mv.tags.get("kfopt.previous_champion")
-    return {
-        "name": name,
-        "version": int(mv.version),
-        "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
-        "promoted": mv.tags.get("kfopt.decision") == "promoted",
-        "reason": mv.tags.get("kfopt.reason"),
-        "previous_champion": None if previous in (None, "none") else previous,
-    }
+    return Registration(
+        name=name,
+        version=int(mv.version),
+        aliases=sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
+        promoted=mv.tags.get("kfopt.decision") == "promoted",
+        reason=mv.tags.get("kfopt.reason"),
+        previous_champion=None if previous in (None, "none") else previous,
+    )
 
 
 def _who() -> str:

@@ -20,7 +20,9 @@ MIX = "mix"
 
 #: Slack for comparing an accuracy drop with the budget: drops are differences
 #: of fractions of the test set, so 0.01 may come out as 0.010000000000000009.
-_TOLERANCE = 1e-9
+#: The one tolerance of every budget check (select, search, promotion gate).
+TOLERANCE = 1e-9
+_TOLERANCE = TOLERANCE  # the search package still imports the old name; removed when it moves
 
 
 @dataclass
@@ -168,6 +170,35 @@ def _dominates(a: dict, a_value: float, b: dict, b_value: float) -> bool:
     )
 
 
+def why_not_eligible(candidate, *, max_accuracy_drop: float, objective: str) -> str | None:
+    """Why ``candidate`` cannot win under this budget and objective, or None when it can.
+
+    The one budget check of kfopt: :func:`select` and the promotion gate both use it.
+    Eligible: status ``ok``, measured on the objective, ``accuracy_drop <=
+    max_accuracy_drop`` (test split) and, when measured, ``val_accuracy_drop <=
+    max_accuracy_drop`` (the split the search decides on).
+    """
+    status = candidate.get("status")
+    if status != "ok":
+        return f"{status}: {candidate.get('reason') or 'no reason given'}"
+    if not measured(candidate, objective):
+        return (
+            f"not measured: has no {'accuracy' if candidate.get('accuracy') is None else objective_metric(objective)}"
+        )
+    drop = candidate.get("accuracy_drop") or 0.0
+    if drop > max_accuracy_drop + TOLERANCE:
+        return f"accuracy drop {drop:.4f} is over the budget {max_accuracy_drop:.4f}"
+    val_drop = candidate.get("val_accuracy_drop") or 0.0
+    if val_drop > max_accuracy_drop + TOLERANCE:
+        # Chosen on validation, confirmed on test: a candidate the search would not have kept
+        # is not made the winner because it happened to do well on the test split.
+        return (
+            f"accuracy drop {val_drop:.4f} on the validation split is over the budget "
+            f"{max_accuracy_drop:.4f} (test split: {drop:.4f})"
+        )
+    return None
+
+
 def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objective: str = "size") -> Selection:
     """Pick the candidate with the best objective metric among those within the accuracy budget.
 
@@ -184,26 +215,9 @@ def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objec
     selection = Selection(objective=objective, metric=metric, max_accuracy_drop=float(max_accuracy_drop))
     eligible = []
     for candidate in candidates:
-        label = candidate["recipe"]
-        status = candidate.get("status")
-        if status != "ok":
-            selection.reasons[label] = f"{status}: {candidate.get('reason') or 'no reason given'}"
-        elif not measured(candidate, objective):
-            selection.reasons[label] = (
-                f"not measured: has no {'accuracy' if candidate.get('accuracy') is None else metric}"
-            )
-        elif candidate.get("accuracy_drop", 0.0) > max_accuracy_drop + _TOLERANCE:
-            selection.reasons[label] = (
-                f"accuracy drop {candidate['accuracy_drop']:.4f} is over the budget {max_accuracy_drop:.4f}"
-            )
-        elif (candidate.get("val_accuracy_drop") or 0.0) > max_accuracy_drop + _TOLERANCE:
-            # Chosen on validation, confirmed on test: a candidate the search would not have kept
-            # is not made the winner because it happened to do well on the test split.
-            selection.reasons[label] = (
-                f"accuracy drop {candidate['val_accuracy_drop']:.4f} on the validation split "
-                f"is over the budget {max_accuracy_drop:.4f} (test split: "
-                f"{candidate['accuracy_drop']:.4f})"
-            )
+        reason = why_not_eligible(candidate, max_accuracy_drop=max_accuracy_drop, objective=objective)
+        if reason:
+            selection.reasons[candidate["recipe"]] = reason
         else:
             eligible.append(candidate)
     selection.within_budget = [c["recipe"] for c in eligible]
@@ -215,6 +229,7 @@ def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objec
     return selection
 
 
+# TEMPORARY (lead): dict form kept until kfopt.search and the pipeline steps build RunResult records.
 def apply_selection(result: dict, selection: Selection) -> dict:
     """Write a selection into a ``metrics.json``-shaped result (in place) and return it.
 

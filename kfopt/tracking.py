@@ -12,16 +12,15 @@ import json
 import os
 import re
 import sys
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from . import __version__
 from .errors import KfoptError
+from .result import Candidate, RunResult
+from .rundir import METRICS_FILE, REPORT_FILE, TRACKING_FILE, jsonable, resolve_artifact, tracking_uri, write_json
 
-TRACKING_FILE = "tracking.json"
-#: The HTML report (see :mod:`kfopt.html_report`) on the parent run, beside its plots ``pareto_*.png``.
-REPORT_FILE = "report.html"
 #: Numeric metrics of the vocabulary (DESIGN.md) logged on each candidate's run.
 METRICS = (
     "accuracy",
@@ -110,43 +109,7 @@ def mlflow_errors() -> tuple[type[BaseException], ...]:
     return (MlflowException, requests.RequestException, OSError)
 
 
-def read_result(directory: str | os.PathLike) -> dict:
-    """The ``metrics.json`` that ``kfopt optimize`` (or the pipeline) wrote into ``directory``."""
-    from .optimize import METRICS_FILE
-
-    path = Path(directory) / METRICS_FILE
-    if not path.is_file():
-        raise KfoptError(
-            f"No {METRICS_FILE} in '{directory}'.",
-            "pass --from the --out directory of a finished `kfopt optimize` (or pipeline) run.",
-        )
-    try:
-        result = json.loads(path.read_text())
-    except ValueError as exc:
-        raise KfoptError(f"'{path}' is not valid JSON ({exc}).", "re-run `kfopt optimize` to write it again.") from None
-    if not isinstance(result, dict) or not isinstance(result.get("candidates"), list):
-        raise KfoptError(f"'{path}' has no list of candidates.", "pass the directory of a kfopt run.")
-    return result
-
-
-def resolve_artifact(directory: str | os.PathLike, artifact: str) -> Path:
-    """Find a candidate's model file whether ``artifact`` is absolute, cwd-relative, or
-    written on another machine (a pipeline pod): the longest tail of it inside ``directory`` wins."""
-    directory, given = Path(directory), Path(artifact)
-    parts = [p for p in given.parts if p != given.anchor]
-    for start in range(len(parts)):
-        candidate = directory.joinpath(*parts[start:])
-        if candidate.exists():
-            return candidate
-    if given.exists():
-        return given
-    raise KfoptError(
-        f"Model file '{artifact}' named in {directory}/metrics.json is missing.",
-        "keep the run directory as `kfopt optimize` wrote it (baseline/, candidate/, metrics.json).",
-    )
-
-
-def run_key(result: dict) -> str:
+def run_key(result: RunResult) -> str:
     """A fingerprint of what a run measured (model, data, seed, baseline, candidates, winner).
 
     Tagged on the parent run, it finds an earlier attempt's runs when
@@ -154,10 +117,9 @@ def run_key(result: dict) -> str:
     """
     import hashlib
 
-    from .optimize import _jsonable
-
-    content = {k: result.get(k) for k in ("model", "data", "seed", "baseline", "candidates", "winner")}
-    normal = json.dumps(json.loads(json.dumps(content, default=_jsonable)), sort_keys=True)
+    data = result.to_dict()
+    content = {k: data.get(k) for k in ("model", "data", "seed", "baseline", "candidates", "winner")}
+    normal = json.dumps(json.loads(json.dumps(content, default=jsonable)), sort_keys=True)
     return hashlib.sha256(normal.encode()).hexdigest()[:32]
 
 
@@ -176,17 +138,17 @@ def _param(value) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
-def candidate_params(candidate: dict, result: dict) -> dict[str, str]:
+def candidate_params(candidate: Candidate, result: RunResult | dict) -> dict[str, str]:
     """Params of a candidate's run: recipe, every step's config, versions, seed."""
     params = {
-        "recipe": candidate["recipe"],
-        "steps": _param(candidate.get("steps", [])),
+        "recipe": candidate.recipe,
+        "steps": _param(candidate.steps),
         "seed": str(result.get("seed", 0)),
         "model": str(result.get("model")),
         "data": str(result.get("data")),
         **_versions(),
     }
-    for index, step in enumerate(candidate.get("steps", []), start=1):
+    for index, step in enumerate(candidate.steps, start=1):
         params[f"step{index}.technique"] = step["technique"]
         for key, value in step.get("config", {}).items():
             params[f"step{index}.{step['technique']}.{key}"] = _param(value)
@@ -200,28 +162,6 @@ def numeric_metrics(row: dict, prefix: str = "") -> dict[str, float]:
         for k in METRICS
         if isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
     }
-
-
-@contextmanager
-def _fluent_uri(uri: str):
-    """Point MLflow's fluent API (used by log_model) at ``uri``, then restore it.
-
-    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in the
-    environment; left behind, it would turn tracking on for later runs.
-    """
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        utils._tracking_uri = saved_uri
-        if saved_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 class RunLogger:
@@ -250,8 +190,6 @@ class RunLogger:
         )
 
     def save(self) -> None:
-        from .optimize import write_json
-
         write_json(self.directory / TRACKING_FILE, self._file)
 
     # -- the experiment and the parent run ---------------------------------
@@ -306,21 +244,19 @@ class RunLogger:
         self._log_batch(run_id, params=params)
         return run_id
 
-    def finish(self, result: dict) -> None:
+    def finish(self, result: RunResult) -> None:
         """Log the baseline, metrics.json and the report on the parent run and close it (once)."""
-        from .optimize import METRICS_FILE
-
         run_id = self.start(result)
         if self.state.get("finished"):
             return
-        self._log_batch(run_id, metrics=numeric_metrics(result.get("baseline", {}), prefix="baseline_"))
-        self.client.set_tag(run_id, "kfopt.winner", str(result.get("winner")))
+        self._log_batch(run_id, metrics=numeric_metrics(result.baseline, prefix="baseline_"))
+        self.client.set_tag(run_id, "kfopt.winner", str(result.winner))
         self.client.set_tag(run_id, "kfopt.run_key", run_key(result))
-        stopped = (result.get("search") or {}).get("stopped")
+        stopped = (result.search or {}).get("stopped")
         if stopped:
             self.client.set_tag(run_id, "kfopt.search_stopped", _param(stopped))
-        self.client.log_dict(run_id, result.get("baseline", {}), "baseline.json")
-        self.client.log_dict(run_id, result, METRICS_FILE)
+        self.client.log_dict(run_id, result.baseline.to_dict(), "baseline.json")
+        self.client.log_dict(run_id, result.to_dict(), METRICS_FILE)
         self._log_report(run_id, result)
         self._terminate(run_id, "FINISHED")
         self.state["finished"] = True
@@ -346,7 +282,7 @@ class RunLogger:
             if result.get(key):
                 self.client.log_dict(run_id, result[key], f"{key}.json")
 
-    def log_result(self, result: dict) -> None:
+    def log_result(self, result: RunResult) -> None:
         """Log everything in ``result`` that is not logged yet (what ``promote --from`` does)."""
         if self.state.get("parent_run_id") and not self._exists(self.state["parent_run_id"]):
             # The store was reset since (a new database at the same URI): log afresh.
@@ -354,9 +290,9 @@ class RunLogger:
             self.state.update(uri=self.uri, experiment=self.experiment, candidates={})
         if not self.state.get("parent_run_id"):
             self._adopt(run_key(result))
-        recipes = [c["recipe"] for c in result["candidates"]]
-        self.start({**result, "recipes": recipes}, key=run_key(result))
-        for candidate in result["candidates"]:
+        recipes = [c.recipe for c in result.candidates]
+        self.start({**result.to_dict(), "recipes": recipes}, key=run_key(result))
+        for candidate in result.candidates:
             self.log_candidate(candidate, result)
         self.finish(result)
 
@@ -401,9 +337,9 @@ class RunLogger:
         entry = self.state["candidates"].get(recipe)
         return entry if entry and entry.get("complete") else None
 
-    def log_candidate(self, candidate: dict, result: dict) -> dict:
+    def log_candidate(self, candidate: Candidate, result: RunResult | dict) -> dict:
         """One child run: params, metrics, the model (as an MLflow model and as the raw file), candidate.json."""
-        label = candidate["recipe"]
+        label = candidate.recipe
         if self.logged(label):
             return self.logged(label)
         parent_id = self.start(result)
@@ -413,27 +349,29 @@ class RunLogger:
                 self._terminate(stale["run_id"], "KILLED")
             except Exception:
                 pass
-        status = candidate.get("status", "ok")
+        status = candidate.status
         tags = {
             "mlflow.parentRunId": parent_id,
             "kfopt.recipe": label,
             "kfopt.status": status,
-            "kfopt.format": str(candidate.get("format")),
+            "kfopt.format": str(candidate.format),
         }
-        if candidate.get("reason"):
-            tags["kfopt.reason"] = _param(candidate["reason"])
+        if candidate.reason:
+            tags["kfopt.reason"] = _param(candidate.reason)
         run_id = self.client.create_run(self.experiment_id(), run_name=label, tags=tags).info.run_id
         entry = self.state["candidates"][label] = {"run_id": run_id, "complete": False}
         self.save()
         self._log_batch(run_id, params=candidate_params(candidate, result), metrics=numeric_metrics(candidate))
-        self.client.log_dict(run_id, {k: v for k, v in candidate.items() if k != "traceback"}, "candidate.json")
-        if status == "ok" and candidate.get("artifact"):
-            path = resolve_artifact(self.directory, candidate["artifact"])
+        self.client.log_dict(
+            run_id, {k: v for k, v in candidate.to_dict().items() if k != "traceback"}, "candidate.json"
+        )
+        if status == "ok" and candidate.artifact:
+            path = resolve_artifact(self.directory, candidate.artifact)
             if path.is_dir():
                 self.client.log_artifacts(run_id, str(path), f"candidate/{path.name}")
             else:
                 self.client.log_artifact(run_id, str(path), "candidate")
-            info = self._log_model(run_id, candidate["format"], path)
+            info = self._log_model(run_id, candidate.format, path)
             entry.update(model_id=info.model_id, model_uri=info.model_uri)
             self.client.set_tag(run_id, "kfopt.model_id", info.model_id)
         self.client.set_tag(run_id, "kfopt.logged", "true")  # complete: a later attempt may adopt this run
@@ -469,7 +407,7 @@ class RunLogger:
         ]
         # Keras prints prediction progress bars on stdout; keep stdout for --json.
         with (
-            _fluent_uri(self.uri),
+            tracking_uri(self.uri),
             redirect_stdout(sys.stderr),
             mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None),
         ):

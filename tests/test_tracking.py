@@ -17,7 +17,9 @@ from click.testing import CliRunner
 from kfopt.cli import main
 from kfopt.optimize import METRICS_FILE, optimize
 from kfopt.promotion import gate, promote_from
-from kfopt.tracking import TRACKING_FILE, RunLogger, read_result
+from kfopt.result import RunResult
+from kfopt.rundir import TRACKING_FILE
+from kfopt.tracking import RunLogger
 
 SMALLER = "prune(target_sparsity=0.5,epochs=1)>quantize(mode=dynamic)"  # tflite, zeros compress: smallest
 SMALL = "quantize(mode=dynamic)"  # tflite, int8 weights
@@ -83,9 +85,9 @@ def digits_test():
 def load_champion(uri, name):
     import mlflow
 
-    from kfopt.tracking import _fluent_uri
+    from kfopt.rundir import tracking_uri
 
-    with _fluent_uri(uri):
+    with tracking_uri(uri):
         return mlflow.pyfunc.load_model(f"models:/{name}@champion")
 
 
@@ -144,7 +146,7 @@ def test_observer_hooks_see_the_run_and_a_broken_observer_does_not_fail_it(tmp_p
     with pytest.warns(ObserverWarning, match="observer bug"):
         result = optimize("demo:mlp", "digits", SMALL, tmp_path / "out", epochs=3, extra_plugins=[Recorder(), Broken()])
     assert seen == [("started", [SMALL]), ("candidate", "ok", False), ("finished", SMALL)]
-    assert read_result(tmp_path / "out")["recorder"] == {"candidates": 1} == result["recorder"]
+    assert RunResult.load(tmp_path / "out")["recorder"] == {"candidates": 1} == result["recorder"]
 
 
 # -- with a real tracking server ---------------------------------------------------------
@@ -171,7 +173,7 @@ def test_better_run_becomes_champion_worse_one_stays_challenger(mlflow_server, t
     code, out = cli("optimize", *common, "--recipe", SMALLER, "--out", tmp_path / "2")
     assert code == 0, out
     assert f"{name} v2 (challenger, champion): promoted to champion" in out
-    on_disk = read_result(tmp_path / "2")["registered_model"]
+    on_disk = RunResult.load(tmp_path / "2")["registered_model"]
     assert on_disk["version"] == 2 and on_disk["previous_champion"] == "1"
 
     code, out = cli("optimize", *common, "--recipe", KERAS, "--out", tmp_path / "3")
@@ -264,7 +266,7 @@ def test_server_down_then_promote_later_registers_once(mlflow_server, run_dir, t
     assert code == 3, out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"kfopt promote --from {out_dir}" in errors[0] and "Traceback" not in out
-    saved = read_result(out_dir)
+    saved = RunResult.load(out_dir)
     assert saved["candidates"][0]["status"] == "ok" and Path(saved["candidates"][0]["artifact"]).is_file()
     assert saved["tracking"]["status"] == "failed" and saved["registered_model"]["version"] is None
 
@@ -289,7 +291,7 @@ def test_server_down_then_promote_later_registers_once(mlflow_server, run_dir, t
         [mlflow.get_experiment_by_name("kfopt").experiment_id], f"tags.`kfopt.out` = '{out_dir.resolve()}'"
     )
     assert len(runs) == 1  # one parent run, not one per attempt
-    assert read_result(out_dir)["registered_model"]["version"] == 2
+    assert RunResult.load(out_dir)["registered_model"]["version"] == 2
 
 
 @pytest.mark.slow
@@ -297,7 +299,7 @@ def test_concurrent_promotions_leave_champion_on_the_better_one(mlflow_server, r
     name, uri = "digits-race", mlflow_server.uri
     worse, better = run_dir("small"), run_dir("smaller")
     for directory in (worse, better):  # log the runs first, so the two processes race on the decision itself
-        RunLogger(directory, uri, "kfopt").log_result(read_result(directory))
+        RunLogger(directory, uri, "kfopt").log_result(RunResult.load(directory))
     command = [
         sys.executable,
         "-m",
