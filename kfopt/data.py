@@ -159,14 +159,30 @@ class Data:
         )
 
 
+#: What ``Data.source`` says for data handed over in memory (the Python API).
+FROM_PYTHON_ARRAYS = "arrays passed from Python"
+FROM_PYTHON_DATASETS = "tf.data datasets passed from Python"
+
+
+def describe(spec: str | dict | tuple | list) -> str:
+    """How a data source is named in the run record: the spec as given, or what was passed from Python."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, (tuple, list)) and len(spec) != 4 or hasattr(next(iter(spec), None), "as_numpy_iterator"):
+        return FROM_PYTHON_DATASETS
+    return FROM_PYTHON_ARRAYS
+
+
 def load_data(
-    spec: str,
+    spec: str | dict | tuple | list,
     *,
     input_shape: tuple | None = None,
     seed: int = 0,
     validation_from: ValidationFrom = "test",
 ) -> Data:
-    """Load ``spec`` (an .npz path/URI, ``py:module:function`` or ``digits``).
+    """Load ``spec``: an .npz path/URI, ``py:module:function`` or ``digits``; or, from Python, a dict
+    of arrays (``x_train``, ``y_train``, ``x_test``, ``y_test``, optional ``x_val``/``y_val``), a tuple
+    of those four arrays, or a ``(train, test[, validation])`` tuple of tf.data datasets.
 
     ``input_shape`` (the model's input, without batch axis) lets ``digits`` be
     served as flat 64-vectors or as images of any size with one channel.
@@ -179,7 +195,20 @@ def load_data(
     """
     if validation_from not in VALIDATION_FROM:
         raise ValueError(f"validation_from must be one of {VALIDATION_FROM}, not {validation_from!r}")
-    if spec == "digits":
+    if isinstance(spec, dict):
+        data = _from_arrays(_checked_arrays(spec, "The data"), FROM_PYTHON_ARRAYS, seed, validation_from)
+    elif isinstance(spec, (tuple, list)) and len(spec) == 4 and not hasattr(spec[0], "as_numpy_iterator"):
+        arrays = _checked_arrays(dict(zip(NPZ_KEYS, spec)), "The data")
+        data = _from_arrays(arrays, FROM_PYTHON_ARRAYS, seed, validation_from)
+    elif isinstance(spec, (tuple, list)):
+        data = _from_datasets(spec, FROM_PYTHON_DATASETS, FROM_PYTHON_DATASETS, seed, validation_from)
+    elif not isinstance(spec, str):
+        raise KfoptError(
+            f"Data of type {type(spec).__name__} is not something kfopt reads.",
+            "pass (x_train, y_train, x_test, y_test) arrays, a dict of them, a (train, test) pair of tf.data "
+            "datasets, or a data spec (an .npz path, py:module:function, digits).",
+        )
+    elif spec == "digits":
         data = _digits(input_shape, seed, validation_from)
     elif spec.startswith("py:"):
         data = _python_datasets(spec, seed, validation_from)
@@ -322,22 +351,7 @@ def _read_npz(uri: str) -> dict[str, np.ndarray]:
     try:
         with tf.io.gfile.GFile(uri, "rb") as f:
             arrays = np.load(io.BytesIO(f.read()), allow_pickle=False)
-            missing = [k for k in NPZ_KEYS if k not in arrays.files]
-            if missing:
-                raise KfoptError(
-                    f"Data file '{uri}' is missing the arrays {', '.join(missing)} (it has: {', '.join(arrays.files) or 'none'}).",
-                    f"save it with np.savez(path, {', '.join(k + '=...' for k in NPZ_KEYS)}).",
-                )
-            given = [k for k in VALIDATION_KEYS if k in arrays.files]
-            if len(given) == 1:
-                (present,) = given
-                (absent,) = set(VALIDATION_KEYS) - set(given)
-                raise KfoptError(
-                    f"Data file '{uri}' has {present} but no {absent}: a validation split needs both.",
-                    f"save {absent} too (np.savez(path, ..., x_val=..., y_val=...)), or neither to hold "
-                    "validation out of the test split.",
-                )
-            return {k: arrays[k] for k in NPZ_KEYS + tuple(given)}
+            return _checked_arrays({k: arrays[k] for k in arrays.files}, f"Data file '{uri}'")
     except KfoptError:
         raise
     except Exception as exc:
@@ -346,8 +360,31 @@ def _read_npz(uri: str) -> dict[str, np.ndarray]:
         ) from None
 
 
+def _checked_arrays(arrays: dict, where: str) -> dict[str, np.ndarray]:
+    """The arrays kfopt reads (x/y train and test, and x_val/y_val when both are given), or a KfoptError."""
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing:
+        raise KfoptError(
+            f"{where} is missing the arrays {', '.join(missing)} (it has: {', '.join(arrays) or 'none'}).",
+            f"give {', '.join(k + '=...' for k in NPZ_KEYS)} (np.savez(path, ...) for a file).",
+        )
+    given = [k for k in VALIDATION_KEYS if k in arrays]
+    if len(given) == 1:
+        (present,) = given
+        (absent,) = set(VALIDATION_KEYS) - set(given)
+        raise KfoptError(
+            f"{where} has {present} but no {absent}: a validation split needs both.",
+            f"save {absent} too, or neither to hold validation out of the test split.",
+        )
+    return {k: np.asarray(arrays[k]) for k in NPZ_KEYS + tuple(given)}
+
+
 def _npz(uri: str, seed: int, validation_from: ValidationFrom) -> Data:
-    arrays = _read_npz(uri)
+    return _from_arrays(_read_npz(uri), uri, seed, validation_from)
+
+
+def _from_arrays(arrays, uri: str, seed: int, validation_from: ValidationFrom) -> Data:
+    """Splits from ``x_train``, ``y_train``, ``x_test``, ``y_test`` (and ``x_val``, ``y_val``) arrays."""
     splits = ("train", "test", "val") if "x_val" in arrays else ("train", "test")
     for split in splits:
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -388,7 +425,11 @@ def _python_datasets(spec: str, seed: int, validation_from: ValidationFrom) -> D
             f"Cannot load data function '{target}': {exc}.",
             "check the module is importable (PYTHONPATH) and defines the function.",
         ) from None
-    result = function()
+    return _from_datasets(function(), target, spec, seed, validation_from)
+
+
+def _from_datasets(result, target: str, spec: str, seed: int, validation_from: ValidationFrom) -> Data:
+    """Splits from ``(train, test)`` or ``(train, test, validation)`` tf.data datasets of (x, y) batches."""
     if not (isinstance(result, (tuple, list)) and len(result) in (2, 3)):
         raise KfoptError(
             f"'{target}' must return (train, test) or (train, test, validation) tf.data datasets, "

@@ -90,7 +90,7 @@ def render_html(result: RunResult | dict, plots: dict[str, bytes] | None = None)
         "</p>",
         _search_summary(result.get("search")),
         "<h2>Candidates</h2>",
-        _candidates_table(result),
+        candidates_table(result),
         f"<p class='note'>{_candidates_note(result)}</p>",
         "<h2>Trade-offs (test split)</h2><div class='plots'>",
         *(
@@ -130,7 +130,7 @@ def _search_summary(search: dict | None) -> str:
     )
 
 
-def _candidates_table(result: dict) -> str:
+def candidates_table(result: dict) -> str:
     candidates = result.get("candidates", [])
     pareto = set(result.get("pareto") or [])
     metrics = list(COLUMNS)

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from . import rundir
 from .errors import KfoptError
@@ -185,6 +185,8 @@ class RunResult(_Record):
     results: str | None = None
     log: str | None = None
     seconds: float | None = None
+    #: The run directory this record was saved to or loaded from (where relative artifact paths live).
+    _directory: Path | None = PrivateAttr(default=None)
 
     @classmethod
     def of(cls, value: RunResult | dict) -> RunResult:
@@ -200,6 +202,39 @@ class RunResult(_Record):
     def winning_candidate(self) -> Candidate | None:
         """The winner's record (None when nothing was within the budget)."""
         return self.candidate(self.winner)
+
+    def winner_model(self):
+        """The winner, loaded: a Keras model (in the Keras the user gave: Keras 3 for a Keras 3 model),
+        TFLite flatbuffer bytes, or a SavedModel's directory. None when there is no winner."""
+        candidate = self.winning_candidate
+        if candidate is None or not candidate.artifact:
+            return None
+        path = rundir.resolve_artifact(self._directory or Path.cwd(), candidate.artifact)
+        if candidate.format == "tflite":
+            return path.read_bytes()
+        if candidate.format == "saved_model":
+            return path
+        from . import keras3
+        from .models import load_keras
+
+        return keras3.keras3().saving.load_model(path) if keras3.is_keras3_file(path) else load_keras(path)
+
+    # -- showing ------------------------------------------------------------------
+    def __rich__(self):
+        """The candidates table, as ``kfopt optimize`` / ``kfopt search`` print it (rich renders it)."""
+        from .report import results_table, search_table
+
+        return search_table(self) if self.search else results_table(self)
+
+    def _repr_html_(self) -> str:
+        """The candidates table of the HTML report, for Jupyter."""
+        from .html_report import candidates_table
+
+        winner = f"winner: <b>{self.winner}</b>" if self.winner else "no candidate within the budget"
+        return f"<p>kfopt: {self.model} on {self.data}: {winner}</p>" + candidates_table(self)
+
+    def __repr__(self) -> str:
+        return f"<RunResult {self.model} on {self.data}: {len(self.candidates)} candidates, winner {self.winner!r}>"
 
     # -- deciding -----------------------------------------------------------------
     def apply(self, selection) -> RunResult:
@@ -234,6 +269,7 @@ class RunResult(_Record):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``metrics.json`` into ``directory``, atomically."""
+        self._directory = Path(directory)
         return rundir.write_json(Path(directory) / rundir.METRICS_FILE, self.to_dict())
 
     @classmethod
@@ -249,9 +285,11 @@ class RunResult(_Record):
         if not isinstance(data, dict) or not isinstance(data.get("candidates"), list):
             raise KfoptError(f"'{path}' has no list of candidates.", "pass the directory of a kfopt run.")
         try:
-            return cls.model_validate(data)
+            result = cls.model_validate(data)
         except ValueError as exc:
             first = str(exc).splitlines()[0]
             raise KfoptError(
                 f"'{path}' is not a kfopt run record ({first}).", "pass the directory of a kfopt run."
             ) from None
+        result._directory = Path(directory)
+        return result

@@ -282,8 +282,9 @@ class RunLogger:
             if result.get(key):
                 self.client.log_dict(run_id, result[key], f"{key}.json")
 
-    def log_result(self, result: RunResult) -> None:
+    def log_result(self, result: RunResult | dict) -> None:
         """Log everything in ``result`` that is not logged yet (what ``promote --from`` does)."""
+        result = RunResult.of(result)
         if self.state.get("parent_run_id") and not self._exists(self.state["parent_run_id"]):
             # The store was reset since (a new database at the same URI): log afresh.
             self.state.clear()

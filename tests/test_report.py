@@ -218,7 +218,7 @@ def test_report_of_a_run_without_search_or_sensitivity():
 def test_plots_use_agg_without_touching_the_global_backend():
     code = (
         "import matplotlib; matplotlib.use('svg'); from kfopt.html_report import pareto_plots; "
-        "p = pareto_plots({'baseline': {'accuracy': 0.9, 'gzip_bytes': 9, 'latency_p50_ms': 1}, 'candidates': []}); "
+        "p = pareto_plots({'model': 'm', 'data': 'd', 'baseline': {'accuracy': 0.9, 'gzip_bytes': 9, 'latency_p50_ms': 1}, 'candidates': []}); "
         f"print(matplotlib.get_backend(), all(v.startswith({PNG_MAGIC!r}) for v in p.values()))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -5,7 +5,8 @@ import random
 import pytest
 
 from kfopt.errors import KfoptError
-from kfopt.select import apply_selection, pareto_front, select
+from kfopt.result import RunResult
+from kfopt.select import pareto_front, select
 
 
 def ok(label, accuracy, drop, gzip, latency=1.0):
@@ -105,9 +106,12 @@ def test_unknown_objective_is_a_user_error():
         select(CANDIDATES, objective="sise")
 
 
-def test_apply_selection_writes_the_metrics_json_fields():
-    result = {"candidates": [dict(c) for c in CANDIDATES], "winner": None, "pareto": []}
-    apply_selection(result, select(result["candidates"], max_accuracy_drop=0.01, objective="size"))
+def test_a_selection_is_written_into_the_run_record_as_metrics_json_fields():
+    result = RunResult(model="m", data="d", baseline={"accuracy": 0.97}, candidates=[dict(c) for c in CANDIDATES])
+    result.apply(select(result.candidates, max_accuracy_drop=0.01, objective="size"))
+    assert result.winning_candidate.recipe == "prune80>int8"
+    saved = result.to_dict()
+    assert saved["winner"] == "prune80>int8" and saved["registered_model"] is None
     assert result["winner"] == "prune80>int8"
     assert result["pareto"] == ["distill25>int8", "prune80>int8", "int8", "xla"]
     assert result["selection"] == {
@@ -117,7 +121,7 @@ def test_apply_selection_writes_the_metrics_json_fields():
         "within_budget": ["int8", "prune80>int8", "xla"],
         "pareto_fronts": {"gzip_bytes": result["pareto"], "latency_p50_ms": ["distill25>int8", "int8", "xla"]},
     }
-    by_label = {c["recipe"]: c for c in result["candidates"]}
+    by_label = {c["recipe"]: c for c in saved["candidates"]}
     assert by_label["int8"]["within_budget"] is True and "not_selected_because" not in by_label["int8"]
     assert by_label["distill25>int8"]["within_budget"] is False
     assert "over the budget" in by_label["distill25>int8"]["not_selected_because"]

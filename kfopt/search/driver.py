@@ -11,9 +11,10 @@ steps; both describe a search with :func:`search_settings`,
 from __future__ import annotations
 
 import os
-import re
 
-from ..select import OBJECTIVES, apply_selection, check_goal, objective_metric, select
+from ..result import Candidate, RunResult
+from ..rundir import slug
+from ..select import OBJECTIVES, check_goal, objective_metric, select
 from .proposals import check_stop_when_met, next_round, target_met
 from .sensitivity import layer_sensitivity
 
@@ -22,12 +23,12 @@ ROUND_ONE_WHY = "round 1: from the search space"
 ALL_ROUNDS_DONE = "all rounds done"
 
 
-def optimization_seconds(candidates: list[dict]) -> float:
+def optimization_seconds(candidates: list[Candidate]) -> float:
     """Seconds spent optimizing the candidates: what ``max_time`` bounds (parallel or cached steps count fairly)."""
-    return sum(c.get("seconds") or 0 for c in candidates)
+    return sum(c.seconds or 0 for c in candidates)
 
 
-def search_outcome(settings: dict, candidates: list[dict], stopped: str | None) -> dict:
+def search_outcome(settings: dict, candidates: list[Candidate], stopped: str | None) -> dict:
     """The ``search`` block of a result: ``settings``, why it stopped, what met the target, seconds spent."""
     hit = target_met(
         candidates,
@@ -69,32 +70,28 @@ def search_settings(
     }
 
 
-def trace_entry(candidate: dict, objective: str) -> dict:
+def trace_entry(candidate: Candidate, objective: str) -> dict:
     """One line of the search trace: which round proposed the recipe, why, and what came of it."""
     objective_metric(objective)
     return {
-        "round": candidate.get("round", 1),
-        "recipe": candidate["recipe"],
-        "why": candidate.get("why") or ROUND_ONE_WHY,
-        "status": candidate["status"],
-        "val_accuracy_drop": candidate.get("val_accuracy_drop"),
+        "round": candidate.round or 1,
+        "recipe": candidate.recipe,
+        "why": candidate.why or ROUND_ONE_WHY,
+        "status": candidate.status,
+        "val_accuracy_drop": candidate.val_accuracy_drop,
         **{metric: candidate.get(metric) for metric in OBJECTIVES.values()},
     }
 
 
-def best_of_round(result: dict, number: int) -> dict | None:
+def best_of_round(result: RunResult, number: int) -> Candidate | None:
     """The winner :func:`~kfopt.select.select` would pick among one round's candidates (test split), for comparisons."""
-    selection = result.get("selection") or {}
+    selection = result.selection or {}
     chosen = select(
-        [c for c in result["candidates"] if c.get("round") == number],
+        [c for c in result.candidates if c.round == number],
         max_accuracy_drop=selection.get("max_accuracy_drop", 0.01),
         objective=selection.get("objective", "size"),
     )
-    return next((c for c in result["candidates"] if c["recipe"] == chosen.winner), None)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80]
+    return result.candidate(chosen.winner)
 
 
 def search(
@@ -117,7 +114,7 @@ def search(
     latency_runs: int | None = None,
     baseline=None,
     sensitivity: float | None = None,
-) -> dict:
+) -> RunResult:
     """Round 1 (the search space ``recipes``), then up to ``rounds`` refinement rounds, in-process.
 
     One baseline and one Evaluator serve every round. ``max_trials`` caps the
@@ -134,11 +131,13 @@ def search(
     baseline is added as ``layer_sensitivity`` and refinement keeps the most
     sensitive layers dense (or float under QAT), see :func:`~kfopt.search.propose`.
     """
+    from ..data import describe
     from ..evaluate import LATENCY_RUNS, Evaluator
-    from ..optimize import METRICS_FILE, prepare, run_recipe, writable_dir, write_json
+    from ..optimize import finish_result, prepare, run_recipe, start_result
     from ..plugins.manager import registry
     from ..progress import Reporter
     from ..recipe import plan
+    from ..rundir import writable_dir
     from .space import load_search
 
     settings = search_settings(
@@ -160,25 +159,15 @@ def search(
     handle.save(out / "baseline")
     evaluator = Evaluator(dataset, handle, out / "baseline", latency_runs=latency_runs or LATENCY_RUNS)
     reporter.say("Measuring the baseline")
-    result = {
-        "model": model,
-        "data": data,
-        "seed": seed,
-        "baseline": {"artifact": str(handle.path), **evaluator.baseline_metrics()},
-        "candidates": [],
-        "winner": None,
-        "pareto": [],
-        "registered_model": None,
-        "search": settings,
-        "search_trace": [],
-    }
+    result = start_result(model, describe(data), seed, handle, evaluator)
+    result.search, result.search_trace = settings, []
     if sensitivity is not None and handle.format == "keras":
         reporter.say(
             f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
             "(validation split)"
         )
-        result["layer_sensitivity"] = layer_sensitivity(handle.keras(), dataset, sensitivity)
-    trace, candidates = result["search_trace"], result["candidates"]
+        result.layer_sensitivity = layer_sensitivity(handle.keras(), dataset, sensitivity)
+    trace, candidates = result.search_trace, result.candidates
     (out / "candidates").mkdir(exist_ok=True)
     stop = None
 
@@ -197,14 +186,14 @@ def search(
                 handle,
                 dataset,
                 evaluator,
-                out / "candidates" / f"r{number}-{_slug(recipe.label)}",
+                out / "candidates" / f"r{number}-{slug(recipe.label)}",
                 seed=seed,
                 reporter=reporter,
             )
-            candidate.update(round=number, why=why)
+            candidate.round, candidate.why = number, why
             candidates.append(candidate)
             trace.append(trace_entry(candidate, objective))
-            write_json(out / METRICS_FILE, result)  # partial results survive an interruption
+            result.save(out)  # partial results survive an interruption
 
     run_round(1, [(r.recipe, r.planned) for r in first], [ROUND_ONE_WHY] * len(first))
     for number in range(2, rounds + 2):
@@ -220,15 +209,14 @@ def search(
             stop_when_met=stop_when_met,
             elapsed=optimization_seconds(candidates),
             max_time=max_time,
-            sensitivity=result.get("layer_sensitivity"),
+            sensitivity=result.layer_sensitivity,
             techniques=techniques,
         )
         if stop:
             break
         recipes_of_round = [p.to_recipe() for p in proposals]
         run_round(number, [(r, plan(r, techniques)) for r in recipes_of_round], [p.why for p in proposals])
-    result["search"] = search_outcome(settings, candidates, stop or ALL_ROUNDS_DONE)
-    result["baseline"]["references"] = evaluator.references
-    apply_selection(result, select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
-    write_json(out / METRICS_FILE, result)
+    result.search = search_outcome(settings, candidates, stop or ALL_ROUNDS_DONE)
+    finish_result(result, evaluator, max_accuracy_drop=max_accuracy_drop, objective=objective)
+    result.save(out)
     return result

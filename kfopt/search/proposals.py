@@ -51,7 +51,7 @@ from typing import Any
 
 from ..errors import KfoptError
 from ..recipe import Recipe, Step, parse_recipe, plan
-from ..select import _TOLERANCE, objective_metric, objective_ratio, objective_value
+from ..select import TOLERANCE, objective_metric, objective_ratio, objective_value
 
 #: Bisection bounds when no candidate has yet failed the budget on that side.
 SPARSITY_CEILING = 0.98
@@ -108,7 +108,7 @@ def _tidy(value: Any) -> Any:
 def val_feasible(record: dict, max_accuracy_drop: float) -> bool:
     """True when the candidate finished and its VALIDATION accuracy drop is within the budget."""
     drop = record.get("val_accuracy_drop")
-    return record.get("status") == "ok" and drop is not None and drop <= max_accuracy_drop + _TOLERANCE
+    return record.get("status") == "ok" and drop is not None and drop <= max_accuracy_drop + TOLERANCE
 
 
 def _val_measured(record: dict) -> bool:
@@ -398,7 +398,7 @@ def _sensitive_layers(rows, key: str, budget: float) -> list[dict]:
     total = sum(r["params"] for r in rows)
     chosen, share = [], 0
     for row in sorted(rows, key=lambda r: (-(r.get(key) or 0) / max(r["params"], 1), r["layer"])):
-        if (row.get(key) or 0) > budget + _TOLERANCE and share + row["params"] <= KEEP_SHARE * total:
+        if (row.get(key) or 0) > budget + TOLERANCE and share + row["params"] <= KEEP_SHARE * total:
             chosen.append(row)
             share += row["params"]
     return chosen
@@ -476,7 +476,7 @@ def _longer(evidence: _Evidence) -> list[Proposal]:
         if _val_measured(r)
         and not evidence.feasible(r)
         and evidence.objective_value(r) is not None
-        and r["val_accuracy_drop"] <= LONGER_MAX_DROP * evidence.budget + _TOLERANCE
+        and r["val_accuracy_drop"] <= LONGER_MAX_DROP * evidence.budget + TOLERANCE
     ]
     out = []
     for record in sorted(near, key=evidence.rank):
