@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -33,10 +32,10 @@ RECIPES = [
 def in_process(recipes: list[str], epochs: int, out: Path) -> dict:
     """The search without the pipeline: one process, recipes one after another."""
     from kfopt.evaluate import Evaluator
-    from kfopt.optimize import prepare, run_recipe, writable_dir, write_json
+    from kfopt.optimize import finish_result, prepare, run_recipe, start_result
     from kfopt.plugins.manager import registry
     from kfopt.recipe import parse_recipe, plan
-    from kfopt.select import apply_selection, select
+    from kfopt.rundir import slug, writable_dir
 
     techniques = registry()
     planned = [(parse_recipe(r), plan(parse_recipe(r), techniques)) for r in recipes]
@@ -44,13 +43,12 @@ def in_process(recipes: list[str], epochs: int, out: Path) -> dict:
     baseline, data = prepare("demo:mlp", "digits", epochs=epochs, workdir=out)
     baseline.save(out / "baseline")
     evaluator = Evaluator(data, baseline, out / "baseline")
-    result = {"baseline": evaluator.baseline_metrics(), "candidates": []}
+    result = start_result("demo:mlp", "digits", 0, baseline, evaluator)
     for recipe, steps in planned:
-        target = out / re.sub(r"[^A-Za-z0-9]+", "-", recipe.label).strip("-")
-        result["candidates"].append(run_recipe(recipe, steps, baseline, data, evaluator, target))
-    apply_selection(result, select(result["candidates"], max_accuracy_drop=0.05))
-    write_json(out / "metrics.json", result)
-    return result
+        result.candidates.append(run_recipe(recipe, steps, baseline, data, evaluator, out / slug(recipe.label)))
+    finish_result(result, evaluator, max_accuracy_drop=0.05, objective="size")
+    result.save(out)
+    return result.to_dict()
 
 
 def timed(command: list[str]) -> tuple[float, dict]:
@@ -78,7 +76,9 @@ def main() -> int:
 
         args.recipes = [str(r.recipe) for r in load_search()]
     if args.in_process_only:
-        print(json.dumps(in_process(args.recipes, args.epochs, out / "in-process"), default=str))
+        from kfopt.rundir import jsonable
+
+        print(json.dumps(in_process(args.recipes, args.epochs, out / "in-process"), default=jsonable))
         return 0
 
     search = out / "search.yaml"

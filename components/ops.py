@@ -8,6 +8,11 @@ can point them at your registry. The image already holds kfopt and kfp, so
 nothing is pip-installed when a step starts (``install_kfp_package=False``):
 the same holds under ``kfp.local.SubprocessRunner(use_venv=False)``, which runs
 them with the current Python environment.
+
+Every component also writes its ``status`` output, a
+:class:`~kfopt.components.status.StepStatus` saying how the step went (and,
+for a failure, the error and its fix), also when the step raises; the local
+runner reads the outcome of a run from these files.
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
@@ -29,6 +34,7 @@ def prepare(
     baseline: Output[Model],
     dataset: Output[Dataset],
     metrics: Output[Metrics],
+    status: Output[Artifact],
 ):
     """Loads or trains the baseline model and stores it with the data spec.
 
@@ -41,14 +47,18 @@ def prepare(
         baseline: The baseline (model.keras) and baseline.json with its metrics.
         dataset: The data spec (data.json), with a copy of an .npz source.
         metrics: The baseline's metrics, for the KFP UI.
+        status: How the step went (kfopt.components.status.StepStatus as JSON).
     """
-    from kfopt.components.ops import log_metrics
-    from kfopt.components.steps import prepare_step
+    from kfopt.components.status import step_status
 
-    record = prepare_step(model, data, baseline.path, dataset.path, seed=seed, epochs=epochs, unsafe=unsafe)
-    baseline.metadata.update({"format": "keras", "source": model, "accuracy": record["metrics"]["accuracy"]})
-    dataset.metadata.update({"source": data})
-    log_metrics(metrics, record["metrics"])
+    with step_status("prepare", status.path):
+        from kfopt.components.ops import log_metrics
+        from kfopt.components.steps import prepare_step
+
+        record = prepare_step(model, data, baseline.path, dataset.path, seed=seed, epochs=epochs, unsafe=unsafe)
+        baseline.metadata.update({"format": "keras", "source": model, "accuracy": record["metrics"]["accuracy"]})
+        dataset.metadata.update({"source": data})
+        log_metrics(metrics, record["metrics"])
 
 
 def optimize(
@@ -59,6 +69,7 @@ def optimize(
     dataset: Input[Dataset],
     candidate: Output[Model],
     metrics: Output[Metrics],
+    status: Output[Artifact],
 ):
     """Runs one recipe on the baseline; a failing recipe gives a failed candidate, not a failed task.
 
@@ -71,29 +82,34 @@ def optimize(
         dataset: The prepared data spec.
         candidate: The candidate model and candidate.json (recipe, status, reason, metrics).
         metrics: The candidate's metrics, for the KFP UI.
+        status: How the step went (kfopt.components.status.StepStatus as JSON).
     """
-    import json
+    from kfopt.components.status import step_status
 
-    from kfopt.components.ops import describe, log_metrics
-    from kfopt.components.steps import STOPPED, optimize_step, stopped_step
+    with step_status("optimize", status.path) as step:
+        import json
 
-    item = json.loads(recipe)
-    if STOPPED in item:
-        stopped_step(candidate.path, item["round"], item[STOPPED])
-        return
-    record = optimize_step(
-        item["recipe"],
-        baseline.path,
-        dataset.path,
-        candidate.path,
-        seed=seed,
-        measure=measure,
-        position=item.get("position"),
-        round=item.get("round", 1),
-        why=item.get("why"),
-    )
-    describe(candidate, record)
-    log_metrics(metrics, record)
+        from kfopt.components.ops import describe, log_metrics
+        from kfopt.components.steps import STOPPED, optimize_step, stopped_step
+
+        item = json.loads(recipe)
+        if STOPPED in item:
+            stopped_step(candidate.path, item["round"], item[STOPPED])
+            return
+        record = optimize_step(
+            item["recipe"],
+            baseline.path,
+            dataset.path,
+            candidate.path,
+            seed=seed,
+            measure=measure,
+            position=item.get("position"),
+            round=item.get("round", 1),
+            why=item.get("why"),
+        )
+        step.recipe = record.recipe
+        describe(candidate, record)
+        log_metrics(metrics, record)
 
 
 def evaluate(
@@ -103,6 +119,7 @@ def evaluate(
     dataset: Input[Dataset],
     candidate: Output[Model],
     metrics: Output[Metrics],
+    status: Output[Artifact],
 ):
     """Measures a candidate that was optimized on another node pool, like every other candidate.
 
@@ -113,13 +130,18 @@ def evaluate(
         dataset: The prepared data spec.
         candidate: The candidate model and its measured candidate.json.
         metrics: The candidate's metrics, for the KFP UI.
+        status: How the step went (kfopt.components.status.StepStatus as JSON).
     """
-    from kfopt.components.ops import describe, log_metrics
-    from kfopt.components.steps import evaluate_step
+    from kfopt.components.status import step_status
 
-    record = evaluate_step(unmeasured.path, baseline.path, dataset.path, candidate.path, seed=seed)
-    describe(candidate, record)
-    log_metrics(metrics, record)
+    with step_status("evaluate", status.path) as step:
+        from kfopt.components.ops import describe, log_metrics
+        from kfopt.components.steps import evaluate_step
+
+        record = evaluate_step(unmeasured.path, baseline.path, dataset.path, candidate.path, seed=seed)
+        step.recipe = record.recipe
+        describe(candidate, record)
+        log_metrics(metrics, record)
 
 
 def plan_search(
@@ -135,6 +157,7 @@ def plan_search(
     baseline: Input[Model],
     dataset: Input[Dataset],
     search: Output[Artifact],
+    status: Output[Artifact],
 ):
     """Records the search's bounds and measures each layer's sensitivity (validation split).
 
@@ -151,39 +174,47 @@ def plan_search(
         baseline: The prepared baseline.
         dataset: The prepared data spec.
         search: search.json: the bounds and the layer sensitivity rows.
+        status: How the step went (kfopt.components.status.StepStatus as JSON).
     """
-    from kfopt.components.steps import plan_search_step
+    from kfopt.components.status import step_status
 
-    plan_search_step(
-        baseline.path,
-        dataset.path,
-        search.path,
-        rounds=rounds,
-        max_trials=max_trials,
-        max_time=max_time,
-        target=target,
-        stop_when_met=stop_when_met,
-        max_accuracy_drop=max_accuracy_drop,
-        objective=objective,
-        sensitivity=sensitivity,
-        seed=seed,
-    )
+    with step_status("plan-search", status.path):
+        from kfopt.components.steps import plan_search_step
+
+        plan_search_step(
+            baseline.path,
+            dataset.path,
+            search.path,
+            rounds=rounds,
+            max_trials=max_trials,
+            max_time=max_time,
+            target=target,
+            stop_when_met=stop_when_met,
+            max_accuracy_drop=max_accuracy_drop,
+            objective=objective,
+            sensitivity=sensitivity,
+            seed=seed,
+        )
 
 
-def propose(number: int, results: Input[Artifact], search: Input[Artifact]) -> list[str]:
+def propose(number: int, results: Input[Artifact], search: Input[Artifact], status: Output[Artifact]) -> list[str]:
     """Proposes the recipes of search round `number` from every candidate so far (validation split).
 
     Args:
         number: The round to propose (2, 3, ...).
         results: The previous round's select results.
         search: The search plan (bounds and layer sensitivity).
+        status: How the step went (kfopt.components.status.StepStatus as JSON).
 
     Returns:
         Loop items (JSON): one per recipe with the reason it is proposed, or one 'stopped' item.
     """
-    from kfopt.components.steps import propose_step
+    from kfopt.components.status import step_status
 
-    return propose_step(results.path, search.path, number)
+    with step_status("propose", status.path):
+        from kfopt.components.steps import propose_step
+
+        return propose_step(results.path, search.path, number)
 
 
 def select(
@@ -192,6 +223,7 @@ def select(
     baseline: Input[Model],
     results: Output[Artifact],
     metrics: Output[Metrics],
+    status: Output[Artifact],
     number: int = 1,
     accelerator_candidates: Input[list[Model]] = None,
     cpu_candidates: Input[list[Model]] = None,
@@ -206,6 +238,7 @@ def select(
         baseline: The prepared baseline.
         results: metrics.json (baseline, candidates, winner, pareto) plus copies of every model.
         metrics: The winner's metrics, for the KFP UI.
+        status: How the step went (kfopt.components.status.StepStatus as JSON).
         number: The search round whose candidates these are.
         accelerator_candidates: Candidates of the recipes that fine-tune.
         cpu_candidates: Candidates of the post-training recipes.
@@ -215,39 +248,45 @@ def select(
     Returns:
         The winning recipe's label, or an empty string when no candidate is within the budget.
     """
-    from kfopt.components.ops import log_metrics
-    from kfopt.components.steps import select_step
+    from kfopt.components.status import step_status
 
-    directories = [c.path for c in list(accelerator_candidates or []) + list(cpu_candidates or [])]
-    result = select_step(
-        baseline.path,
-        directories,
-        results.path,
-        max_accuracy_drop=max_accuracy_drop,
-        objective=objective,
-        number=number,
-        previous_dir=previous.path if previous else None,
-        search_dir=search.path if search else None,
-    )
-    winner = next((c for c in result["candidates"] if c["recipe"] == result["winner"]), None)
-    results.metadata.update(
-        {"winner": result["winner"] or "", "pareto": result["pareto"], "candidates": len(result["candidates"])}
-    )
-    if winner:
-        log_metrics(metrics, winner)
-    return result["winner"] or ""
+    with step_status("select", status.path):
+        from kfopt.components.ops import log_metrics
+        from kfopt.components.steps import select_step
+
+        directories = [c.path for c in list(accelerator_candidates or []) + list(cpu_candidates or [])]
+        result = select_step(
+            baseline.path,
+            directories,
+            results.path,
+            max_accuracy_drop=max_accuracy_drop,
+            objective=objective,
+            number=number,
+            previous_dir=previous.path if previous else None,
+            search_dir=search.path if search else None,
+        )
+        results.metadata.update(
+            {"winner": result.winner or "", "pareto": result.pareto, "candidates": len(result.candidates)}
+        )
+        if result.winning_candidate:
+            log_metrics(metrics, result.winning_candidate)
+        return result.winner or ""
 
 
-def report(results: Input[Artifact], report: Output[HTML]):
+def report(results: Input[Artifact], report: Output[HTML], status: Output[Artifact]):
     """Renders the HTML report: the candidates table and accuracy-vs-size/latency plots.
 
     Args:
         results: The select step's results.
         report: The HTML page.
+        status: How the step went (kfopt.components.status.StepStatus as JSON).
     """
-    from kfopt.components.steps import report_step
+    from kfopt.components.status import step_status
 
-    report_step(results.path, report.path)
+    with step_status("report", status.path):
+        from kfopt.components.steps import report_step
+
+        report_step(results.path, report.path)
 
 
 def promote(
@@ -257,6 +296,7 @@ def promote(
     objective: str,
     experiment: str,
     results: Input[Artifact],
+    status: Output[Artifact],
 ) -> str:
     """Registers the winner in MLflow and moves the champion alias if it passes the gate.
 
@@ -267,34 +307,44 @@ def promote(
         objective: 'size' or 'latency'.
         experiment: MLflow experiment name.
         results: The select step's results.
+        status: How the step went, with the registration and the MLflow tracking record, also when MLflow failed.
 
     Returns:
         JSON of the registered model (name, version, aliases, promoted), or of {"skipped": reason}.
     """
-    import json
+    from kfopt.components.status import step_status
 
-    from kfopt.components.steps import promote_step
+    with step_status("promote", status.path) as step:
+        import json
 
-    outcome = promote_step(
-        results.path,
-        registered_model=registered_model,
-        tracking_uri=tracking_uri,
-        max_accuracy_drop=max_accuracy_drop,
-        objective=objective,
-        experiment=experiment,
-    )
-    return json.dumps(outcome, default=str)
+        from kfopt.components.steps import promote_step
+
+        promote_step(
+            results.path,
+            registered_model=registered_model,
+            tracking_uri=tracking_uri,
+            max_accuracy_drop=max_accuracy_drop,
+            objective=objective,
+            experiment=experiment,
+            status=step,
+        )
+        if step.registered_model is not None:
+            return json.dumps(step.registered_model.to_dict())
+        return json.dumps({"skipped": step.tracking.error})
 
 
 # -- helpers the component bodies import (they run inside the component) -----------
-def log_metrics(metrics, record: dict) -> None:
-    """Log a record's scalar metrics on a KFP Metrics artifact (the UI shows numbers only)."""
+def log_metrics(metrics, record) -> None:
+    """Log a record's scalar metrics on a KFP Metrics artifact (the UI shows numbers only).
+
+    ``record`` is a :class:`~kfopt.result.Candidate` or the baseline's metrics (a dict).
+    """
     for key, value in record.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "position":
             metrics.log_metric(key, float(value))
 
 
-def describe(candidate, record: dict) -> None:
+def describe(candidate, record) -> None:
     """Put the facts a person filters on into the candidate artifact's metadata."""
     candidate.metadata.update(
         {

@@ -13,27 +13,31 @@ What a step writes into its output directory:
   .npz source, so every step reads the same bytes).
 - optimize / evaluate: ``candidate/`` = the model file + ``candidate.json``
   (the candidate record: recipe, status, reason, metrics).
-- select: ``results/`` = ``metrics.json`` (the shape ``kfopt optimize`` writes:
-  baseline, candidates with ``artifact`` paths, winner, pareto) + copies of the
-  baseline and every candidate model, so the folder is self-contained for
-  ``kfopt.promotion.promote_from`` and ``kfopt promote --from``.
+- select: ``results/`` = ``metrics.json`` (a :class:`kfopt.result.RunResult`, as
+  ``kfopt optimize`` writes it: baseline, candidates with ``artifact`` paths,
+  winner, pareto) + copies of the baseline and every candidate model, so the
+  folder is self-contained for ``kfopt.promotion.promote_from`` and ``kfopt promote --from``.
+
+How each step went is not written here: the components record it in their
+``status`` output (:mod:`kfopt.components.status`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
 import shutil
 import tempfile
 import traceback
 from pathlib import Path
 
+from kfopt import rundir
 from kfopt.errors import KfoptError
-from kfopt.optimize import METRICS_FILE, writable_dir, write_json
 from kfopt.progress import Reporter
+from kfopt.result import Baseline, Candidate, RunResult, Tracking
+from kfopt.rundir import read_json, slug, writable_dir, write_json
 from kfopt.search import ROUND_ONE_WHY
+
+from .status import StepStatus, candidate_line, proposal_line, stopped_line
 
 BASELINE_FILE = "baseline.json"
 CANDIDATE_FILE = "candidate.json"
@@ -126,7 +130,7 @@ def load_step_data(data_dir, input_shape, seed: int = 0):
     """The :class:`kfopt.data.Data` a prepare step stored in ``data_dir``."""
     from kfopt.data import load_data
 
-    info = _read_json(Path(data_dir) / DATA_FILE, "data spec")
+    info = read_json(Path(data_dir) / DATA_FILE, "data spec")
     spec = str(Path(data_dir) / info["file"]) if info.get("file") else info["spec"]
     return load_data(
         spec, input_shape=tuple(input_shape), seed=seed, validation_from=info.get("validation_from", "test")
@@ -138,7 +142,7 @@ def load_baseline(baseline_dir):
     from kfopt.models import load_keras
     from kfopt.plugins.technique import ModelHandle
 
-    info = _read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
+    info = read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
     path = Path(baseline_dir) / BASELINE_MODEL
     return ModelHandle("keras", keras_model=load_keras(path, unsafe=info.get("unsafe", False)), path=path), info
 
@@ -168,7 +172,7 @@ def optimize_step(
     why: str | None = None,
     registry=None,
     reporter: Reporter | None = None,
-) -> dict:
+) -> Candidate:
     """Run one recipe on the prepared baseline; write the candidate and ``candidate.json``.
 
     ``recipe`` is inline text, a recipe mapping (``Recipe.to_dict()``) or a
@@ -195,25 +199,25 @@ def optimize_step(
         dataset = load_step_data(data_dir, info["input_shape"], seed)
         with tempfile.TemporaryDirectory(prefix="kfopt-optimize-") as tmp:
             evaluator = _evaluator(dataset, baseline, Path(tmp) / "reference") if measure else _Unmeasured()
-            record = run_recipe(
+            candidate = run_recipe(
                 parsed, planned, baseline, dataset, evaluator, Path(tmp) / "candidate", seed=seed, reporter=reporter
             )
-            if record["status"] == "ok":
-                record["artifact"] = str(_copy_model(Path(record["artifact"]), candidate_dir))
+            if candidate.ok:
+                candidate.artifact = str(_copy_model(Path(candidate.artifact), candidate_dir))
     except Exception as exc:  # a bad recipe or a broken input is this candidate's failure, not the run's
-        record = _failed(label, exc)
-    record["measured"] = bool(measure and record["status"] == "ok")
-    record.update(round=round, why=why or ROUND_ONE_WHY)
+        candidate = _failed(label, exc)
+    candidate.measured = bool(measure and candidate.ok)
+    candidate.round, candidate.why = round, why or ROUND_ONE_WHY
     if position is not None:
-        record["position"] = position
-    write_json(candidate_dir / CANDIDATE_FILE, record)
-    reporter.say(f"[{record['recipe']}] {record['status']}" + (f": {record['reason']}" if record.get("reason") else ""))
-    return record
+        candidate.position = position
+    write_json(candidate_dir / CANDIDATE_FILE, candidate.to_dict())
+    reporter.say(candidate_line(candidate))
+    return candidate
 
 
 def evaluate_step(
     candidate_in, baseline_dir, data_dir, candidate_out, *, seed: int = 0, reporter: Reporter | None = None
-) -> dict:
+) -> Candidate:
     """Measure a candidate that :func:`optimize_step` saved unmeasured; write it to ``candidate_out``.
 
     Failed, skipped and already measured candidates pass through unchanged.
@@ -222,31 +226,40 @@ def evaluate_step(
 
     reporter = reporter or Reporter(enabled=False)
     candidate_out = writable_dir(candidate_out)
-    record = _read_json(Path(candidate_in) / CANDIDATE_FILE, "candidate record")
-    info = record.pop("info", {})
-    if record["status"] == "ok":
+    candidate = read_candidate(candidate_in)
+    info, candidate.info = candidate.info or {}, None
+    if candidate.ok:
         try:
-            path = _copy_model(Path(candidate_in) / Path(record["artifact"]).name, candidate_out)
-            if not record.get("measured"):
+            path = _copy_model(Path(candidate_in) / Path(candidate.artifact).name, candidate_out)
+            if not candidate.measured:
                 baseline, baseline_info = load_baseline(baseline_dir)
                 dataset = load_step_data(data_dir, baseline_info["input_shape"], seed)
                 reporter.say(
-                    f"[{record['recipe']}] evaluating {record['format']} candidate on {len(dataset.test)} test samples"
+                    f"[{candidate.recipe}] evaluating {candidate.format} candidate on {len(dataset.test)} test samples"
                 )
                 with tempfile.TemporaryDirectory(prefix="kfopt-evaluate-") as tmp:
                     # The format the technique declared, not one guessed from the file name.
-                    handle = ModelHandle(record["format"], path=path, info=info)
-                    metrics = _evaluator(dataset, baseline, Path(tmp)).evaluate(handle)
-                record.update(metrics, measured=True)
-            record["artifact"] = str(path)
+                    handle = ModelHandle(candidate.format, path=path, info=info)
+                    candidate.record(_evaluator(dataset, baseline, Path(tmp)).evaluate(handle))
+                candidate.measured = True
+            candidate.artifact = str(path)
         except Exception as exc:
-            record = {
-                **_failed(record["recipe"], exc, steps=record.get("steps")),
-                "measured": False,
-                **{k: record.get(k) for k in ("position", "round", "why")},
-            }
-    write_json(candidate_out / CANDIDATE_FILE, record)
-    return record
+            candidate = _failed(
+                candidate.recipe,
+                exc,
+                steps=candidate.steps,
+                measured=False,
+                position=candidate.position,
+                round=candidate.round,
+                why=candidate.why,
+            )
+    write_json(candidate_out / CANDIDATE_FILE, candidate.to_dict())
+    return candidate
+
+
+def read_candidate(directory) -> Candidate:
+    """The candidate record an optimize or evaluate step wrote into ``directory``."""
+    return Candidate.model_validate(read_json(Path(directory) / CANDIDATE_FILE, "candidate record"))
 
 
 def _evaluator(dataset, baseline, workdir):
@@ -274,12 +287,11 @@ def _label(recipe) -> str:
     return getattr(recipe, "label", None) or str(recipe)
 
 
-def _failed(label: str, exc: BaseException, steps=None) -> dict:
-    reason = exc.one_line() if isinstance(exc, KfoptError) else f"{type(exc).__name__}: {exc}"
-    record = {"recipe": label, "steps": steps or [], "status": "failed", "reason": reason}
-    if not isinstance(exc, KfoptError):
-        record["traceback"] = traceback.format_exc()
-    return record
+def _failed(label: str, exc: BaseException, **fields) -> Candidate:
+    """The failed candidate of a recipe whose step raised ``exc`` (a bug's traceback is kept, a KfoptError's is not)."""
+    if isinstance(exc, KfoptError):
+        return Candidate.failed(label, exc.one_line(), **fields)
+    return Candidate.failed(label, f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), **fields)
 
 
 # -- search rounds ---------------------------------------------------------------
@@ -352,41 +364,41 @@ def propose_step(results_dir, search_dir, number: int, *, registry=None) -> list
     """
     from kfopt.search import next_round, optimization_seconds
 
-    result = _read_json(Path(results_dir) / METRICS_FILE, "results")
-    settings = _read_json(Path(search_dir) / SEARCH_FILE, "search plan")
+    result = RunResult.load(results_dir)
+    settings = read_json(Path(search_dir) / SEARCH_FILE, "search plan")
     bounds = settings["settings"]
-    stopped = (result.get("search") or {}).get("stopped")
+    stopped = (result.search or {}).get("stopped")
     proposals = []
     if not stopped:
         proposals, stopped = next_round(
-            result["candidates"],
+            result.candidates,
             number,
             max_accuracy_drop=bounds["max_accuracy_drop"],
             objective=bounds["objective"],
             max_trials=bounds["max_trials"],
             target=bounds["target"],
             stop_when_met=bounds["stop_when_met"],
-            elapsed=optimization_seconds(result["candidates"]),
+            elapsed=optimization_seconds(result.candidates),
             max_time=bounds["max_time"],
             sensitivity=settings.get("layer_sensitivity"),
             techniques=registry,
         )
     if stopped:
-        print(f"round {number}: search stopped: {stopped}", flush=True)
+        print(stopped_line(number, stopped), flush=True)
         return [json.dumps({"round": number, STOPPED: stopped})]
     for proposal in proposals:
-        print(f"round {number}: proposing {proposal.recipe}: {proposal.why}", flush=True)
+        print(proposal_line(number, proposal.recipe, proposal.why), flush=True)
     return [
         json.dumps({"position": index, "round": number, "why": proposal.why, "recipe": proposal.recipe})
         for index, proposal in enumerate(proposals)
     ]
 
 
-def stopped_step(candidate_dir, number: int, reason: str) -> dict:
+def stopped_step(candidate_dir, number: int, reason: str) -> Candidate:
     """What a round's loop writes for the item of a stopped search: a record select reads as the stop reason."""
-    record = {"recipe": f"(round {number}: none)", "steps": [], "status": STOPPED, "reason": reason, "round": number}
-    write_json(writable_dir(candidate_dir) / CANDIDATE_FILE, record)
-    return record
+    candidate = Candidate(recipe=f"(round {number}: none)", status=STOPPED, reason=reason, round=number)
+    write_json(writable_dir(candidate_dir) / CANDIDATE_FILE, candidate.to_dict())
+    return candidate
 
 
 # -- select ----------------------------------------------------------------------
@@ -400,10 +412,10 @@ def select_step(
     number: int = 1,
     previous_dir=None,
     search_dir=None,
-) -> dict:
+) -> RunResult:
     """Collect every candidate, pick the winner within the budget, write a self-contained ``results_dir``.
 
-    ``results_dir/metrics.json`` has the shape ``kfopt optimize`` writes, with
+    ``results_dir/metrics.json`` is the run record ``kfopt optimize`` writes, with
     ``artifact`` paths pointing at copies inside ``results_dir``. In a search,
     ``number`` is the round whose candidates these are, ``previous_dir`` the
     previous round's results (its candidates come first, their models copied
@@ -411,69 +423,67 @@ def select_step(
     :func:`plan_search_step`; the result then also carries ``search``,
     ``search_trace`` and ``layer_sensitivity``, like ``kfopt search`` writes.
     """
+    from kfopt.rundir import resolve_artifact
     from kfopt.search import ALL_ROUNDS_DONE, search_outcome, trace_entry
-    from kfopt.select import apply_selection, objective_metric, select
-    from kfopt.tracking import resolve_artifact
+    from kfopt.select import objective_metric, select
 
     objective_metric(objective)  # a bad objective is the user's error: fail before copying anything
     results_dir = writable_dir(results_dir)
-    info = _read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
+    info = read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
     baseline_path = _copy_model(Path(baseline_dir) / BASELINE_MODEL, writable_dir(results_dir / "baseline"))
-    previous = _read_json(Path(previous_dir) / METRICS_FILE, "previous round's results") if previous_dir else {}
+    previous = RunResult.load(previous_dir) if previous_dir else None
     candidates, stops, new = [], [], []
-    for record in previous.get("candidates", []):
-        if record["status"] == "ok":
-            record["artifact"] = str(resolve_artifact(previous_dir, record["artifact"]))
-        candidates.append(record)
+    for candidate in previous.candidates if previous else []:
+        if candidate.ok:
+            candidate.artifact = str(resolve_artifact(previous_dir, candidate.artifact))
+        candidates.append(candidate)
     for index, directory in enumerate(candidate_dirs):
         try:
-            record = _read_json(Path(directory) / CANDIDATE_FILE, "candidate record")
-        except KfoptError as exc:
-            record = {"recipe": f"candidate {index + 1}", "steps": [], "status": "failed", "reason": exc.one_line()}
-        record.pop("info", None)
-        if record["status"] == STOPPED:
-            stops.append(record["reason"])
+            candidate = read_candidate(directory)
+        except KfoptError as exc:  # missing or broken: the step that writes it failed
+            candidate = Candidate.failed(f"candidate {index + 1}", exc.one_line())
+        except ValueError as exc:
+            first = str(exc).splitlines()[0]
+            reason = f"'{Path(directory) / CANDIDATE_FILE}' is not a candidate record ({first})"
+            candidate = Candidate.failed(f"candidate {index + 1}", reason)
+        candidate.info = None
+        if candidate.status == STOPPED:
+            stops.append(candidate.reason)
             continue
-        if record["status"] == "ok":
-            record["artifact"] = str(Path(directory) / Path(record["artifact"]).name)
-        new.append(record)
+        if candidate.ok:
+            candidate.artifact = str(Path(directory) / Path(candidate.artifact).name)
+        new.append(candidate)
     # Fan-in order is the order tasks finished in; report in the search's order.
-    new.sort(key=lambda r: (r.get("position") is None, r.get("position") or 0))
+    new.sort(key=lambda c: (c.position is None, c.position or 0))
     candidates += new
-    for index, record in enumerate(candidates, start=1):
-        if record["status"] == "ok":
-            target = writable_dir(results_dir / "candidates" / f"{index:02d}-{slug(record['recipe'])}")
-            record["artifact"] = str(_copy_model(Path(record["artifact"]), target))
-    references = dict(previous.get("baseline", {}).get("references") or {})
-    for record in candidates:
-        if record.get("compared_with"):
-            references.setdefault(record["compared_with"]["format"], record["compared_with"])
-    result = {
-        "model": info["model"],
-        "data": info["data"],
-        "seed": info["seed"],
-        "baseline": {"artifact": str(baseline_path), **info["metrics"], "references": references},
-        "candidates": candidates,
-        "winner": None,
-        "pareto": [],
-        "registered_model": None,
-    }
+    for index, candidate in enumerate(candidates, start=1):
+        if candidate.ok:
+            target = writable_dir(results_dir / "candidates" / f"{index:02d}-{slug(candidate.recipe)}")
+            candidate.artifact = str(_copy_model(Path(candidate.artifact), target))
+    references = dict(previous.baseline.references) if previous else {}
+    for candidate in candidates:
+        if candidate.compared_with:
+            references.setdefault(candidate.compared_with["format"], candidate.compared_with)
+    result = RunResult(
+        model=info["model"],
+        data=info["data"],
+        seed=info["seed"],
+        baseline=Baseline(**info["metrics"], artifact=str(baseline_path), references=references),
+        candidates=candidates,
+    )
     if search_dir:
-        plan = _read_json(Path(search_dir) / SEARCH_FILE, "search plan")
-        stopped = (previous.get("search") or {}).get("stopped") or (stops[0] if stops else None)
+        plan = read_json(Path(search_dir) / SEARCH_FILE, "search plan")
+        stopped = ((previous.search if previous else None) or {}).get("stopped") or (stops[0] if stops else None)
         if not stopped and number > plan["settings"]["rounds"]:
             stopped = ALL_ROUNDS_DONE
-        result["search"] = search_outcome(plan["settings"], candidates, stopped)
-        result["search_trace"] = list(previous.get("search_trace") or []) + [trace_entry(r, objective) for r in new]
-        result["layer_sensitivity"] = plan.get("layer_sensitivity") or []
-    apply_selection(result, select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
-    write_json(results_dir / METRICS_FILE, result)
+        result.search = search_outcome(plan["settings"], candidates, stopped)
+        result.search_trace = list((previous.search_trace if previous else None) or []) + [
+            trace_entry(c, objective) for c in new
+        ]
+        result.layer_sensitivity = plan.get("layer_sensitivity") or []
+    result.apply(select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
+    result.save(results_dir)
     return result
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form of a recipe label."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80] or "recipe"
 
 
 # -- report ----------------------------------------------------------------------
@@ -481,7 +491,7 @@ def report_step(results_dir, html_path) -> Path:
     """Write the HTML report (candidates table, Pareto plots) of a select step's results."""
     from kfopt.html_report import render_html
 
-    result = _read_json(Path(results_dir) / METRICS_FILE, "results")
+    result = RunResult.load(results_dir)
     path = Path(html_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(result))
@@ -497,67 +507,76 @@ def promote_step(
     max_accuracy_drop: float = 0.01,
     objective: str = "size",
     experiment: str = "kfopt",
+    status: StepStatus | None = None,
     reporter: Reporter | None = None,
-) -> dict:
+) -> StepStatus:
     """Log the run to MLflow, register the winner and promote it if it beats the champion.
 
     Calls :func:`kfopt.promotion.promote_from` on ``results_dir`` (which
-    records in place what it logged, so a retry does not log twice). Returns
-    what it returns, or ``{"skipped": reason}`` when MLflow registration is not
-    available in this installation. MLflow errors propagate, so the pipeline
-    task fails and is retried.
+    records in place what it logged, so a retry does not log twice). Fills in
+    and returns ``status`` (the promote step's :class:`StepStatus`):
+    ``registered_model`` (the :class:`~kfopt.result.Registration`) and
+    ``tracking`` (``ok``; ``skipped`` with the reason when MLflow registration
+    is not available in this installation). MLflow errors propagate, so the
+    pipeline task fails and is retried; ``status.tracking`` and ``metrics.json``
+    then say ``failed`` and why.
     """
+    status = status or StepStatus(step="promote")
     reporter = reporter or Reporter(enabled=False)
-    result = _read_json(Path(results_dir) / METRICS_FILE, "results")
+    result = RunResult.load(results_dir)
     try:
         from kfopt.promotion import promote_from
         from kfopt.tracking import resolve_uri
     except ImportError as exc:
         reason = f"MLflow registration is not available in this installation (kfopt.promotion: {exc})"
         reporter.say(f"promote: skipped: {reason}")
-        return {"skipped": reason}
-    name = registered_model or default_registered_model(result["model"])
+        status.tracking = Tracking(status="skipped", error=reason, uri=tracking_uri or None)
+        return status
+    name = registered_model or default_registered_model(result.model)
     uri = resolve_uri(tracking_uri or None)
-    # Record what was asked first: if MLflow is down, `kfopt promote --from` finds the settings here.
-    result["tracking"] = {
-        **(result.get("tracking") or {}),
-        "registered_model": name,
-        "uri": uri,
-        "experiment": experiment or "kfopt",
-        "objective": objective,
-        "max_accuracy_drop": max_accuracy_drop,
-    }
-    write_json(Path(results_dir) / METRICS_FILE, result)
-    reporter.say(
-        f"promote: logging to MLflow at {uri} and registering '{result.get('winner')}' as a version of '{name}'"
+    # Record what was asked first, as not finished: if this process dies, metrics.json says so
+    # truthfully and `kfopt promote --from` finds the settings there. Success or an error replaces it.
+    asked = Tracking(
+        status="failed",
+        error="the promote step started but did not finish",
+        registered_model=name,
+        uri=uri,
+        experiment=experiment or "kfopt",
+        objective=objective,
+        max_accuracy_drop=max_accuracy_drop,
     )
-    with _default_tracking_uri(uri):
-        return promote_from(
-            str(results_dir),
-            registered_model=name,
-            tracking_uri=uri,
-            max_accuracy_drop=max_accuracy_drop,
-            objective=objective,
-            experiment=experiment or "kfopt",
-        )
-
-
-@contextlib.contextmanager
-def _default_tracking_uri(uri: str):
-    """Make ``uri`` MLflow's default while promoting: parts of MLflow (the model registry
-    resolving ``models:/`` sources) open a client on the default URI, not the one passed in."""
-    if not uri:
-        yield
-        return
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    result.tracking = asked
+    result.save(results_dir)
+    reporter.say(f"promote: logging to MLflow at {uri} and registering '{result.winner}' as a version of '{name}'")
     try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
+        with rundir.tracking_uri(uri):
+            status.registered_model = promote_from(
+                str(results_dir),
+                registered_model=name,
+                tracking_uri=uri,
+                max_accuracy_drop=max_accuracy_drop,
+                objective=objective,
+                experiment=experiment or "kfopt",
+            )
+    except Exception as exc:
+        status.tracking = asked.model_copy(update={"error": _tracking_error(exc)})
+        result.tracking = status.tracking
+        result.save(results_dir)
+        raise
+    # promote_from recorded the run it logged (run_id) in metrics.json.
+    status.tracking = RunResult.load(results_dir).tracking
+    return status
+
+
+def _tracking_error(exc: BaseException) -> str:
+    """Why MLflow logging failed, in the words the CLI puts after "MLflow tracking at URI failed: "."""
+    from kfopt.tracking import TrackingFailed, short_reason
+
+    if isinstance(exc, TrackingFailed) and exc.__cause__ is not None:
+        return short_reason(exc.__cause__)  # the MLflow error it wraps; its own message names the URI again
+    if isinstance(exc, KfoptError):
+        return exc.message.rstrip(".")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def default_registered_model(model: str) -> str:
@@ -566,21 +585,11 @@ def default_registered_model(model: str) -> str:
     return "kfopt-" + slug(Path(name).stem if "." in name else name).lower()
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise KfoptError(
-            f"The {what} '{path}' does not exist.", "pass the output directory of the step that writes it."
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise KfoptError(f"The {what} '{path}' is not valid JSON ({exc}).", "re-run the step that writes it.") from None
-
-
 __all__ = [
     "prepare_step",
     "optimize_step",
     "evaluate_step",
+    "read_candidate",
     "plan_search_step",
     "propose_step",
     "stopped_step",
@@ -590,5 +599,4 @@ __all__ = [
     "load_baseline",
     "load_step_data",
     "default_registered_model",
-    "slug",
 ]

@@ -14,6 +14,9 @@ so far and the layer sensitivity, and a ``ParallelFor`` over its output runs
 the proposed recipes on the accelerator pool (refinements fine-tune: pruning,
 distillation, QAT); that round's ``select`` merges them with the earlier
 rounds' results. The last select's results feed the report and promotion.
+
+Every step also writes a ``status`` output (:mod:`kfopt.components.status`),
+so a step's return value is ``task.outputs["Output"]``, not ``task.output``.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline's real annotation objects.
@@ -184,7 +187,7 @@ def build_pipeline(
         for number in range(2, rounds + 2):
             propose = ops.propose(number=number, results=results, search=search_plan)
             place(propose.set_display_name(f"propose round {number}").set_caching_options(True), trains=False)
-            candidate = optimize_on_accelerator(propose.output, f"round-{number}-recipes")
+            candidate = optimize_on_accelerator(propose.outputs["Output"], f"round-{number}-recipes")
             results = select_round(
                 number, results, accelerator_candidates=dsl.Collected(candidate.outputs["candidate"])
             )
@@ -204,7 +207,7 @@ def build_pipeline(
         if promote_retries:
             promote.set_retry(promote_retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="600s")
         place(promote, trains=False)
-        return outputs(results=results, report=report.outputs["report"], registered_model=promote.output)
+        return outputs(results=results, report=report.outputs["report"], registered_model=promote.outputs["Output"])
 
     return optimize_and_promote
 

@@ -3,7 +3,9 @@
 Locally every step is a subprocess of the current Python (``SubprocessRunner(use_venv=False)``),
 so it uses the kfopt installed here and installs nothing. kfp.local's own
 chatter and each step's output go to ``OUT/pipeline.log``; the terminal gets one
-line per finished step.
+line per finished step, picked from that output as it comes. What a run
+produced and the error it raises come from files only: the select step's
+``metrics.json`` and every step's ``status`` output (:mod:`kfopt.components.status`).
 """
 
 from __future__ import annotations
@@ -20,23 +22,21 @@ import time
 import warnings
 from pathlib import Path
 
+from kfopt.components.status import CANDIDATE_LINE, ROUND_LINE, StepStatus, read_statuses
 from kfopt.errors import KfoptError
-from kfopt.optimize import METRICS_FILE, writable_dir, write_json
-from kfopt.tracking import REPORT_FILE
+from kfopt.result import RunResult, Tracking
+from kfopt.rundir import METRICS_FILE, REPORT_FILE, writable_dir
 
 LOG_FILE = "pipeline.log"
 #: Where a pod of a Kubeflow cluster finds its service-account token for the KFP API.
 SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 
+# Progress only: kfp.local's line when a task ends (the other progress lines are kfopt's own, see
+# kfopt.components.status). Nothing a run returns or raises is read from the log.
 _TASK_LINE = re.compile(r"Task .*'(?P<task>[^']+)'.* finished with status .*(?P<status>SUCCESS|FAILURE)")
-#: What optimize_step says when a candidate is done: "[recipe label] ok" / "[...] failed: reason".
-_CANDIDATE_LINE = re.compile(r"^\s*\[(?P<label>.+)\] (?P<status>ok|skipped|failed)(?:: (?P<reason>.*))?$")
 #: Steps that run once per recipe: their progress is the candidate line, not the task line.
 _PER_RECIPE = re.compile(r"^(optimize|evaluate)(-\d+)?$")
-#: What a propose step says: "round 2: proposing RECIPE: why" / "round 2: search stopped: why".
-_ROUND_LINE = re.compile(r"^\s*(?P<line>round \d+: (?:proposing |search stopped: ).*)$")
-_ERROR_LINE = re.compile(r"^\s*(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Failed)): (?P<message>.+)$")
 
 
 def run_local(
@@ -62,12 +62,13 @@ def run_local(
     sensitivity: float = 0.9,
     progress=None,
     registry=None,
-) -> dict:
-    """Run the whole pipeline on this machine through kfp.local and return the results.
+) -> RunResult:
+    """Run the whole pipeline on this machine through kfp.local and return the run record.
 
-    Returns the ``metrics.json`` of the select step plus ``registered_model``
-    (what promotion returned), ``report`` (path of the HTML report),
-    ``results`` (the self-contained results folder) and ``log``. Also writes
+    Returns the last select step's :class:`~kfopt.result.RunResult` with
+    ``registered_model`` and ``tracking`` (what the promote step recorded),
+    ``report`` (path of the HTML report), ``results`` (the self-contained
+    results folder), ``log`` and ``seconds``. Also writes
     ``OUT/metrics.json`` and ``OUT/report.html``. ``rounds`` refinement rounds
     follow round 1, bounded by ``max_trials``, ``max_time``, ``target`` and
     ``stop_when_met`` as in ``kfopt search``. Raises KfoptError for bad
@@ -133,20 +134,18 @@ def run_local(
         )
     seconds = round(time.perf_counter() - started, 1)
     run_dir = _new_run_dir(root, before)
-    log_text = log_path.read_text(errors="replace")
+    statuses = read_statuses(run_dir)
     results_dir = _output_dir(task, "results", _last_select(run_dir))
     if results_dir is None or not (results_dir / METRICS_FILE).is_file():
-        raise _failure(log_text, run_dir, log_path)
-    # Read after the run: the promote step records its decision in the results' metrics.json.
-    result = json.loads((results_dir / METRICS_FILE).read_text())
-    _record_registration(result, task, log_text, tracking_uri)
+        raise _failure(statuses, run_dir, log_path)
+    result = RunResult.load(results_dir)
+    _record_registration(result, statuses, tracking_uri)
     report = _output_dir(task, "report", run_dir / "report" / "report")
-    result["report"] = None
     if report is not None and report.is_file():
         shutil.copyfile(report, out / REPORT_FILE)
-        result["report"] = str(out / REPORT_FILE)
-    result.update(results=str(results_dir), log=str(log_path), seconds=seconds)
-    write_json(out / METRICS_FILE, result)
+        result.report = str(out / REPORT_FILE)
+    result.results, result.log, result.seconds = str(results_dir), str(log_path), seconds
+    result.save(out)
     return result
 
 
@@ -174,7 +173,7 @@ def _quiet_kfp(log, progress):
         def _progress(self, line):
             if progress is None:
                 return
-            task, candidate, round_line = _TASK_LINE.search(line), _CANDIDATE_LINE.match(line), _ROUND_LINE.match(line)
+            task, candidate, round_line = _TASK_LINE.search(line), CANDIDATE_LINE.match(line), ROUND_LINE.match(line)
             if round_line:
                 progress(round_line["line"][:250])
             elif candidate:
@@ -231,68 +230,37 @@ def _output_dir(task, name: str, fallback: Path) -> Path | None:
         return fallback if fallback.exists() else None
 
 
-def _record_registration(result: dict, task, log_text: str, tracking_uri: str) -> None:
-    """Put what the promote step did into ``result``: ``registered_model`` and ``tracking`` (status, error)."""
-    try:
-        outcome = json.loads(task.outputs["registered_model"])
-    except Exception:  # the promote step failed, so the pipeline has no outputs
-        outcome = None
-    if outcome is not None and "skipped" in outcome:
-        result["registered_model"] = None
-        result["tracking"] = {"status": "skipped", "error": outcome["skipped"], "uri": tracking_uri or None}
-    elif outcome is not None:
-        result["registered_model"] = outcome
-        result.setdefault("tracking", {})["status"] = "ok"
-    else:
-        from kfopt.tracking import resolve_uri
+def _record_registration(result: RunResult, statuses: list[StepStatus], tracking_uri: str) -> None:
+    """Put what the promote step recorded into ``result``: ``registered_model`` and ``tracking`` (status, error)."""
+    promote = next((s for s in reversed(statuses) if s.step == "promote"), None)
+    if promote is not None and promote.tracking is not None:
+        result.registered_model, result.tracking = promote.registered_model, promote.tracking
+        return
+    # The step failed before it knew what to ask MLflow, died without a word, or never ran.
+    from kfopt.tracking import resolve_uri
 
-        error = _last_error(log_text, prefer="promote") or "the promote step failed (see the log)"
-        # TrackingFailed says "MLflow tracking at URI failed: WHY. Fix: ..."; the CLI words the rest itself.
-        error = re.sub(r"^MLflow tracking at \S+ failed: ", "", error).split(" Fix: ")[0].rstrip(".")
-        result["registered_model"] = None
-        result["tracking"] = {
-            **(result.get("tracking") or {}),
-            "status": "failed",
-            "error": error,
-            "uri": resolve_uri(tracking_uri or None),
-        }
-
-
-def _last_error(log_text: str, prefer: str | None = None) -> str | None:
-    """The last exception line in the log (from the first line mentioning ``prefer``, when given)."""
-    lines = [_strip_ansi(line) for line in log_text.splitlines()]
-    if prefer:
-        marks = [i for i, line in enumerate(lines) if prefer in line]
-        lines = lines[marks[0] :] if marks else lines
-    errors = [m for m in (_ERROR_LINE.match(line) for line in lines) if m]
-    if not errors:
-        return None
-    message = errors[-1]["message"].strip()
-    return (
-        message
-        if errors[-1]["type"].endswith(("KfoptError", "TrackingFailed"))
-        else f"{errors[-1]['type'].rsplit('.', 1)[-1]}: {message}"
+    asked = result.tracking or Tracking(status="failed")  # what the step recorded in metrics.json, if it started
+    error = (promote.error if promote else None) or asked.error or "the promote step did not run (see the log)"
+    result.registered_model = None
+    result.tracking = asked.model_copy(
+        update={"status": "failed", "error": error, "uri": asked.uri or resolve_uri(tracking_uri or None)}
     )
 
 
-def _failure(log_text: str, run_dir: Path, log_path: Path) -> KfoptError:
-    """The error of a run that produced no results: the step's own KfoptError message when there is one."""
-    for line in reversed(log_text.splitlines()):
-        match = _ERROR_LINE.match(_strip_ansi(line))
-        if match and match["type"].endswith("KfoptError"):
-            message = match["message"].strip()
-            text, _, fix = message.partition(" Fix: ")
-            return KfoptError(text, fix or f"see {log_path}.")
-    failed = [
-        m["task"]
-        for m in (_TASK_LINE.search(_strip_ansi(line_)) for line_ in log_text.splitlines())
-        if m and m["status"] == "FAILURE"
-    ]
-    where = f"step '{failed[0]}' failed" if failed else "the pipeline produced no results"
-    error = _last_error(log_text)
+def _failure(statuses: list[StepStatus], run_dir: Path, log_path: Path) -> KfoptError:
+    """The error of a run that produced no results: the failed step's own KfoptError when it raised one."""
+    failed = [s for s in statuses if s.failed]
+    for status in failed:
+        if status.user_error:
+            return KfoptError(status.error, status.fix or f"see {log_path}.")
+    if failed:
+        first = failed[0]
+        where = f"step '{first.step}'" + (f" (recipe {first.recipe})" if first.recipe else "")
+        what = f"{where} failed ({first.error})"
+    else:
+        what = "the pipeline produced no results"
     return KfoptError(
-        f"The local pipeline run failed: {where}" + (f" ({error})." if error else "."),
-        f"see {log_path} and the step folders under {run_dir}.",
+        f"The local pipeline run failed: {what}.", f"see {log_path} and the step folders under {run_dir}."
     )
 
 

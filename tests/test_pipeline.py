@@ -12,9 +12,11 @@ from click.testing import CliRunner
 
 from kfopt.cli import main
 from kfopt.components import steps
+from kfopt.components.status import STATUS_OUTPUT, StepStatus, read_statuses, step_status
 from kfopt.errors import KfoptError
 from kfopt.pipelines.optimize_and_promote import compile_pipeline
 from kfopt.pipelines.placement import Placement, load_placement
+from kfopt.result import Baseline, RunResult
 from kfopt.search import load_search, split_by_pool
 
 SEARCH = [
@@ -383,10 +385,43 @@ def test_a_recipe_that_cannot_be_planned_is_a_failed_candidate(tmp_path):
 
 
 def test_promote_skips_cleanly_when_mlflow_registration_is_not_installed(tmp_path, monkeypatch):
-    (tmp_path / "metrics.json").write_text(json.dumps({"model": "demo:mlp", "candidates": [], "winner": None}))
+    RunResult(model="demo:mlp", data="digits", baseline=Baseline(accuracy=0.97)).save(tmp_path)
     monkeypatch.setitem(sys.modules, "kfopt.promotion", None)  # makes `from kfopt.promotion import ...` fail
     outcome = steps.promote_step(tmp_path)
-    assert "not available" in outcome["skipped"]
+    assert outcome.registered_model is None and outcome.tracking.status == "skipped"
+    assert "not available" in outcome.tracking.error
+
+
+def test_a_step_records_how_it_went_also_when_it_raises(tmp_path):
+    with step_status("prepare", tmp_path / "ok" / STATUS_OUTPUT) as status:
+        status.recipe = "quantize(mode=int8)"
+    with pytest.raises(KfoptError), step_status("select", tmp_path / "user" / STATUS_OUTPUT):
+        raise KfoptError("Unknown objective 'speed'.", "pass --objective size or latency.")
+    with pytest.raises(RuntimeError), step_status("report", tmp_path / "bug" / STATUS_OUTPUT):
+        raise RuntimeError("a bug")
+    ok, user, bug = read_statuses(tmp_path)
+    assert (ok.step, ok.status, ok.recipe, ok.error) == ("prepare", "ok", "quantize(mode=int8)", None)
+    assert (user.step, user.status, user.user_error) == ("select", "failed", True)
+    assert (user.error, user.fix) == ("Unknown objective 'speed'.", "pass --objective size or latency.")
+    assert (bug.status, bug.user_error, bug.error, bug.fix) == ("failed", False, "RuntimeError: a bug", None)
+
+
+def test_promote_records_an_unreachable_mlflow_in_its_status_and_the_run_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    RunResult(model="demo:mlp", data="digits", baseline=Baseline(accuracy=0.97)).save(tmp_path)
+    with (
+        pytest.raises(KfoptError, match="MLflow tracking at http://127.0.0.1:9 failed") as error,
+        step_status("promote", tmp_path / STATUS_OUTPUT) as status,
+    ):
+        steps.promote_step(tmp_path, registered_model="digits", tracking_uri="http://127.0.0.1:9", status=status)
+    recorded = StepStatus.load(tmp_path / STATUS_OUTPUT)
+    assert recorded.status == "failed" and recorded.user_error and recorded.fix == error.value.fix
+    tracking = recorded.tracking
+    assert (
+        tracking.status == "failed" and tracking.uri == "http://127.0.0.1:9" and tracking.registered_model == "digits"
+    )
+    assert "http://127.0.0.1:9" not in tracking.error and "Fix:" not in tracking.error  # the reason only
+    assert RunResult.load(tmp_path).tracking == tracking  # `kfopt promote --from` finds the settings there
 
 
 def test_default_registered_model_names():
@@ -515,3 +550,18 @@ def test_kfp_local_run_picks_a_winner_and_survives_a_failing_recipe(tmp_path):
         assert html.escape(label, quote=True) in page
     assert (tmp_path / "run" / "metrics.json").is_file() and "prepare: success" in lines
     assert result["registered_model"]["name"] == "digits-test" and result["registered_model"]["version"] is not None
+
+
+@pytest.mark.slow
+def test_kfp_local_run_raises_the_error_and_fix_a_failed_step_recorded(tmp_path):
+    from kfopt.pipelines.runners import run_local
+
+    missing = tmp_path / "missing.npz"
+    with pytest.raises(KfoptError) as error:
+        run_local(["quantize(mode=dynamic)"], data=str(missing), out=tmp_path / "run", rounds=0, epochs=1)
+    # The prepare step's own KfoptError, from its status file: message and fix as the step raised them.
+    assert (
+        error.value.message == f"Data file '{missing}' does not exist." and error.value.fix == "check the path or URI."
+    )
+    [prepare] = [s for s in read_statuses(tmp_path / "run" / "pipeline-root") if s.step == "prepare"]
+    assert prepare.failed and prepare.user_error
