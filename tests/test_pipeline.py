@@ -550,6 +550,10 @@ def test_kfp_local_run_picks_a_winner_and_survives_a_failing_recipe(tmp_path):
         assert html.escape(label, quote=True) in page
     assert (tmp_path / "run" / "metrics.json").is_file() and "prepare: success" in lines
     assert result["registered_model"]["name"] == "digits-test" and result["registered_model"]["version"] is not None
+    # What the promote step recorded in its status file: the MLflow parent run the CLI points at.
+    assert (
+        result.tracking.status == "ok" and result.tracking.run_id and result.tracking.registered_model == "digits-test"
+    )
 
 
 @pytest.mark.slow
