@@ -62,6 +62,7 @@ _ONLY_IN_KERAS3: dict[str, set | None] = {
     "flash_attention": {None, False},
     "use_cudnn": _ANY,
     "seed": _ANY,
+    "data_format": {"channels_last", None},  # e.g. ZeroPadding1D: tf_keras works channels-last only
 }
 _ONLY_IN_TF_KERAS: dict[str, set | None] = {
     "softmax_robust_masking": {False},
@@ -79,9 +80,46 @@ _ONLY_IN_TF_KERAS: dict[str, set | None] = {
     "renorm_momentum": _ANY,
     "groups": {1},  # DepthwiseConv2D
     "batch_input_shape": _ANY,  # on a layer after the InputLayer, which holds the shape
+    # Separable and depthwise convolutions inherit these from tf_keras' Conv; Keras 3's do not take them.
+    "kernel_initializer": _ANY,
+    "kernel_regularizer": {None},
+    "kernel_constraint": {None},
+}
+# Activations both Keras name alike but define differently: {name: what differs}.
+_ACTIVATIONS_THAT_DIFFER = {
+    "hard_sigmoid": "Keras 3 computes relu6(x + 3) / 6 and tf_keras clip(0.2 * x + 0.5, 0, 1)",
 }
 # Same option, different name: {class: {Keras 3 name: tf_keras name}}.
 _RENAMED = {"LeakyReLU": {"negative_slope": "alpha"}}
+
+
+# Operations Keras 3 records when a functional model applies keras.ops (or an operator such as
+# ``x + y``) to tensors, and the TensorFlow function tf_keras records for the same call in a
+# TFOpLambda layer: {Keras 3 op class: (TensorFlow function, its argument names, options)}.
+# Both sides name a TensorFlow API symbol, never Python code, so they are safe to rebuild.
+_OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "Add": ("math.add", ("x", "y"), ()),
+    "Subtract": ("math.subtract", ("x", "y"), ()),
+    "Multiply": ("math.multiply", ("x", "y"), ()),
+    "Divide": ("math.truediv", ("x", "y"), ()),
+    "TrueDivide": ("math.truediv", ("x", "y"), ()),
+    "Maximum": ("math.maximum", ("x", "y"), ()),
+    "Minimum": ("math.minimum", ("x", "y"), ()),
+    "Equal": ("math.equal", ("x", "y"), ()),
+    "NotEqual": ("math.not_equal", ("x", "y"), ()),
+    "Mean": ("math.reduce_mean", ("input_tensor",), ("axis", "keepdims")),
+    "Sum": ("math.reduce_sum", ("input_tensor",), ("axis", "keepdims")),
+    "Max": ("math.reduce_max", ("input_tensor",), ("axis", "keepdims")),
+    "Sqrt": ("math.sqrt", ("x",), ()),
+    "Square": ("math.square", ("x",), ()),
+    "Absolute": ("math.abs", ("x",), ()),
+    "Negative": ("math.negative", ("x",), ()),
+    "Exp": ("math.exp", ("x",), ()),
+}
+# tf_keras records some operators under their own names.
+_TF_FUNCTION_OPS = {function: op for op, (function, _, _) in _OPS.items() if op != "TrueDivide"} | {
+    "__operators__.add": "Add"
+}
 
 
 @dataclass(frozen=True)
@@ -317,6 +355,8 @@ def _to_tf_keras(obj: dict) -> dict:
     module = obj.get("module") or ""
     config = dict(obj["config"])
     name = config.get("name") or obj.get("name") or "?"
+    if module.startswith(("keras.src.ops", "keras.ops")):
+        return _op_to_tf_keras(obj, name)
     if cls in _MODEL_CLASSES and module.startswith("keras"):
         tf_cls = None
         config = _model_to_tf_keras(config)
@@ -347,12 +387,149 @@ def _to_tf_keras(obj: dict) -> dict:
     return out
 
 
+def _op_to_tf_keras(obj: dict, name: str) -> dict:
+    """A keras.ops call in a Keras 3 graph as the TFOpLambda layer tf_keras records for the same call."""
+    cls = obj["class_name"]
+    if cls not in _OPS:
+        raise _Unconvertible(
+            name,
+            f"keras.ops {cls}",
+            "is an operation in the functional graph that kfopt cannot rebuild in tf_keras",
+            f"use a keras.layers layer for it instead of keras.ops / an operator; operations kfopt rebuilds: "
+            f"{', '.join(sorted(_OPS))}.",
+        )
+    function, arg_names, options = _OPS[cls]
+    extra = {key: obj["config"][key] for key in options if key in obj["config"]}
+    nodes = [
+        _node_to_tf_keras(node, list(arg_names), name, cls, extra, wrap_single=False)
+        for node in obj.get("inbound_nodes", [])
+    ]
+    return {
+        "module": "keras.layers",
+        "class_name": "TFOpLambda",
+        "config": {"name": name, "trainable": True, "dtype": None, "function": function},
+        "registered_name": None,
+        "name": obj.get("name", name),
+        "inbound_nodes": nodes,
+    }
+
+
 def _model_to_tf_keras(config: dict) -> dict:
     out = {key: value for key, value in config.items() if key not in ("dtype", "build_input_shape")}
-    out["layers"] = [_to_tf_keras(layer) for layer in config["layers"]]
+    out["layers"] = [_to_tf_keras(layer) for layer in _without_computed_masks(config["layers"])]
     if "build_input_shape" in config and not any(layer["class_name"] == "InputLayer" for layer in config["layers"]):
         out["build_input_shape"] = config["build_input_shape"]
+    if "input_layers" in out:
+        _shift_nested_model_refs(out, +1)
+        _check_tf_keras_graph(out)
     return out
+
+
+def _without_computed_masks(layers: list[dict]) -> list[dict]:
+    """Layer configs without the ``mask`` arguments Keras 3 computed with keras.ops.
+
+    Keras 3 writes a propagated mask (an Embedding's ``mask_zero``) into the graph
+    as a ``not_equal`` operation passed as ``mask=``; tf_keras propagates the same
+    mask on its own, and given it explicitly as well it applies it twice.
+    """
+    ops = {layer["name"] for layer in layers if (layer.get("module") or "").startswith("keras.src.ops")}
+    out = []
+    for layer in layers:
+        nodes = []
+        for node in layer.get("inbound_nodes", []):
+            mask = node.get("kwargs", {}).get("mask") if isinstance(node, dict) else None
+            if _is_keras3_tensor(mask) and mask["config"]["keras_history"][0] in ops:
+                node = {**node, "kwargs": {k: v for k, v in node["kwargs"].items() if k != "mask"}}
+            nodes.append(node)
+        out.append({**layer, "inbound_nodes": nodes} if "inbound_nodes" in layer else layer)
+    return out
+
+
+def _shift_nested_model_refs(config: dict, delta: int) -> None:
+    """Renumber calls of nested models between the two Keras.
+
+    A nested tf_keras model counts its own internal node as node 0, so its first
+    call in the outer graph is node 1; Keras 3 numbers that call 0. (Both number
+    a nested functional model's outputs in ``output_layers`` the tf_keras way.)
+    """
+    nested = {layer["config"]["name"]: layer["class_name"] for layer in config["layers"]}
+    nested = {name: cls for name, cls in nested.items() if cls in _MODEL_CLASSES}
+    if not nested:
+        return
+
+    def shift(value, sequential_only: bool):
+        if _is_ref(value):
+            cls = nested.get(value[0])
+            if cls is not None and (cls == "Sequential" or not sequential_only):
+                value[1] += delta
+            if len(value) == 4:
+                shift(value[3], False)
+        elif isinstance(value, list):
+            for item in value:
+                shift(item, sequential_only)
+        elif isinstance(value, dict):
+            for item in value.values():
+                shift(item, sequential_only)
+
+    for layer in config["layers"]:
+        shift(layer.get("inbound_nodes", []), False)
+    shift(config["input_layers"], True)
+    shift(config["output_layers"], True)
+
+
+def _is_ref(value) -> bool:
+    """A tensor reference in tf_keras' node format: [layer, node index, tensor index(, kwargs)]."""
+    return (
+        isinstance(value, list)
+        and len(value) in (3, 4)
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+        and (value[0] == _CONSTANT_VALUE or isinstance(value[2], int))
+        and (len(value) == 3 or isinstance(value[3], dict))
+    )
+
+
+def _check_tf_keras_graph(config: dict) -> None:
+    """Resolve the call graph as tf_keras will, which loops forever on a graph it cannot resolve."""
+    layers = config["layers"]
+    made = {
+        layer["config"]["name"]: int(layer["class_name"] == "InputLayer" or layer["class_name"] in _MODEL_CLASSES)
+        for layer in layers
+    }
+    inputs_only = {layer["config"]["name"] for layer in layers if layer["class_name"] == "InputLayer"}
+    pending = {layer["config"]["name"]: list(layer.get("inbound_nodes", [])) for layer in layers}
+
+    def refs(value):
+        if _is_ref(value):
+            if value[0] != _CONSTANT_VALUE:
+                yield value
+            if len(value) == 4:
+                yield from refs(value[3])
+        elif isinstance(value, list):
+            for item in value:
+                yield from refs(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from refs(item)
+
+    def ready(node) -> bool:
+        return all(ref[0] in inputs_only or made.get(ref[0], 0) > ref[1] for ref in refs(node))
+
+    while any(pending.values()):
+        progress = False
+        for name, nodes in pending.items():
+            while nodes and ready(nodes[0]):
+                nodes.pop(0)
+                made[name] += 1
+                progress = True
+        if not progress:
+            stuck = next(layer for layer in layers if pending[layer["config"]["name"]])
+            raise _Unconvertible(
+                stuck["config"]["name"],
+                stuck["class_name"],
+                "is called on a tensor that the rebuilt graph cannot resolve",
+                "report this model's structure to kfopt.",
+            )
 
 
 def _tf_keras_layer_class(obj: dict, name: str):
@@ -363,13 +540,6 @@ def _tf_keras_layer_class(obj: dict, name: str):
             cls,
             "is Python code written for Keras 3 and cannot be rebuilt in tf_keras",
             "replace it with built-in layers.",
-        )
-    if module.startswith(("keras.src.ops", "keras.ops")):
-        raise _Unconvertible(
-            name,
-            f"keras.ops {cls}",
-            "is an operation applied to tensors in the functional graph, which tf_keras cannot rebuild",
-            f"use a keras.layers layer for it (e.g. layers.{cls}() instead of an operator) and save the model again.",
         )
     tf_cls = getattr(_tf.keras().layers, cls, None)
     if not module.startswith("keras") or (obj.get("registered_name") not in (None, cls)) or tf_cls is None:
@@ -432,6 +602,13 @@ def _drop_inert(config: dict, target, inert: dict, layer: str, cls: str, other: 
     known = _init_arg_names(target)
     out = {}
     for key, value in config.items():
+        if key.endswith("activation") and value in _ACTIVATIONS_THAT_DIFFER:
+            raise _Unconvertible(
+                layer,
+                cls,
+                f"uses {key}='{value}', which means something else in {other}: {_ACTIVATIONS_THAT_DIFFER[value]}",
+                "write the activation out with layers (e.g. layers.ReLU(6.0)(x + 3.0) / 6.0) or use 'sigmoid'.",
+            )
         if known is not None and key not in known and key in inert:
             allowed = inert[key]
             if allowed is _ANY or _hashable(value) in allowed:
@@ -461,11 +638,16 @@ def _call_arg_names(target) -> list[str]:
     return [name for name, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self"]
 
 
-def _node_to_tf_keras(node, call_args: list[str], layer: str, cls: str):
+def _node_to_tf_keras(
+    node, call_args: list[str], layer: str, cls: str, extra: dict | None = None, wrap_single: bool = True
+):
     """A Keras 3 call node ({"args", "kwargs"}) in tf_keras' format (first argument's tensors, kwargs)."""
     if isinstance(node, list):  # already the Keras 2 format (a Keras 3 file from a legacy config)
         return node
-    args, kwargs = list(node.get("args", [])), dict(node.get("kwargs", {}))
+    args, kwargs = list(node.get("args", [])), {**(extra or {}), **node.get("kwargs", {})}
+    # Keras 3 records the training flag it was built under (False) and overrides it on every call;
+    # tf_keras would honour it forever, so dropout and batch statistics would never train.
+    kwargs.pop("training", None)
     if not args:
         if not call_args or call_args[0] not in kwargs:
             raise _Unconvertible(layer, cls, "is called without inputs", "call it on a tensor.")
@@ -489,7 +671,8 @@ def _node_to_tf_keras(node, call_args: list[str], layer: str, cls: str):
         raise _Unconvertible(layer, cls, "is called on a value tf_keras cannot rebuild", "call it on a tensor.")
 
     data = first_arg(args[0])
-    return [data] if _is_keras3_tensor(args[0]) else data
+    # tf_keras wraps a lone tensor in a list, except for layers that keep their input's structure (TFOpLambda).
+    return [data] if wrap_single and _is_keras3_tensor(args[0]) else data
 
 
 def _tensor_refs(value, layer: str, cls: str):
@@ -516,6 +699,8 @@ def _to_keras3(obj: dict, live) -> dict:
     cls = obj["class_name"]
     config = dict(obj["config"])
     name = config.get("name") or obj.get("name") or "?"
+    if cls == "TFOpLambda" and config.get("function") in _TF_FUNCTION_OPS:
+        return _op_to_keras3(obj, name)
     if cls in _MODEL_CLASSES:
         k3_cls = None
         config = _model_to_keras3(config, live)
@@ -548,7 +733,37 @@ def _to_keras3(obj: dict, live) -> dict:
     return out
 
 
+def _op_to_keras3(obj: dict, name: str) -> dict:
+    """A tf_keras TFOpLambda call as the keras.ops operation Keras 3 records for the same call."""
+    op = _TF_FUNCTION_OPS[obj["config"]["function"]]
+    _, arg_names, options = _OPS[op]
+    nodes, config = [], {"name": name}
+    for node in obj.get("inbound_nodes", []):
+        translated = _node_to_keras3(node, name, "TFOpLambda")
+        kwargs = dict(translated["kwargs"])
+        kwargs.pop("name", None)
+        args = translated["args"] + [kwargs.pop(arg) for arg in arg_names[1:] if arg in kwargs]
+        config.update({key: kwargs.pop(key) for key in options if key in kwargs})
+        if kwargs:
+            raise _Unconvertible(
+                name, f"TFOpLambda {obj['config']['function']}", f"is called with {sorted(kwargs)}", ""
+            )
+        nodes.append({"args": args, "kwargs": {}})
+    return {
+        "module": "keras.src.ops.numpy",
+        "class_name": op,
+        "config": config,
+        "registered_name": op,
+        "name": obj.get("name", name),
+        "inbound_nodes": nodes,
+    }
+
+
 def _model_to_keras3(config: dict, live) -> dict:
+    out = copy.deepcopy(config)
+    if "input_layers" in out:
+        _shift_nested_model_refs(out, -1)
+    config = out
     out = dict(config)
     nested = {layer.name: layer for layer in getattr(live, "layers", [])}
     out["layers"] = [_to_keras3(layer, nested.get(layer["config"].get("name"))) for layer in config["layers"]]
@@ -602,15 +817,6 @@ def _node_to_keras3(node, layer: str, cls: str) -> dict:
     """A tf_keras call node (tensors of the first argument, each carrying the kwargs) in Keras 3's format."""
     kwargs: dict = {}
 
-    def is_ref(value) -> bool:
-        return (
-            isinstance(value, list)
-            and len(value) in (3, 4)
-            and isinstance(value[0], str)
-            and isinstance(value[1], int)
-            and (value[0] == _CONSTANT_VALUE or isinstance(value[2], int))
-        )
-
     def tensor(ref) -> dict:
         return {
             "class_name": "__keras_tensor__",
@@ -619,7 +825,7 @@ def _node_to_keras3(node, layer: str, cls: str) -> dict:
 
     def first_arg(value):
         nonlocal kwargs
-        if is_ref(value):
+        if _is_ref(value):
             if len(value) == 4:
                 kwargs = value[3]
             if value[0] == _CONSTANT_VALUE:
@@ -632,7 +838,7 @@ def _node_to_keras3(node, layer: str, cls: str) -> dict:
         raise _Unconvertible(layer, cls, "has a call Keras 3 cannot rebuild", "")
 
     def kwarg(value):
-        if is_ref(value) and len(value) == 3 and value[0] != _CONSTANT_VALUE:
+        if _is_ref(value) and len(value) == 3 and value[0] != _CONSTANT_VALUE:
             return tensor(value)
         if isinstance(value, list):
             return [kwarg(item) for item in value]
@@ -644,7 +850,7 @@ def _node_to_keras3(node, layer: str, cls: str) -> dict:
     # tf_keras records defaults such as mask=None that some Keras 3 layers do not take.
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
     # tf_keras wraps a lone input tensor in a list; the layer is called on the tensor itself.
-    if isinstance(data, list) and len(data) == 1 and isinstance(node, list) and is_ref(node[0]):
+    if isinstance(data, list) and len(data) == 1 and isinstance(node, list) and _is_ref(node[0]):
         data = data[0]
     return {"args": [data], "kwargs": kwarg(kwargs)}
 
@@ -692,6 +898,8 @@ def _copy_weights(source, target) -> None:
     by_name = {layer.name: layer for layer in source.layers}
     for layer in target.layers:
         origin = by_name.get(layer.name)
+        if origin is None and not layer.weights:  # an operation: Keras 3 does not list it among the layers
+            continue
         if origin is None:
             raise _Unconvertible(layer.name, type(layer).__name__, "is missing after the rebuild", "")
         if type(layer).__name__ in _MODEL_CLASSES:

@@ -76,14 +76,15 @@ class ModelHandle:
         if format not in FORMATS:
             raise ValueError(f"unknown model format {format!r}; known: {', '.join(FORMATS)}")
         self.format = format
-        self._keras = keras_model
         self._tflite = tflite_bytes
         self._path = Path(path) if path is not None else None
         self.info: dict[str, Any] = dict(info or {})
+        self._keras = self._remember_flavor(keras_model) if keras_model is not None else None
 
     # -- constructors -------------------------------------------------
     @classmethod
     def from_keras(cls, model, info: dict | None = None) -> ModelHandle:
+        """A Keras model: tf_keras, or Keras 3 (rebuilt in tf_keras, proven, and saved back as Keras 3)."""
         return cls("keras", keras_model=model, info=info)
 
     @classmethod
@@ -102,8 +103,22 @@ class ModelHandle:
         if self._keras is None:
             from kfopt.models import load_keras
 
-            self._keras = load_keras(self._path)
+            self._keras = self._remember_flavor(load_keras(self._path))
         return self._keras
+
+    def _remember_flavor(self, model):
+        """The tf_keras model to work on; notes in ``info`` when the user's Keras is Keras 3.
+
+        A Keras 3 model object is rebuilt in tf_keras here (proven, see kfopt.keras3),
+        so a Python caller can hand over the model it has.
+        """
+        from kfopt import keras3
+
+        if keras3.is_keras3_model(model):
+            model = keras3.to_tf_keras(model)
+        if keras3.flavor_of(model) == keras3.KERAS3:
+            self.info.setdefault(keras3.FLAVOR_KEY, keras3.KERAS3)
+        return model
 
     def tflite(self) -> bytes:
         """The model as TFLite flatbuffer bytes."""
@@ -132,8 +147,14 @@ class ModelHandle:
         if self.format == "tflite":
             _atomic_write_bytes(target, self.tflite())
         elif self.format == "keras":
+            from kfopt import keras3
+
             tmp = directory / f".{target.name}.{os.getpid()}.tmp.keras"
-            _without_optimizer(self.keras()).save(tmp)
+            if self.info.get(keras3.FLAVOR_KEY) == keras3.KERAS3:
+                # The user's Keras out: a Keras 3 user gets a file Keras 3 loads (kfopt reads it back too).
+                keras3.save(self.keras(), tmp)
+            else:
+                _without_optimizer(self.keras()).save(tmp)
             os.replace(tmp, target)
         else:
             staging = Path(tempfile.mkdtemp(prefix=".saved_model.", dir=directory))
