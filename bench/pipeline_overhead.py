@@ -31,8 +31,8 @@ RECIPES = [
 
 def in_process(recipes: list[str], epochs: int, out: Path) -> dict:
     """The search without the pipeline: one process, recipes one after another."""
+    from kfopt.engine import finish_result, prepare, run_recipe, start_result
     from kfopt.evaluate import Evaluator
-    from kfopt.optimize import finish_result, prepare, run_recipe, start_result
     from kfopt.plugins.manager import registry
     from kfopt.recipe import parse_recipe, plan
     from kfopt.rundir import slug, writable_dir
@@ -72,7 +72,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     if args.default_search:
-        from kfopt.search import load_search
+        from kfopt.recipe_search import load_search
 
         args.recipes = [str(r.recipe) for r in load_search()]
     if args.in_process_only:

@@ -1,6 +1,6 @@
 """Benchmark: the in-process accuracy-aware search (`kfopt search`) on demo:mlp and demo:cnn (digits).
 
-Round 1 is the built-in search space (kfopt/search/default.yaml); the layer
+Round 1 is the built-in search space (kfopt/recipe_search/default.yaml); the layer
 sensitivity pass (each layer alone pruned to 90%) feeds refinement, which can
 keep the most sensitive layers dense. For each model and objective prints the
 winner over all rounds beside the best round-1 recipe (both picked by
@@ -20,10 +20,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kfopt.optimize import prepare
+from kfopt.engine import prepare
 from kfopt.progress import Reporter
+from kfopt.recipe_search import best_of_round, search
 from kfopt.report import search_table, sensitivity_table
-from kfopt.search import best_of_round, search
 
 
 def main() -> int:

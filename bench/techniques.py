@@ -16,11 +16,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kfopt.engine import prepare, run_recipe
 from kfopt.evaluate import Evaluator
-from kfopt.optimize import prepare, run_recipe, write_json
 from kfopt.plugins.manager import registry
 from kfopt.progress import Reporter
 from kfopt.recipe import parse_recipe, plan
+from kfopt.rundir import write_json
 
 RECIPES = [
     "accelerate(backend=tflite)",  # the fp32 TFLite baseline itself: ratio 1 by construction

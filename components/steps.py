@@ -2,8 +2,8 @@
 
 The KFP components in :mod:`kfopt.components.ops` only turn artifacts into
 paths and call these; tests call them directly. They are built on the same
-step functions as ``kfopt optimize`` (:func:`kfopt.optimize.prepare`,
-:func:`kfopt.optimize.run_recipe`, one :class:`kfopt.evaluate.Evaluator`), so a
+step functions as ``kfopt optimize`` (:func:`kfopt.engine.prepare`,
+:func:`kfopt.engine.run_recipe`, one :class:`kfopt.evaluate.Evaluator`), so a
 candidate measured in a pipeline is measured exactly like one measured in-process.
 
 What a step writes into its output directory:
@@ -33,9 +33,9 @@ from pathlib import Path
 from kfopt import rundir
 from kfopt.errors import KfoptError
 from kfopt.progress import Reporter
+from kfopt.recipe_search import ROUND_ONE_WHY
 from kfopt.result import Baseline, Candidate, RunResult, Tracking
 from kfopt.rundir import read_json, slug, writable_dir, write_json
-from kfopt.search import ROUND_ONE_WHY
 
 from .status import StepStatus, candidate_line, proposal_line, stopped_line
 
@@ -62,8 +62,8 @@ def prepare_step(
     ``model`` may also be a URI (``gs://...``) that ``tf.io.gfile`` can read.
     Returns the content of ``baseline.json``.
     """
+    from kfopt.engine import prepare
     from kfopt.evaluate import Evaluator
-    from kfopt.optimize import prepare
 
     reporter = reporter or Reporter(enabled=False)
     baseline_dir, data_dir = writable_dir(baseline_dir), writable_dir(data_dir)
@@ -181,7 +181,7 @@ def optimize_step(
     :func:`evaluate_step`. Never raises for a bad recipe or a failing
     technique: the candidate gets status ``failed`` (or ``skipped``) and a reason.
     """
-    from kfopt.optimize import run_recipe
+    from kfopt.engine import run_recipe
     from kfopt.recipe import parse_recipe, plan
 
     reporter = reporter or Reporter(enabled=False)
@@ -322,7 +322,7 @@ def plan_search_step(
     Pipeline parameters use 0 for "none" (``max_time``, ``target``,
     ``sensitivity``). The propose and select steps of every round read this file.
     """
-    from kfopt.search import layer_sensitivity, search_settings
+    from kfopt.recipe_search import layer_sensitivity, search_settings
 
     reporter = reporter or Reporter(enabled=False)
     settings = search_settings(
@@ -356,13 +356,13 @@ def plan_search_step(
 def propose_step(results_dir, search_dir, number: int, *, registry=None) -> list[str]:
     """The loop items of search round ``number``: JSON of ``{"position", "round", "why", "recipe"}`` each.
 
-    Decides with :func:`kfopt.search.next_round` on every candidate so far (the
+    Decides with :func:`kfopt.recipe_search.next_round` on every candidate so far (the
     previous select step's results; validation split only). ``max_time`` counts
     the optimization seconds of those candidates, which holds when steps run in
     parallel or come from the cache. When the search stops, the one item is
     ``{"round", "stopped": reason}`` so the round's loop runs a no-op.
     """
-    from kfopt.search import next_round, optimization_seconds
+    from kfopt.recipe_search import next_round, optimization_seconds
 
     result = RunResult.load(results_dir)
     settings = read_json(Path(search_dir) / SEARCH_FILE, "search plan")
@@ -423,8 +423,8 @@ def select_step(
     :func:`plan_search_step`; the result then also carries ``search``,
     ``search_trace`` and ``layer_sensitivity``, like ``kfopt search`` writes.
     """
+    from kfopt.recipe_search import ALL_ROUNDS_DONE, search_outcome, trace_entry
     from kfopt.rundir import resolve_artifact
-    from kfopt.search import ALL_ROUNDS_DONE, search_outcome, trace_entry
     from kfopt.select import objective_metric, select
 
     objective_metric(objective)  # a bad objective is the user's error: fail before copying anything

@@ -9,18 +9,12 @@ tf_keras and tfmot from here, never by importing them at module level, so that
 from __future__ import annotations
 
 import os
-import sys
 
 
 def _prepare_environment() -> None:
-    if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
-        import warnings
-
-        warnings.warn(
-            "TensorFlow was imported before kfopt could set TF_USE_LEGACY_KERAS=1; "
-            "tensorflow-model-optimization may fail. Import kfopt (or set the variable) first.",
-            stacklevel=3,
-        )
+    # kfopt itself only uses tf_keras (never ``tf.keras``), and tfmot imports tf_keras on its own, so
+    # TensorFlow imported earlier by the user (``import keras`` in a notebook) is fine: the variable
+    # only has to be set before tfmot and the subprocesses kfopt starts (kfp.local steps) import it.
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

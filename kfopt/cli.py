@@ -171,22 +171,25 @@ def optimize(
     """
     from rich.console import Console
 
-    from .optimize import optimize as run
-    from .progress import Reporter
+    from .api import optimize as run
     from .report import results_table
 
-    tracking = {
-        "registered_model": registered_model,
-        "tracking_uri": tracking_uri,
-        "experiment": experiment,
-        "max_accuracy_drop": max_accuracy_drop,
-        "objective": objective,
-        "tracking": False if no_tracking else None,
-    }
     result = run(
-        model, data, recipe, out, seed=seed, unsafe=unsafe, epochs=epochs, reporter=Reporter(), tracking=tracking
+        model,
+        data,
+        recipe,
+        out=out,
+        seed=seed,
+        unsafe=unsafe,
+        epochs=epochs,
+        max_accuracy_drop=max_accuracy_drop,
+        objective=objective,
+        registered_model=registered_model,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        tracking=False if no_tracking else None,
     )
-    candidate = result["candidates"][0]
+    candidate = result.candidates[0]
     if as_json:
         click.echo(_json(result))
     else:
@@ -504,7 +507,7 @@ def run(
     import time
 
     from .pipelines.runners import run_local
-    from .search import load_search, search_settings
+    from .recipe_search import load_search, search_settings
 
     recipes = load_search(search)  # every recipe checked before any work
     search_settings(
@@ -712,15 +715,14 @@ def search_(
     """
     from pathlib import Path
 
+    from .api import search as run_search
     from .components.steps import report_step
-    from .progress import Reporter
-    from .search import search as run_search
-    from .tracking import REPORT_FILE
+    from .rundir import REPORT_FILE
 
     result = run_search(
         model,
         data,
-        out,
+        out=out,
         recipes=list(recipes) or search,
         rounds=rounds,
         max_trials=max_trials,
@@ -732,7 +734,7 @@ def search_(
         seed=seed,
         epochs=epochs,
         unsafe=unsafe,
-        reporter=Reporter(enabled=not as_json),
+        progress=not as_json,
         sensitivity=sensitivity or None,
     )
     report = report_step(out, Path(out) / REPORT_FILE)

@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .data import Data, load_data
+from .data import Data, describe, load_data
 from .errors import KfoptError, TechniqueSkipped
 from .evaluate import Evaluator
 from .models import DEMO_MODELS, load_keras, model_input_shape
@@ -21,12 +21,12 @@ from .plugins.technique import ModelHandle, StepContext
 from .progress import Reporter
 from .recipe import Recipe, parse_recipe, plan
 from .result import Baseline, Candidate, RunResult
-from .rundir import METRICS_FILE, writable_dir, write_json  # noqa: F401 (METRICS_FILE, write_json: until importers move)
+from .rundir import writable_dir
 
 
 def prepare(
     model: str,
-    data: str,
+    data: str | dict | tuple,
     *,
     seed: int = 0,
     unsafe: bool = False,
@@ -132,7 +132,7 @@ def run_recipe(
 
 def optimize(
     model: str,
-    data: str,
+    data: str | dict | tuple,
     recipe: str | Recipe,
     out: str | os.PathLike,
     *,
@@ -165,12 +165,14 @@ def optimize(
     out = writable_dir(out)
     settings = {**(tracking or {}), "max_accuracy_drop": max_accuracy_drop, "objective": objective}
     observers = Observers(techniques.pm, observer_context(out, **settings))
-    observers.run_started({"model": model, "data": data, "seed": seed, "recipes": [parsed.label], "out": str(out)})
+    observers.run_started(
+        {"model": model, "data": describe(data), "seed": seed, "recipes": [parsed.label], "out": str(out)}
+    )
     baseline, dataset = prepare(model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out)
     baseline.save(out / "baseline")
     evaluator = Evaluator(dataset, baseline, out / "baseline")
     reporter.say("Measuring the baseline")
-    result = start_result(model, data, seed, baseline, evaluator)
+    result = start_result(model, describe(data), seed, baseline, evaluator)
     candidate = run_recipe(
         parsed, planned, baseline, dataset, evaluator, out / "candidate", seed=seed, reporter=reporter
     )

@@ -215,7 +215,7 @@ class Evaluator:
         self.latency_runs = latency_runs
         self.x_test, self.y_test = data.test.arrays()
         # Validation accuracy is reported beside the test one so searches can choose on it
-        # (kfopt.search) and keep the test split for the final budget check only.
+        # (kfopt.recipe_search) and keep the test split for the final budget check only.
         try:
             self.x_val, self.y_val = data.validation.arrays()
         except ValueError:  # an empty tf.data validation split: no val_accuracy

@@ -1,6 +1,6 @@
 """Choosing the winner: the accuracy budget, the objective, and the Pareto front.
 
-Works on candidate records as :func:`kfopt.optimize.run_recipe` returns them
+Works on candidate records as :func:`kfopt.engine.run_recipe` returns them
 (``recipe``, ``status``, metrics), so the same logic serves ``kfopt run``, the
 KFP ``select`` component and anything reading a ``metrics.json``.
 """
@@ -22,7 +22,6 @@ MIX = "mix"
 #: of fractions of the test set, so 0.01 may come out as 0.010000000000000009.
 #: The one tolerance of every budget check (select, search, promotion gate).
 TOLERANCE = 1e-9
-_TOLERANCE = TOLERANCE  # the search package still imports the old name; removed when it moves
 
 
 @dataclass
@@ -227,23 +226,3 @@ def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objec
     selection.pareto = pareto_front(candidates, objective)
     selection.fronts = {metric: pareto_front(candidates, metric) for metric in OBJECTIVES.values()}
     return selection
-
-
-# TEMPORARY (lead): dict form kept until kfopt.search and the pipeline steps build RunResult records.
-def apply_selection(result: dict, selection: Selection) -> dict:
-    """Write a selection into a ``metrics.json``-shaped result (in place) and return it.
-
-    Sets ``winner``, ``pareto`` and ``selection``, and marks each candidate
-    with ``within_budget`` (and ``not_selected_because`` when it is out).
-    """
-    result["winner"] = selection.winner
-    result["pareto"] = list(selection.pareto)
-    result["selection"] = {k: v for k, v in selection.as_dict().items() if k not in ("winner", "pareto", "reasons")}
-    for candidate in result.get("candidates", []):
-        label = candidate["recipe"]
-        candidate["within_budget"] = label in selection.within_budget
-        if label in selection.reasons:
-            candidate["not_selected_because"] = selection.reasons[label]
-        else:
-            candidate.pop("not_selected_because", None)
-    return result

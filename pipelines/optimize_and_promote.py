@@ -29,7 +29,7 @@ from kfp.dsl import HTML, Artifact
 from kfopt.components import DEFAULT_IMAGE
 from kfopt.components.ops import build_components
 from kfopt.errors import KfoptError
-from kfopt.search import SearchRecipe, load_search, split_by_pool
+from kfopt.recipe_search import SearchRecipe, load_search, split_by_pool
 
 from .placement import Placement, apply_pool
 
@@ -58,7 +58,7 @@ def build_pipeline(
 
     Args:
         recipes: A search YAML file, a list of recipes (inline strings, mappings or
-            :class:`~kfopt.search.SearchRecipe`), or None for the built-in search.
+            :class:`~kfopt.recipe_search.SearchRecipe`), or None for the built-in search.
         rounds: Refinement rounds after round 1 (see the module docstring); 0 = round 1 only.
         image: Image every step runs in.
         accelerator_image: Image of the fine-tuning steps (e.g. the GPU variant); default ``image``.

@@ -75,7 +75,7 @@ def run_local(
     input, before any work where it can, and when a step the run cannot do
     without (prepare, select) fails.
     """
-    from kfopt.search import search_settings
+    from kfopt.recipe_search import search_settings
 
     from .optimize_and_promote import build_pipeline
 
@@ -277,7 +277,7 @@ def compile_for_cluster(
 ) -> dict:
     """Compile the pipeline with node-pool placement; return a summary (and a one-paragraph ``description``)."""
     from kfopt.components import DEFAULT_IMAGE
-    from kfopt.search import load_search, split_by_pool
+    from kfopt.recipe_search import load_search, split_by_pool
 
     from .optimize_and_promote import compile_pipeline
     from .placement import load_placement

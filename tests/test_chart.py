@@ -319,7 +319,7 @@ def test_every_example_renders_valid_kubernetes_objects(path):
 
 
 def test_every_optional_resource_renders_valid_kubernetes_objects(tmp_path):
-    from kfopt.search import load_search
+    from kfopt.recipe_search import load_search
 
     rendered = render(EVERYTHING)
     (tmp_path / "search.yaml").write_text(rendered.one("ConfigMap")["data"]["search.yaml"])

@@ -16,8 +16,8 @@ from kfopt.components.status import STATUS_OUTPUT, StepStatus, read_statuses, st
 from kfopt.errors import KfoptError
 from kfopt.pipelines.optimize_and_promote import compile_pipeline
 from kfopt.pipelines.placement import Placement, load_placement
+from kfopt.recipe_search import load_search, split_by_pool
 from kfopt.result import Baseline, RunResult
-from kfopt.search import load_search, split_by_pool
 
 SEARCH = [
     "quantize(mode=dynamic)",
@@ -367,7 +367,7 @@ def test_cli_compile_and_argument_errors(tmp_path):
 
 def test_importing_the_pipeline_packages_does_not_import_tensorflow():
     code = (
-        "import sys, kfopt.components, kfopt.pipelines, kfopt.pipelines.placement, kfopt.search, kfopt.select, "
+        "import sys, kfopt.components, kfopt.pipelines, kfopt.pipelines.placement, kfopt.recipe_search, kfopt.select, "
         "kfopt.html_report; print('tensorflow' in sys.modules)"
     )
     assert (

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from kfopt.cli import main
-from kfopt.optimize import run_recipe
+from kfopt.engine import run_recipe
 from kfopt.plugins import Technique, hookimpl
 from kfopt.plugins.manager import registry
 from kfopt.recipe import parse_recipe, plan

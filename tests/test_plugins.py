@@ -8,9 +8,9 @@ import warnings
 import pytest
 from conftest import RoundWeights
 
+from kfopt.engine import optimize
 from kfopt.errors import KfoptError
 from kfopt.observers import Observers, observer_context
-from kfopt.optimize import optimize
 from kfopt.plugins import RunContext, hookimpl
 from kfopt.plugins.manager import PluginLoadWarning, build_manager, registry
 

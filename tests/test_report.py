@@ -17,7 +17,7 @@ TRICKY = "quantize(mode=<int8>&co)"  # HTML special characters in a recipe label
 
 
 def search_result() -> dict:
-    """A two-round search as kfopt.search.search writes it: a winner, one over budget, a failure, an unrun trial."""
+    """A two-round search as kfopt.recipe_search.search writes it: a winner, one over budget, a failure, an unrun trial."""
 
     def ok(recipe, round, why, accuracy, val_drop, gzip, latency, fmt="tflite", **extra):
         return {

@@ -14,7 +14,7 @@ from kfopt.cli import main
 from kfopt.plugins.manager import registry
 from kfopt.plugins.prune import Prune
 from kfopt.recipe import parse_recipe, plan
-from kfopt.search import best_feasible, layer_sensitivity, propose, target_met
+from kfopt.recipe_search import best_feasible, layer_sensitivity, propose, target_met
 
 BUDGET = 0.01
 

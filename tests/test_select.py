@@ -141,7 +141,7 @@ def test_a_weighted_mix_trades_size_against_latency():
     # Fronts on both metrics, whatever the objective: every candidate here is best on something.
     assert set(mixed.fronts) == {"gzip_bytes", "latency_p50_ms"}
     assert mixed.fronts["gzip_bytes"][0] == "small-slow" and mixed.fronts["latency_p50_ms"][0] == "big-fast"
-    from kfopt.search import target_met
+    from kfopt.recipe_search import target_met
     from kfopt.select import objective_ratio
 
     ratios = {"compression_ratio": 16.0, "speedup": 4.0, "val_accuracy_drop": 0.0}

@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from kfopt.cli import main
-from kfopt.optimize import METRICS_FILE, optimize
+from kfopt.engine import optimize
 from kfopt.promotion import gate, promote_from
 from kfopt.result import RunResult
-from kfopt.rundir import TRACKING_FILE
+from kfopt.rundir import METRICS_FILE, TRACKING_FILE
 from kfopt.tracking import RunLogger
 
 SMALLER = "prune(target_sparsity=0.5,epochs=1)>quantize(mode=dynamic)"  # tflite, zeros compress: smallest

@@ -14,7 +14,7 @@ import pytest
 
 from kfopt import _tf
 from kfopt.data import load_data
-from kfopt.optimize import prepare
+from kfopt.engine import prepare
 
 FEATURES = 8
 

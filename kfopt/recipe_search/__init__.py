@@ -1,12 +1,12 @@
 """The accuracy-aware search: which recipes to try, and how each round refines the last.
 
-- :mod:`~kfopt.search.space`: the search space, round 1 (``load_search``,
+- :mod:`~kfopt.recipe_search.space`: the search space, round 1 (``load_search``,
   ``SearchRecipe``, ``split_by_pool``, the built-in ``default.yaml``);
-- :mod:`~kfopt.search.sensitivity`: what each layer alone costs when pruned or
+- :mod:`~kfopt.recipe_search.sensitivity`: what each layer alone costs when pruned or
   int8-rounded (``layer_sensitivity``);
-- :mod:`~kfopt.search.proposals`: the recipes of the next round from every
+- :mod:`~kfopt.recipe_search.proposals`: the recipes of the next round from every
   candidate so far (``propose``, ``next_round``), chosen on the validation split;
-- :mod:`~kfopt.search.driver`: ``search`` in-process (``kfopt search``), and
+- :mod:`~kfopt.recipe_search.driver`: ``search`` in-process (``kfopt search``), and
   the round bookkeeping the pipeline shares with it.
 
 Importing this package does not import TensorFlow.

@@ -1,7 +1,7 @@
 """Running a search in-process (``kfopt search``), and the round bookkeeping the pipeline shares with it.
 
 :func:`search` runs round 1 (the search space) and the refinement rounds of
-:func:`~kfopt.search.next_round`, sharing one baseline and one
+:func:`~kfopt.recipe_search.next_round`, sharing one baseline and one
 :class:`~kfopt.evaluate.Evaluator`. The pipeline runs the same rounds as KFP
 steps; both describe a search with :func:`search_settings`,
 :func:`trace_entry` and :func:`search_outcome`, and count time with
@@ -127,13 +127,13 @@ def search(
     validation split and confirmed on the test split. Writes
     ``metrics.json`` under ``out`` with a ``search_trace`` and returns it.
     ``baseline`` may be a ``(ModelHandle, Data)`` pair already prepared. With
-    ``sensitivity`` (a sparsity), :func:`~kfopt.search.layer_sensitivity` of the
+    ``sensitivity`` (a sparsity), :func:`~kfopt.recipe_search.layer_sensitivity` of the
     baseline is added as ``layer_sensitivity`` and refinement keeps the most
-    sensitive layers dense (or float under QAT), see :func:`~kfopt.search.propose`.
+    sensitive layers dense (or float under QAT), see :func:`~kfopt.recipe_search.propose`.
     """
     from ..data import describe
+    from ..engine import finish_result, prepare, run_recipe, start_result
     from ..evaluate import LATENCY_RUNS, Evaluator
-    from ..optimize import finish_result, prepare, run_recipe, start_result
     from ..plugins.manager import registry
     from ..progress import Reporter
     from ..recipe import plan

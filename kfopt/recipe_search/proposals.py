@@ -20,7 +20,7 @@ and proposes a few recipes that push where the budget still has room:
 - **chains**: the best feasible student pruned to the best feasible sparsity
   then int8 (``distill>prune>quantize(int8)``), and the best feasible prune
   with quantization-aware training instead of post-training int8;
-- **sensitive layers** (with :func:`~kfopt.search.layer_sensitivity` rows): keep the layers
+- **sensitive layers** (with :func:`~kfopt.recipe_search.layer_sensitivity` rows): keep the layers
   whose pruning alone costs more than the budget dense (the densest in val
   drop per kernel param first, together at most ``KEEP_SHARE`` of the kernel
   params) and prune the rest beyond the bisection bracket, to its upper end
@@ -628,7 +628,7 @@ def propose(
     ``records`` are candidate records (``metrics.json`` shape, with
     ``val_accuracy_drop``) of all rounds so far; ``tried`` are labels not to
     propose again (the labels of ``records`` always count as tried).
-    ``sensitivity`` are :func:`~kfopt.search.layer_sensitivity` rows of the
+    ``sensitivity`` are :func:`~kfopt.recipe_search.layer_sensitivity` rows of the
     baseline: with them the most sensitive layers are kept dense (or float
     under QAT). Order: for size the prune proposals (sensitive layers dense,
     then bisections), then distillation; for latency a dense student (once)

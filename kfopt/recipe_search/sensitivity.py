@@ -1,7 +1,7 @@
 """Layer sensitivity: how much accuracy each layer costs when it alone is pruned, or alone rounded to int8.
 
 The search reads these rows to keep the most sensitive layers dense (or float
-under QAT), see :mod:`kfopt.search.proposals`. Everything is measured on the
+under QAT), see :mod:`kfopt.recipe_search.proposals`. Everything is measured on the
 validation split, so no search decision looks at the test split.
 """
 
