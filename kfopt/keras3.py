@@ -262,7 +262,7 @@ def to_tf_keras(model, *, unsafe: bool = False, sample=None, name: str | None = 
     """
     keras = keras3()
     tk = _tf.keras()
-    label = name or f"'{model.name}'"
+    label = f"'{name or model.name}'"
     serialized = _serialized_keras3_model(model, keras, label)
     _refuse_lambda(serialized, label, unsafe)
     try:
@@ -279,7 +279,7 @@ def to_tf_keras(model, *, unsafe: bool = False, sample=None, name: str | None = 
 def to_keras3(model, *, sample=None, name: str | None = None):
     """Rebuild a tf_keras model in Keras 3 and prove the two compute the same outputs (the user's Keras out)."""
     keras = keras3()
-    label = name or f"'{model.name}'"
+    label = f"'{name or model.name}'"
     try:
         serialized = _to_keras3(_serialized_tf_keras_model(model, label), model)
         converted = _build(keras.saving.deserialize_keras_object, serialized, _keras3_layer_check)
@@ -329,15 +329,16 @@ def _serialized_tf_keras_model(model, label: str) -> dict:
 
 
 def _refuse_lambda(serialized: dict, label: str, unsafe: bool) -> None:
-    """A Lambda layer is Python code; it never runs without --unsafe (and cannot cross the bridge anyway)."""
+    """A Lambda layer is Python code: it never runs without --unsafe (and cannot cross the bridge anyway)."""
+    if unsafe:
+        return
     for layer in _walk_layers(serialized):
         if layer.get("class_name") == "Lambda":
-            name = layer.get("config", {}).get("name", "?")
-            if not unsafe:
-                raise KfoptError(
-                    f"Model {label} has layer '{name}' (Lambda), which runs arbitrary Python code; refused in safe mode.",
-                    "replace the Lambda with built-in layers, or pass --unsafe only if you trust the model.",
-                )
+            raise KfoptError(
+                f"Model {label} has Lambda layer '{layer.get('config', {}).get('name', '?')}', which runs "
+                "arbitrary Python code; refused in safe mode.",
+                "replace the Lambda with built-in layers, or pass --unsafe only if you trust the model.",
+            )
 
 
 def _walk_layers(serialized: dict):
@@ -695,7 +696,11 @@ def _is_keras3_tensor(value) -> bool:
 
 # -- tf_keras config -> Keras 3 config ----------------------------------------------
 def _to_keras3(obj: dict, live) -> dict:
-    """A serialized tf_keras model or layer, rewritten as Keras 3 serializes it."""
+    """A serialized tf_keras model or layer, rewritten as Keras 3 serializes it.
+
+    ``live`` is the tf_keras model the config came from (None for a layer): its
+    inputs and outputs tell a lone tensor from a list of one, which the config does not.
+    """
     cls = obj["class_name"]
     config = dict(obj["config"])
     name = config.get("name") or obj.get("name") or "?"
@@ -706,7 +711,7 @@ def _to_keras3(obj: dict, live) -> dict:
         config = _model_to_keras3(config, live)
     else:
         k3_cls = _keras3_layer_class(obj, name)
-        config = _values_to_keras3(config, live, name, cls)
+        config = _values_to_keras3(config, name, cls)
         if cls == "InputLayer":
             config["batch_shape"] = config.pop("batch_input_shape", None)
         for new, old in _RENAMED.get(cls, {}).items():
@@ -800,9 +805,10 @@ def _keras3_layer_class(obj: dict, name: str):
     return k3_cls
 
 
-def _values_to_keras3(value: Any, live, layer: str, cls: str) -> Any:
+def _values_to_keras3(value: Any, layer: str, cls: str) -> Any:
+    """Nested config values: tf_keras' mixed-precision policies become names, wrapped layers are translated."""
     if isinstance(value, list):
-        return [_values_to_keras3(item, live, layer, cls) for item in value]
+        return [_values_to_keras3(item, layer, cls) for item in value]
     if not isinstance(value, dict):
         return value
     if "class_name" in value and "config" in value:
@@ -810,7 +816,7 @@ def _values_to_keras3(value: Any, live, layer: str, cls: str) -> Any:
             return value["config"]["name"]
         if (value.get("module") or "") == "keras.layers":
             return _to_keras3(value, None)
-    return {key: _values_to_keras3(item, live, layer, cls) for key, item in value.items()}
+    return {key: _values_to_keras3(item, layer, cls) for key, item in value.items()}
 
 
 def _node_to_keras3(node, layer: str, cls: str) -> dict:
