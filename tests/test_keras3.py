@@ -251,6 +251,7 @@ def test_what_cannot_be_converted_is_refused_in_one_line(zoo, name, unsafe, mess
     assert "\n" not in refused.value.one_line()
 
 
+@pytest.mark.slow
 def test_a_pruned_keras3_model_is_saved_for_keras3_with_the_predictions_kfopt_measured(zoo, tmp_path):
     import kfopt
     from kfopt.data import load_data
