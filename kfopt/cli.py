@@ -388,7 +388,7 @@ def _search_bound_options(command):
 
 
 def _cluster_options(command):
-    """--image, --accelerator-image, --placement, --parallelism: how the pipeline is compiled for a cluster."""
+    """--image, --accelerator-image, --placement, --parallelism, --mlflow-secret: how the pipeline is compiled for a cluster."""
     from .components import DEFAULT_IMAGE
 
     for option in reversed(
@@ -411,6 +411,12 @@ def _cluster_options(command):
                 show_default=True,
                 type=click.IntRange(0),
                 help="Most recipes optimized at once per node pool (0 = no limit).",
+            ),
+            click.option(
+                "--mlflow-secret",
+                default=None,
+                help="Kubernetes Secret, in the namespace the steps run in, with the MLflow login of the steps that "
+                "talk to MLflow: its keys username and password become MLFLOW_TRACKING_USERNAME/PASSWORD.",
             ),
         ]
     ):
@@ -757,7 +763,7 @@ def search_(
 @_rounds_option
 @_cluster_options
 @_handle_errors
-def compile_(output, search, rounds, image, accelerator_image, placement, parallelism) -> None:
+def compile_(output, search, rounds, image, accelerator_image, placement, parallelism, mlflow_secret) -> None:
     """Compile the optimize-and-promote pipeline for a Kubeflow cluster.
 
     The round-1 recipes and the number of refinement rounds are fixed in the
@@ -776,6 +782,7 @@ def compile_(output, search, rounds, image, accelerator_image, placement, parall
         accelerator_image=accelerator_image,
         placement=placement,
         parallelism=parallelism,
+        mlflow_secret=mlflow_secret,
     )
     click.echo(summary["description"])
 
@@ -828,6 +835,7 @@ def submit(
     accelerator_image,
     placement,
     parallelism,
+    mlflow_secret,
 ) -> None:
     """Compile the pipeline, upload it to Kubeflow Pipelines and start a run; print the run's URL."""
     import tempfile
@@ -854,6 +862,7 @@ def submit(
             accelerator_image=accelerator_image,
             placement=placement,
             parallelism=parallelism,
+            mlflow_secret=mlflow_secret,
         )
         click.echo(summary["description"], err=True)
         arguments = {

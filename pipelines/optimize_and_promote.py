@@ -42,6 +42,12 @@ DESCRIPTION = (
 #: Retries of the MLflow step: the tracking server may be briefly unreachable.
 PROMOTE_RETRIES = 3
 
+#: The image's non-root user (Dockerfile: `useradd --uid 1000 kfopt`); step containers run as it on a cluster.
+STEP_USER = 1000
+
+#: Keys of an MLflow login Secret, and the variables MLflow's client reads them from (basic auth).
+MLFLOW_SECRET_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
+
 
 def build_pipeline(
     recipes: "str | list | None" = None,
@@ -53,6 +59,8 @@ def build_pipeline(
     parallelism: int = 0,
     promote_retries: int = PROMOTE_RETRIES,
     registry=None,
+    mlflow_secret: "str | None" = None,
+    run_as_user: "int | None" = None,
 ):
     """Build the pipeline for a search space.
 
@@ -68,6 +76,9 @@ def build_pipeline(
         parallelism: Most recipes optimized at once per pool (0 = no limit).
         promote_retries: Retries of the MLflow step (with exponential backoff from 30 s).
         registry: Techniques to plan with (default: the installed plugins).
+        mlflow_secret: Kubernetes Secret whose ``username``/``password`` the steps that talk to MLflow
+            (those taking a ``tracking_uri``) get as MLFLOW_TRACKING_USERNAME/PASSWORD (kfp-kubernetes).
+        run_as_user: UID (and GID) every step container runs as, with runAsNonRoot; None leaves it to the image.
 
     Returns:
         The ``@dsl.pipeline`` function ``optimize_and_promote``.
@@ -86,7 +97,7 @@ def build_pipeline(
     def place(task, trains: bool):
         if placement is not None:
             apply_pool(task, placement.pool_for(trains))
-        return task
+        return _secure(task, mlflow_secret, run_as_user)
 
     def items(group: list[SearchRecipe]) -> list[str]:
         # JSON strings: kfp.local and the compiler handle string loop items most reliably.
@@ -210,6 +221,19 @@ def build_pipeline(
         return outputs(results=results, report=report.outputs["report"], registered_model=promote.outputs["Output"])
 
     return optimize_and_promote
+
+
+def _secure(task, mlflow_secret: "str | None", run_as_user: "int | None"):
+    """The MLflow login for a step that talks to MLflow (it takes a tracking_uri), and a non-root user."""
+    if not mlflow_secret and run_as_user is None:
+        return task
+    from kfp import kubernetes
+
+    if mlflow_secret and "tracking_uri" in (task.component_spec.inputs or {}):
+        kubernetes.use_secret_as_env(task, secret_name=mlflow_secret, secret_key_to_env=MLFLOW_SECRET_KEYS)
+    if run_as_user is not None:
+        kubernetes.set_security_context(task, run_as_user=run_as_user, run_as_group=run_as_user, run_as_non_root=True)
+    return task
 
 
 def _planned(recipes) -> bool:

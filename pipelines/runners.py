@@ -37,6 +37,8 @@ SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 _TASK_LINE = re.compile(r"Task .*'(?P<task>[^']+)'.* finished with status .*(?P<status>SUCCESS|FAILURE)")
 #: Steps that run once per recipe: their progress is the candidate line, not the task line.
 _PER_RECIPE = re.compile(r"^(optimize|evaluate)(-\d+)?$")
+#: A Kubernetes object name (DNS-1123 subdomain), like the Secret --mlflow-secret names.
+_K8S_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def run_local(
@@ -274,13 +276,24 @@ def compile_for_cluster(
     accelerator_image: str | None = None,
     placement: str | os.PathLike | None = None,
     parallelism: int = 0,
+    mlflow_secret: str | None = None,
 ) -> dict:
-    """Compile the pipeline with node-pool placement; return a summary (and a one-paragraph ``description``)."""
+    """Compile the pipeline with node-pool placement; return a summary (and a one-paragraph ``description``).
+
+    Step containers run as the image's non-root user; with ``mlflow_secret`` the steps that talk to
+    MLflow log in with that Kubernetes Secret's ``username`` and ``password``.
+    """
     from kfopt.components import DEFAULT_IMAGE
     from kfopt.recipe_search import load_search, split_by_pool
 
-    from .optimize_and_promote import compile_pipeline
+    from .optimize_and_promote import STEP_USER, compile_pipeline
     from .placement import load_placement
+
+    if mlflow_secret is not None and not _K8S_NAME.fullmatch(mlflow_secret):
+        raise KfoptError(
+            f"--mlflow-secret '{mlflow_secret}' is not a Kubernetes Secret name.",
+            "use lowercase letters, digits, '-' and '.' (at most 253), e.g. mlflow-login.",
+        )
 
     recipes = load_search(search)
     pools = load_placement(placement)
@@ -295,6 +308,8 @@ def compile_for_cluster(
         accelerator_image=accelerator_image,
         placement=pools,
         parallelism=parallelism,
+        mlflow_secret=mlflow_secret,
+        run_as_user=STEP_USER,
     )
     training, post_training = split_by_pool(recipes)
     accelerator = pools.accelerator.accelerator if pools.accelerator else None
@@ -312,6 +327,8 @@ def compile_for_cluster(
         + (", ".join(r.label for r in post_training) or "none"),
         f"  {rounds} refinement round{'s' if rounds != 1 else ''} after round 1"
         + (f", proposed recipes on the {pool}" if rounds else ""),
+        f"  steps run as uid {STEP_USER} (non-root); MLflow login: "
+        + (f"Secret {mlflow_secret} (username, password)" if mlflow_secret else "none (--mlflow-secret)"),
     ]
     description = "\n".join(lines)
     return {
@@ -321,6 +338,7 @@ def compile_for_cluster(
         "cpu_recipes": [r.label for r in post_training],
         "rounds": rounds,
         "placement": pools.source,
+        "mlflow_secret": mlflow_secret,
         "description": description,
     }
 
