@@ -23,7 +23,6 @@ where validation came from and how many samples each split has.
 from __future__ import annotations
 
 import importlib
-import io
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -344,13 +343,24 @@ def _digits_as(images: np.ndarray, input_shape: tuple | None) -> np.ndarray:
 
 def _read_npz(uri: str) -> dict[str, np.ndarray]:
     from . import _tf
+    from .limits import check_npz
 
     tf = _tf.tf()
-    if not tf.io.gfile.exists(uri):
+    try:
+        exists = tf.io.gfile.exists(uri)
+    except tf.errors.UnimplementedError:
+        scheme = uri.split("://", 1)[0]
+        raise KfoptError(
+            f"Data file '{uri}': tf.io.gfile cannot read {scheme}:// URIs (no file system for that scheme).",
+            "download it first (e.g. curl -o data.npz URL) and pass the local path.",
+        ) from None
+    if not exists:
         raise KfoptError(f"Data file '{uri}' does not exist.", "check the path or URI.")
     try:
         with tf.io.gfile.GFile(uri, "rb") as f:
-            arrays = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            # Sizes from the zip and .npy headers first: nothing is allocated for a file over the limit.
+            check_npz(f, f"Data file '{uri}'")
+            arrays = np.load(f, allow_pickle=False)
             return _checked_arrays({k: arrays[k] for k in arrays.files}, f"Data file '{uri}'")
     except KfoptError:
         raise

@@ -82,15 +82,9 @@ def parse_recipe(text: str | Recipe | dict | list) -> Recipe:
                 f"Recipe file '{text}' does not exist.",
                 "check the path, or write the recipe inline, e.g. 'prune>quantize(mode=int8)'.",
             )
-        import yaml
+        from .limits import load_yaml
 
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise KfoptError(
-                f"Recipe file '{text}' is not valid YAML ({str(exc).splitlines()[0]}).", "fix the YAML syntax."
-            ) from None
-        return _from_data(data, text)
+        return _from_data(load_yaml(path, "Recipe file"), text)
     return _inline(text)
 
 

@@ -96,19 +96,14 @@ def split_by_pool(recipes: list[SearchRecipe]) -> tuple[list[SearchRecipe], list
 
 
 def _read(source) -> list:
-    import yaml
+    from ..limits import load_yaml
 
     path = default_search_path() if source is None else Path(source)
     if not path.is_file():
         raise KfoptError(
             f"Search file '{path}' does not exist.", "check the path, or leave out --search to use the built-in search."
         )
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise KfoptError(
-            f"Search file '{path}' is not valid YAML ({str(exc).splitlines()[0]}).", "fix the YAML syntax."
-        ) from None
+    return load_yaml(path, "Search file")
 
 
 def _inline(text: str) -> Recipe:
