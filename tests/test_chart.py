@@ -5,11 +5,14 @@ shared library, a dev dependency), so no binary is needed. Every rendered docume
 checked against Kubernetes' own JSON schemas (kubernetes-validate, offline, strict: an
 unknown field is an error) for the oldest and the newest Kubernetes the chart supports,
 plus a few rules those schemas do not carry. The placement ConfigMap is loaded back with
-kfopt's own load_placement and compiled into a pipeline.
+kfopt's own load_placement and compiled into a pipeline. The chart's MLflow launcher runs
+for real: the schema migration on an old database, and a server that asks for a login.
+The image's constraints.txt is checked against the versions kfopt is tested with.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -56,8 +59,8 @@ class _SdkEngine:
         self.helm = helm_python
         self.name = f"helm-python-sdk (Helm SDK {helm_python.helm_sdk_version()})"
 
-    def render(self, values: dict) -> tuple[dict[str, str], str]:
-        with self.helm.Chart.load(str(CHART)) as chart:
+    def render(self, values: dict, chart_dir: Path = CHART) -> tuple[dict[str, str], str]:
+        with self.helm.Chart.load(str(chart_dir)) as chart:
             try:
                 files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
             except self.helm.HelmError as exc:
@@ -88,8 +91,8 @@ class _BinaryEngine:
                 [self.path, *args, "--namespace", NAMESPACE, "-f", str(path)], capture_output=True, text=True
             )
 
-    def render(self, values: dict) -> tuple[dict[str, str], str]:
-        done = self._run("template", RELEASE, str(CHART), values=values)
+    def render(self, values: dict, chart_dir: Path = CHART) -> tuple[dict[str, str], str]:
+        done = self._run("template", RELEASE, str(chart_dir), values=values)
         if done.returncode:
             raise HelmFailed(done.stderr.strip())
         files: dict[str, str] = {}
@@ -97,7 +100,7 @@ class _BinaryEngine:
             source = re.search(r"^# Source: (\S+)", part, flags=re.M)
             if source:
                 files[source[1]] = files.get(source[1], "") + "\n---\n" + part
-        installed = self._run("install", RELEASE, str(CHART), "--dry-run=client", values=values)
+        installed = self._run("install", RELEASE, str(chart_dir), "--dry-run=client", values=values)
         notes = installed.stdout.split("NOTES:", 1)[1] if "NOTES:" in installed.stdout else ""
         return files, notes
 
@@ -135,7 +138,7 @@ class Rendered:
         return found[0]
 
     def placement_file(self) -> str:
-        return self.one("ConfigMap")["data"]["placement.yaml"]
+        return self.one("ConfigMap", f"{FULLNAME}-config")["data"]["placement.yaml"]
 
     def pod_specs(self) -> dict[str, dict]:
         """Every pod template: by 'Kind/name'."""
@@ -155,6 +158,14 @@ def render(values: dict | None = None) -> Rendered:
     return Rendered(*ENGINE.render(copy.deepcopy(values or {})))
 
 
+def render_without_schema(values: dict, tmp_path: Path) -> Rendered:
+    """Render as `helm install --skip-schema-validation` does: the templates must hold the line alone."""
+    chart_dir = tmp_path / "kfopt"
+    shutil.copytree(CHART, chart_dir)
+    (chart_dir / "values.schema.json").unlink()
+    return Rendered(*ENGINE.render(copy.deepcopy(values), chart_dir))
+
+
 def example(name: str) -> dict:
     return yaml.safe_load((CHART / "examples" / name).read_text())
 
@@ -167,16 +178,26 @@ def env(c: dict) -> dict:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
 
 
+DIGEST = "sha256:" + "0123456789abcdef" * 4
 EVERYTHING = {  # every optional resource of the chart at once
     "schedule": {"enabled": True},
     "rbac": {"create": True},
+    "image": {"digest": DIGEST},
     "pipeline": {
+        "mlflowSecret": "mlflow-login",
         "search": [
             "quantize(mode=int8)",
             {"name": "student", "steps": [{"distill": {"width": 0.5}}, "quantize(mode=int8)"]},
-        ]
+        ],
     },
-    "mlflow": {"ingress": {"enabled": True, "tlsSecretName": "tls"}, "networkPolicy": {"enabled": True}},
+    "mlflow": {
+        "ingress": {"enabled": True, "tlsSecretName": "tls"},
+        "networkPolicy": {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "nginx"}}}]},
+        "metrics": {"enabled": True, "serviceMonitor": {"enabled": True, "basicAuthSecret": "mlflow-prometheus"}},
+        "podDisruptionBudget": {"enabled": True, "minAvailable": 0},
+        "env": {"AZURE_STORAGE_CONNECTION_STRING": {"secretKeyRef": {"name": "azure", "key": "connection-string"}}},
+        "envFrom": [{"secretRef": {"name": "mlflow-extra"}}],
+    },
 }
 POSTGRES_S3 = {
     "mlflow": {
@@ -203,6 +224,9 @@ POSTGRES_S3 = {
 #: Fields each kind needs beyond what its JSON schema requires (the schemas leave most optional).
 REQUIRED = {
     "ConfigMap": ["data"],
+    "Secret": ["data"],
+    "PodDisruptionBudget": ["spec.selector.matchLabels"],
+    "ServiceMonitor": ["spec.selector.matchLabels", "spec.endpoints"],
     "ServiceAccount": [],
     "Service": ["spec.selector", "spec.ports"],
     "Deployment": ["spec.selector.matchLabels", "spec.template.metadata.labels", "spec.template.spec.containers"],
@@ -218,8 +242,41 @@ REQUIRED = {
     "Role": ["rules"],
     "RoleBinding": ["roleRef", "subjects"],
 }
+#: Kinds of CRDs (the Prometheus Operator's): no schema in kubernetes-validate; their fields are asserted by the tests.
+CUSTOM_KINDS = {"ServiceMonitor"}
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 KUBERNETES = ["1.25", "latest"]  # Chart.yaml's kubeVersion floor, and the newest schemas shipped
+
+
+def annotations(doc: dict) -> dict:
+    return doc["metadata"].get("annotations") or {}
+
+
+def hook_weight(doc: dict) -> int:
+    return int(annotations(doc).get("helm.sh/hook-weight", "0"))
+
+
+def check_pre_install_hooks(rendered: Rendered) -> None:
+    """A pre-install hook runs before any other object of the release exists: it may only use hooks before it."""
+    for hook in rendered.docs:
+        if "pre-install" not in annotations(hook).get("helm.sh/hook", "").split(","):
+            continue
+        earlier = {
+            (d["kind"], d["metadata"]["name"])
+            for d in rendered.docs
+            if "pre-install" in annotations(d).get("helm.sh/hook", "") and hook_weight(d) < hook_weight(hook)
+        }
+        if hook["kind"] != "Job":
+            continue
+        pod = hook["spec"]["template"]["spec"]
+        where = f"Job/{hook['metadata']['name']}"
+        for volume in pod.get("volumes", []):
+            if "configMap" in volume:
+                assert ("ConfigMap", volume["configMap"]["name"]) in earlier, (
+                    f"{where}: its ConfigMap does not exist yet"
+                )
+        account = pod.get("serviceAccountName")
+        assert account is None or ("ServiceAccount", account) not in rendered.kinds(), f"{where}: SA not created yet"
 
 
 def dig(doc: dict, path: str):
@@ -241,6 +298,8 @@ def check_kubernetes_objects(rendered: Rendered, existing_claims=()) -> None:
         assert DNS_1123.match(name) and len(name) <= 63, f"{where}: not a DNS-1123 label"
         for field in REQUIRED[doc["kind"]]:
             assert dig(doc, field), f"{where}: {field} is empty"
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
         for version in KUBERNETES:
             version = kubernetes_validate.latest_version() if version == "latest" else version
             try:
@@ -262,6 +321,7 @@ def check_kubernetes_objects(rendered: Rendered, existing_claims=()) -> None:
             if "persistentVolumeClaim" in volume:
                 claim = volume["persistentVolumeClaim"]["claimName"]
                 assert claim in claims or claim in existing_claims, f"{where}: no PVC {claim}"
+    check_pre_install_hooks(rendered)
     for deployment in rendered.all("Deployment"):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -283,8 +343,10 @@ def test_default_install_renders_mlflow_and_the_registration_hook():
     assert rendered.kinds() == {
         ("ServiceAccount", FULLNAME),
         ("ConfigMap", f"{FULLNAME}-config"),
+        ("Secret", f"{FULLNAME}-mlflow-auth"),
         ("Deployment", f"{FULLNAME}-mlflow"),
         ("Service", f"{FULLNAME}-mlflow"),
+        ("NetworkPolicy", f"{FULLNAME}-mlflow"),
         ("PersistentVolumeClaim", f"{FULLNAME}-mlflow-db"),
         ("PersistentVolumeClaim", f"{FULLNAME}-mlflow-artifacts"),
         ("Job", f"{FULLNAME}-register"),
@@ -294,6 +356,7 @@ def test_default_install_renders_mlflow_and_the_registration_hook():
     args = mlflow["args"]
     assert mlflow["command"] == ["python3", "/etc/kfopt/serve-mlflow.py"]
     assert args[args.index("--artifacts-destination") + 1] == "/artifacts" and "--serve-artifacts" in args
+    assert args[args.index("--app-name") + 1] == "basic-auth"  # a login by default
     assert env(mlflow)["MLFLOW_BACKEND_STORE_URI"] == "sqlite:////data/mlflow.db"
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert mlflow[probe]["httpGet"] == {"path": "/health", "port": "http"}
@@ -322,14 +385,17 @@ def test_every_optional_resource_renders_valid_kubernetes_objects(tmp_path):
     from kfopt.recipe_search import load_search
 
     rendered = render(EVERYTHING)
-    (tmp_path / "search.yaml").write_text(rendered.one("ConfigMap")["data"]["search.yaml"])
+    (tmp_path / "search.yaml").write_text(rendered.one("ConfigMap", f"{FULLNAME}-config")["data"]["search.yaml"])
     assert [r.label for r in load_search(tmp_path / "search.yaml")] == ["quantize(mode=int8)", "student"]
     assert {kind for kind, _ in rendered.kinds()} == {
         "ServiceAccount",
         "ConfigMap",
+        "Secret",
         "Deployment",
         "Service",
         "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
         "Job",
         "CronJob",
         "Ingress",
@@ -338,6 +404,7 @@ def test_every_optional_resource_renders_valid_kubernetes_objects(tmp_path):
         "RoleBinding",
     }
     check_kubernetes_objects(rendered)
+    check_kubernetes_objects(render(POSTGRES_S3 | {"mlflow": {**POSTGRES_S3["mlflow"], **EVERYTHING["mlflow"]}}))
 
 
 def test_external_mlflow_deploys_no_server_and_the_runs_log_there():
@@ -349,8 +416,11 @@ def test_external_mlflow_deploys_no_server_and_the_runs_log_there():
         "PersistentVolumeClaim",
         "Ingress",
         "NetworkPolicy",
+        "Secret",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
     }
-    assert "serve-mlflow.py" not in rendered.one("ConfigMap")["data"]
+    assert "serve-mlflow.py" not in rendered.one("ConfigMap", f"{FULLNAME}-config")["data"]
     args = container(rendered.pod_specs()[f"CronJob/{FULLNAME}-schedule"], "submit")["args"]
     assert args[args.index("--tracking-uri") + 1] == uri
     assert f"existing tracking server {uri}" in rendered.notes and f"tracking_uri = {uri}" in rendered.notes
@@ -382,6 +452,9 @@ def test_postgresql_and_s3_take_credentials_from_existing_secrets_only():
             if re.search(r"PASSWORD|SECRET|TOKEN$|KEY_ID", e["name"]):
                 assert "valueFrom" in e, e
     assert "@pg.db.svc" not in yaml.safe_dump_all(rendered.docs)  # no connection URI anywhere in the manifests
+    assert env(mlflow)["KFOPT_AUTH_CONFIG"] == "/etc/kfopt/basic_auth.ini"  # users in the same PostgreSQL server
+    ini = rendered.one("ConfigMap", f"{FULLNAME}-config")["data"]["basic_auth.ini"]
+    assert re.search(r"^database_uri =$", ini, flags=re.M)  # filled in at start, from the Secret
 
 
 def test_gcs_and_unproxied_artifact_stores():
@@ -488,7 +561,9 @@ def test_the_registration_hook_compiles_with_the_configmap_and_publishes_with_th
         "--parallelism": "4",
         "--rounds": "2",
     }
-    assert yaml.safe_load(rendered.one("ConfigMap")["data"]["search.yaml"]) == ["quantize(mode=int8)"]
+    assert yaml.safe_load(rendered.one("ConfigMap", f"{FULLNAME}-config")["data"]["search.yaml"]) == [
+        "quantize(mode=int8)"
+    ]
     publish = container(pod, "publish")
     assert publish["args"] == [
         "publish",
@@ -527,7 +602,8 @@ def test_the_schedule_runs_kfopt_submit_with_the_run_arguments():
                     "objective": "latency",
                     "registeredModel": "resnet",
                 },
-            }
+            },
+            "pipeline": {"mlflowSecret": "mlflow-login"},
         }
     )
     cron = rendered.one("CronJob")
@@ -542,6 +618,7 @@ def test_the_schedule_runs_kfopt_submit_with_the_run_arguments():
         and options["--max-accuracy-drop"] == "0.005"
     )
     assert options["--objective"] == "latency" and options["--registered-model"] == "resnet"
+    assert options["--mlflow-secret"] == "mlflow-login"
     assert options["--tracking-uri"] == f"http://{FULLNAME}-mlflow.{NAMESPACE}.svc.cluster.local:5000"
     assert options["--placement"] == "/etc/kfopt/placement.yaml" and options["--host"].startswith(
         "http://ml-pipeline.kubeflow"
@@ -551,18 +628,31 @@ def test_the_schedule_runs_kfopt_submit_with_the_run_arguments():
     assert all(option in result.output for option in options)
 
 
-def test_network_policy_admits_the_release_and_the_configured_peers():
-    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow-user"}}}
-    rendered = render({"mlflow": {"networkPolicy": {"enabled": True, "from": [peer]}}})
-    policy = rendered.one("NetworkPolicy")
-    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "mlflow"
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    rule = policy["spec"]["ingress"][0]
-    assert rule["from"][0] == {
+def namespace_peer(name: str) -> dict:
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+
+def test_network_policy_is_on_by_default_and_admits_only_the_release_and_the_pipeline_namespace():
+    release = {
         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kfopt", "app.kubernetes.io/instance": RELEASE}}
     }
-    assert rule["from"][1] == peer and rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    policy = render().one("NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "mlflow"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    # The chart's own Jobs and scheduled runs, and standalone KFP's namespace, where its steps run.
+    assert rule["from"] == [release, namespace_peer("kubeflow")]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    # Multi-user Kubeflow: the profile namespace; more peers (an ingress controller) only when listed.
+    nginx = namespace_peer("ingress-nginx")
+    rendered = render({"kfp": {"namespace": "team-a"}, "mlflow": {"networkPolicy": {"from": [nginx]}}})
+    assert rendered.one("NetworkPolicy")["spec"]["ingress"][0]["from"] == [release, namespace_peer("team-a"), nginx]
     check_kubernetes_objects(rendered)
+    pinned = render({"mlflow": {"networkPolicy": {"pipelineNamespace": "pipelines"}}}).one("NetworkPolicy")
+    assert pinned["spec"]["ingress"][0]["from"][1] == namespace_peer("pipelines")
+    assert not render({"mlflow": {"networkPolicy": {"enabled": False}}}).all("NetworkPolicy")
+    notes = render({"mlflow": {"ingress": {"enabled": True}}}).notes
+    assert "the Ingress cannot reach the server until your ingress controller's namespace is in" in notes
 
 
 def test_ingress_host_is_an_allowed_host_of_the_server():
@@ -574,6 +664,282 @@ def test_ingress_host_is_an_allowed_host_of_the_server():
     args = container(rendered.one("Deployment")["spec"]["template"]["spec"], "mlflow")["args"]
     assert "mlflow.corp.example" in args[args.index("--allowed-hosts") + 1].split(",")
     assert "http://mlflow.corp.example/" in rendered.notes
+
+
+# -- secure by default: a login, secrets only from Secrets ---------------------------------------------------
+def secret_ref(value) -> tuple[str, str] | None:
+    return (value["secretKeyRef"]["name"], value["secretKeyRef"]["key"]) if isinstance(value, dict) else None
+
+
+def test_the_server_asks_for_a_login_by_default_with_an_admin_from_a_generated_secret():
+    rendered = render()
+    mlflow = container(rendered.one("Deployment")["spec"]["template"]["spec"], "mlflow")
+    assert mlflow["args"][mlflow["args"].index("--app-name") + 1] == "basic-auth"
+    variables = env(mlflow)
+    secret = f"{FULLNAME}-mlflow-auth"
+    assert secret_ref(variables["MLFLOW_AUTH_ADMIN_USERNAME"]) == (secret, "username")
+    assert secret_ref(variables["MLFLOW_AUTH_ADMIN_PASSWORD"]) == (secret, "password")
+    assert secret_ref(variables["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == (secret, "flask-secret-key")
+    assert variables["KFOPT_AUTH_CONFIG"] == "/etc/kfopt/basic_auth.ini"
+    generated = rendered.one("Secret")
+    assert generated["metadata"]["name"] == secret and set(generated["data"]) == {
+        "username",
+        "password",
+        "flask-secret-key",
+    }
+    assert base64.b64decode(generated["data"]["username"]) == b"admin"
+    assert len(base64.b64decode(generated["data"]["password"])) >= 12  # MLflow's minimum
+    # Kept across upgrades (the template looks it up) and past uninstall: MLflow takes the password only once.
+    assert annotations(generated)["helm.sh/resource-policy"] == "keep"
+    assert "lookup" in (CHART / "templates" / "mlflow-auth-secret.yaml").read_text()
+    ini = rendered.one("ConfigMap", f"{FULLNAME}-config")["data"]["basic_auth.ini"]
+    assert "default_permission = READ" in ini and "database_uri = sqlite:////data/basic_auth.db" in ini
+    assert "admin_password" not in ini and "password" not in ini.replace("default_permission", "")
+    assert f"get secret {secret}" in rendered.notes and "Every request needs a login" in rendered.notes
+    assert "pipeline.mlflowSecret is not set" in rendered.notes  # and the notes say how to give the steps one
+
+
+def test_an_existing_admin_secret_is_used_as_is_and_auth_can_be_turned_off():
+    rendered = render({"mlflow": {"auth": {"existingSecret": "mlflow-admin", "passwordKey": "pw"}}})
+    mlflow = container(rendered.one("Deployment")["spec"]["template"]["spec"], "mlflow")
+    assert secret_ref(env(mlflow)["MLFLOW_AUTH_ADMIN_PASSWORD"]) == ("mlflow-admin", "pw")
+    assert secret_ref(env(mlflow)["MLFLOW_AUTH_ADMIN_USERNAME"]) == ("mlflow-admin", "username")
+    assert set(rendered.one("Secret")["data"]) == {"flask-secret-key"}  # the chart generates only what it must
+    off = render({"mlflow": {"auth": {"enabled": False}}})
+    mlflow = container(off.one("Deployment")["spec"]["template"]["spec"], "mlflow")
+    assert "--app-name" not in mlflow["args"] and not off.all("Secret")
+    assert (
+        "MLFLOW_AUTH_ADMIN_PASSWORD" not in env(mlflow)
+        and "basic_auth.ini" not in off.one("ConfigMap", f"{FULLNAME}-config")["data"]
+    )
+    assert "anyone who reaches the server can register models and move `champion`" in off.notes
+
+
+def test_server_env_takes_secret_refs_and_env_from_secrets():
+    rendered = render(EVERYTHING)
+    mlflow = container(rendered.one("Deployment")["spec"]["template"]["spec"], "mlflow")
+    assert secret_ref(env(mlflow)["AZURE_STORAGE_CONNECTION_STRING"]) == ("azure", "connection-string")
+    assert mlflow["envFrom"] == [{"secretRef": {"name": "mlflow-extra"}}]
+    assert env(mlflow)["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # plain values stay plain
+
+
+@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "api_token", "GCS_KEY"])
+def test_a_plain_credential_is_refused_even_without_the_schema(name, tmp_path):
+    with pytest.raises(HelmFailed, match=rf"mlflow.env.{name} looks like a credential and must not be a plain value"):
+        render_without_schema({"mlflow": {"env": {name: "x"}}}, tmp_path)
+
+
+def rendered_text(rendered: Rendered) -> str:
+    return yaml.safe_dump_all(rendered.docs) + rendered.notes
+
+
+def test_no_credential_of_an_external_uri_reaches_any_argument_or_the_notes(tmp_path):
+    uri = "https://bob:hunter2-secret@mlflow.example.com:8443/mlflow"
+    values = {"mlflow": {"external": {"uri": uri}}, "schedule": {"enabled": True}}
+    with pytest.raises(HelmFailed, match="at '/mlflow/external/uri'"):
+        render(values)  # the schema refuses it: a login in values is a secret in plain text
+    # Past the schema (helm install --skip-schema-validation), the templates drop the login themselves.
+    rendered = render_without_schema(values, tmp_path)
+    text = rendered_text(rendered)
+    assert "hunter2" not in text and "bob" not in text
+    stripped = "https://mlflow.example.com:8443/mlflow"
+    args = container(rendered.pod_specs()[f"CronJob/{FULLNAME}-schedule"], "submit")["args"]
+    assert args[args.index("--tracking-uri") + 1] == stripped
+    assert (
+        f"tracking_uri = {stripped}" in rendered.notes
+        and "the login in mlflow.external.uri was dropped" in rendered.notes
+    )
+
+
+def test_no_secret_value_in_any_argument_or_plain_env_of_any_pod():
+    for values in (EVERYTHING, POSTGRES_S3, {"schedule": {"enabled": True}, "pipeline": {"mlflowSecret": "login"}}):
+        rendered = render(values)
+        for where, pod in rendered.pod_specs().items():
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                for arg in c.get("command", []) + c.get("args", []):
+                    assert not re.search(r"://[^/@\s]*:[^/@\s]*@", arg), (where, arg)
+                for e in c.get("env", []):
+                    if re.search(r"PASSWORD|SECRET|TOKEN$|KEY_ID|_KEY$|CREDENTIAL|CONNECTION_STRING", e["name"]):
+                        assert "valueFrom" in e, (where, e)
+
+
+def test_the_pipeline_steps_login_secret_reaches_compile_and_submit():
+    rendered = render({"pipeline": {"mlflowSecret": "mlflow-login"}, "schedule": {"enabled": True}})
+    for where, name in ((f"Job/{FULLNAME}-register", "compile"), (f"CronJob/{FULLNAME}-schedule", "submit")):
+        args = container(rendered.pod_specs()[where], name)["args"]
+        assert args[args.index("--mlflow-secret") + 1] == "mlflow-login", where
+    assert "log in with Secret mlflow-login (keys username, password) in namespace kubeflow" in rendered.notes
+    assert "--mlflow-secret mlflow-login" in rendered.notes
+
+
+def compiled_platform(path: Path) -> tuple[dict, dict]:
+    pipeline, platform = yaml.safe_load_all(path.read_text())
+    return pipeline, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_compile_with_mlflow_secret_gives_the_mlflow_steps_the_login_and_every_step_a_non_root_user(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    result = CliRunner().invoke(main, ["compile", "--output", str(path), "--mlflow-secret", "mlflow-creds"])
+    assert result.exit_code == 0, result.output
+    assert "MLflow login: Secret mlflow-creds" in result.output
+    pipeline, executors = compiled_platform(path)
+    talks_to_mlflow = {
+        pipeline["components"][name]["executorLabel"]
+        for name, component in pipeline["components"].items()
+        if "tracking_uri" in component.get("inputDefinitions", {}).get("parameters", {})
+    }
+    assert "exec-promote" in talks_to_mlflow
+    login = [
+        {
+            "secretName": "mlflow-creds",
+            "secretNameParameter": {"runtimeValue": {"constant": "mlflow-creds"}},
+            "keyToEnv": [
+                {"secretKey": "username", "envVar": "MLFLOW_TRACKING_USERNAME"},
+                {"secretKey": "password", "envVar": "MLFLOW_TRACKING_PASSWORD"},
+            ],
+            "optional": False,
+        }
+    ]
+    for name in pipeline["deploymentSpec"]["executors"]:
+        executor = executors[name]
+        assert (executor.get("secretAsEnv") == login) == (name in talks_to_mlflow), name
+        assert executor["securityContext"] == {"runAsUser": "1000", "runAsGroup": "1000", "runAsNonRoot": True}, name
+    # The login is never a run parameter or in the pipeline spec: only the Secret's name is.
+    assert "MLFLOW_TRACKING_PASSWORD" not in json.dumps(pipeline)
+    result = CliRunner().invoke(main, ["compile", "--output", str(path)])
+    assert result.exit_code == 0 and not any("secretAsEnv" in e for e in compiled_platform(path)[1].values())
+    result = CliRunner().invoke(main, ["compile", "--output", str(path), "--mlflow-secret", "MLflow_Creds"])
+    assert result.exit_code == 2 and "is not a Kubernetes Secret name" in result.output
+    assert "--mlflow-secret" in CliRunner().invoke(main, ["submit", "--help"]).output
+
+
+# -- upgrades: schema migration, disruption budget, metrics, probes, scheduling, pinned images ------------------
+def test_postgresql_migration_is_a_pre_install_pre_upgrade_hook_that_runs_before_the_deployment():
+    rendered = render(POSTGRES_S3)
+    job = rendered.one("Job", f"{FULLNAME}-mlflow-migrate")
+    hooks = annotations(job)
+    assert set(hooks["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
+    assert hooks["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    # Helm applies every pre-* hook, by weight, before the release's other objects: the Deployment is not a
+    # hook, so the schema is upgraded before a new server starts; the Job's launcher comes in an earlier hook.
+    assert "helm.sh/hook" not in annotations(rendered.one("Deployment"))
+    launcher = rendered.one("ConfigMap", f"{FULLNAME}-mlflow-migrate")
+    assert annotations(launcher)["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert hook_weight(launcher) < hook_weight(job)
+    assert launcher["data"]["serve-mlflow.py"] == (CHART / "files" / "serve-mlflow.py").read_text()
+    pod = job["spec"]["template"]["spec"]
+    migrate = container(pod, "migrate")
+    assert migrate["command"] == ["python3", "/etc/kfopt/serve-mlflow.py", "migrate"] and "args" not in migrate
+    assert secret_ref(env(migrate)["KFOPT_DB_PASSWORD"]) == ("mlflow-db", "password")
+    assert env(migrate)["KFOPT_DB_HOST"] == "pg.db.svc"
+    assert "serviceAccountName" not in pod  # the release's ServiceAccount does not exist yet on a first install
+    check_kubernetes_objects(rendered)
+    unmigrated = render(POSTGRES_S3 | {"mlflow": {**POSTGRES_S3["mlflow"], "migration": {"enabled": False}}})
+    assert [j["metadata"]["name"] for j in unmigrated.all("Job")] == [f"{FULLNAME}-register"]
+
+
+def test_sqlite_migration_runs_in_the_server_pod_before_the_server():
+    pod = render().one("Deployment")["spec"]["template"]["spec"]
+    [migrate] = pod["initContainers"]
+    assert migrate["name"] == "migrate" and migrate["command"][-1] == "migrate"
+    assert {m["name"]: m["mountPath"] for m in migrate["volumeMounts"]}["data"] == "/data"
+    assert env(migrate)["MLFLOW_BACKEND_STORE_URI"] == "sqlite:////data/mlflow.db"
+    assert not [j for j in render().all("Job") if "migrate" in j["metadata"]["name"]]
+    assert (
+        "initContainers"
+        not in render({"mlflow": {"migration": {"enabled": False}}}).one("Deployment")["spec"]["template"]["spec"]
+    )
+
+
+def test_a_disruption_budget_guards_several_replicas():
+    assert not render().all("PodDisruptionBudget")  # one replica: a budget would block node drains
+    pdb = render(POSTGRES_S3).one("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "kfopt",
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "mlflow",
+    }
+    off = POSTGRES_S3 | {"mlflow": {**POSTGRES_S3["mlflow"], "podDisruptionBudget": {"enabled": False}}}
+    assert not render(off).all("PodDisruptionBudget")
+    assert render({"mlflow": {"podDisruptionBudget": {"enabled": True, "minAvailable": 0}}}).one("PodDisruptionBudget")
+    # Several replicas prefer different nodes unless an affinity is set.
+    affinity = render(POSTGRES_S3).one("Deployment")["spec"]["template"]["spec"]["affinity"]
+    term = affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_prometheus_metrics_and_the_service_monitor():
+    rendered = render(EVERYTHING)
+    args = container(rendered.one("Deployment")["spec"]["template"]["spec"], "mlflow")["args"]
+    assert args[args.index("--expose-prometheus") + 1] == "/tmp/prometheus"  # an emptyDir
+    monitor = rendered.one("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"] == rendered.one("Service")["spec"]["selector"]
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    assert endpoint["basicAuth"] == {
+        "username": {"name": "mlflow-prometheus", "key": "username"},
+        "password": {"name": "mlflow-prometheus", "key": "password"},
+    }
+    assert (
+        "--expose-prometheus" not in container(render().one("Deployment")["spec"]["template"]["spec"], "mlflow")["args"]
+    )
+
+
+def test_probes_resources_and_scheduling_of_the_server_are_values():
+    values = {
+        "tolerations": [{"key": "pool", "operator": "Exists", "effect": "NoSchedule"}],
+        "mlflow": {
+            "probes": {"readiness": {"periodSeconds": 3, "initialDelaySeconds": 2}, "liveness": {"enabled": False}},
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+            "nodeSelector": {"pool": "system"},
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                        ]
+                    }
+                }
+            },
+        },
+    }
+    rendered = render(values)
+    check_kubernetes_objects(rendered)
+    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
+    mlflow = container(pod, "mlflow")
+    assert mlflow["readinessProbe"] == {
+        "httpGet": {"path": "/health", "port": "http"},
+        "periodSeconds": 3,
+        "initialDelaySeconds": 2,
+        "timeoutSeconds": 5,
+        "failureThreshold": 3,
+    }
+    assert "livenessProbe" not in mlflow and mlflow["startupProbe"]["failureThreshold"] == 60
+    assert mlflow["resources"] == values["mlflow"]["resources"]
+    assert pod["nodeSelector"] == {"pool": "system"} and pod["affinity"] == values["mlflow"]["affinity"]
+    assert pod["tolerations"] == values["tolerations"]  # the chart-wide ones, since the server sets none
+    job = rendered.one("Job")["spec"]["template"]["spec"]
+    assert "nodeSelector" not in job and "affinity" not in job  # the server's own values stay its own
+
+
+def test_images_can_be_pinned_by_digest():
+    rendered = render(EVERYTHING)
+    pinned = f"ghcr.io/kfopt/kfopt:0.1.0@{DIGEST}"
+    for where, pod in rendered.pod_specs().items():
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            assert c["image"] == pinned, (where, c["name"])
+    args = container(rendered.one("Job", f"{FULLNAME}-register")["spec"]["template"]["spec"], "compile")["args"]
+    assert args[args.index("--image") + 1] == pinned  # the pipeline steps too
+    other = render({"image": {"digest": DIGEST}, "mlflow": {"image": {"tag": "0.1.1"}}})
+    assert (
+        container(other.one("Deployment")["spec"]["template"]["spec"], "mlflow")["image"] == "ghcr.io/kfopt/kfopt:0.1.1"
+    )
+    own = {"image": {"repository": "r/mlflow", "digest": DIGEST}}
+    assert container(render({"mlflow": own}).one("Deployment")["spec"]["template"]["spec"], "mlflow")["image"] == (
+        f"r/mlflow:0.1.0@{DIGEST}"
+    )
 
 
 # -- the values schema --------------------------------------------------------------------------------
@@ -606,6 +972,48 @@ def test_ingress_host_is_an_allowed_host_of_the_server():
         ({"mlflow": {"external": {"uri": "mlflow:5000"}}}, "at '/mlflow/external/uri'"),
         ({"podSecurityContext": {"runAsUser": 0}}, "at '/podSecurityContext/runAsUser': minimum: got 0, want 1"),
         ({"mlflow": {"password": "hunter2"}}, "at '/mlflow': additional properties 'password' not allowed"),
+        # Credentials are never plain values: a credential-named variable must be a secretKeyRef ...
+        (
+            {"mlflow": {"env": {"AWS_SECRET_ACCESS_KEY": "x"}}},
+            "at '/mlflow/env/AWS_SECRET_ACCESS_KEY': got string, want object",
+        ),
+        ({"mlflow": {"env": {"MLFLOW_TRACKING_PASSWORD": "x"}}}, "at '/mlflow/env/MLFLOW_TRACKING_PASSWORD': got"),
+        ({"mlflow": {"env": {"DATABRICKS_TOKEN": "x"}}}, "at '/mlflow/env/DATABRICKS_TOKEN': got string, want object"),
+        ({"mlflow": {"env": {"pg_password": 1234}}}, "at '/mlflow/env/pg_password': got number, want object"),
+        (
+            {"mlflow": {"env": {"AWS_ACCESS_KEY_ID": "x"}}},
+            "at '/mlflow/env/AWS_ACCESS_KEY_ID': got string, want object",
+        ),
+        (
+            {"mlflow": {"env": {"AZURE_STORAGE_CONNECTION_STRING": "x"}}},
+            "at '/mlflow/env/AZURE_STORAGE_CONNECTION_STRING': got string",
+        ),
+        (
+            {"mlflow": {"env": {"AWS_SECRET_ACCESS_KEY": {"secretKeyRef": {"name": "s3"}}}}},
+            "at '/mlflow/env/AWS_SECRET_ACCESS_KEY/secretKeyRef': missing property 'key'",
+        ),
+        # ... and no value carries a login in a URI.
+        (
+            {"mlflow": {"env": {"MLFLOW_BACKEND_STORE_URI": "postgresql://u:pw@db/mlflow"}}},
+            "at '/mlflow/env/MLFLOW_BACKEND",
+        ),
+        ({"mlflow": {"extraArgs": ["--backend-store-uri=postgresql://u:pw@db/m"]}}, "at '/mlflow/extraArgs/0'"),
+        ({"mlflow": {"external": {"uri": "https://bob:pw@mlflow.example.com"}}}, "at '/mlflow/external/uri'"),
+        ({"kfp": {"host": "https://bob:pw@kubeflow.example.com"}}, "at '/kfp/host'"),
+        ({"schedule": {"arguments": {"model": "https://bob:pw@host/m.keras"}}}, "at '/schedule/arguments/model'"),
+        ({"pipeline": {"mlflowSecret": "MLflow Login"}}, "at '/pipeline/mlflowSecret'"),
+        ({"image": {"digest": "latest"}}, "at '/image/digest': 'latest' does not match pattern"),
+        (
+            {"mlflow": {"auth": {"defaultPermission": "ALL"}}},
+            "at '/mlflow/auth/defaultPermission': value must be one of",
+        ),
+        (
+            {"mlflow": {"podDisruptionBudget": {"enabled": "yes"}}},
+            "at '/mlflow/podDisruptionBudget/enabled': value must be one of 'auto', true, false",
+        ),
+        ({"mlflow": {"probes": {"liveness": {"periodSeconds": 0}}}}, "at '/mlflow/probes/liveness/periodSeconds'"),
+        ({"mlflow": {"probes": {"liveness": {"path": "/"}}}}, "additional properties 'path' not allowed"),
+        ({"mlflow": {"metrics": {"serviceMonitor": {"interval": "often"}}}}, "at '/mlflow/metrics/serviceMonitor"),
     ],
 )
 def test_schema_rejects_a_wrong_value_with_a_message_that_names_it(values, message):
@@ -639,6 +1047,12 @@ def test_existing_claims_replace_the_chart_claims():
 
 
 def test_template_rules_the_schema_cannot_state():
+    with pytest.raises(HelmFailed, match="needs mlflow.metrics.enabled=true"):
+        render({"mlflow": {"metrics": {"serviceMonitor": {"enabled": True}}}})
+    with pytest.raises(
+        HelmFailed, match="basicAuthSecret is required with mlflow.auth.enabled: /metrics needs a login"
+    ):
+        render({"mlflow": {"metrics": {"enabled": True, "serviceMonitor": {"enabled": True}}}})
     with pytest.raises(HelmFailed, match="accessModes \\[ReadWriteMany\\]"):
         render({"mlflow": {"replicas": 2, "backendStore": POSTGRES_S3["mlflow"]["backendStore"]}})
     rendered = render(
@@ -807,30 +1221,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_mlflow_builds_the_postgres_uri_from_the_environment(tmp_path):
+def test_serve_mlflow_builds_the_postgres_uris_from_the_environment(tmp_path):
     """serve-mlflow.py from the rendered ConfigMap, with a stand-in `mlflow` that records what it got."""
+    config = render(POSTGRES_S3 | {"mlflow": {**POSTGRES_S3["mlflow"], "auth": {"postgresql": {"database": "auth"}}}})
+    data = config.one("ConfigMap", f"{FULLNAME}-config")["data"]
     script = tmp_path / "serve-mlflow.py"
-    script.write_text(render(POSTGRES_S3).one("ConfigMap")["data"]["serve-mlflow.py"])
+    script.write_text(data["serve-mlflow.py"])
+    (tmp_path / "basic_auth.ini").write_text(data["basic_auth.ini"])
     fake = tmp_path / "bin" / "mlflow"
     fake.parent.mkdir()
     fake.write_text(
-        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"#!{sys.executable}\nimport json, os, stat, sys\n"
+        "auth = os.environ.get('MLFLOW_AUTH_CONFIG_PATH')\n"
         f"json.dump({{'argv': sys.argv[1:], 'uri': os.environ.get('MLFLOW_BACKEND_STORE_URI'), "
-        f"'password_left': 'KFOPT_DB_PASSWORD' in os.environ}}, open({str(tmp_path / 'got.json')!r}, 'w'))\n"
+        f"'password_left': 'KFOPT_DB_PASSWORD' in os.environ, 'auth': auth, "
+        f"'auth_mode': stat.S_IMODE(os.stat(auth).st_mode)}}, open({str(tmp_path / 'got.json')!r}, 'w'))\n"
     )
     fake.chmod(0o755)
     environment = {
         **os.environ,
         "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+        "TMPDIR": str(tmp_path),
         "KFOPT_DB_HOST": "pg.db.svc",
         "KFOPT_DB_PORT": "5432",
         "KFOPT_DB_NAME": "mlflow",
         "KFOPT_DB_USER": "ml flow",
         "KFOPT_DB_PASSWORD": "p@ss:w/rd#1%",
         "KFOPT_DB_SSLMODE": "require",
+        "KFOPT_AUTH_CONFIG": str(tmp_path / "basic_auth.ini"),
+        "KFOPT_AUTH_DB_NAME": "auth",
     }
     done = subprocess.run(
-        [sys.executable, str(script), "--host", "0.0.0.0", "--port", "5000"],
+        [sys.executable, str(script), "--host", "0.0.0.0", "--port", "5000", "--app-name", "basic-auth"],
         env=environment,
         capture_output=True,
         text=True,
@@ -838,22 +1260,76 @@ def test_serve_mlflow_builds_the_postgres_uri_from_the_environment(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     got = json.loads((tmp_path / "got.json").read_text())
-    assert got["argv"] == ["server", "--host", "0.0.0.0", "--port", "5000"]
-    assert got["uri"] == "postgresql://ml%20flow:p%40ss%3Aw%2Frd%231%25@pg.db.svc:5432/mlflow?sslmode=require"
+    assert got["argv"] == ["server", "--host", "0.0.0.0", "--port", "5000", "--app-name", "basic-auth"]
+    quoted = "ml%20flow:p%40ss%3Aw%2Frd%231%25@pg.db.svc:5432"
+    assert got["uri"] == f"postgresql://{quoted}/mlflow?sslmode=require"
     assert not got["password_left"]
     assert "p@ss" not in done.stdout + done.stderr  # the password is never printed
+    # The users database: its URI (password and all) only in a private copy of basic_auth.ini, which MLflow
+    # reads with its own config reader.
+    from mlflow.server.auth import config as auth_config
+
+    assert got["auth"].startswith(str(tmp_path)) and got["auth_mode"] == 0o600
+    os.environ["MLFLOW_AUTH_CONFIG_PATH"] = got["auth"]
+    try:
+        read = auth_config.read_auth_config()
+    finally:
+        del os.environ["MLFLOW_AUTH_CONFIG_PATH"]
+    assert read.database_uri == f"postgresql://{quoted}/auth?sslmode=require"
+    assert read.default_permission == "READ" and read.admin_password is None  # the admin comes from a Secret
 
 
 @pytest.mark.slow
-def test_the_chart_command_starts_a_real_mlflow_server_that_answers_on_its_service_name(tmp_path):
-    """The Deployment's command, args and env, run here (paths under tmp_path): /health, and the Host check."""
+def test_serve_mlflow_migrate_upgrades_an_old_schema_that_the_server_would_refuse(tmp_path):
+    """The migration container's command on an MLflow database of an older schema: the server accepts it after."""
+    import sqlalchemy
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.db import utils as db_utils
+
+    rendered = render()
+    [migrate] = rendered.one("Deployment")["spec"]["template"]["spec"]["initContainers"]
+    data = rendered.one("ConfigMap", f"{FULLNAME}-config")["data"]
+    (tmp_path / "serve-mlflow.py").write_text(data["serve-mlflow.py"])
+    (tmp_path / "basic_auth.ini").write_text(
+        data["basic_auth.ini"].replace("sqlite:////data/", f"sqlite:///{tmp_path}/")
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    engine = sqlalchemy.create_engine(uri)
+    db_utils.InitialBase.metadata.create_all(engine)  # the first schema MLflow ever had
+    with pytest.raises(MlflowException, match="Detected out-of-date database schema"):
+        db_utils._verify_schema(engine)  # what `mlflow server` meets after an upgrade without a migration
+    environment = {
+        **os.environ,
+        **{k: v for k, v in env(migrate).items() if isinstance(v, str)},
+        "MLFLOW_BACKEND_STORE_URI": uri,
+        "KFOPT_AUTH_CONFIG": str(tmp_path / "basic_auth.ini"),
+        "TMPDIR": str(tmp_path),
+        "HOME": str(tmp_path),
+    }
+    command = [sys.executable, str(tmp_path / "serve-mlflow.py"), *migrate["command"][2:]]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "database schemas are up to date" in done.stdout
+    db_utils._verify_schema(engine)  # no exception: the schema is at MLflow's head revision
+    tables = sqlalchemy.inspect(sqlalchemy.create_engine(f"sqlite:///{tmp_path}/basic_auth.db")).get_table_names()
+    assert {"users", "alembic_version_auth"} <= set(tables)
+    assert not list(tmp_path.glob("basic_auth-*.ini"))  # the private copy is gone
+    again = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr  # an up-to-date schema: a no-op, every upgrade
+
+
+@pytest.mark.slow
+def test_the_chart_command_starts_a_real_mlflow_server_that_asks_for_a_login(tmp_path):
+    """The Deployment's migrate and server containers, run here (paths under tmp_path; the Secret's values in the
+    environment): /health is open, every API call needs the admin login, and the Host check stays on."""
     port = _free_port()
-    rendered = render({"mlflow": {"port": port, "service": {"port": 5000}}})
-    mlflow = container(rendered.one("Deployment")["spec"]["template"]["spec"], "mlflow")
-    (tmp_path / "serve-mlflow.py").write_text(rendered.one("ConfigMap")["data"]["serve-mlflow.py"])
+    rendered = render({"mlflow": {"port": port, "service": {"port": 5000}, "metrics": {"enabled": True}}})
+    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
+    data = rendered.one("ConfigMap", f"{FULLNAME}-config")["data"]
     paths = {
-        "/etc/kfopt/serve-mlflow.py": str(tmp_path / "serve-mlflow.py"),
+        "/etc/kfopt/": f"{tmp_path}/etc/",
         "/artifacts": str(tmp_path / "artifacts"),
+        "/tmp/prometheus": str(tmp_path / "prometheus"),
         "sqlite:////data/": f"sqlite:///{tmp_path}/",
         "0.0.0.0": "127.0.0.1",
     }  # loopback only
@@ -863,52 +1339,76 @@ def test_the_chart_command_starts_a_real_mlflow_server_that_answers_on_its_servi
             text = text.replace(old, new)
         return text
 
-    command = [sys.executable if c == "python3" else local(c) for c in mlflow["command"]] + [
-        local(a) for a in mlflow["args"]
-    ]
-    environment = {
-        **os.environ,
-        **{k: local(v) for k, v in env(mlflow).items() if isinstance(v, str)},
-        "HOME": str(tmp_path),
-        "TMPDIR": str(tmp_path),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    environment.pop("MLFLOW_TRACKING_URI", None)
+    (tmp_path / "etc").mkdir()
+    for name, text in data.items():
+        (tmp_path / "etc" / name).write_text(local(text))
+    secret = {k: base64.b64decode(v).decode() for k, v in rendered.one("Secret")["data"].items()}
+    password = secret["password"]
+
+    def environment_of(c: dict) -> dict:
+        variables = {
+            **os.environ,
+            "HOME": str(tmp_path),
+            "TMPDIR": str(tmp_path),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+        for name, value in env(c).items():
+            variables[name] = local(value) if isinstance(value, str) else secret[value["secretKeyRef"]["key"]]
+        variables.pop("MLFLOW_TRACKING_URI", None)
+        return variables
+
+    def command_of(c: dict) -> list[str]:
+        return [sys.executable if part == "python3" else local(part) for part in c["command"] + c.get("args", [])]
+
+    [migrate] = pod["initContainers"]
+    done = subprocess.run(command_of(migrate), env=environment_of(migrate), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    mlflow = container(pod, "mlflow")
     with open(tmp_path / "server.log", "wb") as log:
         server = subprocess.Popen(
-            command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True
+            command_of(mlflow),
+            env=environment_of(mlflow),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            start_new_session=True,
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while True:
             assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
             assert time.monotonic() < deadline, (
-                "no /health within 90 s: " + (tmp_path / "server.log").read_text()[-2000:]
+                "no /health within 120 s: " + (tmp_path / "server.log").read_text()[-2000:]
             )
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
                     if response.status == 200:
-                        break
+                        break  # the probes' path needs no login
             except OSError:
                 time.sleep(0.2)
 
-        def status(host: str) -> int:
-            request = urllib.request.Request(
-                f"{url}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host}
-            )
+        def status(host: str, path: str = "/api/2.0/mlflow/experiments/search?max_results=1", login=None) -> int:
+            headers = {"Host": host}
+            if login:
+                headers["Authorization"] = "Basic " + base64.b64encode(":".join(login).encode()).decode()
+            request = urllib.request.Request(f"{url}{path}", headers=headers)
             try:
-                with urllib.request.urlopen(request, timeout=10) as response:
+                with urllib.request.urlopen(request, timeout=30) as response:
                     return response.status
             except urllib.error.HTTPError as exc:
                 return exc.code
 
-        assert status(f"{FULLNAME}-mlflow.{NAMESPACE}.svc.cluster.local:5000") == 200  # how pipeline steps reach it
-        assert (
-            status(f"{FULLNAME}-mlflow:5000") == 200 and status("localhost:5000") == 200
-        )  # same namespace; port-forward
-        assert status("attacker.example.com") == 403  # MLflow's DNS-rebinding protection stays on
-        assert (tmp_path / "mlflow.db").is_file()
+        service = f"{FULLNAME}-mlflow.{NAMESPACE}.svc.cluster.local:5000"  # how pipeline steps reach it
+        admin = ("admin", password)
+        assert status(service) == 401  # no login, no access
+        assert status(service, login=("admin", "not-the-password")) == 401
+        assert status(service, login=admin) == 200
+        assert status(f"{FULLNAME}-mlflow:5000", login=admin) == 200 and status("localhost:5000", login=admin) == 200
+        assert status("attacker.example.com", login=admin) == 403  # MLflow's DNS-rebinding protection stays on
+        assert status(service, "/metrics") == 401 and status(service, "/metrics", login=admin) == 200
+        assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "basic_auth.db").is_file()
+        assert password not in (tmp_path / "server.log").read_text()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

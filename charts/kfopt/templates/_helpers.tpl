@@ -50,12 +50,21 @@ app.kubernetes.io/part-of: kfopt
 {{- end -}}
 
 {{/* Images ------------------------------------------------------------------------------ */}}
-{{- define "kfopt.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{/* REPOSITORY:TAG, or REPOSITORY:TAG@DIGEST when a digest pins it (the runtime pulls by digest; the tag is for people). */}}
+{{- define "kfopt.imageRef" -}}
+{{- printf "%s:%s" .repository .tag -}}{{- with .digest }}@{{ . }}{{ end -}}
 {{- end -}}
 
+{{- define "kfopt.image" -}}
+{{- include "kfopt.imageRef" (dict "repository" .Values.image.repository "tag" (default .Chart.AppVersion .Values.image.tag) "digest" .Values.image.digest) -}}
+{{- end -}}
+
+{{/* The server's image: mlflow.image overrides image; image.digest applies only while neither repository nor tag is overridden. */}}
 {{- define "kfopt.mlflowImage" -}}
-{{- printf "%s:%s" (default .Values.image.repository .Values.mlflow.image.repository) (default (default .Chart.AppVersion .Values.image.tag) .Values.mlflow.image.tag) -}}
+{{- $m := .Values.mlflow.image -}}
+{{- $digest := $m.digest -}}
+{{- if and (not $digest) (not $m.repository) (not $m.tag) }}{{ $digest = .Values.image.digest }}{{ end -}}
+{{- include "kfopt.imageRef" (dict "repository" (default .Values.image.repository $m.repository) "tag" (default (default .Chart.AppVersion .Values.image.tag) $m.tag) "digest" $digest) -}}
 {{- end -}}
 
 {{- define "kfopt.stepImage" -}}
@@ -72,16 +81,104 @@ app.kubernetes.io/part-of: kfopt
 {{- if and .Values.mlflow.enabled (not .Values.mlflow.external.uri) -}}true{{- end -}}
 {{- end -}}
 
-{{/* The tracking URI the pipeline uses: the external server, this release's server, or none. */}}
+{{/* The tracking URI the pipeline uses: the external server, this release's server, or none.
+A login never travels in it: userinfo (user:password@) of mlflow.external.uri is dropped here, so it
+reaches no argument, run parameter or NOTES (the schema refuses it; this holds with --skip-schema-validation). */}}
 {{- define "kfopt.trackingUri" -}}
 {{- if .Values.mlflow.external.uri -}}
-{{- .Values.mlflow.external.uri -}}
+{{- include "kfopt.withoutUserinfo" .Values.mlflow.external.uri -}}
 {{- else if .Values.mlflow.enabled -}}
 {{- printf "http://%s.%s.svc.%s:%d" (include "kfopt.mlflowName" .) .Release.Namespace .Values.clusterDomain (int .Values.mlflow.service.port) -}}
 {{- end -}}
 {{- end -}}
 
+{{/* A URI without the userinfo of its authority: scheme://user:password@host/path -> scheme://host/path. */}}
+{{- define "kfopt.withoutUserinfo" -}}
+{{- regexReplaceAll "^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@" . "${1}" -}}
+{{- end -}}
+
+{{/* "true" when the external URI carried a login that kfopt.trackingUri dropped. */}}
+{{- define "kfopt.externalUriHadUserinfo" -}}
+{{- if regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*@" .Values.mlflow.external.uri -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the deployed server asks for a login (MLflow's basic-auth app). */}}
+{{- define "kfopt.authEnabled" -}}
+{{- if and (include "kfopt.mlflowDeployed" .) .Values.mlflow.auth.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret the chart generates: the Flask secret key, and the admin login unless auth.existingSecret holds it. */}}
+{{- define "kfopt.authSecretName" -}}{{ include "kfopt.componentName" (dict "root" . "component" "mlflow-auth") }}{{- end -}}
+
+{{/* The Secret holding the admin login: auth.existingSecret, else the generated one. */}}
+{{- define "kfopt.adminSecretName" -}}
+{{- default (include "kfopt.authSecretName" .) .Values.mlflow.auth.existingSecret -}}
+{{- end -}}
+
+{{/* Where the server's and the migration's PostgreSQL URIs come from (serve-mlflow.py builds them; no password in the spec). */}}
+{{- define "kfopt.databaseEnv" -}}
+{{- $m := .Values.mlflow -}}
+{{- if eq $m.backendStore.type "sqlite" }}
+- name: MLFLOW_BACKEND_STORE_URI
+  value: sqlite:////data/mlflow.db
+{{- else }}
+{{- with $m.backendStore.postgresql }}
+- name: KFOPT_DB_HOST
+  value: {{ .host | quote }}
+- name: KFOPT_DB_PORT
+  value: {{ int .port | quote }}
+- name: KFOPT_DB_NAME
+  value: {{ .database | quote }}
+- name: KFOPT_DB_USER
+  value: {{ .user | quote }}
+{{- with .sslmode }}
+- name: KFOPT_DB_SSLMODE
+  value: {{ . | quote }}
+{{- end }}
+- name: KFOPT_DB_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .passwordKey }}
+{{- end }}
+{{- with $m.auth.postgresql.database }}
+- name: KFOPT_AUTH_DB_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- if $m.auth.enabled }}
+- name: KFOPT_AUTH_CONFIG
+  value: /etc/kfopt/basic_auth.ini
+{{- end }}
+{{- end -}}
+
+{{/* MLflow's basic_auth.ini (MLFLOW_AUTH_CONFIG_PATH). The admin login comes from a Secret through
+MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD, never from here. With PostgreSQL, serve-mlflow.py fills in
+database_uri at start (it holds the password) and hands MLflow a private copy. */}}
+{{- define "kfopt.authConfig" -}}
+[mlflow]
+default_permission = {{ .Values.mlflow.auth.defaultPermission }}
+{{- if eq .Values.mlflow.backendStore.type "sqlite" }}
+database_uri = sqlite:////data/basic_auth.db
+{{- else }}
+# Filled in by serve-mlflow.py from KFOPT_DB_* (and KFOPT_AUTH_DB_NAME).
+database_uri =
+{{- end }}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+grant_default_workspace_access = false
+{{- end -}}
+
+{{/* The namespace the pipeline steps run in: the profile namespace, else KFP's own. */}}
+{{- define "kfopt.pipelineNamespace" -}}
+{{- .Values.mlflow.networkPolicy.pipelineNamespace | default .Values.kfp.namespace | default "kubeflow" -}}
+{{- end -}}
+
 {{/* Security ---------------------------------------------------------------------------- */}}
+{{/* Environment variable names that hold credentials: never plain values (values.schema.json has the same pattern). */}}
+{{- define "kfopt.credentialNamePattern" -}}
+(?i)(PASS($|WORD|WD|PHRASE)|SECRET|TOKEN|CREDENTIAL|PRIVATE_?KEY|ACCESS_?KEY|API_?KEY|CONNECTION_?STRING|_KEY(_ID)?$|(^|_)(SAS|DSN)$)
+{{- end -}}
+
 {{- define "kfopt.podSecurityContext" -}}
 runAsNonRoot: true
 {{- with .Values.podSecurityContext }}
@@ -168,16 +265,23 @@ seccompProfile:
   readOnly: true
 {{- end -}}
 
+{{/* Pull secrets, node selector, affinity and tolerations of the chart's pods; the MLflow server's own values replace the chart-wide ones. */}}
 {{- define "kfopt.podScheduling" -}}
-{{- with .Values.imagePullSecrets }}
+{{- $root := .root | default . -}}
+{{- $own := .own | default dict -}}
+{{- with $root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.nodeSelector }}
+{{- with $own.nodeSelector | default $root.Values.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.tolerations }}
+{{- with $own.affinity | default $root.Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $own.tolerations | default $root.Values.tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -202,6 +306,10 @@ tolerations:
 - {{ int .Values.pipeline.parallelism | quote }}
 - --rounds
 - {{ int .Values.pipeline.rounds | quote }}
+{{- with .Values.pipeline.mlflowSecret }}
+- --mlflow-secret
+- {{ . | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* One pool of the placement file, in the format kfopt.pipelines.placement loads (snake_case keys). */}}
