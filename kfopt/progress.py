@@ -12,9 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class Reporter:
     """Shows a bar per task on an interactive terminal; stays silent otherwise."""
 
-    def __init__(self, enabled: bool | None = None):
+    def __init__(self, enabled: bool | None = None, quiet: bool = False):
         self.console = Console(stderr=True)
         self.enabled = self.console.is_terminal if enabled is None else enabled
+        #: No status lines either (the Python API's ``progress=False``); bars follow ``enabled``.
+        self.quiet = quiet
 
     @contextmanager
     def task(self, description: str, total: int):
@@ -40,7 +42,8 @@ class Reporter:
 
     def say(self, message: str) -> None:
         """A line of status for the user (stderr, so --json output stays clean)."""
-        print(message, file=sys.stderr)
+        if not self.quiet:
+            print(message, file=sys.stderr)
 
 
 def keras_callback(reporter: Reporter | None, description: str, epochs: int):

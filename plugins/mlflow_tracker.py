@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kfopt.errors import KfoptError
+from kfopt.result import Registration, RunResult, Tracking
 
 from .spec import hookimpl
 
@@ -58,7 +59,7 @@ def kfopt_candidate_finished(candidate: dict, context: RunContext) -> None:
 
 
 @hookimpl(trylast=True)
-def kfopt_run_finished(result: dict, context: RunContext) -> dict | None:
+def kfopt_run_finished(result: RunResult, context: RunContext) -> dict | None:
     state = context.state(STATE, _Tracking)
     if state.uri is None:
         return None
@@ -77,28 +78,19 @@ def kfopt_run_finished(result: dict, context: RunContext) -> dict | None:
         except Exception as exc:
             state.error = _reason(exc)
     if name and registered is None:
-        registered = {
-            "name": name,
-            "version": None,
-            "aliases": [],
-            "promoted": False,
-            "previous_champion": None,
-            "reason": f"not registered: MLflow tracking failed ({state.error})",
-        }
+        registered = Registration(name=name, reason=f"not registered: MLflow tracking failed ({state.error})")
     logger = state.logger
-    return {
-        "tracking": {
-            "uri": state.uri,
-            "experiment": context.experiment,
-            "status": "failed" if state.error else "ok",
-            "error": state.error,
-            "run_id": logger.state.get("parent_run_id") if logger else None,
-            "registered_model": name,
-            "objective": context.objective,
-            "max_accuracy_drop": context.max_accuracy_drop,
-        },
-        "registered_model": registered,
-    }
+    tracked = Tracking(
+        status="failed" if state.error else "ok",
+        uri=state.uri,
+        experiment=context.experiment,
+        error=state.error,
+        run_id=logger.state.get("parent_run_id") if logger else None,
+        registered_model=name,
+        objective=context.objective,
+        max_accuracy_drop=context.max_accuracy_drop,
+    )
+    return {"tracking": tracked, "registered_model": registered}
 
 
 def _logger(state: _Tracking, context: RunContext):
