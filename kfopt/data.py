@@ -235,11 +235,62 @@ def check_fits(data: Data, input_shape: tuple) -> None:
         )
 
 
-def _labels(y: np.ndarray, source: str) -> np.ndarray:
+def labels(y: np.ndarray, one_hot: bool | None = None) -> np.ndarray:
+    """Labels as kfopt keeps them: class ids stay integers, anything else keeps its values.
+
+    - class ids (integers, or floats that are whole numbers) and one-hot rows
+      become int64 class ids, one per sample (a ``(n, 1)`` column is flattened);
+    - a 0/1 matrix with any number of 1s per row (multi-label) stays a matrix, as int64;
+    - float targets (regression, one column or several) stay floats (float32).
+
+    ``one_hot`` says whether a 0/1 matrix is one-hot classes; None decides from
+    ``y`` alone (pass :func:`is_one_hot` of every split, so that a small split of
+    multi-label data whose rows happen to have one 1 each is not read as classes).
+    The task (:mod:`kfopt.task`) then checks the labels against the model's outputs.
+    """
     y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] > 1:  # one-hot
-        y = y.argmax(axis=1)
-    return y.reshape(-1).astype(np.int64)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim >= 2:
+        if _zero_one_matrix(y):
+            return (
+                y.argmax(axis=1).astype(np.int64)
+                if (is_one_hot(y) if one_hot is None else one_hot)
+                else y.astype(np.int64)
+            )
+        return y.astype(np.float32) if y.dtype.kind == "f" else y
+    whole = y.dtype.kind in "biu" or (
+        y.dtype.kind == "f" and bool(np.isfinite(y).all()) and bool((y == np.round(y)).all())
+    )
+    return y.astype(np.int64) if whole else y.astype(np.float32)
+
+
+def _zero_one_matrix(y: np.ndarray) -> bool:
+    return y.ndim == 2 and y.size > 0 and (y.dtype.kind in "biuf") and bool(np.isin(y, (0, 1)).all())
+
+
+def is_one_hot(*arrays: np.ndarray | None) -> bool:
+    """True when every 2-D label array given is a 0/1 matrix with exactly one 1 per row (one-hot classes)."""
+    matrices = [
+        np.asarray(y) for y in arrays if y is not None and np.asarray(y).ndim == 2 and np.asarray(y).shape[1] > 1
+    ]
+    return bool(matrices) and all(_zero_one_matrix(y) and bool((y.sum(axis=1) == 1).all()) for y in matrices)
+
+
+def _labels(y: np.ndarray, source: str, one_hot: bool | None = None) -> np.ndarray:
+    return labels(y, one_hot)
+
+
+def _num_classes(*arrays: np.ndarray) -> int:
+    """Classes of class-id labels (largest id + 1), columns of a label matrix, 0 for float targets."""
+    arrays = [a for a in arrays if a is not None and len(a)]
+    if not arrays:
+        return 0
+    if arrays[0].ndim == 2:
+        return int(arrays[0].shape[1]) if arrays[0].dtype.kind in "biu" else 0
+    if any(a.dtype.kind not in "biu" for a in arrays):
+        return 0
+    return int(max(int(a.max()) for a in arrays) + 1)
 
 
 def _class_ids(y: np.ndarray) -> np.ndarray | None:
@@ -408,10 +459,11 @@ def _from_arrays(arrays, uri: str, seed: int, validation_from: ValidationFrom) -
                 f"Data file '{uri}': x_val is empty.", "save some validation rows, or leave out x_val/y_val."
             )
     x_train, x_test = arrays["x_train"].astype(np.float32), arrays["x_test"].astype(np.float32)
-    y_train, y_test = _labels(arrays["y_train"], uri), _labels(arrays["y_test"], uri)
+    one_hot = is_one_hot(arrays["y_train"], arrays["y_test"], arrays.get("y_val"))
+    y_train, y_test = _labels(arrays["y_train"], uri, one_hot), _labels(arrays["y_test"], uri, one_hot)
     train = Split(x_train, y_train)
     if "x_val" in arrays:
-        validation, how = Split(arrays["x_val"].astype(np.float32), _labels(arrays["y_val"], uri)), FROM_NPZ
+        validation, how = Split(arrays["x_val"].astype(np.float32), _labels(arrays["y_val"], uri, one_hot)), FROM_NPZ
         test = Split(x_test, y_test)
     elif validation_from == "train":
         (train, validation), how = _split_validation(x_train, y_train, seed), FROM_TRAIN
@@ -419,7 +471,7 @@ def _from_arrays(arrays, uri: str, seed: int, validation_from: ValidationFrom) -
     else:
         # Stratify on the labels as saved (a regression target has no classes to keep in proportion).
         test, validation, how = _hold_out_of_test(x_test, y_test, _class_ids(arrays["y_test"]), seed, uri)
-    classes = int(max(y_train.max(), y_test.max(), validation.y.max()) + 1)
+    classes = _num_classes(y_train, y_test, validation.y)
     return Data(train, validation, test, classes, uri, how)
 
 
@@ -470,8 +522,9 @@ def _from_datasets(result, target: str, spec: str, seed: int, validation_from: V
     for name, split in (("test", test), ("validation", validation)):
         if not len(split):
             raise KfoptError(f"The {name} dataset of '{target}' is empty.", f"return {name} data as (x, y) batches.")
-    labels = np.concatenate([_labels(y, spec) for y in [*test_labels, *val_labels]])
-    return Data(Split(dataset=train_ds), validation, test, int(labels.max()) + 1, spec, how)
+    one_hot = is_one_hot(*test_labels, *val_labels)
+    labels = np.concatenate([_labels(y, spec, one_hot) for y in [*test_labels, *val_labels]])
+    return Data(Split(dataset=train_ds), validation, test, _num_classes(labels), spec, how)
 
 
 def _counted(dataset) -> tuple[Split, list[np.ndarray]]:

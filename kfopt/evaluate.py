@@ -16,6 +16,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -200,28 +201,64 @@ def throughput(runner: Runner, batch: np.ndarray, runs: int = THROUGHPUT_RUNS) -
     return float(len(batch) * runs / (time.perf_counter() - start))
 
 
+class _Scored(NamedTuple):
+    """One model on one split: predicted labels (classifiers), the budgeted metric, exact accuracy."""
+
+    predictions: np.ndarray | None
+    metric: float | None
+    accuracy: float | None
+
+
 class Evaluator:
     """Measures the baseline and candidates on the same test split, side by side.
 
     ``workdir`` holds the baseline converted to each candidate format, so the
-    ratios compare like with like.
+    ratios compare like with like. The task (:mod:`kfopt.task`) is read once
+    from the baseline's output and the labels; it decides how outputs are
+    scored and which metric is budgeted (``metric``: a name registered through
+    ``kfopt_register_metrics``; None: the task's default). ``metrics`` is the
+    registry's name -> Metric mapping (default: the installed plugins').
     """
 
-    def __init__(self, data: Data, baseline: ModelHandle, workdir: str | os.PathLike, latency_runs: int = LATENCY_RUNS):
+    def __init__(
+        self,
+        data: Data,
+        baseline: ModelHandle,
+        workdir: str | os.PathLike,
+        latency_runs: int = LATENCY_RUNS,
+        *,
+        metric: str | None = None,
+        metrics: dict | None = None,
+    ):
+        from .data import is_one_hot, labels
+        from .task import compiled_loss, infer_task
+
         self.data = data
         self.baseline = baseline
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.latency_runs = latency_runs
-        self.x_test, self.y_test = data.test.arrays()
+        self.x_test, y_test = data.test.arrays()
         # Validation accuracy is reported beside the test one so searches can choose on it
         # (kfopt.recipe_search) and keep the test split for the final budget check only.
         try:
-            self.x_val, self.y_val = data.validation.arrays()
+            self.x_val, y_val = data.validation.arrays()
         except ValueError:  # an empty tf.data validation split: no val_accuracy
-            self.x_val, self.y_val = np.zeros((0,)), np.zeros((0,))
-        self._baseline_predictions = None
-        self._baseline_val_accuracy = None
+            self.x_val, y_val = np.zeros((0,)), np.zeros((0,))
+        if metrics is None:
+            from .plugins.manager import registry
+
+            metrics = registry().metrics
+        model = baseline.keras()
+        # tf.data splits give labels as the dataset holds them: read them the way kfopt.data reads arrays.
+        one_hot = is_one_hot(y_test, y_val, data.train.y)
+        given = [labels(y, one_hot) for y in (y_test, y_val, data.train.y) if y is not None and len(y)]
+        loss = baseline.info.get("loss") or compiled_loss(model, baseline.path)
+        self.task = infer_task(model, given, metric=metric, metrics=metrics, loss=loss)
+        self.metric = metrics[self.task.metric]
+        self.y_test = self.task.targets(labels(y_test, one_hot))
+        self.y_val = self.task.targets(labels(y_val, one_hot)) if len(y_val) else np.zeros((0,))
+        self._baseline_scored: tuple[_Scored, _Scored | None] | None = None
         self._references: dict[str, dict] = {}
 
     # The baseline, as deployed in each format, is what ratios are taken against.
@@ -267,44 +304,64 @@ class Evaluator:
         metrics.pop("per_class_accuracy_change", None)
         return metrics
 
-    def _predictions(self, runner: Runner, x: np.ndarray | None = None) -> np.ndarray:
-        x = self.x_test if x is None else x
+    # -- scoring: the task turns raw outputs into scores, labels and the metric ----------
+    def _outputs(self, runner: Runner, x: np.ndarray) -> np.ndarray:
         batches = [runner(x[i : i + 256]) for i in range(0, len(x), 256)]
-        return np.concatenate(batches).argmax(axis=1)
+        return np.concatenate(batches)
 
-    def _val_accuracy(self, runner: Runner) -> float | None:
-        if not len(self.x_val):
+    def _score(self, runner: Runner, x: np.ndarray, y: np.ndarray) -> _Scored | None:
+        if not len(x):
             return None
-        return float((self._predictions(runner, self.x_val) == self.y_val).mean())
+        from .task import exact_accuracy
+
+        scores = self.task.scores(self._outputs(runner, x))
+        predictions = self.task.predict(scores)
+        return _Scored(predictions, self.metric.score(y, scores), exact_accuracy(self.task, y, predictions))
+
+    def _baseline(self) -> tuple[_Scored, _Scored | None]:
+        if self._baseline_scored is None:
+            runner = runner_for(self.baseline)
+            self._baseline_scored = (
+                self._score(runner, self.x_test, self.y_test),
+                self._score(runner, self.x_val, self.y_val),
+            )
+        return self._baseline_scored
 
     def evaluate(self, handle: ModelHandle) -> dict:
-        """All metrics of ``handle`` (saved first if it only lives in memory)."""
+        """All metrics of ``handle`` (saved first if it only lives in memory).
+
+        ``metric``/``metric_drop`` (and ``val_``) are the task's budgeted metric
+        (named in ``metric_name``) for every task; a drop is positive when the
+        candidate is worse, whichever way the metric points. ``accuracy``,
+        ``agreement`` and the per-class change are there for classifiers only.
+        """
         if handle.path is None:
             handle.save(self.workdir / f"candidate-{handle.format}-{id(handle)}")
-        if self._baseline_predictions is None:
-            self._baseline_predictions = self._predictions(runner_for(self.baseline))
-        base_pred = self._baseline_predictions
+        base, base_val = self._baseline()
         runner = runner_for(handle)
-        pred = self._predictions(runner)
-        if self._baseline_val_accuracy is None:
-            self._baseline_val_accuracy = self._val_accuracy(runner_for(self.baseline))
-        val_accuracy = self._val_accuracy(runner)
+        test = self._score(runner, self.x_test, self.y_test)
+        val = self._score(runner, self.x_val, self.y_val)
         size, gz = artifact_sizes(handle.path)
         p50, p95 = latency(runner, self.x_test[:1], self.latency_runs)
         reference = self.reference(handle.format)
-        accuracy = float((pred == self.y_test).mean())
-        base_accuracy = float((base_pred == self.y_test).mean())
+        classifier = self.task.classification
+        metric_drop = self.metric.drop(base.metric, test.metric)
+        val_metric_drop = self.metric.drop(base_val.metric, val.metric) if val and base_val else None
         return {
             "format": handle.format,
-            "accuracy": accuracy,
-            "accuracy_drop": base_accuracy - accuracy,
-            "agreement": float((pred == base_pred).mean()),
-            "val_accuracy": val_accuracy,
-            "val_accuracy_drop": (
-                None
-                if val_accuracy is None or self._baseline_val_accuracy is None
-                else self._baseline_val_accuracy - val_accuracy
-            ),
+            "task": self.task.kind,
+            "metric_name": self.metric.name,
+            "metric": test.metric,
+            "metric_drop": metric_drop,
+            "metric_drop_relative": _relative(metric_drop, base.metric),
+            "val_metric": val.metric if val else None,
+            "val_metric_drop": val_metric_drop,
+            "val_metric_drop_relative": _relative(val_metric_drop, base_val.metric if base_val else None),
+            "accuracy": test.accuracy,
+            "accuracy_drop": base.accuracy - test.accuracy if classifier else None,
+            "agreement": _agreement(test.predictions, base.predictions) if classifier else None,
+            "val_accuracy": val.accuracy if val else None,
+            "val_accuracy_drop": base_val.accuracy - val.accuracy if classifier and val and base_val else None,
             "size_bytes": size,
             "gzip_bytes": gz,
             "compression_ratio": reference["gzip_bytes"] / gz,
@@ -314,7 +371,9 @@ class Evaluator:
             "latency_p95_ms": p95,
             "throughput_per_s": throughput(runner, self._batch()),
             "speedup": reference["latency_p50_ms"] / p50,
-            "per_class_accuracy_change": self._per_class_change(pred, base_pred),
+            "per_class_accuracy_change": (
+                self._per_class_change(test.predictions, base.predictions) if classifier else None
+            ),
             "compared_with": reference,
         }
 
@@ -324,7 +383,13 @@ class Evaluator:
         return np.concatenate([x] * reps)[:THROUGHPUT_BATCH]
 
     def _per_class_change(self, pred, base_pred) -> dict[str, float]:
+        """Accuracy change per class (per label, for multilabel: how often that label's yes/no is right)."""
         change = {}
+        if self.y_test.ndim == 2:
+            for column in range(self.y_test.shape[1]):
+                truth = self.y_test[:, column]
+                change[str(column)] = float((pred[:, column] == truth).mean() - (base_pred[:, column] == truth).mean())
+            return change
         for label in np.unique(self.y_test):
             mask = self.y_test == label
             change[str(int(label))] = float((pred[mask] == label).mean() - (base_pred[mask] == label).mean())
@@ -343,3 +408,18 @@ class Evaluator:
         if handle.format == "keras":
             return int(handle.keras().count_params())
         return handle.info.get("params")
+
+
+def _agreement(pred: np.ndarray, base_pred: np.ndarray) -> float:
+    """Fraction of samples predicted exactly as the baseline predicts them (every label, for multilabel)."""
+    same = pred == base_pred
+    return float((same.all(axis=1) if same.ndim == 2 else same).mean())
+
+
+def _relative(drop: float | None, baseline: float | None) -> float | None:
+    """``drop`` as a fraction of the baseline's metric (what a ``%`` budget bounds); None when undefined."""
+    if drop is None or baseline is None:
+        return None
+    if baseline == 0:
+        return 0.0 if drop <= 0 else None
+    return drop / abs(baseline)

@@ -67,6 +67,19 @@ class Measurement(_Record):
     """The metrics of one model, measured by :class:`kfopt.evaluate.Evaluator` (names from DESIGN.md)."""
 
     format: str | None = None
+    #: The task read from the model and the labels (kfopt.task): multiclass, binary, multilabel, regression.
+    task: str | None = None
+    #: The budgeted metric (``--metric``; the task's default otherwise), its value on the test split, and
+    #: its drop vs the baseline: positive when worse, whichever way the metric points (mae: candidate minus
+    #: baseline); ``_relative`` is the drop as a fraction of the baseline's value (what a "1%" budget bounds).
+    metric_name: str | None = None
+    metric: float | None = None
+    metric_drop: float | None = None
+    metric_drop_relative: float | None = None
+    val_metric: float | None = None
+    val_metric_drop: float | None = None
+    val_metric_drop_relative: float | None = None
+    #: Classifiers only (None for regression): exact accuracy, agreement with the baseline, per-class change.
     accuracy: float | None = None
     accuracy_drop: float | None = None
     agreement: float | None = None
@@ -154,7 +167,7 @@ class Tracking(_Record):
     run_id: str | None = None
     registered_model: str | None = None
     objective: str | None = None
-    max_accuracy_drop: float | None = None
+    max_accuracy_drop: float | str | None = None
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="python")

@@ -1,12 +1,21 @@
-"""Choosing the winner: the accuracy budget, the objective, and the Pareto front.
+"""Choosing the winner: the budget, the objective, and the Pareto front.
 
 Works on candidate records as :func:`kfopt.engine.run_recipe` returns them
 (``recipe``, ``status``, metrics), so the same logic serves ``kfopt run``, the
 KFP ``select`` component and anything reading a ``metrics.json``.
+
+The budget bounds the drop of the task's budgeted metric (``metric_drop``, see
+:mod:`kfopt.task`; accuracy for a multi-class model, so ``metric_drop`` is
+``accuracy_drop`` there): an absolute drop (``0.01``) or a relative one
+(``"1%"`` of the baseline's value). A drop is positive when the candidate is
+worse, for metrics where higher is better and for errors alike. Records
+without metric fields (written before they existed) are budgeted on
+``accuracy_drop``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -24,6 +33,144 @@ MIX = "mix"
 TOLERANCE = 1e-9
 
 
+@dataclass(frozen=True)
+class Budget:
+    """The largest drop of the budgeted metric a winner may have.
+
+    ``drop`` is an absolute drop in the metric's units (0.01: one point of
+    accuracy, 0.5 of mae), or with ``relative`` a fraction of the baseline's
+    value (``"1%"`` -> ``drop=0.01, relative=True``).
+    """
+
+    drop: float
+    relative: bool = False
+
+    @classmethod
+    def parse(cls, value: float | str | Budget) -> Budget:
+        """``0.01``, ``"0.01"`` or ``"1%"`` as a Budget; a KfoptError naming the forms otherwise."""
+        if isinstance(value, Budget):
+            return value
+        text = str(value).strip()
+        relative = text.endswith("%")
+        try:
+            number = float(text[:-1] if relative else text)
+        except ValueError:
+            number = math.nan
+        if relative:
+            number /= 100
+        if not math.isfinite(number) or number < 0 or (relative and number > 1):
+            raise KfoptError(
+                f"max_accuracy_drop={value!r} is not a budget: give a drop of at least 0 in the metric's units, "
+                "or a percentage of the baseline's metric between 0% and 100%.",
+                "pass e.g. --max-accuracy-drop 0.01 (one point of accuracy) or --max-accuracy-drop 1% "
+                "(1% of the baseline's metric).",
+            )
+        return cls(number, relative)
+
+    @property
+    def value(self) -> float | str:
+        """As the user writes it: a float, or ``"N%"``."""
+        return f"{self.drop * 100:g}%" if self.relative else self.drop
+
+    def __str__(self) -> str:
+        return str(self.value) if self.relative else f"{self.drop:g}"
+
+    def over(self, drop: float | None, relative_drop: float | None) -> bool:
+        """Whether a candidate with these drops is over the budget (a relative budget with no relative drop: yes,
+        unless the candidate is not worse at all)."""
+        if self.relative:
+            if relative_drop is None:
+                return (drop or 0.0) > TOLERANCE
+            return relative_drop > self.drop + TOLERANCE
+        return (drop or 0.0) > self.drop + TOLERANCE
+
+
+def absolute_budget(max_accuracy_drop: float | str | Budget, records: Iterable[dict]) -> float:
+    """The budget as a drop in the metric's units on the validation split (a relative budget times the
+    baseline's validation value, read from the records; the budget itself when absolute)."""
+    budget = Budget.parse(max_accuracy_drop)
+    if not budget.relative:
+        return budget.drop
+    for record in records:
+        q = quality(record)
+        if q.val_drop is None:
+            continue
+        if q.val_relative_drop:  # drop / |baseline|
+            return budget.drop * abs(q.val_drop / q.val_relative_drop)
+        if q.val_drop == 0 and record.get("val_metric", record.get("val_accuracy")) is not None:
+            return budget.drop * abs(record.get("val_metric", record.get("val_accuracy")))  # equal to the baseline
+    return 0.0
+
+
+def worse_than_champion(
+    ours: float, theirs: float, *, max_accuracy_drop: float | str | Budget, higher_is_better: bool = True
+) -> bool:
+    """Whether a metric value ``ours`` is worse than the champion's ``theirs`` by more than the budget
+    (a relative budget is taken of the champion's value)."""
+    budget = Budget.parse(max_accuracy_drop)
+    loss = theirs - ours if higher_is_better else ours - theirs
+    limit = budget.drop * abs(theirs) if budget.relative else budget.drop
+    return loss > limit + TOLERANCE
+
+
+def budget_value(max_accuracy_drop: float | str | Budget) -> float | str:
+    """A budget as settings and records keep it: a float (absolute) or ``"N%"`` (relative)."""
+    return Budget.parse(max_accuracy_drop).value
+
+
+@dataclass(frozen=True)
+class Quality:
+    """What the budget reads from a candidate: the metric, its drops (test and validation), their relative forms."""
+
+    name: str
+    value: float | None
+    drop: float | None
+    relative_drop: float | None
+    val_drop: float | None
+    val_relative_drop: float | None
+
+
+def quality(candidate) -> Quality:
+    """The budgeted metric of ``candidate``: its ``metric`` fields, or accuracy for records that have none."""
+    get = candidate.get
+    if get("metric_drop") is not None or get("metric_name") is not None:
+        return Quality(
+            get("metric_name") or "metric",
+            get("metric"),
+            get("metric_drop"),
+            get("metric_drop_relative"),
+            get("val_metric_drop"),
+            get("val_metric_drop_relative"),
+        )
+    accuracy, drop, val_drop = get("accuracy"), get("accuracy_drop"), get("val_accuracy_drop")
+    base = accuracy + drop if accuracy is not None and drop is not None else None
+    val_accuracy = get("val_accuracy")
+    val_base = val_accuracy + val_drop if val_accuracy is not None and val_drop is not None else None
+    return Quality(
+        "accuracy",
+        accuracy,
+        drop,
+        drop / base if base else None,
+        val_drop,
+        val_drop / val_base if val_base else None,
+    )
+
+
+def _rank(candidate) -> float:
+    """Higher is better: minus the metric drop (for accuracy: the same order as accuracy itself)."""
+    q = quality(candidate)
+    if candidate.get("metric_drop") is not None:
+        return -q.drop
+    return q.value
+
+
+def _describe_drop(q: Quality, drop: float | None, relative: float | None, budget: Budget) -> str:
+    if budget.relative:
+        shown = f"{relative * 100:.2f}% of the baseline" if relative is not None else f"{drop or 0:.4f} (baseline 0)"
+        return f"{q.name} drop {shown}"
+    return f"{q.name} drop {drop or 0:.4f}"
+
+
 @dataclass
 class Selection:
     """The outcome of :func:`select`.
@@ -37,15 +184,17 @@ class Selection:
 
     objective: str
     metric: str
-    max_accuracy_drop: float
+    max_accuracy_drop: float | str
     winner: str | None = None
     pareto: list[str] = field(default_factory=list)
     within_budget: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
     fronts: dict[str, list[str]] = field(default_factory=dict)
+    #: The metric the budget bounds (``metric_name`` of the candidates); None for records without one.
+    budget_metric: str | None = None
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "objective": self.objective,
             "metric": self.metric,
             "max_accuracy_drop": self.max_accuracy_drop,
@@ -55,15 +204,14 @@ class Selection:
             "reasons": dict(self.reasons),
             "pareto_fronts": dict(self.fronts),
         }
+        if self.budget_metric:
+            out["budget_metric"] = self.budget_metric
+        return out
 
 
-def check_goal(max_accuracy_drop: float, objective: str) -> str:
-    """Validate a budget and an objective the user gave; return the objective's metric."""
-    if not 0 <= max_accuracy_drop <= 1:
-        raise KfoptError(
-            f"max_accuracy_drop={max_accuracy_drop} is not a fraction between 0 and 1.",
-            "pass e.g. --max-accuracy-drop 0.01 for at most one percentage point.",
-        )
+def check_goal(max_accuracy_drop: float | str | Budget, objective: str) -> str:
+    """Validate a budget (:meth:`Budget.parse`) and an objective the user gave; return the objective's metric."""
+    Budget.parse(max_accuracy_drop)
     return objective_metric(objective)
 
 
@@ -143,85 +291,101 @@ def _value(record: dict, key: str):
 
 
 def measured(candidate: dict, key: str) -> bool:
-    """True when the candidate finished and has both accuracy and ``key`` (a metric or an objective)."""
+    """True when the candidate finished and has both its budgeted metric and ``key`` (a metric or an objective)."""
     return (
-        candidate.get("status") == "ok" and candidate.get("accuracy") is not None and _value(candidate, key) is not None
+        candidate.get("status") == "ok" and quality(candidate).value is not None and _value(candidate, key) is not None
     )
 
 
 def pareto_front(candidates: Iterable[dict], key: str) -> list[str]:
-    """Labels of measured candidates not dominated on (higher accuracy, lower ``key``).
+    """Labels of measured candidates not dominated on (smaller metric drop, lower ``key``).
 
-    ``key`` is a metric (``gzip_bytes``) or an objective (``size``, ``mix:0.7``).
-    A candidate is dominated when another is at least as good on both and
-    strictly better on one; equal candidates do not dominate each other, so
-    ties all stay on the front. Sorted by ``key``, then accuracy (best first).
+    The metric drop orders candidates like accuracy does for accuracy, and the
+    right way round for errors (a lower mae is better). ``key`` is a metric
+    (``gzip_bytes``) or an objective (``size``, ``mix:0.7``). A candidate is
+    dominated when another is at least as good on both and strictly better on
+    one; equal candidates do not dominate each other, so ties all stay on the
+    front. Sorted by ``key``, then quality (best first).
     """
-    points = [(c, _value(c, key)) for c in candidates if measured(c, key)]
-    front = [(c, v) for c, v in points if not any(_dominates(o, ov, c, v) for o, ov in points if o is not c)]
-    front.sort(key=lambda cv: (cv[1], -cv[0]["accuracy"], cv[0]["recipe"]))
-    return [c["recipe"] for c, _ in front]
+    points = [(c, _value(c, key), _rank(c)) for c in candidates if measured(c, key)]
+    front = [
+        (c, v, r) for c, v, r in points if not any(_dominates(or_, ov, r, v) for o, ov, or_ in points if o is not c)
+    ]
+    front.sort(key=lambda cvr: (cvr[1], -cvr[2], cvr[0]["recipe"]))
+    return [c["recipe"] for c, _, _ in front]
 
 
-def _dominates(a: dict, a_value: float, b: dict, b_value: float) -> bool:
-    return (
-        a["accuracy"] >= b["accuracy"] and a_value <= b_value and (a["accuracy"] > b["accuracy"] or a_value < b_value)
-    )
+def _dominates(a_rank: float, a_value: float, b_rank: float, b_value: float) -> bool:
+    return a_rank >= b_rank and a_value <= b_value and (a_rank > b_rank or a_value < b_value)
 
 
-def why_not_eligible(candidate, *, max_accuracy_drop: float, objective: str) -> str | None:
+def why_not_eligible(candidate, *, max_accuracy_drop: float | str | Budget, objective: str) -> str | None:
     """Why ``candidate`` cannot win under this budget and objective, or None when it can.
 
-    The one budget check of kfopt: :func:`select` and the promotion gate both use it.
-    Eligible: status ``ok``, measured on the objective, ``accuracy_drop <=
-    max_accuracy_drop`` (test split) and, when measured, ``val_accuracy_drop <=
-    max_accuracy_drop`` (the split the search decides on).
+    The one budget check of kfopt: :func:`select`, the search and the promotion gate use it.
+    Eligible: status ``ok``, measured on its metric and on the objective, its
+    ``metric_drop`` within the budget (test split; ``accuracy_drop`` for
+    records without metric fields) and, when measured, its ``val_metric_drop``
+    too (the split the search decides on). A relative budget (``"1%"``)
+    bounds the drops relative to the baseline's value.
     """
+    budget = Budget.parse(max_accuracy_drop)
     status = candidate.get("status")
     if status != "ok":
         return f"{status}: {candidate.get('reason') or 'no reason given'}"
+    q = quality(candidate)
     if not measured(candidate, objective):
-        return (
-            f"not measured: has no {'accuracy' if candidate.get('accuracy') is None else objective_metric(objective)}"
-        )
-    drop = candidate.get("accuracy_drop") or 0.0
-    if drop > max_accuracy_drop + TOLERANCE:
-        return f"accuracy drop {drop:.4f} is over the budget {max_accuracy_drop:.4f}"
-    val_drop = candidate.get("val_accuracy_drop") or 0.0
-    if val_drop > max_accuracy_drop + TOLERANCE:
+        return f"not measured: has no {q.name if q.value is None else objective_metric(objective)}"
+    if budget.over(q.drop, q.relative_drop):
+        return f"{_describe_drop(q, q.drop, q.relative_drop, budget)} is over the budget {_shown(budget)}"
+    if budget.over(q.val_drop, q.val_relative_drop):
         # Chosen on validation, confirmed on test: a candidate the search would not have kept
         # is not made the winner because it happened to do well on the test split.
         return (
-            f"accuracy drop {val_drop:.4f} on the validation split is over the budget "
-            f"{max_accuracy_drop:.4f} (test split: {drop:.4f})"
+            f"{_describe_drop(q, q.val_drop, q.val_relative_drop, budget)} on the validation split is over the "
+            f"budget {_shown(budget)} (test split: {_describe_drop(q, q.drop, q.relative_drop, budget)})"
         )
     return None
 
 
-def select(candidates: Iterable[dict], *, max_accuracy_drop: float = 0.01, objective: str = "size") -> Selection:
-    """Pick the candidate with the best objective metric among those within the accuracy budget.
+def _shown(budget: Budget) -> str:
+    return str(budget) if budget.relative else f"{budget.drop:.4f}"
 
-    Eligible: status ``ok``, ``accuracy_drop <= max_accuracy_drop`` (test
-    split) and, when measured, ``val_accuracy_drop <= max_accuracy_drop`` (the
-    split the search decides on: a winner is within the budget on both). Ties on
-    the metric go to the higher accuracy, then to the recipe label (so the
-    choice never depends on the order candidates finished in). Failed and
-    skipped candidates are never eligible; if nothing is eligible the winner
-    is None and ``reasons`` says why for each candidate.
+
+def select(
+    candidates: Iterable[dict], *, max_accuracy_drop: float | str | Budget = 0.01, objective: str = "size"
+) -> Selection:
+    """Pick the candidate with the best objective metric among those within the budget.
+
+    Eligible (:func:`why_not_eligible`): status ``ok``, ``metric_drop`` within
+    ``max_accuracy_drop`` (an absolute drop, or ``"N%"`` of the baseline's
+    metric) on the test split and, when measured, on the validation split (the
+    split the search decides on: a winner is within the budget on both). Ties
+    on the objective go to the smaller metric drop (the higher accuracy), then
+    to the recipe label (so the choice never depends on the order candidates
+    finished in). Failed and skipped candidates are never eligible; if nothing
+    is eligible the winner is None and ``reasons`` says why for each candidate.
     """
     metric = objective_metric(objective)
+    budget = Budget.parse(max_accuracy_drop)
     candidates = list(candidates)
-    selection = Selection(objective=objective, metric=metric, max_accuracy_drop=float(max_accuracy_drop))
+    names = {c.get("metric_name") for c in candidates if c.get("metric_name")}
+    selection = Selection(
+        objective=objective,
+        metric=metric,
+        max_accuracy_drop=budget.value,
+        budget_metric=names.pop() if len(names) == 1 else None,
+    )
     eligible = []
     for candidate in candidates:
-        reason = why_not_eligible(candidate, max_accuracy_drop=max_accuracy_drop, objective=objective)
+        reason = why_not_eligible(candidate, max_accuracy_drop=budget, objective=objective)
         if reason:
             selection.reasons[candidate["recipe"]] = reason
         else:
             eligible.append(candidate)
     selection.within_budget = [c["recipe"] for c in eligible]
     if eligible:
-        best = min(eligible, key=lambda c: (objective_value(c, objective), -c["accuracy"], c["recipe"]))
+        best = min(eligible, key=lambda c: (objective_value(c, objective), -_rank(c), c["recipe"]))
         selection.winner = best["recipe"]
     selection.pareto = pareto_front(candidates, objective)
     selection.fronts = {metric: pareto_front(candidates, metric) for metric in OBJECTIVES.values()}

@@ -6,6 +6,7 @@ import importlib
 import os
 import warnings
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -14,10 +15,14 @@ from kfopt.errors import KfoptError, did_you_mean
 from . import spec
 from .technique import Technique
 
+if TYPE_CHECKING:
+    from kfopt.task import Metric
+
 ENTRY_POINT_GROUP = "kfopt"
 
-#: Built-in techniques and observers, registered through the same hooks as third-party plugins.
+#: Built-in techniques, metrics and observers, registered through the same hooks as third-party plugins.
 DEFAULT_PLUGINS = (
+    "kfopt.plugins.metrics",
     "kfopt.plugins.prune",
     "kfopt.plugins.quantize",
     "kfopt.plugins.distill",
@@ -31,25 +36,49 @@ class PluginLoadWarning(UserWarning):
 
 
 class Registry:
-    """Techniques by name, with the plugin that registered each."""
+    """Techniques and metrics by name, with the plugin that registered each."""
 
     def __init__(self, pm: KfoptPluginManager):
         self.pm = pm
         self.techniques: dict[str, Technique] = {}
         self.owners: dict[str, str] = {}
-        for impl in pm.hook.kfopt_register_techniques.get_hookimpls():
-            owner = _owner_of(pm, impl.plugin)
+        self.metrics: dict[str, Metric] = {}
+        self.metric_owners: dict[str, str] = {}
+        self._collect(pm.hook.kfopt_register_techniques, self._add, "techniques")
+        self._collect(pm.hook.kfopt_register_metrics, self._add_metric, "metrics")
+
+    def _collect(self, hook, add, what: str) -> None:
+        for impl in hook.get_hookimpls():
+            owner = _owner_of(self.pm, impl.plugin)
             try:
-                impl.function(register=lambda t, owner=owner: self._add(t, owner))
+                impl.function(register=lambda item, owner=owner: add(item, owner))
             except KfoptError:
                 raise
             except Exception as exc:  # a plugin's bug must not break every command
                 warnings.warn(
-                    f"kfopt plugin {owner} failed to register its techniques and was skipped: "
-                    f"{type(exc).__name__}: {exc}",
+                    f"kfopt plugin {owner} failed to register its {what} and was skipped: {type(exc).__name__}: {exc}",
                     PluginLoadWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
+
+    def _add_metric(self, metric: Metric, owner: str) -> None:
+        from kfopt.task import Metric
+
+        if not isinstance(metric, Metric):
+            raise TypeError(f"plugin {owner} registered {metric!r}, which is not a kfopt Metric")
+        if metric.name in self.metrics:
+            raise KfoptError(
+                f"Metric name '{metric.name}' is registered twice: by {self.metric_owners[metric.name]} and by {owner}.",
+                "uninstall one of the two plugins, or allow only one with KFOPT_PLUGINS.",
+            )
+        self.metrics[metric.name] = metric
+        self.metric_owners[metric.name] = owner
+
+    def metric(self, name: str) -> Metric:
+        """The metric called ``name``; a KfoptError listing the valid names otherwise."""
+        from kfopt.task import find_metric
+
+        return find_metric(name, self.metrics)
 
     def _add(self, technique: Technique, owner: str) -> None:
         if not isinstance(technique, Technique):

@@ -12,6 +12,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from kfopt.observers import RunContext
+    from kfopt.task import Metric
 
     from .technique import Technique
 
@@ -25,6 +26,18 @@ def kfopt_register_techniques(register: Callable[[Technique], None]) -> None:
 
     Called once when the plugin manager is built. Return value is ignored.
     Registering a name that is already taken raises an error naming both owners.
+    """
+
+
+@hookspec
+def kfopt_register_metrics(register: Callable[[Metric], None]) -> None:
+    """Register quality metrics by calling ``register(metric)`` with a :class:`kfopt.plugins.Metric`.
+
+    A metric is what ``--metric NAME`` budgets: its ``name``, ``higher_is_better``,
+    the ``tasks`` it fits (multiclass, binary, multilabel, regression) and
+    ``compute(y_true, y_score) -> float``. Called once when the plugin manager
+    is built. Return value is ignored. Registering a name that is already taken
+    raises an error naming both owners.
     """
 
 

@@ -378,12 +378,6 @@ def test_a_tflite_model_with_integer_inputs_runs_on_its_token_ids():
     np.testing.assert_allclose(out, model.predict(ids, verbose=0), atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Evaluator takes argmax over the output axis, so a binary model with one sigmoid unit always "
-    "'predicts' class 0: a candidate with every answer flipped gets agreement 1.0 and accuracy_drop 0.0; "
-    "DESIGN: the task decides the metric (binary among them)",
-)
 def test_a_binary_candidate_that_flips_every_answer_disagrees_everywhere(tmp_path):
     keras = _tf.keras()
     rng = np.random.default_rng(0)
