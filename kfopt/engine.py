@@ -22,6 +22,7 @@ from .progress import Reporter
 from .recipe import Recipe, parse_recipe, plan
 from .result import Baseline, Candidate, RunResult
 from .rundir import writable_dir
+from .task import Task
 
 
 def prepare(
@@ -53,8 +54,10 @@ def prepare(
     return ModelHandle.from_keras(load_keras(model, unsafe=unsafe)), dataset
 
 
-def context(data: Data, workdir, seed: int, reporter: Reporter | None, device: str | None = None) -> StepContext:
-    """The StepContext techniques get: train/validation only, never the test split."""
+def context(
+    data: Data, workdir, seed: int, reporter: Reporter | None, device: str | None = None, task: Task | None = None
+) -> StepContext:
+    """The StepContext techniques get: train/validation only, never the test split; ``task`` as the Evaluator read it."""
     from .device import detect_device
 
     return StepContext(
@@ -65,6 +68,7 @@ def context(data: Data, workdir, seed: int, reporter: Reporter | None, device: s
         device=device or detect_device(),
         progress=reporter,
         num_classes=data.num_classes,
+        task=task,
     )
 
 
@@ -93,7 +97,7 @@ def run_recipe(
     handle = baseline
     target = Path(target)
     with tempfile.TemporaryDirectory(prefix=".work-", dir=target.parent) as workdir:
-        ctx = context(data, workdir, seed, reporter)
+        ctx = context(data, workdir, seed, reporter, task=getattr(evaluator, "task", None))
         for index, step in enumerate(planned, start=1):
             name = step.technique.name
             reporter.say(f"[{recipe.label}] step {index}/{len(planned)}: {name} on {ctx.device}")

@@ -30,7 +30,14 @@ Helpers the built-in techniques use:
   fit on ``ctx.train`` with validation, as the built-ins do.
 - ``classifier_loss(keras_model)``: the loss matching the model's output
   (probabilities or logits).
+- ``task_loss(keras_model, ctx)``: the loss to fine-tune with: the model's own
+  compiled loss, else the task's (``ctx.task``).
 - ``weight_sparsity(keras_model)``: the fraction of zero kernel weights.
+
+Metrics (``kfopt_register_metrics``):
+
+- ``Metric``: a quality metric that ``--metric NAME`` budgets: ``name``,
+  ``compute(y_true, y_score)``, ``tasks``, ``higher_is_better``.
 
 Observers (``kfopt_run_started``, ``kfopt_candidate_finished``,
 ``kfopt_run_finished``):
@@ -46,7 +53,8 @@ from kfopt.errors import KfoptError, TechniqueSkipped
 from kfopt.models import copy_model
 from kfopt.observers import RunContext
 from kfopt.sparsity import weight_sparsity
-from kfopt.training import classifier_loss, fine_tune
+from kfopt.task import Metric
+from kfopt.training import classifier_loss, fine_tune, task_loss
 
 from .spec import hookimpl, hookspec
 from .technique import FORMATS, ModelHandle, StepContext, Technique
@@ -66,6 +74,8 @@ __all__ = [
     "copy_model",
     "fine_tune",
     "classifier_loss",
+    "task_loss",
+    "Metric",
     "weight_sparsity",
     "RunContext",
 ]

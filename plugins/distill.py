@@ -7,6 +7,13 @@ Both terms work on logits, so a model that ends in softmax is first given a
 logits view (see :func:`logits_model`); the student that comes back keeps the
 output convention it was built with (the teacher's, for a built student).
 
+The task (:mod:`kfopt.task`) decides the two terms: for a binary or
+multi-label model the soft targets are ``sigmoid(teacher / T)`` per output and
+the hard term is binary cross-entropy (a sigmoid output gets a logits view like
+a softmax); for regression the soft term is the mean squared difference to the
+teacher's outputs (no temperature) and the hard term the model's compiled loss,
+else mean squared error.
+
 Two student architectures can be built (``architecture``):
 
 - ``same``: the teacher's own architecture with every Dense ``units`` and Conv
@@ -31,6 +38,7 @@ from kfopt import _tf
 from kfopt.errors import KfoptError
 from kfopt.models import copy_model
 from kfopt.progress import keras_callback
+from kfopt.training import task_of
 
 from .spec import hookimpl
 from .technique import ModelHandle, StepContext, Technique
@@ -115,12 +123,13 @@ class Distill(Technique):
     def apply(self, model: ModelHandle, config: Distill.Config, ctx: StepContext) -> ModelHandle:
         keras = _tf.keras()
         teacher = model.keras()
+        task = task_of(teacher, ctx)
         keras.utils.set_random_seed(ctx.seed)
         with ctx.strategy.scope():
             # Work on copies built inside the strategy scope: the teacher must not
             # be mutated, and on several GPUs/TPU cores its variables must be
             # mirrored like the student's.
-            teacher_logits, _ = logits_model(copy_model(teacher))
+            teacher_logits, _ = logits_model(copy_model(teacher), task.kind)
             teacher_logits.trainable = False
             if config.student:
                 student = _load_student(config.student, teacher)
@@ -128,8 +137,10 @@ class Distill(Technique):
                 student = build_dense_student(teacher, config.width)
             else:
                 student = build_student(teacher, config.width)
-            student_logits, shares_weights = logits_model(student)
-            distiller = _distiller_class()(student_logits, teacher_logits, config.temperature, config.alpha)
+            student_logits, shares_weights = logits_model(student, task.kind)
+            distiller = _distiller_class()(
+                student_logits, teacher_logits, config.temperature, config.alpha, task.kind, task.loss
+            )
             distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
         val_x, val_y = ctx.validation.arrays()
         distiller.fit(
@@ -188,8 +199,9 @@ def build_dense_student(teacher, width: float):
     of ``max(1, round(width * widest))`` units each, where ``widest`` is the
     largest ``units``/``filters`` of the teacher's layers outside the output
     layer (its output width if it has no other); then a Dense layer with the
-    teacher's number of outputs, ending in softmax when the teacher's output is
-    a softmax (as an activation or a ``Softmax`` layer) and linear otherwise.
+    teacher's number of outputs and the teacher's output activation (softmax
+    when it ends in a softmax activation or a ``Softmax`` layer, sigmoid,
+    linear, ...).
     """
     keras = _tf.keras()
     if not teacher.outputs or len(teacher.outputs) != 1 or len(teacher.inputs) != 1:
@@ -213,13 +225,13 @@ def build_dense_student(teacher, width: float):
     widest = max(widths, default=out_shape[0])
     hidden = max(1, int(round(widest * width)))
     last = teacher.outputs[0]._keras_history[0]
-    softmax = type(last).__name__ == "Softmax" or _activation_name(last) == "softmax"
+    activation = "softmax" if type(last).__name__ == "Softmax" else _activation_name(last)
     layers = keras.layers
     inputs = keras.Input(teacher.input_shape[1:], dtype=teacher.inputs[0].dtype)
     x = layers.Flatten()(inputs) if len(teacher.input_shape) > 2 else inputs
     for _ in range(DENSE_HIDDEN_LAYERS):
         x = layers.Dense(hidden, activation="relu")(x)
-    outputs = layers.Dense(out_shape[0], activation="softmax" if softmax else None)(x)
+    outputs = layers.Dense(out_shape[0], activation=None if activation in (None, "linear") else activation)(x)
     return keras.Model(inputs, outputs, name=f"{teacher.name}_dense_student")
 
 
@@ -286,21 +298,27 @@ def _activation_name(layer) -> str | None:
     return getattr(activation, "__name__", str(activation))
 
 
-def logits_model(model):
+def logits_model(model, kind: str = "multiclass"):
     """A model computing ``model``'s logits, and whether it shares ``model``'s weights.
 
-    - ends in a separate ``Softmax`` / ``Activation("softmax")`` layer: the model
-      cut before it (shares the weights, so training it trains ``model``);
-    - ends in a layer with ``activation="softmax"``: a copy whose last layer is
-      linear (a copy, so ``model`` is untouched; the caller copies weights back);
+    ``kind`` is the task (kfopt.task): a classifier's probabilities come from a
+    softmax (multiclass) or a sigmoid (binary, multilabel); a regression model
+    has no logits and is returned as it is.
+
+    - ends in a separate ``Softmax`` / ``Activation("softmax"|"sigmoid")`` layer:
+      the model cut before it (shares the weights, so training it trains ``model``);
+    - ends in a layer with ``activation="softmax"`` (or sigmoid): a copy whose last
+      layer is linear (a copy, so ``model`` is untouched; the caller copies weights back);
     - ends without an activation: ``model`` itself.
     """
     keras = _tf.keras()
     if not model.outputs or len(model.outputs) != 1:
         raise KfoptError(
             f"Distillation needs a built model with one output; '{model.name}' has {len(model.outputs or [])}.",
-            "distill a single-output classifier (build it with keras.Input first).",
+            "distill a single-output model (build it with keras.Input first).",
         )
+    if kind == "regression":  # the outputs themselves are what the student learns
+        return model, True
     last, node_index, _ = model.outputs[0]._keras_history
     activation = _activation_name(last)
     if isinstance(last, keras.Model):
@@ -308,10 +326,15 @@ def logits_model(model):
             f"The output of '{model.name}' comes from the nested model '{last.name}', whose logits cannot be reached.",
             "flatten the model so its last layer is a plain Keras layer.",
         )
-    if type(last).__name__ == "Softmax" or (activation == "softmax" and not _width_key(last)):
+    probability = "softmax" if kind == "multiclass" else "sigmoid"
+    if (
+        type(last).__name__ == "Softmax"
+        and kind == "multiclass"
+        or (activation == probability and not _width_key(last))
+    ):
         logits = last._inbound_nodes[node_index].input_tensors
         return keras.Model(model.inputs, logits, name=f"{model.name}_logits"), True
-    if activation == "softmax":
+    if activation == probability:
 
         def linear_output(layer):
             config = layer.get_config()
@@ -325,9 +348,9 @@ def logits_model(model):
     if activation in (None, "linear"):
         return model, True
     raise KfoptError(
-        f"The output layer '{last.name}' of '{model.name}' uses activation '{activation}'; distillation needs "
-        "class logits or a softmax.",
-        "distill a multi-class classifier whose last layer is linear or softmax.",
+        f"The output layer '{last.name}' of '{model.name}' uses activation '{activation}'; distilling a {kind} "
+        f"model needs logits or a {probability}.",
+        f"distill a {kind} classifier whose last layer is linear or {probability}.",
     )
 
 
@@ -339,12 +362,28 @@ def _distiller_class():
     keras = _tf.keras()
 
     class Distiller(keras.Model):
-        def __init__(self, student, teacher, temperature: float, alpha: float):
+        def __init__(
+            self,
+            student,
+            teacher,
+            temperature: float,
+            alpha: float,
+            kind: str = "multiclass",
+            loss: str | None = None,
+        ):
             super().__init__()
             self.student, self.teacher = student, teacher
             self.temperature, self.alpha = float(temperature), float(alpha)
+            self.kind = kind
+            # Regression's hard term: the model's compiled loss (kfopt.task.LOSSES names Keras's functions).
+            self.regression_loss = keras.losses.get(loss or "mean_squared_error")
             self.loss_tracker = keras.metrics.Mean(name="loss")
-            self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+            if kind == "multiclass":
+                self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+            elif kind == "regression":
+                self.accuracy_tracker = keras.metrics.MeanAbsoluteError(name="mae")
+            else:  # a positive logit is a yes
+                self.accuracy_tracker = keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0)
 
         @property
         def metrics(self):
@@ -353,16 +392,38 @@ def _distiller_class():
         def call(self, x, training=False):
             return self.student(x, training=training)
 
+        def _target(self, y, student):
+            """Labels shaped like the student's output (class ids stay as they are for multiclass)."""
+            if self.kind == "multiclass":
+                return y
+            return tf.reshape(tf.cast(y, tf.float32), tf.shape(student))
+
+        def _terms(self, y, teacher, student):
+            """(hard, soft) per-example terms on logits (classifiers) or outputs (regression)."""
+            t = self.temperature
+            if self.kind == "multiclass":
+                hard = keras.losses.sparse_categorical_crossentropy(y, student, from_logits=True)
+                soft_teacher = tf.nn.softmax(teacher / t)
+                kl = tf.reduce_sum(
+                    soft_teacher * (tf.nn.log_softmax(teacher / t) - tf.nn.log_softmax(student / t)), axis=-1
+                )
+                return hard, (t * t) * kl
+            if self.kind == "regression":
+                return self.regression_loss(y, student), tf.reduce_mean(tf.square(teacher - student), axis=-1)
+            hard = keras.losses.binary_crossentropy(y, student, from_logits=True)
+            # KL between the Bernoulli distributions sigmoid(teacher / T) and sigmoid(student / T), per output.
+            p = tf.sigmoid(teacher / t)
+            log_sig = tf.math.log_sigmoid
+            kl = p * (log_sig(teacher / t) - log_sig(student / t)) + (1.0 - p) * (
+                log_sig(-teacher / t) - log_sig(-student / t)
+            )
+            return hard, (t * t) * tf.reduce_mean(kl, axis=-1)
+
         def _loss(self, x, y, training: bool):
             teacher = tf.cast(self.teacher(x, training=False), tf.float32)
             student = tf.cast(self.student(x, training=training), tf.float32)
-            hard = keras.losses.sparse_categorical_crossentropy(y, student, from_logits=True)
-            t = self.temperature
-            soft_teacher = tf.nn.softmax(teacher / t)
-            kl = tf.reduce_sum(
-                soft_teacher * (tf.nn.log_softmax(teacher / t) - tf.nn.log_softmax(student / t)), axis=-1
-            )
-            per_example = self.alpha * hard + (1.0 - self.alpha) * (t * t) * kl
+            hard, soft = self._terms(self._target(y, student), teacher, student)
+            per_example = self.alpha * hard + (1.0 - self.alpha) * soft
             # Divides by the global batch size, so gradients summed over replicas
             # (MirroredStrategy, TPU) equal the mean over the whole batch.
             loss = tf.nn.compute_average_loss(per_example)
@@ -373,7 +434,7 @@ def _distiller_class():
         def _report(self, loss, y, logits):
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             self.loss_tracker.update_state(loss * replicas)  # undo the per-replica scaling for display
-            self.accuracy_tracker.update_state(y, logits)
+            self.accuracy_tracker.update_state(self._target(y, logits), logits)
             return {m.name: m.result() for m in self.metrics}
 
         def train_step(self, data):

@@ -14,7 +14,7 @@ from kfopt import _tf
 from kfopt.errors import KfoptError, did_you_mean
 from kfopt.models import copy_model
 from kfopt.sparsity import weight_sparsity
-from kfopt.training import classifier_loss, fine_tune
+from kfopt.training import fine_tune, task_loss
 
 from .spec import hookimpl
 from .technique import LayerNames, ModelHandle, StepContext, Technique
@@ -115,8 +115,8 @@ class Prune(Technique):
         keras = _tf.keras()
         source = model.keras()
         keras.utils.set_random_seed(ctx.seed)
-        # Decide the loss from the plain model: wrapped layers hide the softmax.
-        loss = classifier_loss(source)
+        # The model's compiled loss, else the task's; decided on the plain model (wrappers hide the activation).
+        loss = task_loss(source, ctx)
         check_layer_names(source, config.keep_dense, "prune", "keep_dense")
         if config.method == "l1":
             pruned = _prune_l1(source, config, ctx, loss)

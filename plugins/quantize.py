@@ -12,7 +12,7 @@ from kfopt.convert import to_tflite
 from kfopt.errors import KfoptError
 from kfopt.models import copy_model
 from kfopt.sparsity import weight_sparsity
-from kfopt.training import classifier_loss, fine_tune
+from kfopt.training import fine_tune, task_loss
 
 from .prune import check_layer_names
 from .spec import hookimpl
@@ -104,8 +104,8 @@ def _quantization_aware(source, config: Quantize.Config, ctx: StepContext, input
         if preserve
         else quant.default_8bit.Default8BitQuantizeScheme()
     )
-    # Decide the loss from the plain model: quantize wrappers hide the softmax.
-    loss = classifier_loss(source)
+    # The model's compiled loss, else the task's; decided on the plain model (wrappers hide the activation).
+    loss = task_loss(source, ctx)
     floats = set(config.float_layers)
     with ctx.strategy.scope():
         copy = copy_model(source)  # never train the caller's layers

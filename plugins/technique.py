@@ -8,9 +8,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import pydantic
+
+if TYPE_CHECKING:
+    from kfopt.task import Task
 
 #: Model formats kfopt knows how to load, evaluate and save.
 FORMATS = ("keras", "tflite", "saved_model")
@@ -214,6 +217,9 @@ class StepContext:
     device: str = "cpu"
     progress: Any = None
     num_classes: int | None = None
+    #: The user's task (kfopt.task.Task: kind, outputs, logits, metric, compiled loss), read from the baseline and
+    #: the data; fine-tuning picks its loss from it (kfopt.training.task_loss). None: read from the model when needed.
+    task: Task | None = None
     _strategy: Any = field(default=None, repr=False)
 
     @property
