@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import importlib.metadata
 import json
 import os
 import re
@@ -1416,6 +1417,87 @@ def test_the_chart_command_starts_a_real_mlflow_server_that_asks_for_a_login(tmp
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+# -- the image: the same tag holds the same versions -----------------------------------------------------
+CONSTRAINTS = ROOT / "constraints.txt"
+GPU_SECTION = "# VARIANT=gpu"
+CONSTRAINTS_HEADER = """\
+# The exact versions of everything the kfopt image installs (Dockerfile: pip install -c constraints.txt),
+# the ones kfopt's tests run with: `.venv/bin/pip freeze --exclude-editable` filtered to the distributions
+# `pip install ".[server]"` brings in. A tag built from this file always holds the same packages (pip,
+# setuptools and wheel come with the base image: pin it with --build-arg BASE=python:3.11-slim@sha256:...).
+# After a dependency change in pyproject.toml (and `make install`), regenerate the part above the GPU section:
+#   KFOPT_WRITE_CONSTRAINTS=1 .venv/bin/pytest -q tests/test_chart.py -k constraints
+"""
+
+
+def image_pins() -> list[str]:
+    """`pip freeze --exclude-editable` lines of every distribution that `pip install ".[server]"` installs.
+
+    The set is pyproject's dependencies and server extra, closed over the installed distributions'
+    requirements (markers evaluated here: Linux, the image's Python).
+    """
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["server"]]
+    needed, seen = set(), set()
+    while todo:
+        requirement = todo.pop()
+        key = (canonicalize_name(requirement.name), frozenset(requirement.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        needed.add(key[0])
+        for line in importlib.metadata.distribution(requirement.name).requires or []:
+            sub = Requirement(line)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in requirement.extras | {""}):
+                todo.append(sub)
+    freeze = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    return sorted(
+        (line for line in freeze if "==" in line and canonicalize_name(line.split("==")[0]) in needed),
+        key=lambda line: canonicalize_name(line.split("==")[0]),
+    )
+
+
+def test_constraints_pin_every_distribution_the_image_installs_at_the_tested_versions():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    cpu, gpu = CONSTRAINTS.read_text().split(GPU_SECTION)
+    expected = image_pins()
+    if os.environ.get("KFOPT_WRITE_CONSTRAINTS"):
+        CONSTRAINTS.write_text(CONSTRAINTS_HEADER + "\n".join(expected) + "\n\n" + GPU_SECTION + gpu)
+        cpu = CONSTRAINTS.read_text().split(GPU_SECTION)[0]
+    pinned = [line for line in cpu.splitlines() if line and not line.startswith("#")]
+    assert pinned == expected, (
+        f"constraints.txt is not what the image installs at the tested versions: missing or changed "
+        f"{sorted(set(expected) - set(pinned))}, extra {sorted(set(pinned) - set(expected))}. Regenerate it: "
+        "KFOPT_WRITE_CONSTRAINTS=1 .venv/bin/pytest -q tests/test_chart.py -k constraints"
+    )
+    assert any(line.startswith(("mlflow==", "tensorflow==", "kfp==", "flask-wtf==")) for line in pinned)
+    # VARIANT=gpu: TensorFlow's CUDA libraries, pinned inside the ranges the pinned TensorFlow asks for.
+    gpu_pins = dict(line.split("==") for line in gpu.splitlines() if "==" in line and not line.startswith("#"))
+    cuda = [
+        Requirement(line)
+        for line in importlib.metadata.distribution("tensorflow").requires
+        if Requirement(line).marker
+        and Requirement(line).marker.evaluate({"extra": "and-cuda"})
+        and not Requirement(line).marker.evaluate({"extra": ""})
+    ]
+    assert cuda and {canonicalize_name(r.name) for r in cuda} == set(gpu_pins)
+    for requirement in cuda:
+        assert requirement.specifier.contains(gpu_pins[canonicalize_name(requirement.name)]), requirement
+    # Both variants install through the constraints.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY pyproject.toml README.md constraints.txt ./" in dockerfile
+    assert re.search(r'cpu\) pip install -c constraints.txt "\.\[server\]" ;;', dockerfile)
+    assert re.search(r'gpu\) pip install -c constraints.txt "\.\[server\]" "tensorflow\[and-cuda\]" ;;', dockerfile)
 
 
 # -- kfopt publish ---------------------------------------------------------------------------------------
