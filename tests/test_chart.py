@@ -654,6 +654,8 @@ def test_network_policy_is_on_by_default_and_admits_only_the_release_and_the_pip
     assert not render({"mlflow": {"networkPolicy": {"enabled": False}}}).all("NetworkPolicy")
     notes = render({"mlflow": {"ingress": {"enabled": True}}}).notes
     assert "the Ingress cannot reach the server until your ingress controller's namespace is in" in notes
+    metrics = {"enabled": True, "serviceMonitor": {"enabled": True, "basicAuthSecret": "prometheus"}}
+    assert "Prometheus cannot scrape /metrics until" in render({"mlflow": {"metrics": metrics}}).notes
 
 
 def test_ingress_host_is_an_allowed_host_of_the_server():
