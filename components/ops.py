@@ -31,6 +31,7 @@ def prepare(
     seed: int,
     epochs: int,
     unsafe: bool,
+    metric: str,
     baseline: Output[Model],
     dataset: Output[Dataset],
     metrics: Output[Metrics],
@@ -44,7 +45,8 @@ def prepare(
         seed: Seed for data splits and training.
         epochs: Epochs to train a demo baseline.
         unsafe: Allow models with Lambda layers.
-        baseline: The baseline (model.keras) and baseline.json with its metrics.
+        metric: The budgeted metric (accuracy, mae, ...); empty: the task's default.
+        baseline: The baseline (model.keras) and baseline.json with its metrics, task and metric.
         dataset: The data spec (data.json), with a copy of an .npz source.
         metrics: The baseline's metrics, for the KFP UI.
         status: How the step went (kfopt.components.status.StepStatus as JSON).
@@ -55,8 +57,18 @@ def prepare(
         from kfopt.components.ops import log_metrics
         from kfopt.components.steps import prepare_step
 
-        record = prepare_step(model, data, baseline.path, dataset.path, seed=seed, epochs=epochs, unsafe=unsafe)
-        baseline.metadata.update({"format": "keras", "source": model, "accuracy": record["metrics"]["accuracy"]})
+        record = prepare_step(
+            model, data, baseline.path, dataset.path, seed=seed, epochs=epochs, unsafe=unsafe, metric=metric or None
+        )
+        baseline.metadata.update(
+            {
+                "format": "keras",
+                "source": model,
+                "accuracy": record["metrics"].get("accuracy"),
+                "metric_name": record["metrics"].get("metric_name"),
+                "metric": record["metrics"].get("metric"),
+            }
+        )
         dataset.metadata.update({"source": data})
         log_metrics(metrics, record["metrics"])
 
@@ -349,7 +361,7 @@ def describe(candidate, record) -> None:
     candidate.metadata.update(
         {
             k: record[k]
-            for k in ("recipe", "status", "format", "accuracy", "gzip_bytes", "latency_p50_ms")
+            for k in ("recipe", "status", "format", "accuracy", "metric_name", "metric", "gzip_bytes", "latency_p50_ms")
             if record.get(k) is not None
         }
     )

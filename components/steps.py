@@ -55,12 +55,15 @@ def prepare_step(
     seed: int = 0,
     epochs: int = 40,
     unsafe: bool = False,
+    metric: str | None = None,
     reporter: Reporter | None = None,
 ) -> dict:
     """Load (or train, for ``demo:*``) the baseline, measure it, and store it and the data spec.
 
     ``model`` may also be a URI (``gs://...``) that ``tf.io.gfile`` can read.
-    Returns the content of ``baseline.json``.
+    ``metric`` is the budgeted metric (None: the task's default); the task the
+    Evaluator read (``task``, with the model's compiled loss) is stored so every
+    later step scores and fine-tunes the same way. Returns the content of ``baseline.json``.
     """
     from kfopt.engine import prepare
     from kfopt.evaluate import Evaluator
@@ -79,7 +82,8 @@ def prepare_step(
         )
         handle.save(baseline_dir)
         reporter.say("Measuring the baseline")
-        metrics = Evaluator(dataset, handle, Path(tmp) / "reference").baseline_metrics()
+        evaluator = Evaluator(dataset, handle, Path(tmp) / "reference", metric=metric)
+        metrics = evaluator.baseline_metrics()
     _store_data(data, data_dir, dataset.validation_from)
     baseline = {
         "model": model,
@@ -87,6 +91,7 @@ def prepare_step(
         "seed": seed,
         "unsafe": unsafe,
         "input_shape": list(dataset.input_shape),
+        "task": evaluator.task.as_dict(),
         "metrics": metrics,
     }
     write_json(baseline_dir / BASELINE_FILE, baseline)
@@ -144,7 +149,10 @@ def load_baseline(baseline_dir):
 
     info = read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
     path = Path(baseline_dir) / BASELINE_MODEL
-    return ModelHandle("keras", keras_model=load_keras(path, unsafe=info.get("unsafe", False)), path=path), info
+    # The saved baseline has no compile configuration: its compiled loss travels in baseline.json's task.
+    loss = (info.get("task") or {}).get("loss")
+    model = load_keras(path, unsafe=info.get("unsafe", False))
+    return ModelHandle("keras", keras_model=model, path=path, info={"loss": loss} if loss else None), info
 
 
 # -- optimize / evaluate -----------------------------------------------------------
@@ -154,6 +162,12 @@ class _Unmeasured:
     It keeps the facts a saved artifact cannot tell (``ModelHandle.info``) so
     the evaluate step can measure the model exactly as run_recipe would have.
     """
+
+    def __init__(self, info: dict):
+        from kfopt.task import Task
+
+        # The task the prepare step read: fine-tuning picks its loss from it (run_recipe passes it on).
+        self.task = Task.from_dict(info["task"]) if info.get("task") else None
 
     def evaluate(self, handle) -> dict:
         return {"format": handle.format, "info": dict(handle.info)}
@@ -198,7 +212,7 @@ def optimize_step(
         baseline, info = load_baseline(baseline_dir)
         dataset = load_step_data(data_dir, info["input_shape"], seed)
         with tempfile.TemporaryDirectory(prefix="kfopt-optimize-") as tmp:
-            evaluator = _evaluator(dataset, baseline, Path(tmp) / "reference") if measure else _Unmeasured()
+            evaluator = _evaluator(dataset, baseline, Path(tmp) / "reference", info) if measure else _Unmeasured(info)
             candidate = run_recipe(
                 parsed, planned, baseline, dataset, evaluator, Path(tmp) / "candidate", seed=seed, reporter=reporter
             )
@@ -240,7 +254,7 @@ def evaluate_step(
                 with tempfile.TemporaryDirectory(prefix="kfopt-evaluate-") as tmp:
                     # The format the technique declared, not one guessed from the file name.
                     handle = ModelHandle(candidate.format, path=path, info=info)
-                    candidate.record(_evaluator(dataset, baseline, Path(tmp)).evaluate(handle))
+                    candidate.record(_evaluator(dataset, baseline, Path(tmp), baseline_info).evaluate(handle))
                 candidate.measured = True
             candidate.artifact = str(path)
         except Exception as exc:
@@ -262,10 +276,11 @@ def read_candidate(directory) -> Candidate:
     return Candidate.model_validate(read_json(Path(directory) / CANDIDATE_FILE, "candidate record"))
 
 
-def _evaluator(dataset, baseline, workdir):
+def _evaluator(dataset, baseline, workdir, info: dict):
+    """The Evaluator of a step: the metric the prepare step chose (``info`` is baseline.json)."""
     from kfopt.evaluate import Evaluator
 
-    return Evaluator(dataset, baseline, workdir)
+    return Evaluator(dataset, baseline, workdir, metric=(info.get("task") or {}).get("metric"))
 
 
 def _copy_model(source: Path, directory: Path) -> Path:

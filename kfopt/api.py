@@ -35,8 +35,9 @@ def optimize(
     recipe: str = "quantize(mode=int8)",
     *,
     out: str | os.PathLike | None = None,
-    max_accuracy_drop: float = 0.01,
+    max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
+    metric: str | None = None,
     seed: int = 0,
     epochs: int = 40,
     unsafe: bool = False,
@@ -56,7 +57,13 @@ def optimize(
             (an .npz path, ``py:module:function``, ``digits``).
         recipe: inline (``prune(target_sparsity=0.8)>quantize(mode=int8)``) or a recipe YAML file.
         out: the run directory (default ``runs/<model>-<time>``).
-        max_accuracy_drop, objective: the budget and what "best" means (``size``, ``latency``, ``mix:W``).
+        max_accuracy_drop: the budget: the largest drop of ``metric`` a winner may have, absolute
+            (``0.01``) or relative to the baseline's value (``"1%"``). A drop is always a loss: for an
+            error like ``mae`` it is the candidate's minus the baseline's.
+        objective: what "best" means within the budget (``size``, ``latency``, ``mix:W``).
+        metric: the budgeted metric (``accuracy``, ``binary_accuracy``, ``top_k_accuracy``, ``macro_f1``,
+            ``auc``, ``mae``, ``rmse`` or a plugin's); None: the task's default (accuracy for a
+            multi-class model, binary_accuracy for binary and multi-label, mae for regression).
         registered_model, tracking_uri, experiment: log to MLflow and register the winner.
         tracking: False never logs to MLflow; None (default) logs when one of the three above is
             given or ``MLFLOW_TRACKING_URI`` is set.
@@ -86,6 +93,7 @@ def optimize(
         epochs=epochs,
         max_accuracy_drop=max_accuracy_drop,
         objective=objective,
+        metric=metric,
         reporter=Reporter(enabled=progress),
         tracking=settings,
     )
@@ -97,8 +105,9 @@ def search(
     *,
     recipes: str | os.PathLike | list[str] | None = None,
     out: str | os.PathLike | None = None,
-    max_accuracy_drop: float = 0.01,
+    max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
+    metric: str | None = None,
     rounds: int = 1,
     max_trials: int = 4,
     max_time: float | None = None,
@@ -113,7 +122,8 @@ def search(
     """Search for the smallest (or fastest) model within the budget: round 1, then refinement rounds.
 
     Args:
-        model, data, out, max_accuracy_drop, objective, seed, epochs, unsafe, progress: as in :func:`optimize`.
+        model, data, out, max_accuracy_drop, objective, metric, seed, epochs, unsafe, progress: as in
+            :func:`optimize`.
         recipes: the round-1 recipes (a list of inline recipes or a search YAML file; default: the
             built-in search space).
         rounds: refinement rounds after round 1, each at most ``max_trials`` recipes; ``max_time``
@@ -137,6 +147,7 @@ def search(
         max_time=max_time,
         max_accuracy_drop=max_accuracy_drop,
         objective=objective,
+        metric=metric,
         target=target,
         stop_when_met=stop_when_met,
         seed=seed,

@@ -24,7 +24,16 @@ REGISTERED_MODEL_HELP = (
     "Register the winner as a new version of this MLflow model (alias challenger) and "
     "move alias champion to it if it beats the current champion."
 )
-MAX_DROP_HELP = "Accuracy budget: largest accuracy loss allowed, vs the baseline and vs the champion (a fraction)."
+MAX_DROP_HELP = (
+    "Budget: the largest drop of --metric allowed, vs the baseline and vs the champion: absolute, in the "
+    "metric's units (0.01 = one point of accuracy; 0.5 = half a unit more mae), or relative to the baseline's "
+    "value with a % suffix (1%)."
+)
+METRIC_HELP = (
+    "The budgeted metric: accuracy, binary_accuracy, top_k_accuracy, macro_f1, auc, mae, rmse, or a plugin's "
+    "[default: by the task read from the model and labels: accuracy (multi-class), binary_accuracy (binary, "
+    "multi-label), mae (regression)]."
+)
 OBJECTIVE_HELP = (
     "What 'better than the champion' means: smaller gzip_bytes (size), latency_p50_ms (latency), or "
     "gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5)."
@@ -50,6 +59,38 @@ class _Objective(click.ParamType):
 
 
 OBJECTIVE = _Objective()
+
+
+class _Budget(click.ParamType):
+    """An absolute drop (0.01) or a relative one (1%), checked by kfopt.select.Budget."""
+
+    name = "drop|N%"
+
+    def __init__(self, relative: bool = True):
+        self.relative = relative
+
+    def convert(self, value, param, ctx):
+        from .select import Budget
+
+        if value is None:
+            return value
+        try:
+            budget = Budget.parse(value)
+        except KfoptError as exc:
+            self.fail(exc.one_line(), param, ctx)
+        if budget.relative and not self.relative:
+            self.fail(
+                f"a relative budget ({value}) is not a pipeline parameter (the pipeline takes an absolute drop). "
+                "Fix: pass an absolute drop, e.g. 0.01, or run `kfopt search` with the relative budget.",
+                param,
+                ctx,
+            )
+        return budget.value
+
+
+BUDGET = _Budget()
+#: For the pipeline (`kfopt run`, `kfopt submit`): its max_accuracy_drop parameter is a number.
+ABSOLUTE_BUDGET = _Budget(relative=False)
 
 
 def tracking_options(command):
@@ -140,7 +181,8 @@ def plugins(as_json: bool) -> None:
 @click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
 @click.option("--registered-model", default=None, help=REGISTERED_MODEL_HELP)
 @tracking_options
-@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP)
+@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=BUDGET, help=MAX_DROP_HELP)
+@click.option("--metric", default=None, help=METRIC_HELP)
 @click.option("--objective", type=OBJECTIVE, default="size", show_default=True, help=OBJECTIVE_HELP)
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow, even when MLFLOW_TRACKING_URI is set.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -157,6 +199,7 @@ def optimize(
     tracking_uri,
     experiment,
     max_accuracy_drop,
+    metric,
     objective,
     no_tracking,
     as_json,
@@ -184,6 +227,7 @@ def optimize(
         epochs=epochs,
         max_accuracy_drop=max_accuracy_drop,
         objective=objective,
+        metric=metric,
         registered_model=registered_model,
         tracking_uri=tracking_uri,
         experiment=experiment,
@@ -244,7 +288,7 @@ def _decision_line(registered: dict) -> str:
 @click.option(
     "--max-accuracy-drop",
     default=None,
-    type=click.FloatRange(0, 1),
+    type=BUDGET,
     help=MAX_DROP_HELP + " [default: the run's, else 0.01]",
 )
 @click.option("--objective", type=OBJECTIVE, default=None, help=OBJECTIVE_HELP + " [default: the run's, else size]")
@@ -431,8 +475,9 @@ def _run_parameter_options(command):
             click.option("--model", "-m", default="demo:mlp", show_default=True, help=MODEL_HELP),
             click.option("--data", "-d", default="digits", show_default=True, help=DATA_HELP),
             click.option(
-                "--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP
+                "--max-accuracy-drop", default=0.01, show_default=True, type=ABSOLUTE_BUDGET, help=MAX_DROP_HELP
             ),
+            click.option("--metric", default=None, help=METRIC_HELP),
             click.option("--objective", type=OBJECTIVE, default="size", show_default=True, help=SELECT_OBJECTIVE_HELP),
             click.option("--registered-model", default=None, help=PIPELINE_REGISTERED_HELP),
             click.option("--tracking-uri", default=None, help=TRACKING_URI_HELP),
@@ -479,6 +524,7 @@ def run(
     model,
     data,
     max_accuracy_drop,
+    metric,
     objective,
     registered_model,
     tracking_uri,
@@ -544,6 +590,7 @@ def run(
         data=data,
         max_accuracy_drop=max_accuracy_drop,
         objective=objective,
+        metric=metric,
         registered_model=registered_model or "",
         tracking_uri=tracking_uri or "",
         experiment=experiment,
@@ -598,19 +645,21 @@ def _print_result(result: dict) -> None:
     selection = result.get("selection") or {}
     budget = selection.get("max_accuracy_drop")
     winner = result.winning_candidate
+    metric = selection.get("budget_metric") or "accuracy"
     if winner:
         where = f"round {winner['round']}, " if result.get("search") else ""
         why = f"; why: {winner['why']}" if winner.get("round", 1) > 1 and winner.get("why") else ""
         click.echo(
-            f"Winner ({where}{selection.get('objective')}: lowest {selection.get('metric')} within an accuracy "
-            f"drop of {budget} on the validation and test splits): {winner['recipe']}: accuracy {winner['accuracy']:.4f} "
-            f"(test drop {winner['accuracy_drop'] * 100:+.2f} pt), {winner['gzip_bytes'] / 1024:,.1f} KB gzipped "
+            f"Winner ({where}{selection.get('objective')}: lowest {selection.get('metric')} within {_a(metric)} "
+            f"drop of {budget} on the validation and test splits): {winner['recipe']}: {_quality_text(winner)}, "
+            f"{winner['gzip_bytes'] / 1024:,.1f} KB gzipped "
             f"({winner['compression_ratio']:.1f}x smaller), p50 {winner['latency_p50_ms']:.4f} ms "
             f"({winner['speedup']:.2f}x faster){why}"
         )
     else:
         click.echo(
-            f"No winner: no candidate finished within an accuracy drop of {budget} on both the validation and the test split."
+            f"No winner: no candidate finished within {_a(metric)} drop of {budget} on both the validation and the "
+            "test split."
         )
     search = result.get("search")
     if search:
@@ -624,6 +673,19 @@ def _print_result(result: dict) -> None:
                     f"note: the winner reaches {name} {reached or 0:.1f}x, short of the target {search['target']:g}x "
                     "on the test split (the search decides on the validation split; see the val and test drops)."
                 )
+
+
+def _a(metric: str) -> str:
+    return f"{'an' if metric[:1] in 'aeiou' else 'a'} {metric}"
+
+
+def _quality_text(candidate) -> str:
+    """``accuracy 0.9700 (test drop +0.20 pt)``, or for another metric ``mae 0.4100 (test drop +0.0300)``."""
+    name, value, drop = candidate.get("metric_name"), candidate.get("metric"), candidate.get("metric_drop")
+    if name is None or name == "accuracy":
+        name, value, drop = "accuracy", candidate.get("accuracy"), candidate.get("accuracy_drop")
+        return f"accuracy {value:.4f} (test drop {drop * 100:+.2f} pt)"
+    return f"{name} {value:.4f} (test drop {drop:+.4f})"
 
 
 def _print_run(result: dict) -> None:
@@ -674,7 +736,8 @@ def _file_url(path) -> str:
     help="Directory for the baseline, every candidate and metrics.json (with search_trace).",
 )
 @_rounds_option
-@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=click.FloatRange(0, 1), help=MAX_DROP_HELP)
+@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=BUDGET, help=MAX_DROP_HELP)
+@click.option("--metric", default=None, help=METRIC_HELP)
 @click.option(
     "--objective",
     type=OBJECTIVE,
@@ -701,6 +764,7 @@ def search_(
     max_trials,
     max_time,
     max_accuracy_drop,
+    metric,
     objective,
     target_compression,
     stop_when_met,
@@ -735,6 +799,7 @@ def search_(
         max_time=max_time,
         max_accuracy_drop=max_accuracy_drop,
         objective=objective,
+        metric=metric,
         target=target_compression,
         stop_when_met=stop_when_met,
         seed=seed,
@@ -818,6 +883,7 @@ def submit(
     model,
     data,
     max_accuracy_drop,
+    metric,
     objective,
     registered_model,
     tracking_uri,
@@ -870,6 +936,7 @@ def submit(
             "data": data,
             "max_accuracy_drop": max_accuracy_drop,
             "objective": objective,
+            "metric": metric or "",
             "registered_model": registered_model or "",
             "tracking_uri": tracking_uri or "",
             "experiment": mlflow_experiment,

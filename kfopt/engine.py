@@ -22,7 +22,7 @@ from .progress import Reporter
 from .recipe import Recipe, parse_recipe, plan
 from .result import Baseline, Candidate, RunResult
 from .rundir import writable_dir
-from .task import Task
+from .task import Task, compiled_loss_info
 
 
 def prepare(
@@ -51,7 +51,7 @@ def prepare(
         reporter.say(f"Training baseline {model} on {dataset.source} ({len(dataset.train)} training samples)")
         keras_model = train_demo(model, ctx, epochs=epochs)
         return ModelHandle.from_keras(keras_model), dataset
-    return ModelHandle.from_keras(load_keras(model, unsafe=unsafe)), dataset
+    return ModelHandle.from_keras(load_keras(model, unsafe=unsafe), info=compiled_loss_info(model)), dataset
 
 
 def context(
@@ -143,8 +143,9 @@ def optimize(
     seed: int = 0,
     unsafe: bool = False,
     epochs: int = 40,
-    max_accuracy_drop: float = 0.01,
+    max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
+    metric: str | None = None,
     extra_plugins=(),
     reporter: Reporter | None = None,
     tracking: dict | None = None,
@@ -154,7 +155,8 @@ def optimize(
     Everything the user can get wrong (recipe, configs, formats, output dir,
     model, data, tracking URI, budget, objective) is checked before any
     training starts. The candidate is the winner only when :func:`kfopt.select.select`
-    says so, like in a search: within ``max_accuracy_drop`` and measured on ``objective``.
+    says so, like in a search: within ``max_accuracy_drop`` (a drop of ``metric``, the task's
+    default when None; ``"1%"`` for a relative drop) and measured on ``objective``.
     ``tracking`` holds keyword arguments of :func:`kfopt.observers.observer_context`
     (``registered_model``, ``tracking_uri``, ``experiment``, ...); MLflow
     trouble never raises: it shows as ``result.tracking.status == "failed"``.
@@ -165,6 +167,8 @@ def optimize(
     reporter = reporter or Reporter(enabled=False)
     parsed = parse_recipe(recipe)
     techniques = registry(extra_plugins)
+    if metric is not None:
+        techniques.metric(metric)  # an unknown metric name fails before any work
     planned = plan(parsed, techniques)
     out = writable_dir(out)
     settings = {**(tracking or {}), "max_accuracy_drop": max_accuracy_drop, "objective": objective}
@@ -174,7 +178,7 @@ def optimize(
     )
     baseline, dataset = prepare(model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out)
     baseline.save(out / "baseline")
-    evaluator = Evaluator(dataset, baseline, out / "baseline")
+    evaluator = Evaluator(dataset, baseline, out / "baseline", metric=metric, metrics=techniques.metrics)
     reporter.say("Measuring the baseline")
     result = start_result(model, describe(data), seed, baseline, evaluator)
     candidate = run_recipe(
@@ -200,7 +204,9 @@ def start_result(model: str, data: str, seed: int, baseline: ModelHandle, evalua
     )
 
 
-def finish_result(result: RunResult, evaluator: Evaluator, *, max_accuracy_drop: float, objective: str) -> RunResult:
+def finish_result(
+    result: RunResult, evaluator: Evaluator, *, max_accuracy_drop: float | str, objective: str
+) -> RunResult:
     """Record the baseline's references and decide the winner with :func:`kfopt.select.select`."""
     from .select import select
 

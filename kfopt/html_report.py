@@ -15,6 +15,7 @@ import html
 import io
 
 from .report import COLUMNS as METRIC_COLUMNS
+from .report import budgeted_metric, columns_for
 from .result import RunResult
 from .select import OBJECTIVES, objective_metric, pareto_front
 
@@ -25,6 +26,9 @@ COLUMNS = (("format", "format", None), *METRIC_COLUMNS)
 VAL_DROP = ("val_accuracy_drop", "val drop", "{:+.4f}")
 #: Which split a column's number comes from; other columns do not depend on the data split.
 SPLITS = {
+    "metric": "test",
+    "metric_drop": "test",
+    "val_metric_drop": "validation",
     "accuracy": "test",
     "accuracy_drop": "test",
     "agreement": "test",
@@ -77,15 +81,14 @@ def render_html(result: RunResult | dict, plots: dict[str, bytes] | None = None)
     budget = selection.get("max_accuracy_drop")
     winner = result.get("winner")
     title = f"kfopt: {result.get('model')} on {result.get('data')}"
+    metric = budgeted_metric(result)
     parts = [
         "<!DOCTYPE html>",
         f"<html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         "<p>",
         f"Objective: <b>{_e(objective)}</b> (lowest {_e(objective_metric(objective))})",
-        f"; accuracy budget: at most <b>{budget:.4f}</b> below the baseline on the test split"
-        if budget is not None
-        else "",
+        _budget_text(metric, budget, result.get("baseline") or {}) if budget is not None else "",
         f"; winner: <b>{_e(winner)}</b>." if winner else "; <b>no candidate is within the budget</b>.",
         "</p>",
         _search_summary(result.get("search")),
@@ -130,12 +133,24 @@ def _search_summary(search: dict | None) -> str:
     )
 
 
+def _budget_text(metric: str, budget, baseline: dict) -> str:
+    if metric == "accuracy" and not isinstance(budget, str):
+        return f"; accuracy budget: at most <b>{budget:.4f}</b> below the baseline on the test split"
+    task = f" ({_e(baseline['task'])} task)" if baseline.get("task") else ""
+    shown = budget if isinstance(budget, str) else f"{budget:.4g}"
+    of = " of the baseline's value" if isinstance(budget, str) else ""
+    return f"; budget: a <b>{_e(metric)}</b>{task} drop of at most <b>{_e(shown)}</b>{of} on the test split"
+
+
 def candidates_table(result: dict) -> str:
     candidates = result.get("candidates", [])
     pareto = set(result.get("pareto") or [])
-    metrics = list(COLUMNS)
-    if any("val_accuracy_drop" in c for c in candidates):
-        metrics.insert(next(i for i, c in enumerate(metrics) if c[0] == "accuracy_drop"), VAL_DROP)
+    name = budgeted_metric(result)
+    metrics = [("format", "format", None), *columns_for(result)]
+    val_drop = VAL_DROP if name == "accuracy" else ("val_metric_drop", f"val {name} drop", "{:+.4f}")
+    drop_key = "accuracy_drop" if name == "accuracy" else "metric_drop"
+    if any(c.get(val_drop[0]) is not None for c in candidates):
+        metrics.insert(next(i for i, c in enumerate(metrics) if c[0] == drop_key), val_drop)
     rounds = [("round", "round", None)] if any("round" in c for c in candidates) else []
     columns = [
         ("#", "#", None),
@@ -178,9 +193,14 @@ def candidates_table(result: dict) -> str:
 
 def _candidates_note(result: dict) -> str:
     candidates = result.get("candidates", [])
+    name = budgeted_metric(result)
     note = (
         "accuracy, drop and agree are measured on the <b>test split</b>, as are the plots; "
         "drop and the budget are against the baseline's test accuracy."
+        if name == "accuracy"
+        else f"{_e(name)} (the budgeted metric) and its drop are measured on the <b>test split</b>, as are the "
+        f"plots; a drop is how much worse than the baseline the candidate is (positive: worse), and the "
+        "budget bounds it."
     )
     if any("val_accuracy_drop" in c for c in candidates):
         note += (
@@ -237,15 +257,19 @@ def pareto_plots(result: RunResult | dict) -> dict[str, bytes]:
 
 
 def plot_png(result: RunResult, metric: str, label: str) -> bytes:
-    """A PNG scatter plot of accuracy against ``metric``: candidates, Pareto front, winner, baseline, budget."""
+    """A PNG scatter plot of the budgeted metric (accuracy, mae, ...) against ``metric``: candidates, Pareto front,
+    winner, baseline, budget."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    name = budgeted_metric(result)
+    y = "accuracy" if name == "accuracy" else "metric"
 
     # Points are labelled with their row number in the table: recipe labels are too long for a plot.
     numbered = [
         (n, c)
         for n, c in enumerate(result.get("candidates", []), start=1)
-        if c.get("status") == "ok" and c.get(metric) is not None
+        if c.get("status") == "ok" and c.get(metric) is not None and c.get(y) is not None
     ]
     candidates = [c for _, c in numbered]
     figure = Figure(figsize=(6.4, 4.4), dpi=100)
@@ -256,29 +280,29 @@ def plot_png(result: RunResult, metric: str, label: str) -> bytes:
         on_front = candidate["recipe"] in front
         ax.scatter(
             candidate[metric],
-            candidate["accuracy"],
+            candidate[y],
             s=40 if on_front else 25,
             color="tab:blue" if on_front else "tab:gray",
             zorder=3,
         )
         ax.annotate(
             str(number),
-            (candidate[metric], candidate["accuracy"]),
+            (candidate[metric], candidate[y]),
             fontsize=7,
             xytext=(4, 3),
             textcoords="offset points",
         )
     line = sorted((c for c in candidates if c["recipe"] in front), key=lambda c: c[metric])
     if line:
-        ax.plot([c[metric] for c in line], [c["accuracy"] for c in line], color="tab:blue", lw=1, label="Pareto front")
+        ax.plot([c[metric] for c in line], [c[y] for c in line], color="tab:blue", lw=1, label="Pareto front")
     winner = result.winning_candidate
-    if winner:
-        ax.scatter(winner[metric], winner["accuracy"], marker="*", s=220, color="tab:green", zorder=4, label="winner")
+    if winner and winner.get(y) is not None:
+        ax.scatter(winner[metric], winner[y], marker="*", s=220, color="tab:green", zorder=4, label="winner")
     baseline = result.get("baseline", {})
-    if baseline.get(metric) is not None and baseline.get("accuracy") is not None:
+    if baseline.get(metric) is not None and baseline.get(y) is not None:
         ax.scatter(
             baseline[metric],
-            baseline["accuracy"],
+            baseline[y],
             marker="X",
             s=80,
             color="black",
@@ -290,7 +314,7 @@ def plot_png(result: RunResult, metric: str, label: str) -> bytes:
             if reference.get(metric) is not None:
                 ax.scatter(
                     reference[metric],
-                    baseline["accuracy"],
+                    baseline[y],
                     marker=marker,
                     s=60,
                     facecolors="none",
@@ -299,13 +323,14 @@ def plot_png(result: RunResult, metric: str, label: str) -> bytes:
                     label=f"baseline as {fmt}",
                 )
     budget = result.get("selection", {}).get("max_accuracy_drop")
-    if budget is not None and baseline.get("accuracy") is not None:
-        ax.axhline(baseline["accuracy"] - budget, color="tab:red", ls="--", lw=1, label="accuracy budget")
+    line_at = _budget_line(result, y, budget)
+    if line_at is not None:
+        ax.axhline(line_at, color="tab:red", ls="--", lw=1, label=f"{name} budget")
     if candidates or baseline.get(metric):
         ax.set_xscale("log")
     ax.set_xlabel(label)
-    ax.set_ylabel("accuracy (test split)")
-    ax.set_title(f"accuracy vs {metric}")
+    ax.set_ylabel(f"{name} (test split)")
+    ax.set_title(f"{name} vs {metric}")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
@@ -313,6 +338,26 @@ def plot_png(result: RunResult, metric: str, label: str) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _budget_line(result, y: str, budget) -> float | None:
+    """Where the budget puts the worst allowed value of the plotted metric (None when it cannot be drawn)."""
+    from .select import Budget
+
+    baseline = result.get("baseline", {})
+    base = baseline.get(y)
+    if budget is None or base is None:
+        return None
+    allowed = Budget.parse(budget)
+    limit = allowed.drop * abs(base) if allowed.relative else allowed.drop
+    if y == "accuracy":
+        return base - limit
+    # Which way is worse: a candidate's value and its drop say it (metric = baseline - drop, or + drop for errors).
+    for candidate in result.get("candidates", []):
+        value, drop = candidate.get("metric"), candidate.get("metric_drop")
+        if value is not None and drop:
+            return base - limit if abs(value - (base - drop)) < abs(value - (base + drop)) else base + limit
+    return None
 
 
 # -- HTML helpers ---------------------------------------------------------------

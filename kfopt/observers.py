@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from .errors import KfoptError
-from .select import check_goal
+from .select import budget_value, check_goal
 
 DEFAULT_EXPERIMENT = "kfopt"
 DEFAULT_MAX_ACCURACY_DROP = 0.01
@@ -51,8 +51,8 @@ class RunContext:
     """MLflow experiment name."""
     registered_model: str | None
     """Registered model the winner becomes a version of; None: nothing is registered."""
-    max_accuracy_drop: float
-    """The accuracy budget: largest accuracy loss allowed, vs the baseline and vs the champion."""
+    max_accuracy_drop: float | str
+    """The budget: largest drop of the budgeted metric allowed (a float, or ``"N%"`` of the baseline's value)."""
     objective: str
     """What "better" means: ``size``, ``latency`` or ``mix:W``."""
     _states: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -98,7 +98,7 @@ def observer_context(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     registered_model: str | None = None,
-    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    max_accuracy_drop: float | str = DEFAULT_MAX_ACCURACY_DROP,
     objective: str = "size",
 ) -> RunContext:
     """The :class:`RunContext` the observer hooks get, with the user's tracking settings.
@@ -119,7 +119,7 @@ def observer_context(
         tracking_uri=tracking_uri,
         experiment=experiment or DEFAULT_EXPERIMENT,
         registered_model=registered_model,
-        max_accuracy_drop=float(max_accuracy_drop),
+        max_accuracy_drop=budget_value(max_accuracy_drop),
         objective=objective,
     )
 

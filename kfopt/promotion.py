@@ -21,7 +21,17 @@ from . import tracking
 from .errors import KfoptError
 from .observers import DEFAULT_EXPERIMENT, DEFAULT_MAX_ACCURACY_DROP
 from .result import Candidate, Registration, RunResult, Tracking
-from .select import TOLERANCE, check_goal, objective_metric, objective_value, select, why_not_eligible
+from .select import (
+    Budget,
+    budget_value,
+    check_goal,
+    objective_metric,
+    objective_value,
+    quality,
+    select,
+    why_not_eligible,
+    worse_than_champion,
+)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -32,7 +42,7 @@ SETTLE_SECONDS = 1.0
 MAX_ROUNDS = 5
 #: Candidate metrics copied onto the model version as tags, so the registry alone
 #: is enough to judge a later challenger against it.
-VERSION_METRICS = ("accuracy", "accuracy_drop", "gzip_bytes", "latency_p50_ms")
+VERSION_METRICS = ("accuracy", "accuracy_drop", "metric", "metric_drop", "gzip_bytes", "latency_p50_ms")
 
 
 def promote_from(
@@ -122,24 +132,44 @@ def gate(
         return True, "no champion yet"
     name = f"champion v{champion_version}" if champion_version else "the champion"
     ours, theirs = objective_value(challenger, objective), objective_value(champion, objective)
-    missing = [
-        k
-        for k, a, b in (("accuracy", challenger.get("accuracy"), champion.get("accuracy")), (key, ours, theirs))
-        if a is None or b is None
-    ]
+    metric, mine, its = _budgeted(challenger, champion)
+    missing = [k for k, a, b in ((metric, mine, its), (key, ours, theirs)) if a is None or b is None]
     if missing:
         return False, f"cannot compare with {name}: {', '.join(missing)} missing"
-    if challenger["accuracy"] < champion["accuracy"] - max_accuracy_drop - TOLERANCE:
-        return False, (
-            f"accuracy {challenger['accuracy']:.4f} is more than {max_accuracy_drop:g} below "
-            f"{name}'s {champion['accuracy']:.4f}"
-        )
+    budget = str(Budget.parse(max_accuracy_drop))
+    if worse_than_champion(mine, its, max_accuracy_drop=max_accuracy_drop, higher_is_better=_higher_is_better(metric)):
+        return False, f"{metric} {mine:.4f} is more than {budget} {_worse(metric)} {name}'s {its:.4f}"
     if not ours < theirs:
         return False, f"{key} {ours:g} is not below {name}'s {theirs:g}"
-    return True, (
-        f"{key} {ours:g} < {name}'s {theirs:g}, accuracy {challenger['accuracy']:.4f} "
-        f"vs {champion['accuracy']:.4f} (budget {max_accuracy_drop:g})"
-    )
+    return True, f"{key} {ours:g} < {name}'s {theirs:g}, {metric} {mine:.4f} vs {its:.4f} (budget {budget})"
+
+
+def _budgeted(challenger: dict, champion: dict) -> tuple[str, float | None, float | None]:
+    """(metric name, the challenger's value, the champion's value) of the challenger's budgeted metric.
+
+    A champion registered with another metric (or before metrics had names) has no value to compare.
+    """
+    metric = quality(challenger).name
+    if metric == "accuracy":
+        return metric, challenger.get("accuracy"), champion.get("accuracy")
+    same = champion.get("metric_name") == metric
+    return metric, challenger.get("metric"), champion.get("metric") if same else None
+
+
+def _budget_tag(max_accuracy_drop) -> str:
+    value = budget_value(max_accuracy_drop)
+    return value if isinstance(value, str) else repr(float(value))
+
+
+def _higher_is_better(metric: str) -> bool:
+    from .plugins.manager import registry
+
+    found = registry().metrics.get(metric)
+    return found.higher_is_better if found is not None else True
+
+
+def _worse(metric: str) -> str:
+    return "below" if _higher_is_better(metric) else "above"
 
 
 # -- registry -----------------------------------------------------------------------
@@ -175,6 +205,7 @@ def promote(
             "kfopt.format": str(candidate.format),
             "kfopt.run_dir": str(logger.directory.resolve()),
             **{f"kfopt.{k}": repr(float(candidate[k])) for k in VERSION_METRICS if candidate.get(k) is not None},
+            **({"kfopt.metric_name": candidate.metric_name} if candidate.get("metric_name") else {}),
         }
         version = client.create_model_version(
             name,
@@ -196,7 +227,7 @@ def promote(
         "kfopt.reason": reason[:5000],
         "kfopt.previous_champion": previous or "none",
         "kfopt.objective": objective,
-        "kfopt.max_accuracy_drop": repr(float(max_accuracy_drop)),
+        "kfopt.max_accuracy_drop": _budget_tag(max_accuracy_drop),
         "kfopt.decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "kfopt.decided_by": _who(),
         # Last: its presence marks the decision as complete, and a re-run returns it unchanged.
@@ -308,6 +339,8 @@ def _metrics_of(client, name: str, version: str) -> dict:
         except Exception:
             run_metrics = {}
         metrics = {**{k: run_metrics[k] for k in VERSION_METRICS if k in run_metrics}, **metrics}
+    if "kfopt.metric_name" in mv.tags:
+        metrics["metric_name"] = mv.tags["kfopt.metric_name"]
     return metrics
 
 

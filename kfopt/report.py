@@ -62,19 +62,43 @@ COLUMNS = (
 )
 
 
+def budgeted_metric(result: dict) -> str:
+    """The name of the metric the run budgeted (``accuracy`` for records from before metrics had names)."""
+    baseline = result.get("baseline") or {}
+    selection = result.get("selection") or {}
+    return baseline.get("metric_name") or selection.get("budget_metric") or "accuracy"
+
+
+def columns_for(result: dict) -> list[tuple[str, str, str]]:
+    """:data:`COLUMNS`, led by the budgeted metric and its drop when that is not accuracy (headers name it).
+
+    A regression run has no accuracy, agreement or per-class columns (they are None there).
+    """
+    name = budgeted_metric(result)
+    if name == "accuracy":
+        return list(COLUMNS)
+    classifier = (result.get("baseline") or {}).get("accuracy") is not None
+    quality = [("metric", name, "{:.4f}"), ("metric_drop", f"{name} drop", "{:+.4f}")]
+    if classifier:
+        quality += [("accuracy", "accuracy", "{:.4f}"), ("accuracy_drop", "acc drop", "{:+.4f}")]
+        quality += [("agreement", "agree", "{:.3f}")]
+    return quality + [c for c in COLUMNS if c[0] not in ("accuracy", "accuracy_drop", "agreement")]
+
+
 def results_table(result: dict) -> Table:
     """Baseline and candidates, one row each; ratios are against the baseline in the candidate's format."""
     table = Table(title=f"kfopt: {result.get('model')} on {result.get('data')} (test split)")
     table.add_column("model")
     table.add_column("format")
     table.add_column("status")
-    for _, header, _ in COLUMNS:
+    columns = columns_for(result)
+    for _, header, _ in columns:
         table.add_column(header, justify="right")
     rows = [("baseline", {**result["baseline"], "status": "ok"})]
     rows += [(c["recipe"], c) for c in result["candidates"]]
     for label, row in rows:
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             value = row.get(key)
             if value is None:
                 cells.append("-")
@@ -120,24 +144,39 @@ def search_table(result: dict) -> Table:
     Recipes are shown whole (folded over lines, never cut) and escaped, so a
     printed recipe can be copied back into a command line.
     """
+    name = budgeted_metric(result)
+    # Accuracy drops read as points (x100); another metric's drops in its own units.
+    points = name == "accuracy"
+    value_key, drop_key, val_key = (
+        ("accuracy", "accuracy_drop", "val_accuracy_drop")
+        if points
+        else (
+            "metric",
+            "metric_drop",
+            "val_metric_drop",
+        )
+    )
     table = Table(
-        title=f"kfopt: {result.get('model')} on {result.get('data')} (drops in accuracy points; the "
+        title=f"kfopt: {result.get('model')} on {result.get('data')} (drops in "
+        f"{'accuracy points' if points else name}; the "
         f"search chose on the validation split, the winner * is checked on the test split)"
     )
     table.add_column("round", justify="right")
     table.add_column("recipe", overflow="fold", ratio=1, min_width=28)
     table.add_column("status", overflow="fold", max_width=24, min_width=8)
-    for col in ("val drop", "test drop", "test acc", "KB gz", "compression", "p50 ms", "speedup", "secs"):
+    test_value = "test acc" if points else f"test {name}"
+    for col in ("val drop", "test drop", test_value, "KB gz", "compression", "p50 ms", "speedup", "secs"):
         table.add_column(col, justify="right")
+    scale, fmt = (100, "{:+.2f}") if points else (1, "{:+.4f}")
     base = result.get("baseline") or {}
-    if base.get("accuracy") is not None:
+    if base.get(value_key) is not None:
         table.add_row(
             "",
             "baseline",
             base.get("format", ""),
             "",
             "",
-            f"{base['accuracy']:.4f}",
+            f"{base[value_key]:.4f}",
             f"{base['gzip_bytes'] / 1024:,.1f}" if base.get("gzip_bytes") else "",
             "1.0x",
             f"{base['latency_p50_ms']:.4f}" if base.get("latency_p50_ms") else "",
@@ -155,14 +194,14 @@ def search_table(result: dict) -> Table:
             )
             continue
         mark = "*" if c["recipe"] == result.get("winner") else ""
-        val = c.get("val_accuracy_drop")
+        val, drop, value = c.get(val_key), c.get(drop_key), c.get(value_key)
         table.add_row(
             str(c.get("round", "")),
             mark + escape(c["recipe"]),
             "ok" if c.get("within_budget") else "over budget",
-            "-" if val is None else f"{val * 100:+.2f}",
-            f"{c['accuracy_drop'] * 100:+.2f}",
-            f"{c['accuracy']:.4f}",
+            "-" if val is None else fmt.format(val * scale),
+            "-" if drop is None else fmt.format(drop * scale),
+            "-" if value is None else f"{value:.4f}",
             f"{c['gzip_bytes'] / 1024:,.1f}",
             f"{c['compression_ratio']:.1f}x",
             f"{c['latency_p50_ms']:.4f}",

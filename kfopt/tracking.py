@@ -26,6 +26,12 @@ METRICS = (
     "accuracy",
     "accuracy_drop",
     "agreement",
+    # The budgeted metric of the task (its name is metric_name in candidate.json): accuracy, mae, ...
+    "metric",
+    "metric_drop",
+    "metric_drop_relative",
+    "val_metric",
+    "val_metric_drop",
     "size_bytes",
     "gzip_bytes",
     "compression_ratio",

@@ -111,6 +111,7 @@ def build_pipeline(
         data: str = "digits",
         max_accuracy_drop: float = 0.01,
         objective: str = "size",
+        metric: str = "",
         registered_model: str = "",
         tracking_uri: str = "",
         experiment: str = "kfopt",
@@ -123,7 +124,7 @@ def build_pipeline(
         stop_when_met: bool = False,
         sensitivity: float = 0.9,
     ) -> outputs:
-        prepare = ops.prepare(model=model, data=data, seed=seed, epochs=epochs, unsafe=unsafe)
+        prepare = ops.prepare(model=model, data=data, seed=seed, epochs=epochs, unsafe=unsafe, metric=metric)
         place(prepare.set_display_name("prepare baseline").set_caching_options(True), trains=False)
         baseline, dataset = prepare.outputs["baseline"], prepare.outputs["dataset"]
 

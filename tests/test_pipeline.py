@@ -108,6 +108,7 @@ def test_compiled_pipeline_retries_promotion_and_caches_the_deterministic_steps(
         "data",
         "max_accuracy_drop",
         "objective",
+        "metric",
         "registered_model",
         "tracking_uri",
         "experiment",

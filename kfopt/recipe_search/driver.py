@@ -50,7 +50,7 @@ def search_settings(
     max_trials: int,
     max_time: float | None,
     objective: str,
-    max_accuracy_drop: float,
+    max_accuracy_drop: float | str,
     target: float | None,
     stop_when_met: bool,
 ) -> dict:
@@ -65,7 +65,7 @@ def search_settings(
         "max_accuracy_drop": max_accuracy_drop,
         "target": target,
         "stop_when_met": stop_when_met,
-        "choices_use": "validation split (val_accuracy_drop)",
+        "choices_use": "validation split (val_metric_drop)",
         "final_check_uses": "test split",
     }
 
@@ -79,6 +79,7 @@ def trace_entry(candidate: Candidate, objective: str) -> dict:
         "why": candidate.why or ROUND_ONE_WHY,
         "status": candidate.status,
         "val_accuracy_drop": candidate.val_accuracy_drop,
+        "val_metric_drop": candidate.val_metric_drop,
         **{metric: candidate.get(metric) for metric in OBJECTIVES.values()},
     }
 
@@ -103,8 +104,9 @@ def search(
     rounds: int = 1,
     max_trials: int = 4,
     max_time: float | None = None,
-    max_accuracy_drop: float = 0.01,
+    max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
+    metric: str | None = None,
     target: float | None = None,
     stop_when_met: bool = False,
     seed: int = 0,
@@ -151,13 +153,22 @@ def search(
     )
     reporter = reporter or Reporter(enabled=False)
     techniques = registry()
+    if metric is not None:
+        techniques.metric(metric)  # an unknown metric name fails before any work
     first = load_search(recipes, techniques)  # every recipe checked before any work
     out = writable_dir(out)
     handle, dataset = baseline or prepare(
         model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out
     )
     handle.save(out / "baseline")
-    evaluator = Evaluator(dataset, handle, out / "baseline", latency_runs=latency_runs or LATENCY_RUNS)
+    evaluator = Evaluator(
+        dataset,
+        handle,
+        out / "baseline",
+        latency_runs=latency_runs or LATENCY_RUNS,
+        metric=metric,
+        metrics=techniques.metrics,
+    )
     reporter.say("Measuring the baseline")
     result = start_result(model, describe(data), seed, handle, evaluator)
     result.search, result.search_trace = settings, []

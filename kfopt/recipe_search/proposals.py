@@ -34,7 +34,7 @@ and proposes a few recipes that push where the budget still has room:
   Every proposal fine-tunes for at least the defaults, for the same reason.
 
 Every choice here ("inside the budget", "best") uses the **validation** split
-(``val_accuracy_drop``) only; the test split is for the final budget check by
+(``val_metric_drop``, the budgeted metric's drop) only; the test split is for the final budget check by
 :func:`kfopt.select.select`, so the search does not overfit the test set.
 Each proposal carries a ``why`` string, kept as the search trace.
 
@@ -51,7 +51,15 @@ from typing import Any
 
 from ..errors import KfoptError
 from ..recipe import Recipe, Step, parse_recipe, plan
-from ..select import TOLERANCE, objective_metric, objective_ratio, objective_value
+from ..select import (
+    TOLERANCE,
+    Budget,
+    absolute_budget,
+    objective_metric,
+    objective_ratio,
+    objective_value,
+    quality,
+)
 
 #: Bisection bounds when no candidate has yet failed the budget on that side.
 SPARSITY_CEILING = 0.98
@@ -105,14 +113,24 @@ def _tidy(value: Any) -> Any:
 
 
 # -- reading candidate records ---------------------------------------------------
-def val_feasible(record: dict, max_accuracy_drop: float) -> bool:
-    """True when the candidate finished and its VALIDATION accuracy drop is within the budget."""
-    drop = record.get("val_accuracy_drop")
-    return record.get("status") == "ok" and drop is not None and drop <= max_accuracy_drop + TOLERANCE
+def val_drop(record: dict) -> float | None:
+    """The candidate's VALIDATION drop of the budgeted metric (``val_metric_drop``; ``val_accuracy_drop`` in
+    records without metric fields)."""
+    return quality(record).val_drop
+
+
+def val_feasible(record: dict, max_accuracy_drop: float | str | Budget) -> bool:
+    """True when the candidate finished and its VALIDATION metric drop is within the budget."""
+    q = quality(record)
+    return (
+        record.get("status") == "ok"
+        and q.val_drop is not None
+        and not Budget.parse(max_accuracy_drop).over(q.val_drop, q.val_relative_drop)
+    )
 
 
 def _val_measured(record: dict) -> bool:
-    return record.get("status") == "ok" and record.get("val_accuracy_drop") is not None
+    return record.get("status") == "ok" and val_drop(record) is not None
 
 
 def best_feasible(records: list[dict], max_accuracy_drop: float, objective: str) -> dict | None:
@@ -120,7 +138,7 @@ def best_feasible(records: list[dict], max_accuracy_drop: float, objective: str)
     feasible = [r for r in records if val_feasible(r, max_accuracy_drop) and objective_value(r, objective) is not None]
     if not feasible:
         return None
-    return min(feasible, key=lambda r: (objective_value(r, objective), r["val_accuracy_drop"], r["recipe"]))
+    return min(feasible, key=lambda r: (objective_value(r, objective), val_drop(r), r["recipe"]))
 
 
 def target_met(records: list[dict], *, max_accuracy_drop: float, objective: str, target: float | None) -> dict | None:
@@ -134,7 +152,10 @@ def target_met(records: list[dict], *, max_accuracy_drop: float, objective: str,
 
 
 def _drop(record: dict) -> str:
-    return f"val drop {record['val_accuracy_drop'] * 100:+.2f} pt"
+    q = quality(record)
+    if q.name == "accuracy":
+        return f"val drop {q.val_drop * 100:+.2f} pt"
+    return f"val {q.name} drop {q.val_drop:+.4g}"
 
 
 def _recorded_steps(record: dict) -> list[Step]:
@@ -312,20 +333,23 @@ class _Evidence:
     """What every proposal family reads: the candidates so far and how the search judges them."""
 
     records: list[dict]
+    #: The budget in the metric's units on the validation split (a relative budget made absolute).
     budget: float
     objective: str
     defaults: Defaults
     sensitivity: list[dict]
+    #: The budget as the user gave it (absolute, or relative to the baseline): what "feasible" means.
+    given: Budget | None = None
 
     def feasible(self, record: dict) -> bool:
-        return val_feasible(record, self.budget)
+        return val_feasible(record, self.given or self.budget)
 
     def objective_value(self, record: dict) -> float | None:
         return objective_value(record, self.objective)
 
     def rank(self, record: dict) -> tuple:
         """Best on the objective first, then the smallest val drop, then by label."""
-        return (self.objective_value(record), record["val_accuracy_drop"], record["recipe"])
+        return (self.objective_value(record), val_drop(record), record["recipe"])
 
     def prune_runs(self) -> list[PruneStep]:
         """The val-measured prune chains without distillation (magnitude/l1 only)."""
@@ -360,7 +384,7 @@ def _bracket(evidence: _Evidence, keep: tuple[str, ...] = ()) -> Bracket | None:
     feasible = [run for run in runs if evidence.feasible(run.record) and run.keep in {keep, ()}]
     if not feasible:
         return None
-    best = max(feasible, key=lambda run: (run.sparsity, run.keep == keep, -run.record["val_accuracy_drop"]))
+    best = max(feasible, key=lambda run: (run.sparsity, run.keep == keep, -val_drop(run.record)))
     above = [
         run.sparsity
         for run in runs
@@ -476,7 +500,7 @@ def _longer(evidence: _Evidence) -> list[Proposal]:
         if _val_measured(r)
         and not evidence.feasible(r)
         and evidence.objective_value(r) is not None
-        and r["val_accuracy_drop"] <= LONGER_MAX_DROP * evidence.budget + TOLERANCE
+        and val_drop(r) <= LONGER_MAX_DROP * evidence.budget + TOLERANCE
     ]
     out = []
     for record in sorted(near, key=evidence.rank):
@@ -516,7 +540,7 @@ def _bisect_distill(evidence: _Evidence, architecture: str = "same") -> Proposal
     feasible = [s for s in students if evidence.feasible(s.record)]
     if not feasible:
         return None
-    best = min(feasible, key=lambda s: (s.width, s.record["val_accuracy_drop"]))
+    best = min(feasible, key=lambda s: (s.width, val_drop(s.record)))
     high = float(best.width)
     # A student over budget bounds the bracket when it was trained at least as long as the best one.
     below = [
@@ -554,7 +578,7 @@ def _dense_student(evidence: _Evidence) -> Proposal | None:
     feasible = [s for s in students if evidence.feasible(s.record)]
     if not (feasible or (evidence.objective == "latency" and students)):
         return None
-    narrowest = min(feasible or students, key=lambda s: (s.width, s.record["val_accuracy_drop"])).record
+    narrowest = min(feasible or students, key=lambda s: (s.width, val_drop(s.record))).record
     return Proposal(
         [Step("distill", {"architecture": "dense", "width": DENSE_WIDTH}), _quantize("int8")],
         f"try a dense student (width-scaled: '{narrowest['recipe']}', {_drop(narrowest)}): TFLite conv ops cost a "
@@ -586,8 +610,8 @@ def _chains(evidence: _Evidence) -> list[Proposal]:
     prunes = [p for p in prunes if p is not None]
     # Pruning goes into the narrowest width-scaled student (dense students' widths are not comparable).
     students = [s for s in evidence.students() if evidence.feasible(s.record)]
-    best_prune = max(prunes, key=lambda p: (p.sparsity, -p.record["val_accuracy_drop"]), default=None)
-    best_student = min(students, key=lambda s: (s.width, s.record["val_accuracy_drop"]), default=None)
+    best_prune = max(prunes, key=lambda p: (p.sparsity, -val_drop(p.record)), default=None)
+    best_student = min(students, key=lambda s: (s.width, val_drop(s.record)), default=None)
     out = []
     if best_prune and best_student:
         out.append(
@@ -644,7 +668,10 @@ def propose(
         from ..plugins.manager import registry
 
         techniques = registry()
-    evidence = _Evidence(records, max_accuracy_drop, objective, Defaults(techniques), sensitivity or [])
+    given = Budget.parse(max_accuracy_drop)
+    evidence = _Evidence(
+        records, absolute_budget(given, records), objective, Defaults(techniques), sensitivity or [], given=given
+    )
     seen = {_key(r["steps"]) if r.get("steps") else r["recipe"] for r in records}
     seen |= {_canonical(t, techniques) for t in tried or []}
     keep_sets = sorted({run.keep for run in evidence.prune_runs()} - {()})
