@@ -61,6 +61,57 @@ class _Objective(click.ParamType):
 OBJECTIVE = _Objective()
 
 
+class _UserError(click.ClickException):
+    """A KfoptError found while the options are parsed: one line and exit 2, like every user error."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _checked(check, value):
+    """``check(value)`` in an option callback: its KfoptError becomes the one-line error."""
+    try:
+        return check(value)
+    except KfoptError as exc:
+        raise _UserError(exc.one_line()) from None
+
+
+def _registered_model(ctx, param, value):
+    """--registered-model and NAME: the one check of registered model names (kfopt.promotion)."""
+    from .promotion import check_model_name
+
+    return _checked(check_model_name, value)
+
+
+def _check_epochs(value: int) -> int:
+    if value < 1:
+        raise KfoptError(f"--epochs {value} is not a number of epochs.", "pass --epochs 1 or more (default 40).")
+    return value
+
+
+def _max_data_bytes(ctx, param, value):
+    """--max-data-bytes: checked, then put in the environment, where kfopt.limits (and pipeline steps) read it."""
+    import os
+
+    from .limits import MAX_DATA_BYTES_ENV, parse_bytes
+
+    if value is not None:
+        os.environ[MAX_DATA_BYTES_ENV] = str(_checked(lambda v: parse_bytes(v, "--max-data-bytes"), value))
+    return value
+
+
+_max_data_bytes_option = click.option(
+    "--max-data-bytes",
+    default=None,
+    expose_value=False,
+    callback=_max_data_bytes,
+    help="Largest size a data file's arrays may take once loaded, checked from its headers before loading "
+    "(e.g. 500MB, 16GiB) [default: $KFOPT_MAX_DATA_BYTES, else 8GiB].",
+)
+
+
 class _Budget(click.ParamType):
     """An absolute drop (0.01) or a relative one (1%), checked by kfopt.select.Budget."""
 
@@ -176,10 +227,15 @@ def plugins(as_json: bool) -> None:
 )
 @click.option("--seed", default=0, show_default=True, help="Seed for data splits, training and calibration.")
 @click.option(
-    "--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation)."
+    "--epochs",
+    default=40,
+    show_default=True,
+    callback=lambda ctx, param, value: _checked(_check_epochs, value),
+    help="Epochs to train a demo baseline (early stopping on validation).",
 )
+@_max_data_bytes_option
 @click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
-@click.option("--registered-model", default=None, help=REGISTERED_MODEL_HELP)
+@click.option("--registered-model", default=None, callback=_registered_model, help=REGISTERED_MODEL_HELP)
 @tracking_options
 @click.option("--max-accuracy-drop", default=0.01, show_default=True, type=BUDGET, help=MAX_DROP_HELP)
 @click.option("--metric", default=None, help=METRIC_HELP)
@@ -283,63 +339,77 @@ def _decision_line(registered: dict) -> str:
     type=click.Path(file_okay=False),
     help="Directory of a finished run (its --out), with metrics.json.",
 )
-@click.option("--registered-model", default=None, help=REGISTERED_MODEL_HELP + " [default: the one the run asked for]")
-@tracking_options
 @click.option(
-    "--max-accuracy-drop",
+    "--registered-model",
     default=None,
-    type=BUDGET,
-    help=MAX_DROP_HELP + " [default: the run's, else 0.01]",
+    callback=_registered_model,
+    help=REGISTERED_MODEL_HELP + " Never taken from metrics.json; without it, only the runs are logged.",
 )
-@click.option("--objective", type=OBJECTIVE, default=None, help=OBJECTIVE_HELP + " [default: the run's, else size]")
+@tracking_options
+@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=BUDGET, help=MAX_DROP_HELP)
+@click.option("--objective", type=OBJECTIVE, default="size", show_default=True, help=OBJECTIVE_HELP)
+@click.option(
+    "--data",
+    "-d",
+    default=None,
+    help="The data whose test split the winner is measured again on [default: the data metrics.json names; "
+    "a py: loader runs only when given here].",
+)
+@click.option(
+    "--trust-metrics",
+    is_flag=True,
+    help="Do not measure the winner again (for a directory this machine produced); "
+    "paths and sha256s are still checked.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the registered_model object as JSON.")
 @_handle_errors
-def promote(directory, registered_model, tracking_uri, experiment, max_accuracy_drop, objective, as_json) -> None:
+def promote(
+    directory, registered_model, tracking_uri, experiment, max_accuracy_drop, objective, data, trust_metrics, as_json
+) -> None:
     """Log a finished run to MLflow and register/promote its winner, e.g. after MLflow was down.
 
-    Settings not given default to what the run asked for (recorded in
-    metrics.json). Safe to repeat: nothing is logged or registered twice.
-    Without a registered model, only the runs are logged.
+    Nothing leaves DIR unchecked: every model file metrics.json lists must be
+    inside DIR with the sha256 recorded, and the winner is measured again on
+    the test split and must agree with metrics.json (--trust-metrics skips the
+    measuring, for a directory this machine produced). Where the model goes
+    (--registered-model, --tracking-uri) is never read from metrics.json: when
+    the run asked for them, the error prints them as the command to confirm.
+    Safe to repeat: nothing is logged or registered twice, and promotions of
+    one directory at once wait for each other.
     """
-    from .result import RunResult
+    from .promotion import confirm_destination, promote_from
+    from .tracking import resolve_uri
 
-    asked = RunResult.load(directory).get("tracking") or {}
-    registered_model = registered_model or asked.get("registered_model")
-    tracking_uri = tracking_uri or asked.get("uri")
-    experiment = experiment or asked.get("experiment") or "kfopt"
-    if not registered_model:
-        from .tracking import RunLogger, check_uri, failure, mlflow_errors, resolve_uri
-
-        uri = resolve_uri(tracking_uri)
-        check_uri(uri)
-        try:
-            RunLogger(directory, uri, experiment).log_result(RunResult.load(directory))
-        except mlflow_errors() as exc:
-            raise failure(uri, exc, directory) from exc
-        click.echo(
-            json.dumps({"registered_model": None})
-            if as_json
-            else f"Logged {directory} to MLflow at {uri} (experiment {experiment}); nothing registered: "
-            "pass --registered-model NAME to register the winner."
-        )
-        return
-    from .promotion import promote_from
-
+    confirm_destination(directory, registered_model=registered_model, tracking_uri=tracking_uri)
+    click.echo(
+        f"Checking {directory}: model files and their sha256"
+        + ("" if trust_metrics else ", then the winner measured again on the test split"),
+        err=True,
+    )
+    experiment = experiment or "kfopt"
     decision = promote_from(
         directory,
         registered_model=registered_model,
         tracking_uri=tracking_uri,
         experiment=experiment,
-        objective=objective or asked.get("objective") or "size",
-        max_accuracy_drop=(
-            max_accuracy_drop if max_accuracy_drop is not None else asked.get("max_accuracy_drop", 0.01)
-        ),
+        objective=objective,
+        max_accuracy_drop=max_accuracy_drop,
+        trust_metrics=trust_metrics,
+        data=data,
     )
+    if decision is None:
+        click.echo(
+            json.dumps({"registered_model": None})
+            if as_json
+            else f"Logged {directory} to MLflow at {resolve_uri(tracking_uri)} (experiment {experiment}); "
+            "nothing registered: pass --registered-model NAME to register the winner."
+        )
+        return
     click.echo(_json(decision) if as_json else _decision_line(decision))
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", callback=_registered_model)
 @click.option("--tracking-uri", default=None, help=TRACKING_URI_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
 @_handle_errors
@@ -479,7 +549,7 @@ def _run_parameter_options(command):
             ),
             click.option("--metric", default=None, help=METRIC_HELP),
             click.option("--objective", type=OBJECTIVE, default="size", show_default=True, help=SELECT_OBJECTIVE_HELP),
-            click.option("--registered-model", default=None, help=PIPELINE_REGISTERED_HELP),
+            click.option("--registered-model", default=None, callback=_registered_model, help=PIPELINE_REGISTERED_HELP),
             click.option("--tracking-uri", default=None, help=TRACKING_URI_HELP),
             click.option(
                 "--seed", default=0, show_default=True, help="Seed for data splits, training and calibration."
@@ -488,6 +558,7 @@ def _run_parameter_options(command):
                 "--epochs",
                 default=40,
                 show_default=True,
+                callback=lambda ctx, param, value: _checked(_check_epochs, value),
                 help="Epochs to train a demo baseline (early stopping on validation).",
             ),
         ]
@@ -498,6 +569,7 @@ def _run_parameter_options(command):
 
 @main.command()
 @_run_parameter_options
+@_max_data_bytes_option
 @_search_option
 @click.option("--experiment", default="kfopt", show_default=True, help="MLflow experiment.")
 @click.option(
@@ -749,8 +821,13 @@ def _file_url(path) -> str:
 @_search_bound_options
 @click.option("--seed", default=0, show_default=True, help="Seed for data splits, training and calibration.")
 @click.option(
-    "--epochs", default=40, show_default=True, help="Epochs to train a demo baseline (early stopping on validation)."
+    "--epochs",
+    default=40,
+    show_default=True,
+    callback=lambda ctx, param, value: _checked(_check_epochs, value),
+    help="Epochs to train a demo baseline (early stopping on validation).",
 )
+@_max_data_bytes_option
 @click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @_handle_errors

@@ -487,7 +487,21 @@ def _python_datasets(spec: str, seed: int, validation_from: ValidationFrom) -> D
             f"Cannot load data function '{target}': {exc}.",
             "check the module is importable (PYTHONPATH) and defines the function.",
         ) from None
-    return _from_datasets(function(), target, spec, seed, validation_from)
+    except Exception as exc:  # the user's module failed as it was imported (a syntax error, an exception)
+        raise KfoptError(
+            f"Data module '{module_name}' failed to import: {type(exc).__name__}: {exc}.",
+            "fix the module (--debug shows the traceback).",
+        ) from exc
+    try:
+        returned = function()
+    except KfoptError:
+        raise
+    except Exception as exc:  # the loader's own error, in its own words
+        raise KfoptError(
+            f"Data loader '{target}' raised {type(exc).__name__}: {exc}",
+            "fix the loader or what it reads (--debug shows the traceback).",
+        ) from exc
+    return _from_datasets(returned, target, spec, seed, validation_from)
 
 
 def _from_datasets(result, target: str, spec: str, seed: int, validation_from: ValidationFrom) -> Data:

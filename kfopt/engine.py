@@ -21,7 +21,7 @@ from .plugins.technique import ModelHandle, StepContext
 from .progress import Reporter
 from .recipe import Recipe, parse_recipe, plan
 from .result import Baseline, Candidate, RunResult
-from .rundir import writable_dir
+from .rundir import locked
 from .task import Task, compiled_loss_info
 
 
@@ -170,27 +170,29 @@ def optimize(
     if metric is not None:
         techniques.metric(metric)  # an unknown metric name fails before any work
     planned = plan(parsed, techniques)
-    out = writable_dir(out)
-    settings = {**(tracking or {}), "max_accuracy_drop": max_accuracy_drop, "objective": objective}
-    observers = Observers(techniques.pm, observer_context(out, **settings))
-    observers.run_started(
-        {"model": model, "data": describe(data), "seed": seed, "recipes": [parsed.label], "out": str(out)}
-    )
-    baseline, dataset = prepare(model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out)
-    baseline.save(out / "baseline")
-    evaluator = Evaluator(dataset, baseline, out / "baseline", metric=metric, metrics=techniques.metrics)
-    reporter.say("Measuring the baseline")
-    result = start_result(model, describe(data), seed, baseline, evaluator)
-    candidate = run_recipe(
-        parsed, planned, baseline, dataset, evaluator, out / "candidate", seed=seed, reporter=reporter
-    )
-    result.candidates.append(candidate)
-    observers.candidate_finished(candidate)
-    finish_result(result, evaluator, max_accuracy_drop=max_accuracy_drop, objective=objective)
-    result.save(out)
-    result.update_from(observers.run_finished(result))
-    result.save(out)
-    return result
+    with locked(out, "kfopt optimize", fresh=True, inputs=(model, data)) as out:
+        settings = {**(tracking or {}), "max_accuracy_drop": max_accuracy_drop, "objective": objective}
+        observers = Observers(techniques.pm, observer_context(out, **settings))
+        observers.run_started(
+            {"model": model, "data": describe(data), "seed": seed, "recipes": [parsed.label], "out": str(out)}
+        )
+        baseline, dataset = prepare(
+            model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out
+        )
+        baseline.save(out / "baseline")
+        evaluator = Evaluator(dataset, baseline, out / "baseline", metric=metric, metrics=techniques.metrics)
+        reporter.say("Measuring the baseline")
+        result = start_result(model, describe(data), seed, baseline, evaluator)
+        candidate = run_recipe(
+            parsed, planned, baseline, dataset, evaluator, out / "candidate", seed=seed, reporter=reporter
+        )
+        result.candidates.append(candidate)
+        observers.candidate_finished(candidate)
+        finish_result(result, evaluator, max_accuracy_drop=max_accuracy_drop, objective=objective)
+        result.save(out)
+        result.update_from(observers.run_finished(result))
+        result.save(out)
+        return result
 
 
 def start_result(model: str, data: str, seed: int, baseline: ModelHandle, evaluator: Evaluator) -> RunResult:

@@ -107,6 +107,9 @@ def observer_context(
     ``tracking_uri`` or ``experiment`` is given or ``MLFLOW_TRACKING_URI`` is set.
     """
     check_goal(max_accuracy_drop, objective)
+    from .promotion import check_model_name  # the one check of registered model names (promotion imports this)
+
+    check_model_name(registered_model)
     if tracking is False and registered_model:
         raise KfoptError(
             f"Registering '{registered_model}' needs MLflow, but tracking is turned off.",

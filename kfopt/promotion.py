@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
+import shlex
 import socket
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import tracking
+from . import rundir, tracking
 from .errors import KfoptError
 from .observers import DEFAULT_EXPERIMENT, DEFAULT_MAX_ACCURACY_DROP
 from .result import Candidate, Registration, RunResult, Tracking
@@ -45,59 +48,284 @@ MAX_ROUNDS = 5
 VERSION_METRICS = ("accuracy", "accuracy_drop", "metric", "metric_drop", "gzip_bytes", "latency_p50_ms")
 
 
+#: How long a promotion waits for another one holding the same run directory. The lock serializes
+#: them: the second finds the first one's version and reports it, so one version is registered.
+LOCK_WAIT_SECONDS = 900.0
+#: Latency is measured again only for objectives that decide on it, and is noisy: a recorded
+#: latency may be this many times off the one measured now before the record is refused.
+LATENCY_FACTOR = 3.0
+REMEASURE_LATENCY_RUNS = 100
+#: Names kfopt registers under: what MLflow accepts in a name, a ``models:/NAME@alias`` URI and a
+#: search filter alike (no quotes, ``%``, ``/``, ``:``, ``@`` or spaces).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}")
+
+
 def promote_from(
     directory: str | os.PathLike,
     *,
-    registered_model: str,
+    registered_model: str | None,
     tracking_uri: str | None = None,
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
     objective: str = "size",
     experiment: str = DEFAULT_EXPERIMENT,
-) -> Registration:
+    trust_metrics: bool = False,
+    data: str | None = None,
+) -> Registration | None:
     """Log a finished run's directory to MLflow (what is not logged yet), register its winner, promote it.
 
-    ``directory`` holds ``metrics.json`` as ``optimize()`` writes it. Safe to
-    call again: runs and the model version are created once (``tracking.json``
-    in the directory records them), and a decision already taken is returned
-    as it was. Returns the :class:`~kfopt.result.Registration` and writes it into
-    metrics.json as ``registered_model``.
+    ``directory`` holds ``metrics.json`` as ``optimize()`` writes it. Nothing is
+    logged before the directory is verified (:func:`verify_run`: every model
+    file it lists is inside it, with the sha256 recorded) and, unless
+    ``trust_metrics``, before the winner is measured again on the test split of
+    ``data`` (default: the data metrics.json names, but never a ``py:`` loader)
+    and found to agree with metrics.json (:func:`remeasure`). The directory is
+    locked meanwhile, so concurrent promotions of it register one version.
+
+    Safe to call again: runs and the model version are created once
+    (``tracking.json`` in the directory records them), and a decision already
+    taken is returned as it was. Returns the :class:`~kfopt.result.Registration`
+    and writes it into metrics.json as ``registered_model``; with
+    ``registered_model`` None the runs are only logged and None is returned.
     Raises ``TrackingFailed`` (exit code 3) when MLflow cannot be reached.
     """
     directory = Path(directory)
-    result = RunResult.load(directory)
-    check_settings(registered_model, max_accuracy_drop, objective)
+    RunResult.load(directory)  # not a run directory: say so before anything else
+    if registered_model is not None:
+        check_model_name(registered_model)
+    check_goal(max_accuracy_drop, objective)
     _check_writable(directory)
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_uri(uri)
-    try:
-        logger = tracking.RunLogger(directory, uri, experiment)
-        logger.log_result(result)
-        decision = promote(logger, result, registered_model, max_accuracy_drop=max_accuracy_drop, objective=objective)
-    except KfoptError:
-        raise
-    except tracking.mlflow_errors() as exc:
-        raise tracking.failure(uri, exc, directory) from exc
-    result.registered_model = decision
-    result.tracking = Tracking(
-        status="ok",
-        uri=uri,
-        experiment=experiment,
-        run_id=logger.state.get("parent_run_id"),
-        registered_model=registered_model,
-        objective=objective,
-        max_accuracy_drop=max_accuracy_drop,
-    )
-    result.save(directory)
+    with rundir.locked(directory, "kfopt promote", wait=LOCK_WAIT_SECONDS):
+        result = RunResult.load(directory)  # as the previous holder of the lock left it
+        verify_run(directory, result)
+        if not trust_metrics:
+            remeasure(directory, result, data=data, max_accuracy_drop=max_accuracy_drop, objective=objective)
+        try:
+            logger = tracking.RunLogger(directory, uri, experiment)
+            logger.log_result(result)
+            decision = (
+                promote(logger, result, registered_model, max_accuracy_drop=max_accuracy_drop, objective=objective)
+                if registered_model
+                else None
+            )
+        except KfoptError:
+            raise
+        except tracking.mlflow_errors() as exc:
+            raise tracking.failure(uri, exc, directory) from exc
+        result.registered_model = decision
+        result.tracking = Tracking(
+            status="ok",
+            uri=uri,
+            experiment=experiment,
+            run_id=logger.state.get("parent_run_id"),
+            registered_model=registered_model,
+            objective=objective,
+            max_accuracy_drop=max_accuracy_drop,
+        )
+        result.save(directory)
     return decision
 
 
-def check_settings(registered_model: str, max_accuracy_drop: float, objective: str) -> None:
-    if not registered_model or any(c in registered_model for c in "'\"`"):
+def check_model_name(name: str | None) -> str | None:
+    """``name`` when MLflow and kfopt can use it as a registered model name (None passes); a KfoptError otherwise.
+
+    The one check of registered model names, in every command and the Python API.
+    """
+    if name is None or MODEL_NAME.fullmatch(name):
+        return name
+    raise KfoptError(
+        f"Registered model name {_shown(name)!r} is not usable: names are letters, digits, '.', '_' and '-' "
+        "(starting with a letter or digit, at most 256).",
+        "pass --registered-model a name like digits-classifier.",
+    )
+
+
+def confirm_destination(
+    directory: str | os.PathLike, *, registered_model: str | None, tracking_uri: str | None
+) -> None:
+    """Refuse to take where a model goes from metrics.json: the registered model and tracking URI a run
+    asked for are used only when the user names them (the error prints them as the command to confirm).
+
+    A changed metrics.json must not be able to send a model (or a credentials
+    file) to another server, or make it a version of another registered model.
+    """
+    asked = RunResult.load(directory).tracking
+    if asked is None:
+        return
+    unconfirmed = []
+    if asked.registered_model and not registered_model:
+        unconfirmed.append("--registered-model")
+    if asked.uri and not tracking_uri and tracking.resolve_uri(None) != asked.uri:
+        unconfirmed.append("--tracking-uri")  # where MLflow would be without it is not where the run asked
+    if not unconfirmed:
+        return
+    name = registered_model or asked.registered_model
+    uri = tracking_uri or asked.uri
+    command = ["kfopt", "promote", "--from", str(directory)]
+    command += ["--registered-model", _shown(name)] if name else []
+    command += ["--tracking-uri", _shown(uri)] if uri else []
+    if asked.experiment and asked.experiment != DEFAULT_EXPERIMENT:
+        command += ["--experiment", _shown(asked.experiment)]
+    if asked.max_accuracy_drop is not None:
+        command += ["--max-accuracy-drop", _shown(str(asked.max_accuracy_drop))]
+    if asked.objective:
+        command += ["--objective", _shown(asked.objective)]
+    raise KfoptError(
+        f"The run in '{directory}' asked to register {_shown(str(asked.registered_model))!r} at "
+        f"{_shown(str(asked.uri))} (so says its metrics.json), but kfopt takes where a model goes only from you "
+        f"({' and '.join(unconfirmed)} not given): an edited metrics.json could send it elsewhere.",
+        f"check those values, then confirm them: {shlex.join(command)}",
+    )
+
+
+def _shown(text: str) -> str:
+    """Text from a run directory, safe to print: no control characters (terminal escapes), not too long."""
+    text = "".join(c if c.isprintable() else "?" for c in str(text))
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# -- verifying a run directory before anything leaves it ------------------------------
+def verify_run(directory: str | os.PathLike, result: RunResult) -> None:
+    """Every model file ``result`` lists (the baseline's, each ok candidate's) is inside ``directory``, exists,
+    and has the sha256 metrics.json recorded; a KfoptError names the first one that does not."""
+    records = [result.baseline] if result.baseline.artifact else []  # only a re-measurement needs it
+    records += [c for c in result.candidates if c.ok]
+    for record in records:
+        what = "the baseline" if record is result.baseline else f"candidate '{_shown(record.recipe)}'"
+        if not record.artifact or not record.artifact_sha256:
+            missing = "model file" if not record.artifact else "sha256 of its model file"
+            raise KfoptError(
+                f"{directory}/{rundir.METRICS_FILE} has no {missing} for {what}; refused.",
+                "re-run kfopt into the directory: this kfopt lists every model file with its sha256.",
+            )
+        rundir.resolve_artifact(directory, record.artifact, record.artifact_sha256)
+
+
+def remeasure(
+    directory: str | os.PathLike,
+    result: RunResult,
+    *,
+    data: str | None = None,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    objective: str = "size",
+) -> dict | None:
+    """Measure the candidate this promotion would register again, on the test split, and compare.
+
+    The candidate is the winner :func:`kfopt.select.select` picks under this
+    budget and objective. The baseline and candidate come from ``directory``
+    (verify it first: :func:`verify_run`), the data is ``data`` or the spec
+    metrics.json names (a ``py:`` loader only when given as ``data``: no code
+    named by a run directory runs). Sizes must be equal, accuracies and the
+    budgeted metric within one test sample, and, for objectives that decide on
+    latency, the recorded latency within a factor of :data:`LATENCY_FACTOR`.
+    Returns the measured metrics (None when nothing would be registered);
+    raises a KfoptError naming every disagreement.
+    """
+    from .data import load_data
+    from .evaluate import Evaluator
+    from .models import DEMO_MODELS
+    from .plugins.technique import ModelHandle
+
+    candidate = result.candidate(
+        select(result.candidates, max_accuracy_drop=max_accuracy_drop, objective=objective).winner
+    )
+    if candidate is None:
+        return None
+    spec = _data_to_remeasure_on(result, data)
+    if not result.baseline.artifact:
         raise KfoptError(
-            f"Registered model name {registered_model!r} is not usable.",
-            "pass --registered-model a non-empty name without quotes, e.g. digits-classifier.",
+            f"{directory}/{rundir.METRICS_FILE} names no baseline model, so the winner cannot be measured again.",
+            "re-run kfopt into the directory (or pass --trust-metrics if this machine produced it).",
         )
-    check_goal(max_accuracy_drop, objective)
+    baseline = ModelHandle("keras", path=rundir.resolve_artifact(directory, result.baseline.artifact))
+    shape = tuple(baseline.keras().input_shape[1:])
+    validation_from = "train" if result.model in DEMO_MODELS else "test"  # as the run split it (engine.prepare)
+    try:
+        dataset = load_data(spec, input_shape=shape, seed=result.seed, validation_from=validation_from)
+    except KfoptError as exc:
+        raise KfoptError(
+            f"Cannot re-measure the winner on the run's data: {exc.message}",
+            "pass --data with the data the run used (or --trust-metrics if this machine produced the directory).",
+        ) from None
+    recorded_test = (result.splits or {}).get("test")
+    if recorded_test is not None and recorded_test != len(dataset.test):
+        raise KfoptError(
+            f"The data {_shown(spec)!r} gives {len(dataset.test)} test samples, but the run measured on "
+            f"{recorded_test}: it is not the run's data.",
+            "pass --data with the data the run used (or --trust-metrics if this machine produced the directory).",
+        )
+    metric = result.baseline.get("metric_name")
+    with tempfile.TemporaryDirectory(prefix="kfopt-remeasure-") as workdir:
+        evaluator = Evaluator(
+            dataset,
+            baseline,
+            workdir,
+            latency_runs=REMEASURE_LATENCY_RUNS,
+            **({"metric": metric} if metric else {}),
+        )
+        handle = ModelHandle(candidate.format, path=rundir.resolve_artifact(directory, candidate.artifact))
+        measured = evaluator.evaluate(handle)
+    wrong = _disagreements(candidate, measured, len(dataset.test), len(dataset.validation), objective)
+    if wrong:
+        raise KfoptError(
+            f"Measured again on the test split of {_shown(spec)!r}, candidate '{_shown(candidate.recipe)}' has "
+            + "; ".join(wrong)
+            + f": {directory}/{rundir.METRICS_FILE} does not describe its model. Nothing was registered.",
+            "re-run kfopt to get a true record (or pass --data if the run used other data).",
+        )
+    return measured
+
+
+def _data_to_remeasure_on(result: RunResult, data: str | None) -> str:
+    from .data import FROM_PYTHON_ARRAYS, FROM_PYTHON_DATASETS
+
+    if data is not None:
+        return data
+    if result.data in (FROM_PYTHON_ARRAYS, FROM_PYTHON_DATASETS):
+        raise KfoptError(
+            "The run's data was passed from Python, so kfopt cannot load it again to re-measure the winner.",
+            "pass --data (the same data as an .npz or py:module:function), "
+            "or --trust-metrics if this machine produced the directory.",
+        )
+    if result.data.startswith("py:"):
+        raise KfoptError(
+            f"metrics.json names the data loader {_shown(result.data)!r}; kfopt runs no code a run directory names.",
+            f"pass --data {shlex.quote(_shown(result.data))} to run that loader to re-measure the winner "
+            "(or --trust-metrics if this machine produced the directory).",
+        )
+    return result.data
+
+
+#: What select() and the gate decide on: left out of a record, the record is refused as well.
+_DECIDING = ("size_bytes", "gzip_bytes", "accuracy", "accuracy_drop", "metric", "metric_drop")
+_DECIDING += ("val_accuracy_drop", "val_metric_drop")
+
+
+def _disagreements(recorded: Candidate, measured: dict, tests: int, validations: int, objective: str) -> list[str]:
+    """What ``measured`` says differently from ``recorded``, each as "gzip_bytes 20480 (metrics.json: 100)"."""
+    one_test, one_val = 1 / max(tests, 1), 1 / max(validations, 1)
+    scores = {"accuracy": one_test, "agreement": one_test, "metric": one_test, "accuracy_drop": 2 * one_test}
+    scores.update(metric_drop=2 * one_test, val_accuracy=one_val, val_metric=one_val)
+    scores.update(val_accuracy_drop=2 * one_val, val_metric_drop=2 * one_val, sparsity=1e-3)
+    wrong = []
+
+    def check(key: str, ok) -> None:
+        ours, theirs = measured.get(key), recorded.get(key)
+        if ours is None or theirs is None and key not in _DECIDING:  # not measurable from the file, or no claim
+            return
+        if not isinstance(theirs, (int, float)) or not ok(float(ours), float(theirs)):
+            wrong.append(f"{key} {float(ours):g} (metrics.json: {_shown(theirs)})")
+
+    for key in ("size_bytes", "gzip_bytes", "params"):
+        check(key, lambda a, b: a == b)
+    for key, tolerance in scores.items():
+        check(key, lambda a, b, t=tolerance: abs(a - b) <= max(t, 1e-3 * max(abs(a), abs(b))) + 1e-9)
+    check("compression_ratio", lambda a, b: abs(a - b) <= 0.01 * abs(a))
+    if objective_metric(objective) != "gzip_bytes":  # latency decides: a faked one would win
+        check("latency_p50_ms", lambda a, b: a / LATENCY_FACTOR <= b <= a * LATENCY_FACTOR)
+        check("speedup", lambda a, b: a / LATENCY_FACTOR <= b <= a * LATENCY_FACTOR)
+    return wrong
 
 
 def _check_writable(directory: Path) -> None:

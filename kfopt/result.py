@@ -108,6 +108,8 @@ class Baseline(Measurement):
     """The model the user gave (or the demo kfopt trained), measured in its Keras form."""
 
     artifact: str | None = None
+    #: :func:`kfopt.rundir.digest` of the artifact: ``kfopt promote --from`` registers nothing that differs.
+    artifact_sha256: str | None = None
     #: The baseline in every other format a candidate came in (fp32 TFLite, plain SavedModel).
     references: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -120,7 +122,11 @@ class Candidate(Measurement):
     status: str = "ok"
     reason: str | None = None
     traceback: str | None = None
+    #: The model file (a directory for a SavedModel): in metrics.json relative to the run directory,
+    #: in memory a path this process can open (see RunResult.load and RunResult.save).
     artifact: str | None = None
+    #: :func:`kfopt.rundir.digest` of the artifact: ``kfopt promote --from`` registers nothing that differs.
+    artifact_sha256: str | None = None
     seconds: float | None = None
     #: The search round that proposed it (1: the search space) and why.
     round: int | None = None
@@ -281,9 +287,21 @@ class RunResult(_Record):
         return out
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``metrics.json`` into ``directory``, atomically."""
-        self._directory = Path(directory)
-        return rundir.write_json(Path(directory) / rundir.METRICS_FILE, self.to_dict())
+        """Write ``metrics.json`` into ``directory``, atomically.
+
+        Every artifact is written relative to ``directory`` (it must be inside
+        it) with its sha256, computed here the first time a record is saved.
+        """
+        directory = Path(directory)
+        self._directory = directory
+        data = self.to_dict()
+        for record, written in zip([self.baseline, *self.candidates], [data["baseline"], *data["candidates"]]):
+            if record.artifact:
+                if record.artifact_sha256 is None:
+                    record.artifact_sha256 = rundir.digest(record.artifact)
+                written["artifact"] = rundir.stored_artifact(directory, record.artifact)
+                written["artifact_sha256"] = record.artifact_sha256
+        return rundir.write_json(directory / rundir.METRICS_FILE, data)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> RunResult:
@@ -305,4 +323,9 @@ class RunResult(_Record):
                 f"'{path}' is not a kfopt run record ({first}).", "pass the directory of a kfopt run."
             ) from None
         result._directory = Path(directory)
+        # In memory an artifact is a path this process can open; rundir.resolve_artifact refuses
+        # any that leads outside the directory when it is used.
+        for record in [result.baseline, *result.candidates]:
+            if record.artifact:
+                record.artifact = str(Path(directory) / record.artifact)
         return result

@@ -115,16 +115,28 @@ def mlflow_errors() -> tuple[type[BaseException], ...]:
     return (MlflowException, requests.RequestException, OSError)
 
 
-def run_key(result: RunResult) -> str:
-    """A fingerprint of what a run measured (model, data, seed, baseline, candidates, winner).
+#: Fields of the records that are decisions or places, not measurements: they may change
+#: (another budget, a moved directory) while the run stays the same run.
+_NOT_MEASURED = ("artifact", "within_budget", "not_selected_because")
 
-    Tagged on the parent run, it finds an earlier attempt's runs when
-    ``tracking.json`` is gone, e.g. when a pipeline retries promotion in a fresh pod.
+
+def run_key(result: RunResult) -> str:
+    """A fingerprint of what a run measured: model, data, seed, the baseline and every candidate,
+    with the sha256 of each model file (not its path, nor the winner or budget decided from them).
+
+    ``tracking.json`` is keyed by it, so a new run into the same directory (or a
+    copied tracking.json) is never taken for the run that wrote it; tagged on the
+    parent run, it finds an earlier attempt's runs when ``tracking.json`` is gone,
+    e.g. when a pipeline retries promotion in a fresh pod.
     """
     import hashlib
 
     data = result.to_dict()
-    content = {k: data.get(k) for k in ("model", "data", "seed", "baseline", "candidates", "winner")}
+    records = [data["baseline"], *data["candidates"]]
+    content = {
+        **{k: data.get(k) for k in ("model", "data", "seed")},
+        "records": [{k: v for k, v in record.items() if k not in _NOT_MEASURED} for record in records],
+    }
     normal = json.dumps(json.loads(json.dumps(content, default=jsonable)), sort_keys=True)
     return hashlib.sha256(normal.encode()).hexdigest()[:32]
 
@@ -191,9 +203,10 @@ class RunLogger:
                 f"delete it and run `kfopt promote --from {self.directory}` again: "
                 "runs logged before are found again in MLflow.",
             ) from None
-        self.state = self._file.setdefault(
-            f"{uri} {experiment}", {"uri": uri, "experiment": experiment, "candidates": {}}
-        )
+        key = f"{uri} {experiment}"
+        # What this file says was logged is only believed for the run it was written for (see log_result).
+        self._inherited = key in self._file
+        self.state = self._file.setdefault(key, {"uri": uri, "experiment": experiment, "candidates": {}})
 
     def save(self) -> None:
         write_json(self.directory / TRACKING_FILE, self._file)
@@ -291,17 +304,26 @@ class RunLogger:
     def log_result(self, result: RunResult | dict) -> None:
         """Log everything in ``result`` that is not logged yet (what ``promote --from`` does)."""
         result = RunResult.of(result)
-        if self.state.get("parent_run_id") and not self._exists(self.state["parent_run_id"]):
+        key = run_key(result)
+        if (self._inherited or self.state.get("run_key")) and self.state.get("run_key") != key:
+            # tracking.json was written for another run (an earlier run into this directory, a copied
+            # file): nothing it says was logged is this run's. Runs this run did log are found by key.
+            self._reset()
+        elif self.state.get("parent_run_id") and not self._exists(self.state["parent_run_id"]):
             # The store was reset since (a new database at the same URI): log afresh.
-            self.state.clear()
-            self.state.update(uri=self.uri, experiment=self.experiment, candidates={})
+            self._reset()
+        self.state["run_key"] = key
         if not self.state.get("parent_run_id"):
-            self._adopt(run_key(result))
+            self._adopt(key)
         recipes = [c.recipe for c in result.candidates]
-        self.start({**result.to_dict(), "recipes": recipes}, key=run_key(result))
+        self.start({**result.to_dict(), "recipes": recipes}, key=key)
         for candidate in result.candidates:
             self.log_candidate(candidate, result)
         self.finish(result)
+
+    def _reset(self) -> None:
+        self.state.clear()
+        self.state.update(uri=self.uri, experiment=self.experiment, candidates={})
 
     def _adopt(self, key: str) -> None:
         """Take over the runs an earlier attempt logged for the same results (found by ``run_key``)."""
@@ -373,7 +395,8 @@ class RunLogger:
             run_id, {k: v for k, v in candidate.to_dict().items() if k != "traceback"}, "candidate.json"
         )
         if status == "ok" and candidate.artifact:
-            path = resolve_artifact(self.directory, candidate.artifact)
+            # Inside the run directory, and (once metrics.json recorded it) the very file measured.
+            path = resolve_artifact(self.directory, candidate.artifact, candidate.artifact_sha256)
             if path.is_dir():
                 self.client.log_artifacts(run_id, str(path), f"candidate/{path.name}")
             else:

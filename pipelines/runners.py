@@ -25,7 +25,7 @@ from pathlib import Path
 from kfopt.components.status import CANDIDATE_LINE, ROUND_LINE, StepStatus, read_statuses
 from kfopt.errors import KfoptError
 from kfopt.result import RunResult, Tracking
-from kfopt.rundir import METRICS_FILE, REPORT_FILE, writable_dir
+from kfopt.rundir import METRICS_FILE, REPORT_FILE, locked, writable_dir
 
 LOG_FILE = "pipeline.log"
 #: Where a pod of a Kubeflow cluster finds its service-account token for the KFP API.
@@ -105,52 +105,52 @@ def run_local(
         from kfopt.tracking import check_uri
 
         check_uri(tracking_uri)  # a URI MLflow cannot use fails now, not after every recipe has run
-    out = writable_dir(out).resolve()
-    # No retries here: MLflow's client already retries HTTP calls, and a local
-    # store that failed once fails again; `kfopt promote --from` finishes the job.
-    pipeline = build_pipeline(recipes, rounds=rounds, parallelism=parallelism, promote_retries=0, registry=registry)
-    root = writable_dir(out / "pipeline-root")
-    log_path = out / LOG_FILE
-    (out / REPORT_FILE).unlink(missing_ok=True)  # never show an earlier run's report as this one's
-    before = set(root.iterdir())
-    started = time.perf_counter()
-    with open(log_path, "w") as log, _quiet_kfp(log, progress):
-        from kfp import local
+    with locked(Path(out).resolve(), "kfopt run", fresh=True, inputs=(model, data)) as out:
+        # No retries here: MLflow's client already retries HTTP calls, and a local
+        # store that failed once fails again; `kfopt promote --from` finishes the job.
+        pipeline = build_pipeline(recipes, rounds=rounds, parallelism=parallelism, promote_retries=0, registry=registry)
+        root = writable_dir(out / "pipeline-root")
+        log_path = out / LOG_FILE
+        (out / REPORT_FILE).unlink(missing_ok=True)  # never show an earlier run's report as this one's
+        before = set(root.iterdir())
+        started = time.perf_counter()
+        with open(log_path, "w") as log, _quiet_kfp(log, progress):
+            from kfp import local
 
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
-        task = pipeline(
-            model=model,
-            data=data,
-            max_accuracy_drop=max_accuracy_drop,
-            objective=objective,
-            metric=metric or "",
-            registered_model=registered_model,
-            tracking_uri=tracking_uri,
-            experiment=experiment,
-            seed=seed,
-            epochs=epochs,
-            unsafe=unsafe,
-            max_trials=max_trials,
-            max_time=max_time or 0.0,
-            target=target or 0.0,
-            stop_when_met=stop_when_met,
-            sensitivity=sensitivity,
-        )
-    seconds = round(time.perf_counter() - started, 1)
-    run_dir = _new_run_dir(root, before)
-    statuses = read_statuses(run_dir)
-    results_dir = _output_dir(task, "results", _last_select(run_dir))
-    if results_dir is None or not (results_dir / METRICS_FILE).is_file():
-        raise _failure(statuses, run_dir, log_path)
-    result = RunResult.load(results_dir)
-    _record_registration(result, statuses, tracking_uri)
-    report = _output_dir(task, "report", run_dir / "report" / "report")
-    if report is not None and report.is_file():
-        shutil.copyfile(report, out / REPORT_FILE)
-        result.report = str(out / REPORT_FILE)
-    result.results, result.log, result.seconds = str(results_dir), str(log_path), seconds
-    result.save(out)
-    return result
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
+            task = pipeline(
+                model=model,
+                data=data,
+                max_accuracy_drop=max_accuracy_drop,
+                objective=objective,
+                metric=metric or "",
+                registered_model=registered_model,
+                tracking_uri=tracking_uri,
+                experiment=experiment,
+                seed=seed,
+                epochs=epochs,
+                unsafe=unsafe,
+                max_trials=max_trials,
+                max_time=max_time or 0.0,
+                target=target or 0.0,
+                stop_when_met=stop_when_met,
+                sensitivity=sensitivity,
+            )
+        seconds = round(time.perf_counter() - started, 1)
+        run_dir = _new_run_dir(root, before)
+        statuses = read_statuses(run_dir)
+        results_dir = _output_dir(task, "results", _last_select(run_dir))
+        if results_dir is None or not (results_dir / METRICS_FILE).is_file():
+            raise _failure(statuses, run_dir, log_path)
+        result = RunResult.load(results_dir)
+        _record_registration(result, statuses, tracking_uri)
+        report = _output_dir(task, "report", run_dir / "report" / "report")
+        if report is not None and report.is_file():
+            shutil.copyfile(report, out / REPORT_FILE)
+            result.report = str(out / REPORT_FILE)
+        result.results, result.log, result.seconds = str(results_dir), str(log_path), seconds
+        result.save(out)
+        return result
 
 
 @contextlib.contextmanager

@@ -270,9 +270,24 @@ def test_server_down_then_promote_later_registers_once(mlflow_server, run_dir, t
     assert saved["candidates"][0]["status"] == "ok" and Path(saved["candidates"][0]["artifact"]).is_file()
     assert saved["tracking"]["status"] == "failed" and saved["registered_model"]["version"] is None
 
-    # Settings come from what the run asked for; repeating the command changes nothing.
+    # Where the model goes is never read from metrics.json: the refusal shows what the run asked for, to confirm.
+    code, out = cli("promote", "--from", out_dir, "--json")
+    assert code == 2 and out.count("error:") == 1, out
+    assert f"kfopt promote --from {out_dir} --registered-model {name} --tracking-uri {uri}" in out
+    # Confirmed, it registers once; repeating the command changes nothing.
     for _ in range(2):
-        code, out = cli("promote", "--from", out_dir, "--json")
+        code, out = cli(
+            "promote",
+            "--from",
+            out_dir,
+            "--registered-model",
+            name,
+            "--tracking-uri",
+            uri,
+            "--max-accuracy-drop",
+            BUDGET,
+            "--json",
+        )
         assert code == 0, out
         assert json.loads(cli.stdout) | {"reason": None} == {
             "name": name,

@@ -139,7 +139,7 @@ def search(
     from ..plugins.manager import registry
     from ..progress import Reporter
     from ..recipe import plan
-    from ..rundir import writable_dir
+    from ..rundir import locked
     from .space import load_search
 
     settings = search_settings(
@@ -156,78 +156,78 @@ def search(
     if metric is not None:
         techniques.metric(metric)  # an unknown metric name fails before any work
     first = load_search(recipes, techniques)  # every recipe checked before any work
-    out = writable_dir(out)
-    handle, dataset = baseline or prepare(
-        model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out
-    )
-    handle.save(out / "baseline")
-    evaluator = Evaluator(
-        dataset,
-        handle,
-        out / "baseline",
-        latency_runs=latency_runs or LATENCY_RUNS,
-        metric=metric,
-        metrics=techniques.metrics,
-    )
-    reporter.say("Measuring the baseline")
-    result = start_result(model, describe(data), seed, handle, evaluator)
-    result.search, result.search_trace = settings, []
-    if sensitivity is not None and handle.format == "keras":
-        reporter.say(
-            f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
-            "(validation split)"
+    with locked(out, "kfopt search", fresh=True, inputs=(model, data)) as out:
+        handle, dataset = baseline or prepare(
+            model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out
         )
-        result.layer_sensitivity = layer_sensitivity(handle.keras(), dataset, sensitivity)
-    trace, candidates = result.search_trace, result.candidates
-    (out / "candidates").mkdir(exist_ok=True)
-    stop = None
-
-    def run_round(number: int, planned_recipes: list[tuple], whys: list[str]) -> None:
-        nonlocal stop
-        for (recipe, planned), why in zip(planned_recipes, whys):
-            # Round 1 always runs in full.
-            if number > 1 and max_time is not None and optimization_seconds(candidates) > max_time:
-                stop = stop or f"time budget of {max_time:g} s spent"
-                trace.append({"round": number, "recipe": recipe.label, "why": why, "status": "not run: " + stop})
-                continue
-            reporter.say(f"[round {number}] {recipe.label}: {why}")
-            candidate = run_recipe(
-                recipe,
-                planned,
-                handle,
-                dataset,
-                evaluator,
-                out / "candidates" / f"r{number}-{slug(recipe.label)}",
-                seed=seed,
-                reporter=reporter,
+        handle.save(out / "baseline")
+        evaluator = Evaluator(
+            dataset,
+            handle,
+            out / "baseline",
+            latency_runs=latency_runs or LATENCY_RUNS,
+            metric=metric,
+            metrics=techniques.metrics,
+        )
+        reporter.say("Measuring the baseline")
+        result = start_result(model, describe(data), seed, handle, evaluator)
+        result.search, result.search_trace = settings, []
+        if sensitivity is not None and handle.format == "keras":
+            reporter.say(
+                f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
+                "(validation split)"
             )
-            candidate.round, candidate.why = number, why
-            candidates.append(candidate)
-            trace.append(trace_entry(candidate, objective))
-            result.save(out)  # partial results survive an interruption
+            result.layer_sensitivity = layer_sensitivity(handle.keras(), dataset, sensitivity)
+        trace, candidates = result.search_trace, result.candidates
+        (out / "candidates").mkdir(exist_ok=True)
+        stop = None
 
-    run_round(1, [(r.recipe, r.planned) for r in first], [ROUND_ONE_WHY] * len(first))
-    for number in range(2, rounds + 2):
-        if stop:
-            break
-        proposals, stop = next_round(
-            candidates,
-            number,
-            max_accuracy_drop=max_accuracy_drop,
-            objective=objective,
-            max_trials=max_trials,
-            target=target,
-            stop_when_met=stop_when_met,
-            elapsed=optimization_seconds(candidates),
-            max_time=max_time,
-            sensitivity=result.layer_sensitivity,
-            techniques=techniques,
-        )
-        if stop:
-            break
-        recipes_of_round = [p.to_recipe() for p in proposals]
-        run_round(number, [(r, plan(r, techniques)) for r in recipes_of_round], [p.why for p in proposals])
-    result.search = search_outcome(settings, candidates, stop or ALL_ROUNDS_DONE)
-    finish_result(result, evaluator, max_accuracy_drop=max_accuracy_drop, objective=objective)
-    result.save(out)
-    return result
+        def run_round(number: int, planned_recipes: list[tuple], whys: list[str]) -> None:
+            nonlocal stop
+            for (recipe, planned), why in zip(planned_recipes, whys):
+                # Round 1 always runs in full.
+                if number > 1 and max_time is not None and optimization_seconds(candidates) > max_time:
+                    stop = stop or f"time budget of {max_time:g} s spent"
+                    trace.append({"round": number, "recipe": recipe.label, "why": why, "status": "not run: " + stop})
+                    continue
+                reporter.say(f"[round {number}] {recipe.label}: {why}")
+                candidate = run_recipe(
+                    recipe,
+                    planned,
+                    handle,
+                    dataset,
+                    evaluator,
+                    out / "candidates" / f"r{number}-{slug(recipe.label)}",
+                    seed=seed,
+                    reporter=reporter,
+                )
+                candidate.round, candidate.why = number, why
+                candidates.append(candidate)
+                trace.append(trace_entry(candidate, objective))
+                result.save(out)  # partial results survive an interruption
+
+        run_round(1, [(r.recipe, r.planned) for r in first], [ROUND_ONE_WHY] * len(first))
+        for number in range(2, rounds + 2):
+            if stop:
+                break
+            proposals, stop = next_round(
+                candidates,
+                number,
+                max_accuracy_drop=max_accuracy_drop,
+                objective=objective,
+                max_trials=max_trials,
+                target=target,
+                stop_when_met=stop_when_met,
+                elapsed=optimization_seconds(candidates),
+                max_time=max_time,
+                sensitivity=result.layer_sensitivity,
+                techniques=techniques,
+            )
+            if stop:
+                break
+            recipes_of_round = [p.to_recipe() for p in proposals]
+            run_round(number, [(r, plan(r, techniques)) for r in recipes_of_round], [p.why for p in proposals])
+        result.search = search_outcome(settings, candidates, stop or ALL_ROUNDS_DONE)
+        finish_result(result, evaluator, max_accuracy_drop=max_accuracy_drop, objective=objective)
+        result.save(out)
+        return result
