@@ -299,6 +299,22 @@ def test_a_relative_budget_bounds_the_drop_as_a_share_of_the_baseline():
     assert select(candidates, max_accuracy_drop="3%").pareto == ["small-but-2%-worse", "0.5%-worse", "better"]
 
 
+def test_the_promotion_gate_compares_errors_with_the_champion_the_right_way_round():
+    from kfopt.promotion import gate
+
+    champion = {"metric_name": "mae", "metric": 0.50, "gzip_bytes": 100, "latency_p50_ms": 1.0}
+    challenger = regression_candidate("smaller", 0.51, base=0.51, gzip=50)  # as good as its own baseline
+    assert gate(challenger, champion, max_accuracy_drop="5%", objective="size")[0]
+    promoted, reason = gate(challenger, champion, max_accuracy_drop="1%", objective="size", champion_version="2")
+    assert not promoted and reason == "mae 0.5100 is more than 1% above champion v2's 0.5000"
+    assert gate(
+        regression_candidate("better", 0.40, base=0.40, gzip=50), champion, max_accuracy_drop=0.0, objective="size"
+    )[0]
+    # A champion registered with another metric cannot be compared on this one.
+    promoted, reason = gate(challenger, {**champion, "metric_name": "rmse"}, max_accuracy_drop=0.1, objective="size")
+    assert not promoted and "mae missing" in reason
+
+
 def test_a_relative_budget_through_optimize(regression_model, regression_data, tmp_path):
     result = kfopt.optimize(
         regression_model,
