@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -392,6 +392,50 @@ def _digits_as(images: np.ndarray, input_shape: tuple | None) -> np.ndarray:
     )
 
 
+#: dtype kinds no model reads as inputs or labels, and what to call them in an error.
+_UNUSABLE_KINDS = {
+    "U": "text",
+    "S": "bytes",
+    "O": "Python objects",
+    "c": "complex numbers",
+    "V": "records",
+    "M": "dates",
+    "m": "time spans",
+}
+
+
+def _refuse_unusable_arrays(arrays: dict, where: str) -> None:
+    """Refuse, by name, an array that is empty, holds what no model reads (text, complex numbers, objects),
+    or an input with NaN or infinite values: before any work, rather than a number that means nothing."""
+    for key, value in arrays.items():
+        if isinstance(value, Mapping):  # a model with several inputs, given from Python
+            parts = [(f"{key}[{name!r}]", array) for name, array in value.items()]
+        elif isinstance(value, (list, tuple)) and all(isinstance(a, np.ndarray) for a in value):
+            parts = [(f"{key}[{index}]", array) for index, array in enumerate(value)]
+        else:
+            parts = [(key, value)]
+        for name, array in parts:
+            if not isinstance(array, np.ndarray):
+                continue
+            kind = _UNUSABLE_KINDS.get(array.dtype.kind)
+            if kind:
+                raise KfoptError(
+                    f"{where}: {name} holds {kind} (dtype {array.dtype}, {array.size} values); a model reads numbers.",
+                    "convert it to numbers (floats, class ids, token ids) before saving it.",
+                )
+            if (array.ndim == 0 or not len(array)) and "_val" not in key:
+                raise KfoptError(
+                    f"{where}: {name} is empty (shape {array.shape}).", "give every split at least one sample."
+                )
+            if key.startswith("x_") and array.dtype.kind == "f":
+                bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+                if bad:
+                    raise KfoptError(
+                        f"{where}: {name} has {bad} NaN or infinite value{'s' if bad != 1 else ''}.",
+                        "fix or drop those samples before optimizing (a model scored on them scores nothing).",
+                    )
+
+
 def _read_npz(uri: str) -> dict[str, np.ndarray]:
     from . import _tf
     from .limits import check_npz
@@ -423,6 +467,7 @@ def _read_npz(uri: str) -> dict[str, np.ndarray]:
 
 def _checked_arrays(arrays: dict, where: str) -> dict[str, np.ndarray]:
     """The arrays kfopt reads (x/y train and test, and x_val/y_val when both are given), or a KfoptError."""
+    _refuse_unusable_arrays(arrays, where)
     missing = [k for k in NPZ_KEYS if k not in arrays]
     if missing:
         raise KfoptError(

@@ -80,7 +80,9 @@ def _model_config_text(path: Path) -> str:
             meta = path / "keras_metadata.pb"
             if not (path / "saved_model.pb").exists():
                 raise ValueError("no saved_model.pb in the directory")
-            return meta.read_bytes().decode("utf-8", "replace") if meta.exists() else ""
+            if not meta.exists():  # a tf.Module or a graph export: nothing kfopt's techniques can work on
+                raise ValueError("a SavedModel without Keras metadata (keras_metadata.pb) is not a Keras model")
+            return meta.read_bytes().decode("utf-8", "replace")
         if path.suffix == ".keras":
             with zipfile.ZipFile(path) as archive:
                 return archive.read("config.json").decode()
