@@ -316,11 +316,21 @@ def _report_tracking(result: dict, out) -> None:
     if tracked.get("status") == "failed":
         click.echo(
             f"error: MLflow tracking at {tracked['uri']} failed: {tracked['error']}. Results are in {out}; "
-            f"run `kfopt promote --from {out}` when MLflow is reachable.",
+            f"run `{_promote_command(out, tracked)}` when MLflow is reachable.",
             err=True,
         )
     elif result.get("registered_model"):
         click.echo(_decision_line(result["registered_model"]), err=True)
+
+
+def _promote_command(out, tracked: dict) -> str:
+    """The `kfopt promote --from` that finishes a run's registration: where to is given, never read from the run."""
+    import shlex
+
+    command = ["kfopt", "promote", "--from", str(out)]
+    if tracked.get("registered_model"):
+        command += ["--registered-model", str(tracked["registered_model"])]
+    return shlex.join(command + ["--tracking-uri", str(tracked["uri"])] if tracked.get("uri") else command)
 
 
 def _decision_line(registered: dict) -> str:

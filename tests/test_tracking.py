@@ -265,7 +265,11 @@ def test_server_down_then_promote_later_registers_once(mlflow_server, run_dir, t
         monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
     assert code == 3, out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and f"kfopt promote --from {out_dir}" in errors[0] and "Traceback" not in out
+    assert (
+        len(errors) == 1
+        and f"kfopt promote --from {out_dir} --registered-model {name} --tracking-uri {uri}" in errors[0]
+        and "Traceback" not in out
+    )
     saved = RunResult.load(out_dir)
     assert saved["candidates"][0]["status"] == "ok" and Path(saved["candidates"][0]["artifact"]).is_file()
     assert saved["tracking"]["status"] == "failed" and saved["registered_model"]["version"] is None
