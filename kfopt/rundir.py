@@ -133,7 +133,7 @@ def resolve_artifact(directory: str | os.PathLike, artifact: str | os.PathLike, 
             "keep the run directory as kfopt wrote it (baseline/, candidate/, metrics.json).",
         )
     if path.is_dir():
-        _no_links(path, where)
+        _files(path, where)  # refuses a link inside
     if sha256 is not None and digest(path) != sha256:
         raise KfoptError(
             f"Model file '{artifact}' is not the one {where} describes (its sha256 differs); refused.",
@@ -165,12 +165,14 @@ def digest(path: str | os.PathLike) -> str:
     refused: kfopt never writes them, and one could point outside the run.
     """
     path = Path(path)
-    if path.is_file() and not path.is_symlink():
-        return _file_sha256(path)
     if path.is_symlink():
         raise KfoptError(f"'{path}' is a symbolic link; refused.", "replace it with the file it points to.")
+    if path.is_file():
+        return _file_sha256(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no model file or directory at '{path}'")
     tree = hashlib.sha256()
-    for file in _files(path):
+    for file in _files(path, str(path)):
         tree.update(f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\n".encode())
     return tree.hexdigest()
 
@@ -183,13 +185,9 @@ def _file_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
-def _files(directory: Path) -> list[Path]:
-    """Every file under ``directory``, sorted; a KfoptError at the first symbolic link."""
-    _no_links(directory, str(directory))
-    return sorted(Path(root) / name for root, _, names in os.walk(directory) for name in names)
-
-
-def _no_links(directory: Path, where: str) -> None:
+def _files(directory: Path, where: str) -> list[Path]:
+    """Every file under ``directory``, sorted; a KfoptError at the first symbolic link (kfopt writes none)."""
+    files = []
     for root, dirs, names in os.walk(directory):
         for name in dirs + names:
             if (Path(root) / name).is_symlink():
@@ -197,6 +195,8 @@ def _no_links(directory: Path, where: str) -> None:
                     f"'{Path(root) / name}' (in a model named in {where}) is a symbolic link; refused.",
                     "use the run directory as kfopt wrote it: it writes no links.",
                 )
+        files += [Path(root) / name for name in names]
+    return sorted(files)
 
 
 def slug(text: str) -> str:
@@ -379,8 +379,8 @@ def check_inputs(directory: str | os.PathLike, inputs: Iterable) -> None:
     root = Path(directory).resolve()
     replaced = [root / name for name in (*RUN_FILES, *RUN_DIRS)]
     for given in inputs:
-        if not isinstance(given, (str, os.PathLike)) or ":" in str(given) and not Path(given).exists():
-            continue
+        if not isinstance(given, (str, os.PathLike)) or (":" in str(given) and not Path(given).exists()):
+            continue  # demo:mlp, py:module:function, a URI, arrays
         path = Path(given).resolve()
         if path == root:
             raise KfoptError(
