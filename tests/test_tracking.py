@@ -279,19 +279,9 @@ def test_server_down_then_promote_later_registers_once(mlflow_server, run_dir, t
     assert code == 2 and out.count("error:") == 1, out
     assert f"kfopt promote --from {out_dir} --registered-model {name} --tracking-uri {uri}" in out
     # Confirmed, it registers once; repeating the command changes nothing.
+    destination = ["--registered-model", name, "--tracking-uri", uri, "--max-accuracy-drop", BUDGET]
     for _ in range(2):
-        code, out = cli(
-            "promote",
-            "--from",
-            out_dir,
-            "--registered-model",
-            name,
-            "--tracking-uri",
-            uri,
-            "--max-accuracy-drop",
-            BUDGET,
-            "--json",
-        )
+        code, out = cli("promote", "--from", out_dir, *destination, "--json")
         assert code == 0, out
         assert json.loads(cli.stdout) | {"reason": None} == {
             "name": name,
