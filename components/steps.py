@@ -91,6 +91,7 @@ def prepare_step(
         "seed": seed,
         "unsafe": unsafe,
         "input_shape": list(dataset.input_shape),
+        "splits": dataset.splits.as_dict(),
         "task": evaluator.task.as_dict(),
         "metrics": metrics,
     }
@@ -483,6 +484,7 @@ def select_step(
         model=info["model"],
         data=info["data"],
         seed=info["seed"],
+        splits=info.get("splits"),
         baseline=Baseline(**info["metrics"], artifact=str(baseline_path), references=references),
         candidates=candidates,
     )

@@ -76,6 +76,7 @@ def optimize(
     from .engine import optimize as run
     from .progress import Reporter
 
+    _check_recipes([recipe])  # before the run folder is made and the model saved into it
     out = _run_dir(out, model)
     settings = {
         "registered_model": registered_model,
@@ -94,7 +95,7 @@ def optimize(
         max_accuracy_drop=max_accuracy_drop,
         objective=objective,
         metric=metric,
-        reporter=Reporter(enabled=progress),
+        reporter=Reporter(enabled=progress, quiet=progress is False),
         tracking=settings,
     )
 
@@ -136,6 +137,7 @@ def search(
     from .progress import Reporter
     from .recipe_search import search as run
 
+    _check_recipes(recipes)
     out = _run_dir(out, model)
     return run(
         _model_spec(model, out),
@@ -153,9 +155,21 @@ def search(
         seed=seed,
         epochs=epochs,
         unsafe=unsafe,
-        reporter=Reporter(enabled=progress),
+        reporter=Reporter(enabled=progress, quiet=progress is False),
         sensitivity=sensitivity or None,
     )
+
+
+def _check_recipes(recipes) -> None:
+    """Plan the recipes (techniques, configs, formats) now: a mistake costs no folder and no saved model."""
+    from .plugins.manager import registry
+    from .recipe import parse_recipe, plan
+    from .recipe_search import load_search
+
+    if isinstance(recipes, list) and len(recipes) == 1 and not isinstance(recipes[0], list):
+        plan(parse_recipe(recipes[0]), registry())
+    else:
+        load_search(recipes, registry())
 
 
 def _run_dir(out, model) -> Path:

@@ -35,8 +35,8 @@ METRIC_HELP = (
     "multi-label), mae (regression)]."
 )
 OBJECTIVE_HELP = (
-    "What 'better than the champion' means: smaller gzip_bytes (size), latency_p50_ms (latency), or "
-    "gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5)."
+    "What 'better' means, for the winner within the budget and against the champion: smaller gzip_bytes "
+    "(size), latency_p50_ms (latency), or gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5)."
 )
 
 
@@ -268,7 +268,6 @@ def optimize(
     (this host cannot run the technique), 1 when a technique failed, 2 for bad
     input, 3 when MLflow failed (results stay in OUT; `kfopt promote --from OUT` retries).
     """
-    from rich.console import Console
 
     from .api import optimize as run
     from .report import results_table
@@ -293,10 +292,12 @@ def optimize(
     if as_json:
         click.echo(_json(result))
     else:
-        Console().print(results_table(result))
+        _console().print(results_table(result))
         click.echo(
             f"Results: {out}/metrics.json" + (f"; model: {candidate['artifact']}" if candidate.get("artifact") else "")
         )
+    if candidate.ok and result.winner is None:
+        click.echo(f"not the winner: {candidate.not_selected_because} (nothing is registered)", err=True)
     if candidate["status"] == "skipped":
         click.echo(f"skipped: {candidate['reason']}", err=True)
     elif candidate["status"] == "failed":
@@ -315,7 +316,7 @@ def _report_tracking(result: dict, out) -> None:
     tracked = result.get("tracking") or {}
     if tracked.get("status") == "failed":
         click.echo(
-            f"error: MLflow tracking at {tracked['uri']} failed: {tracked['error']}. Results are in {out}; "
+            f"error: MLflow tracking at {tracked['uri']} failed: {str(tracked['error']).rstrip('.')}. Results are in {out}; "
             f"run `{_promote_command(out, tracked)}` when MLflow is reachable.",
             err=True,
         )
@@ -356,8 +357,13 @@ def _decision_line(registered: dict) -> str:
     help=REGISTERED_MODEL_HELP + " Never taken from metrics.json; without it, only the runs are logged.",
 )
 @tracking_options
-@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=BUDGET, help=MAX_DROP_HELP)
-@click.option("--objective", type=OBJECTIVE, default="size", show_default=True, help=OBJECTIVE_HELP)
+@click.option(
+    "--max-accuracy-drop",
+    default=None,
+    type=BUDGET,
+    help=MAX_DROP_HELP + " [default: the budget the run was decided with]",
+)
+@click.option("--objective", type=OBJECTIVE, default=None, help=OBJECTIVE_HELP + " [default: the run's own objective]")
 @click.option(
     "--data",
     "-d",

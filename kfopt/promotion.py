@@ -65,15 +65,16 @@ def promote_from(
     *,
     registered_model: str | None,
     tracking_uri: str | None = None,
-    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
-    objective: str = "size",
+    max_accuracy_drop: float | str | None = None,
+    objective: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     trust_metrics: bool = False,
     data: str | None = None,
 ) -> Registration | None:
     """Log a finished run's directory to MLflow (what is not logged yet), register its winner, promote it.
 
-    ``directory`` holds ``metrics.json`` as ``optimize()`` writes it. Nothing is
+    ``directory`` holds ``metrics.json`` as ``optimize()`` writes it; ``max_accuracy_drop``
+    and ``objective`` default to the ones the run was decided with. Nothing is
     logged before the directory is verified (:func:`verify_run`: every model
     file it lists is inside it, with the sha256 recorded) and, unless
     ``trust_metrics``, before the winner is measured again on the test split of
@@ -89,7 +90,11 @@ def promote_from(
     Raises ``TrackingFailed`` (exit code 3) when MLflow cannot be reached.
     """
     directory = Path(directory)
-    RunResult.load(directory)  # not a run directory: say so before anything else
+    decided = RunResult.load(directory).selection or {}  # not a run directory: say so before anything else
+    # By default the run's own budget and objective: a promotion never loosens what the run decided.
+    if max_accuracy_drop is None:
+        max_accuracy_drop = decided.get("max_accuracy_drop", DEFAULT_MAX_ACCURACY_DROP)
+    objective = objective or decided.get("objective", "size")
     if registered_model is not None:
         check_model_name(registered_model)
     check_goal(max_accuracy_drop, objective)
@@ -413,12 +418,13 @@ def promote(
 
     The winner is decided again by :func:`kfopt.select.select` under this
     promotion's budget and objective (the one selection path): a candidate over
-    the budget is never registered.
+    the budget is never registered. The run's own selection in ``result`` is
+    left as the run decided it.
     """
-    result.apply(select(result.candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
-    candidate: Candidate | None = result.winning_candidate
+    selection = select(result.candidates, max_accuracy_drop=max_accuracy_drop, objective=objective)
+    candidate: Candidate | None = result.candidate(selection.winner)
     if candidate is None:
-        why = "; ".join(f"{c.recipe}: {c.not_selected_because}" for c in result.candidates)
+        why = "; ".join(f"{label}: {reason}" for label, reason in selection.reasons.items())
         return Registration(
             name=name, reason=f"no winner to register: no candidate is within the budget ({why})"[:5000]
         )
@@ -429,6 +435,17 @@ def promote(
             f"The winner '{winner}' in {logger.directory}/metrics.json has no logged model.",
             "check that the candidate's status is ok and its model file is in the run directory.",
         )
+    # MLflow resolves the ``models:/`` source of a new version against its default tracking URI.
+    with rundir.tracking_uri(logger.uri):
+        return _register(logger, candidate, name, max_accuracy_drop=max_accuracy_drop, objective=objective)
+
+
+def _register(
+    logger: tracking.RunLogger, candidate: Candidate, name: str, *, max_accuracy_drop: float, objective: str
+) -> Registration:
+    """Create (once) the version of ``name`` for the logged ``candidate``, set challenger, decide on champion."""
+    winner = candidate.recipe
+    logged = logger.logged(winner)
     client = logger.client
     _ensure_registered_model(client, name)
     version = _version_of_run(client, name, logged["run_id"])

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from . import rundir
 from .errors import KfoptError
 
+#: What a run measured and decided: observers add to a run record, never change these.
+_DECIDED = {"model", "data", "seed", "splits", "baseline", "candidates", "winner", "pareto", "selection"}
 #: Keys always written, even when None (readers test ``result["winner"] is None``).
 _ALWAYS = {"recipe", "steps", "status", "reason", "winner", "pareto", "registered_model", "candidates", "baseline"}
 
@@ -31,7 +33,7 @@ class _Record(BaseModel):
     """Typed, and readable as the dict it is written as (``record["key"]``, ``record.get("key")``)."""
 
     # extra="allow": metrics added by evaluator plugins keep their own names.
-    model_config = ConfigDict(extra="allow", validate_assignment=False)
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     def __getitem__(self, key: str):
         try:
@@ -119,7 +121,8 @@ class Candidate(Measurement):
 
     recipe: str
     steps: list[dict[str, Any]] = Field(default_factory=list)
-    status: str = "ok"
+    #: ``stopped`` only marks the pipeline's no-op item of a search round that did not run.
+    status: Literal["ok", "skipped", "failed", "stopped"] = "ok"
     reason: str | None = None
     traceback: str | None = None
     #: The model file (a directory for a SavedModel): in metrics.json relative to the run directory,
@@ -267,8 +270,14 @@ class RunResult(_Record):
         return self
 
     def update_from(self, fields: dict[str, Any] | None) -> None:
-        """Take the fields observers returned from ``kfopt_run_finished`` (``tracking``, ``registered_model``)."""
+        """Take the fields observers returned from ``kfopt_run_finished`` (``tracking``, ``registered_model``,
+        or new keys of their own); what the run measured and decided is not theirs to change."""
         for key, value in (fields or {}).items():
+            if key in _DECIDED:
+                import warnings
+
+                warnings.warn(f"an observer tried to change '{key}' of the run record; ignored", stacklevel=2)
+                continue
             if key == "tracking" and isinstance(value, dict):
                 value = Tracking.model_validate(value)
             elif key == "registered_model" and isinstance(value, dict):

@@ -12,6 +12,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from kfopt.observers import RunContext
+    from kfopt.result import Candidate, RunResult
     from kfopt.task import Metric
 
     from .technique import Technique
@@ -59,16 +60,20 @@ def kfopt_run_started(run: dict, context: RunContext) -> None:
 
 
 @hookspec
-def kfopt_candidate_finished(candidate: dict, context: RunContext) -> None:
+def kfopt_candidate_finished(candidate: Candidate, context: RunContext) -> None:
     """Called once per candidate after it is saved and measured, whatever its
-    ``status`` (ok, skipped, failed); ``candidate`` is the entry of metrics.json.
-    Return value is ignored."""
+    ``status`` (ok, skipped, failed); ``candidate`` is its typed record
+    (:class:`kfopt.result.Candidate`, readable like its metrics.json entry).
+    Read it, don't change it. Return value is ignored."""
 
 
 @hookspec
-def kfopt_run_finished(result: dict, context: RunContext) -> dict | None:
-    """Called once after ``metrics.json`` is written; ``result`` is its content.
+def kfopt_run_finished(result: RunResult, context: RunContext) -> dict | None:
+    """Called once after ``metrics.json`` is written; ``result`` is the run record
+    (:class:`kfopt.result.RunResult`, readable like metrics.json). Read it, don't change it.
 
     Return a dict of fields to add to the result (e.g. ``registered_model``,
-    ``tracking``), or None. Returned fields are written back to metrics.json.
+    ``tracking``, as records or dicts), or None. Returned fields are written back
+    to metrics.json; what the run measured and decided (baseline, candidates,
+    winner, selection, ...) cannot be changed this way.
     """
