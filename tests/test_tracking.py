@@ -368,6 +368,23 @@ def test_embedded_sqlite_default_needs_no_server(run_dir, tmp_path, monkeypatch)
     )
 
 
+@pytest.mark.slow
+def test_a_sqlite_store_in_another_directory_registers_there(run_dir, tmp_path, monkeypatch):
+    """The registry follows --tracking-uri: no stray ./mlflow.db, no 'Logged model ... not found'."""
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "store").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    directory = run_dir("small")
+    code, out = cli(
+        "promote", "--from", directory, "--registered-model", "far-away", "--tracking-uri", uri, "--trust-metrics"
+    )
+    assert code == 0, out
+    assert "far-away v1 (challenger, champion): promoted to champion" in out
+    assert not (tmp_path / "cwd" / "mlflow.db").exists()
+    assert client(uri).get_registered_model("far-away").aliases == {"champion": 1, "challenger": 1}
+
+
 def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cases = [
