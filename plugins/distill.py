@@ -16,8 +16,11 @@ else mean squared error.
 
 Two student architectures can be built (``architecture``):
 
-- ``same``: the teacher's own architecture with every Dense ``units`` and Conv
-  ``filters`` scaled by ``width`` (:func:`build_student`);
+- ``same``: the teacher's own architecture with its Dense ``units``, Conv
+  ``filters``, Embedding and recurrent widths scaled by ``width``, planned on
+  the layer graph so residual adds, squeeze-excite multiplies, reshapes and
+  attention stay consistent and the inputs and outputs keep their shapes
+  (:mod:`kfopt.plugins.student`);
 - ``dense``: a plain MLP, ``Flatten`` then ``DENSE_HIDDEN_LAYERS`` ReLU Dense
   layers of ``width`` times the teacher's widest layer (its largest ``units`` or
   ``filters`` outside the output layer) each, then the output Dense
@@ -40,17 +43,17 @@ from kfopt.models import copy_model
 from kfopt.progress import keras_callback
 from kfopt.training import task_of
 
+from .layers import all_layers, note, require_layer_graph, with_note
 from .spec import hookimpl
+from .student import build_student, plan_widths, width_key
 from .technique import ModelHandle, StepContext, Technique
 
-#: Layer config keys that set a layer's width (Dense/RNN ``units``, Conv ``filters``).
-WIDTH_KEYS = ("units", "filters")
 #: Epochs without improvement of the validation distillation loss before stopping early.
 PATIENCE = 5
 #: Hidden Dense layers of an ``architecture=dense`` student.
 DENSE_HIDDEN_LAYERS = 2
 #: Facts about the input model that do not hold for a new student.
-_STALE_INFO = ("sparsity", "params")
+_STALE_INFO = ("sparsity", "params", "left_dense", "float_layers", "kept_width")
 
 
 class Distill(Technique):
@@ -120,11 +123,41 @@ class Distill(Technique):
                 )
             return self
 
+    def check(self, model, config: Distill.Config) -> None:
+        """Refuse, before any work, a teacher no student of the config can be built for."""
+        if not model.has_keras_layers:
+            return  # the recipe check refuses the format itself
+        teacher = model.keras()
+        if len(model.outputs) != 1:
+            raise KfoptError(
+                f"distill trains a student on one output, but '{teacher.name}' has {len(model.outputs)} "
+                f"({', '.join(model.output_names)}).",
+                "distill a single-output model, or use prune/quantize, which keep every output.",
+            )
+        if config.student:
+            return  # checked against the teacher when it is loaded
+        if config.architecture == "dense":
+            _check_dense_teacher(teacher)
+            return
+        require_layer_graph(teacher, f"distill(width={config.width:g})")
+        plan = plan_widths(teacher)
+        if not plan.scaled and config.width < 1:
+            kept = "; ".join(
+                [f"{name}: {why}" for name, why in list(plan.kept.items())[:3]]
+                + [f"{name}: it sets the model's output" for name in plan.outputs[:1]]
+            )
+            raise KfoptError(
+                f"distill(width={config.width:g}) cannot make '{teacher.name}' narrower: every layer that sets a "
+                f"width keeps the teacher's ({kept}).",
+                "use architecture=dense, or pass a student model file with student=PATH.",
+            )
+
     def apply(self, model: ModelHandle, config: Distill.Config, ctx: StepContext) -> ModelHandle:
         keras = _tf.keras()
         teacher = model.keras()
         task = task_of(teacher, ctx)
         keras.utils.set_random_seed(ctx.seed)
+        kept: dict[str, str] = {}
         with ctx.strategy.scope():
             # Work on copies built inside the strategy scope: the teacher must not
             # be mutated, and on several GPUs/TPU cores its variables must be
@@ -136,7 +169,9 @@ class Distill(Technique):
             elif config.architecture == "dense":
                 student = build_dense_student(teacher, config.width)
             else:
-                student = build_student(teacher, config.width)
+                plan = plan_widths(teacher) if teacher.outputs else None
+                student = build_student(teacher, config.width, plan)
+                kept = plan.kept if plan else {}
             student_logits, shares_weights = logits_model(student, task.kind)
             distiller = _distiller_class()(
                 student_logits, teacher_logits, config.temperature, config.alpha, task.kind, task.loss
@@ -157,39 +192,31 @@ class Distill(Technique):
         if not shares_weights:  # the logits view was a copy: put the trained weights back
             student.set_weights(student_logits.get_weights())
         info = {k: v for k, v in model.info.items() if k not in _STALE_INFO}
+        if kept:
+            info["kept_width"] = kept
+            total = sum(1 for layer in all_layers(teacher) if width_key(layer))
+            info["notes"] = with_note(model.info, note(f"distill(width={config.width:g})", kept, total, "full width"))
         return ModelHandle.from_keras(student, info=info)
 
 
 # -- building the student ------------------------------------------------------
-def build_student(teacher, width: float):
-    """The teacher's architecture with Dense/Conv widths scaled by ``width``, freshly initialised.
+# build_student and plan_widths live in .student (how a narrower student of the teacher's graph is planned).
 
-    Layers that set the model's output width (the last Dense/Conv on the path to
-    each output, through activations, reshapes, etc.) keep their size, so the
-    student gives the same outputs. Works for Sequential and functional models,
-    including nested ones.
-    """
-    keras = _tf.keras()
-    keep = _output_width_layers(teacher)
 
-    def scaled(layer):
-        if isinstance(layer, keras.Model):  # a nested Sequential/functional model
-            return keras.models.clone_model(layer, clone_function=scaled)
-        config = layer.get_config()
-        key = _width_key(layer)
-        if key and id(layer) not in keep:
-            config[key] = max(1, int(round(config[key] * width)))
-        return layer.__class__.from_config(config)
-
-    try:
-        student = keras.models.clone_model(teacher, clone_function=scaled)
-    except Exception as exc:  # e.g. a skip connection adding tensors whose widths now differ
+def _check_dense_teacher(teacher) -> None:
+    """Refuse a teacher a Flatten + Dense student cannot stand in for (several inputs/outputs, non-vector output)."""
+    if not teacher.outputs or len(teacher.outputs) != 1 or len(teacher.inputs) != 1:
         raise KfoptError(
-            f"Cannot build a width-{width} student from the teacher's architecture "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).",
-            "use width=1, or pass a student model file with student=PATH.",
-        ) from None
-    return student
+            f"A dense student needs a built teacher with one input and one output; '{teacher.name}' has "
+            f"{len(teacher.inputs or [])} and {len(teacher.outputs or [])}.",
+            "distill a single-input classifier with architecture=same, or pass a student model file with student=PATH.",
+        )
+    out_shape = tuple(teacher.output_shape[1:])
+    if len(out_shape) != 1 or out_shape[0] is None:
+        raise KfoptError(
+            f"A dense student predicts a vector of classes, but '{teacher.name}' outputs shape {out_shape}.",
+            "use architecture=same, or pass a student model file with student=PATH.",
+        )
 
 
 def build_dense_student(teacher, width: float):
@@ -204,23 +231,11 @@ def build_dense_student(teacher, width: float):
     linear, ...).
     """
     keras = _tf.keras()
-    if not teacher.outputs or len(teacher.outputs) != 1 or len(teacher.inputs) != 1:
-        raise KfoptError(
-            f"A dense student needs a built teacher with one input and one output; '{teacher.name}' has "
-            f"{len(teacher.inputs or [])} and {len(teacher.outputs or [])}.",
-            "distill a single-input classifier with architecture=same, or pass a student model file with student=PATH.",
-        )
+    _check_dense_teacher(teacher)
     out_shape = tuple(teacher.output_shape[1:])
-    if len(out_shape) != 1 or out_shape[0] is None:
-        raise KfoptError(
-            f"A dense student predicts a vector of classes, but '{teacher.name}' outputs shape {out_shape}.",
-            "use architecture=same, or pass a student model file with student=PATH.",
-        )
     keep = _output_width_layers(teacher)
     widths = [
-        layer.get_config()[key]
-        for layer in _all_layers(teacher)
-        if (key := _width_key(layer)) and id(layer) not in keep
+        layer.get_config()[key] for layer in all_layers(teacher) if (key := width_key(layer)) and id(layer) not in keep
     ]
     widest = max(widths, default=out_shape[0])
     hidden = max(1, int(round(widest * width)))
@@ -235,30 +250,12 @@ def build_dense_student(teacher, width: float):
     return keras.Model(inputs, outputs, name=f"{teacher.name}_dense_student")
 
 
-def _all_layers(model):
-    """The model's layers, nested models' layers included (not the nested models themselves)."""
-    keras = _tf.keras()
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
-        else:
-            yield layer
-
-
-def _width_key(layer) -> str | None:
-    try:
-        config = layer.get_config()
-    except NotImplementedError:  # a custom layer without a config cannot be resized
-        return None
-    return next((k for k in WIDTH_KEYS if isinstance(config.get(k), int)), None)
-
-
 def _output_width_layers(model) -> set[int]:
     """ids of the layers whose width is the model's output width."""
     keras = _tf.keras()
     keep: set[int] = set()
     if not model.outputs:  # a Sequential that was never built on an input shape
-        last = next((layer for layer in reversed(model.layers) if _width_key(layer)), None)
+        last = next((layer for layer in reversed(model.layers) if width_key(layer)), None)
         return {id(last)} if last is not None else keep
     stack = list(model.outputs)
     while stack:
@@ -267,7 +264,7 @@ def _output_width_layers(model) -> set[int]:
             continue
         if isinstance(layer, keras.Model):
             keep |= _output_width_layers(layer)
-        elif _width_key(layer):
+        elif width_key(layer):
             keep.add(id(layer))
         else:  # activation, reshape, add, ...: its width comes from its inputs
             stack.extend(layer._inbound_nodes[node_index].keras_inputs)
@@ -327,11 +324,7 @@ def logits_model(model, kind: str = "multiclass"):
             "flatten the model so its last layer is a plain Keras layer.",
         )
     probability = "softmax" if kind == "multiclass" else "sigmoid"
-    if (
-        type(last).__name__ == "Softmax"
-        and kind == "multiclass"
-        or (activation == probability and not _width_key(last))
-    ):
+    if type(last).__name__ == "Softmax" and kind == "multiclass" or (activation == probability and not width_key(last)):
         logits = last._inbound_nodes[node_index].input_tensors
         return keras.Model(model.inputs, logits, name=f"{model.name}_logits"), True
     if activation == probability:

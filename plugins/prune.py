@@ -16,6 +16,8 @@ from kfopt.models import copy_model
 from kfopt.sparsity import weight_sparsity
 from kfopt.training import fine_tune, task_loss
 
+from .layers import all_layers, has_layer_graph, note, require_layer_graph, with_note
+from .layers import kernels as _kernels
 from .spec import hookimpl
 from .technique import LayerNames, ModelHandle, StepContext, Technique
 
@@ -44,6 +46,15 @@ class Prune(Technique):
     penalises nor thresholds them. ``target_sparsity`` is then the sparsity of
     the pruned layers (each of them for magnitude, together for l1), so the
     whole model's sparsity (``info["sparsity"]``, measured) is lower.
+
+    magnitude and structured prune the layers tfmot can prune (Dense, Conv,
+    SeparableConv's pointwise kernel, Embedding, LSTM/GRU/SimpleRNN,
+    MultiHeadAttention's projections; structured: 2-D and 4-D kernels of matrix
+    multiplies) and leave every other layer as it is: layers without weights
+    (Rescaling, Normalization, Reshape, Add, ...) never block pruning, and
+    layers with kernels tfmot cannot prune (DepthwiseConv2D, custom layers)
+    stay dense. ``info["left_dense"]`` maps each layer with kernels left dense to
+    why, and ``info["notes"]`` says it in one line.
 
     The input model is never modified; the returned model has no pruning wrappers.
     """
@@ -111,18 +122,94 @@ class Prune(Technique):
             m, n = self.m_by_n.split(":")
             return int(m), int(n)
 
+    def check(self, model, config: Prune.Config) -> None:
+        """Refuse, before any work, a model with no layer graph, unknown keep_dense names or nothing to prune."""
+        if not model.has_keras_layers:
+            return  # the recipe check refuses the format itself
+        keras_model = model.keras()
+        require_layer_graph(keras_model, f"prune(method={config.method})")
+        check_layer_names(keras_model, config.keep_dense, "prune", "keep_dense")
+        dense_layers(keras_model, config)
+
     def apply(self, model: ModelHandle, config: Prune.Config, ctx: StepContext) -> ModelHandle:
         keras = _tf.keras()
         source = model.keras()
         keras.utils.set_random_seed(ctx.seed)
+        require_layer_graph(source, f"prune(method={config.method})")
         # The model's compiled loss, else the task's; decided on the plain model (wrappers hide the activation).
         loss = task_loss(source, ctx)
         check_layer_names(source, config.keep_dense, "prune", "keep_dense")
+        left_dense = dense_layers(source, config)
         if config.method == "l1":
             pruned = _prune_l1(source, config, ctx, loss)
         else:
             pruned = _prune_tfmot(source, config, ctx, loss)
-        return ModelHandle.from_keras(pruned, info={**model.info, "sparsity": weight_sparsity(pruned)})
+        info = {key: value for key, value in model.info.items() if key != "left_dense"}
+        info["sparsity"] = weight_sparsity(pruned)
+        if left_dense:
+            info["left_dense"] = left_dense
+            total = len(kernel_layers(source))
+            info["notes"] = with_note(
+                model.info, note(f"prune(method={config.method})", left_dense, total, "dense", "layers with weights")
+            )
+        return ModelHandle.from_keras(pruned, info=info)
+
+
+def dense_layers(keras_model, config: Prune.Config) -> dict[str, str]:
+    """The layers with kernels ``config`` leaves dense, each with why (keep_dense, or tfmot cannot prune it).
+
+    Raises a KfoptError when that leaves nothing to prune.
+    """
+    keep = set(config.keep_dense)
+    left, pruned = {}, 0
+    for layer in kernel_layers(keras_model):
+        why = _kept_dense_because(layer, config.method, keep)
+        if why:
+            left[layer.name] = why
+        else:
+            pruned += 1
+    if not pruned:
+        listed = "; ".join(f"{name}: {why}" for name, why in list(left.items())[:3]) or "it has no layer with kernels"
+        fix = (
+            "drop keep_dense names so some layers remain to prune."
+            if config.method == "l1"
+            else "use prune(method=l1), which prunes the kernels of any layer, or keep fewer layers dense."
+        )
+        raise KfoptError(
+            f"prune(method={config.method}) has no layer of '{keras_model.name}' to prune ({listed}).", fix
+        )
+    return left
+
+
+def _prune_registry():
+    """tfmot's registry of the Keras layers it can prune (not public API: tfmot exposes no other way to ask)."""
+    _tf.tfmot()
+    from tensorflow_model_optimization.python.core.sparsity.keras.prune_registry import PruneRegistry
+
+    return PruneRegistry
+
+
+def _kept_dense_because(layer, method: str, keep: set[str]) -> str | None:
+    """Why ``method`` leaves the kernels of ``layer`` (a layer with kernels) dense; None when it prunes them."""
+    if layer.name in keep:
+        return "kept dense by keep_dense"
+    if method == "l1":  # l1 penalises and thresholds any layer's kernels
+        return None
+    kind = type(layer).__name__
+    registry = _prune_registry()
+    prunable = _tf.tfmot().sparsity.keras.PrunableLayer
+    if not (isinstance(layer, prunable) or hasattr(layer, "get_prunable_weights")):
+        if not registry.supports(layer):
+            return f"tfmot cannot prune {kind} layers"
+        if type(layer) in registry._LAYERS_WEIGHTS_MAP and not registry._LAYERS_WEIGHTS_MAP[type(layer)]:
+            return f"tfmot does not prune {kind} kernels"
+    if method == "structured":
+        if kind == "Embedding":
+            return "m:n sparsity speeds up matrix multiplies, not an Embedding's lookup table"
+        ranks = sorted({len(w.shape) for w in _kernels(layer)} - {2, 4})
+        if ranks:
+            return f"tfmot's m:n pruning takes 2-D and 4-D kernels, {kind} has {ranks[0]}-D ones"
+    return None
 
 
 def steps_per_epoch(train) -> int:
@@ -157,20 +244,26 @@ def _prune_tfmot(source, config: Prune.Config, ctx: StepContext, loss):
         }
         description = f"pruning to {config.target_sparsity:.0%} sparsity"
 
+    keras = _tf.keras()
     keep = set(config.keep_dense)
 
     def wrap(layer):
-        return layer if layer.name in keep else sparsity.prune_low_magnitude(layer, **params)
+        # Only layers whose kernels tfmot prunes get a wrapper: weightless layers (Rescaling, Reshape, Add, ...)
+        # and unsupported ones stay as they are, so they never block pruning the others.
+        if isinstance(layer, keras.Model) and has_layer_graph(layer):  # a nested model: its layers one by one
+            return keras.models.clone_model(layer, clone_function=wrap)
+        if not _kernels(layer) or _kept_dense_because(layer, config.method, keep):
+            return layer
+        return sparsity.prune_low_magnitude(layer, **params)
 
     with ctx.strategy.scope():
         copy = copy_model(source)  # the wrappers wrap these layers: never the caller's
         try:
-            wrapped = _tf.keras().models.clone_model(copy, clone_function=wrap)
+            wrapped = keras.models.clone_model(copy, clone_function=wrap)
         except ValueError as exc:
             raise KfoptError(
-                f"prune(method={config.method}) cannot wrap this model: {exc}",
-                "use prune(method=l1), which works with any layer, or a Sequential/functional model "
-                "of layers tfmot supports.",
+                f"prune(method={config.method}) cannot wrap this model: {str(exc).splitlines()[0]}",
+                "use prune(method=l1), which works with any layer, or keep_dense=NAME for the layer it names.",
             ) from None
     fine_tune(
         wrapped,
@@ -215,13 +308,9 @@ def _prune_l1(source, config: Prune.Config, ctx: StepContext, loss):
 
 
 def kernel_layers(keras_model) -> list:
-    """The model's (top-level) layers with kernels (trainable weights of ndim >= 2): what pruning acts on."""
-    return [layer for layer in keras_model.layers if _kernels(layer)]
-
-
-def _kernels(layer) -> list:
-    # Kernels are what pruning zeroes; biases and normalisation weights (ndim < 2) always stay.
-    return [w for w in layer.trainable_weights if len(w.shape) >= 2]
+    """The model's layers with kernels (trainable weights of ndim >= 2), nested models' included: what pruning
+    acts on."""
+    return [layer for layer in all_layers(keras_model) if _kernels(layer)]
 
 
 @dataclass

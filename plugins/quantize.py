@@ -14,6 +14,7 @@ from kfopt.models import copy_model
 from kfopt.sparsity import weight_sparsity
 from kfopt.training import fine_tune, task_loss
 
+from .layers import kernels, note, require_layer_graph, with_note
 from .prune import check_layer_names
 from .spec import hookimpl
 from .technique import LayerNames, ModelHandle, StepContext, Technique
@@ -35,13 +36,23 @@ class Quantize(Technique):
     stay float (selective QAT); the TFLite model then mixes int8 and float
     ops and takes and returns float32.
 
+    QAT annotates the layers tfmot's default 8-bit scheme supports (Dense,
+    Conv, DepthwiseConv2D, activations, pooling, Add, ...; a BatchNormalization
+    right after a linear Conv/Dense, which it folds) and trains every other one
+    (Rescaling, Normalization, Multiply, Embedding, MultiHeadAttention,
+    LayerNormalization, ...) in float, so those never block it; the int8
+    conversion then calibrates them like post-training int8.
+    ``info["float_layers"]`` maps each layer QAT left float to why and
+    ``info["notes"]`` says it in one line.
+
     Zero weights stay exactly zero in every mode, so a pruned model keeps its
     sparsity and compresses well.
     """
 
     name = "quantize"
     kind = "quantize"
-    accepts = {"keras"}
+    # A SavedModel without Keras layers is quantized post-training through its serving signature.
+    accepts = {"keras", "saved_model"}
     produces = "tflite"
 
     class Config(Technique.Config):
@@ -73,12 +84,35 @@ class Quantize(Technique):
     def trains_for(self, config: Quantize.Config) -> bool:
         return config.mode == "qat"
 
+    def check(self, model, config: Quantize.Config) -> None:
+        if model.format == "saved_model" and config.mode == "qat":
+            raise KfoptError(
+                f"quantize(mode=qat) fine-tunes Keras layers, but the model is {model.kind}.",
+                "use quantize(mode=int8), dynamic or float16 (through the SavedModel's signature), or pass the "
+                "Keras model.",
+            )
+        if model.has_keras_layers and config.mode == "qat":
+            source = model.keras()
+            require_layer_graph(source, "quantize(mode=qat)")
+            check_layer_names(source, config.float_layers, "quantize", "float_layers")
+            qat_float_layers(source, config.float_layers, _scheme(preserve=False))
+
     def apply(self, model: ModelHandle, config: Quantize.Config, ctx: StepContext) -> ModelHandle:
+        if model.format == "saved_model":
+            representative = ctx.representative(config.calibration_samples) if config.mode == "int8" else None
+            data = to_tflite(model.saved_model_path(), config.mode, representative=representative)
+            return ModelHandle.from_tflite(data, info={**model.info, "quantization": config.mode})
         source = model.keras()
         sparsity = weight_sparsity(source)
+        info = {**model.info, "params": source.count_params(), "quantization": config.mode}
         if config.mode == "qat":
+            require_layer_graph(source, "quantize(mode=qat)")
             check_layer_names(source, config.float_layers, "quantize", "float_layers")
-            to_convert, sparsity = _quantization_aware(source, config, ctx, sparsity)
+            to_convert, sparsity, floats = _quantization_aware(source, config, ctx, sparsity)
+            if floats:
+                info["float_layers"] = floats
+                line = note("quantize(mode=qat)", floats, _layer_count(source), "float")
+                info["notes"] = with_note(model.info, line)
             # With float layers the converter takes the int8 ranges QAT learned and leaves the
             # rest float ("dynamic" adds no calibration; int8-only conversion would quantize them too).
             mode = "dynamic" if config.float_layers else "int8"
@@ -86,50 +120,108 @@ class Quantize(Technique):
             to_convert, mode = source, config.mode
         representative = ctx.representative(config.calibration_samples) if mode == "int8" else None
         data = to_tflite(to_convert, mode, representative=representative)
-        info = {**model.info, "sparsity": sparsity, "params": source.count_params(), "quantization": config.mode}
-        return ModelHandle.from_tflite(data, info=info)
+        return ModelHandle.from_tflite(data, info={**info, "sparsity": sparsity})
+
+
+def _scheme(preserve: bool):
+    """tfmot's default 8-bit scheme, or its prune-preserving variant (which masks kernels with their zeros)."""
+    quant = _tf.tfmot().quantization.keras
+    if preserve:
+        return quant.collab_opts.Default8BitPrunePreserveQuantizeScheme()
+    return quant.default_8bit.Default8BitQuantizeScheme()
+
+
+#: Layers tfmot's 8-bit transforms fold a following BatchNormalization into (when their activation is linear).
+_FOLDS_BATCHNORM = ("Conv2D", "DepthwiseConv2D", "Dense")
+
+
+def _layer_count(keras_model) -> int:
+    return sum(1 for layer in keras_model.layers if type(layer).__name__ != "InputLayer")
+
+
+def qat_float_layers(keras_model, float_layers: list[str], scheme) -> dict[str, str]:
+    """The layers QAT leaves float (not annotated), each with why: named in ``float_layers``, or not in
+    ``scheme``'s registry. Raises a KfoptError when no layer with weights is left to quantize."""
+    keras = _tf.keras()
+    registry = scheme.get_quantize_registry()
+    named = set(float_layers)
+    floats: dict[str, str] = {}
+    annotated_kernels = 0
+    for layer in keras_model.layers:  # top level: tfmot does not look into nested models
+        kind = type(layer).__name__
+        if kind == "InputLayer":
+            continue
+        if layer.name in named:
+            why = "kept float by float_layers"
+        elif isinstance(layer, keras.Model):
+            why = "tfmot does not quantize layers inside a nested model"
+        elif kind in ("BatchNormalization", "SyncBatchNormalization"):
+            why = None if _folded(layer, floats) else f"tfmot quantizes {kind} only right after a linear Conv or Dense"
+        elif not registry.supports(layer):
+            why = f"tfmot's 8-bit scheme has no {kind}"
+        else:
+            why = None
+        if why:
+            floats[layer.name] = why
+        elif kernels(layer):
+            annotated_kernels += 1
+    if not annotated_kernels:
+        listed = "; ".join(f"{name}: {why}" for name, why in list(floats.items())[:3])
+        raise KfoptError(
+            f"quantize(mode=qat) has no layer with weights of '{keras_model.name}' to train quantization-aware "
+            f"({listed}).",
+            "use quantize(mode=int8) (post-training, takes any layer), or keep fewer layers in float_layers.",
+        )
+    return floats
+
+
+def _folded(batchnorm, floats: dict[str, str]) -> bool:
+    """True when tfmot folds ``batchnorm`` into the annotated, linear Conv/Dense that alone feeds it."""
+    nodes = batchnorm._inbound_nodes  # the layer graph: tfmot's transforms match on it too
+    if len(nodes) != 1:
+        return False
+    inbound = _tf.tf().nest.flatten(nodes[0].inbound_layers)
+    if len(inbound) != 1:
+        return False
+    producer = inbound[0]
+    activation = getattr(getattr(producer, "activation", None), "__name__", None)
+    return (
+        type(producer).__name__ in _FOLDS_BATCHNORM and activation in (None, "linear") and producer.name not in floats
+    )
 
 
 def _quantization_aware(source, config: Quantize.Config, ctx: StepContext, input_sparsity: float):
-    """Fine-tune with fake quantization; return the QAT model and its effective kernel sparsity."""
+    """Fine-tune with fake quantization; return the QAT model, its effective kernel sparsity and the layers
+    it left float (name -> why)."""
     keras = _tf.keras()
-    tfmot = _tf.tfmot()
-    quant = tfmot.quantization.keras
+    quant = _tf.tfmot().quantization.keras
     keras.utils.set_random_seed(ctx.seed)
     preserve = input_sparsity > PRUNED_SPARSITY
     # The prune-preserving scheme masks each kernel with its zero pattern inside the
     # weight quantizer, so fine-tuning cannot bring pruned weights back.
-    scheme = (
-        quant.collab_opts.Default8BitPrunePreserveQuantizeScheme()
-        if preserve
-        else quant.default_8bit.Default8BitQuantizeScheme()
-    )
+    scheme = _scheme(preserve)
+    floats = qat_float_layers(source, config.float_layers, scheme)
     # The model's compiled loss, else the task's; decided on the plain model (wrappers hide the activation).
     loss = task_loss(source, ctx)
-    floats = set(config.float_layers)
     with ctx.strategy.scope():
         copy = copy_model(source)  # never train the caller's layers
         try:
-            annotated = (
-                keras.models.clone_model(
-                    copy,
-                    clone_function=lambda layer: (
-                        layer if layer.name in floats else quant.quantize_annotate_layer(layer)
-                    ),
-                )
-                if floats
-                else quant.quantize_annotate_model(copy)
+            annotated = keras.models.clone_model(
+                copy,
+                clone_function=lambda layer: layer if layer.name in floats else quant.quantize_annotate_layer(layer),
             )
             qat_model = quant.quantize_apply(annotated, scheme)
         except (ValueError, RuntimeError, TypeError) as exc:
             raise KfoptError(
-                f"quantize(mode=qat) cannot wrap this model: {exc}",
-                "use quantize(mode=int8) (post-training, works with any model), or a Sequential/"
-                "functional model of layers tfmot supports.",
+                f"quantize(mode=qat) cannot wrap this model: {str(exc).splitlines()[0]}",
+                "use quantize(mode=int8) (post-training, works with any model), or float_layers=NAME for the "
+                "layer it names.",
             ) from None
         if preserve:  # the scheme masks annotated kernels only: float layers keep their zeros by not training
             for name in floats:
-                qat_model.get_layer(name).trainable = False
+                layer = qat_model.get_layer(name)
+                if kernels(layer):
+                    layer.trainable = False
     fine_tune(
         qat_model,
         ctx,
@@ -140,7 +232,7 @@ def _quantization_aware(source, config: Quantize.Config, ctx: StepContext, input
     )
     # With the preserving scheme the kernels' zeros are masked at conversion even if the
     # float variables drifted, so the input's sparsity is what the TFLite weights have.
-    return qat_model, input_sparsity if preserve else weight_sparsity(qat_model)
+    return qat_model, input_sparsity if preserve else weight_sparsity(qat_model), floats
 
 
 @hookimpl

@@ -77,7 +77,7 @@ def test_registers_through_the_hook():
     assert (technique.name, technique.kind, technique.accepts, technique.produces) == (
         "quantize",
         "quantize",
-        {"keras"},
+        {"keras", "saved_model"},  # post-training modes take a SavedModel through its signature
         "tflite",
     )
     assert technique.trains_for(Quantize.Config(mode="qat"))
