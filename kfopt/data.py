@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -47,6 +47,80 @@ MIN_TEST_VALIDATION = 50
 FROM_NPZ = "x_val/y_val in the npz"
 FROM_LOADER = "the loader's third dataset"
 FROM_TRAIN = "held out of the training data (kfopt trained the baseline on the rest)"
+
+
+class Inputs:
+    """The input arrays of a model with several inputs, indexed by row together.
+
+    ``x[:10]``, ``x[rows]``, ``len(x)`` and ``np.concatenate([x, ...])`` work as
+    on one array, so splitting and batching code serves one input and several
+    alike. ``names`` are the model's input names (or positions ``"0"``,
+    ``"1"``, ... when the data gave a list); ``arrays`` are in the model's order
+    once matched to it (:func:`match_inputs`).
+    """
+
+    __slots__ = ("names", "arrays")
+
+    def __init__(self, arrays: Sequence | Mapping, names: Sequence[str] | None = None):
+        if isinstance(arrays, Mapping):
+            names, arrays = [str(k) for k in arrays], list(arrays.values())
+        self.arrays = tuple(np.asarray(a) for a in arrays)
+        self.names = tuple(str(n) for n in names) if names is not None else tuple(map(str, range(len(self.arrays))))
+        if not self.arrays or len(self.names) != len(self.arrays):
+            raise ValueError("Inputs needs one name per array, and at least one array")
+
+    def __len__(self) -> int:
+        return len(self.arrays[0])
+
+    def __getitem__(self, rows) -> Inputs:
+        return Inputs([a[rows] for a in self.arrays], self.names)
+
+    def __iter__(self) -> Iterator[Inputs]:
+        return (self[i] for i in range(len(self)))
+
+    def __array__(self, *args, **kwargs):
+        # A silent object array would hide the several inputs: code that needs arrays says so.
+        raise TypeError("Inputs holds several input arrays; use .arrays (or kfopt.data.input_list(x))")
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func is np.concatenate:
+            parts = list(args[0])
+            return Inputs(
+                [np.concatenate([p.arrays[i] for p in parts], **kwargs) for i in range(len(self.arrays))], self.names
+            )
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}: {a.shape} {a.dtype}" for n, a in zip(self.names, self.arrays))
+        return f"Inputs({shapes})"
+
+
+def input_list(x) -> list[np.ndarray]:
+    """The arrays of ``x`` (one array, or :class:`Inputs`), in the model's input order."""
+    return list(x.arrays) if isinstance(x, Inputs) else [np.asarray(x)]
+
+
+def _structured(x):
+    """A batch as kfopt keeps it: one array, or :class:`Inputs` for a tuple/list/dict of arrays (tf.data elements)."""
+    if isinstance(x, Inputs):
+        return x
+    if isinstance(x, Mapping):
+        return Inputs(x) if len(x) > 1 else np.asarray(next(iter(x.values())))
+    if isinstance(x, (tuple, list)):
+        return Inputs(x) if len(x) > 1 else np.asarray(x[0])
+    return np.asarray(x)
+
+
+def _input_dtype(x: np.ndarray) -> np.ndarray:
+    """Inputs keep their kind: floats become float32, integers (token ids) stay integers."""
+    return x.astype(np.float32) if x.dtype.kind == "f" and x.dtype != np.float32 else x
+
+
+def _as_input(x):
+    """An input split as kfopt keeps it (before it is matched to a model): see :func:`_input_dtype`."""
+    if isinstance(x, Inputs):
+        return Inputs([_input_dtype(a) for a in x.arrays], x.names)
+    return _input_dtype(np.asarray(x))
 
 
 class Split:
@@ -89,22 +163,23 @@ class Split:
                 yield self.x[i : i + batch_size], self.y[i : i + batch_size]
         else:
             for x, y in self.dataset.as_numpy_iterator():
-                yield np.asarray(x), np.asarray(y)
+                yield _structured(x), np.asarray(y)
 
-    def samples(self, count: int) -> Iterator[np.ndarray]:
-        """Yield up to ``count`` single inputs with a batch axis of 1, as float32."""
+    def samples(self, count: int) -> Iterator[np.ndarray | Inputs]:
+        """Yield up to ``count`` single inputs with a batch axis of 1, in their own dtype (token ids stay integers)."""
         seen = 0
         for x, _ in self.batches():
-            for row in x:
+            for start in range(len(x)):
                 if seen >= count:
                     return
                 seen += 1
-                yield np.asarray(row, dtype=np.float32)[None, ...]
+                yield x[start : start + 1]
 
     def fit_args(self, batch_size: int = 32) -> dict:
-        """Keyword arguments for ``model.fit`` / ``model.evaluate``."""
+        """Keyword arguments for ``model.fit`` / ``model.evaluate`` (several inputs as a list, in the model's order)."""
         if self.x is not None:
-            return {"x": self.x, "y": self.y, "batch_size": batch_size}
+            x = list(self.x.arrays) if isinstance(self.x, Inputs) else self.x
+            return {"x": x, "y": self.y, "batch_size": batch_size}
         return {"x": self.dataset}
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -144,8 +219,14 @@ class Data:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one sample of the (first) input, without the batch axis."""
+        return self.input_shapes[0]
+
+    @property
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        """The shape of one sample of each input, without the batch axis."""
         x, _ = next(self.test.batches(1))
-        return tuple(x.shape[1:])
+        return [tuple(a.shape[1:]) for a in input_list(x)]
 
     @cached_property
     def splits(self) -> Splits:
@@ -176,6 +257,7 @@ def load_data(
     spec: str | dict | tuple | list,
     *,
     input_shape: tuple | None = None,
+    inputs: Sequence | None = None,
     seed: int = 0,
     validation_from: ValidationFrom = "test",
 ) -> Data:
@@ -185,6 +267,11 @@ def load_data(
 
     ``input_shape`` (the model's input, without batch axis) lets ``digits`` be
     served as flat 64-vectors or as images of any size with one channel.
+    ``inputs`` (the model's inputs, :class:`kfopt.signature.TensorInfo`) checks
+    the data against every input (count, shape, dtype) and matches the arrays
+    of a model with several inputs to them (by name, or by position). Inputs
+    keep their dtype: floats become float32, integers (token ids) stay
+    integers, in the integer type the model's input declares.
 
     ``validation_from`` says where validation is held out when the data does
     not bring its own (``x_val``/``y_val``, a loader's third dataset):
@@ -194,6 +281,8 @@ def load_data(
     """
     if validation_from not in VALIDATION_FROM:
         raise ValueError(f"validation_from must be one of {VALIDATION_FROM}, not {validation_from!r}")
+    if input_shape is None and inputs:
+        input_shape = inputs[0].shape
     if isinstance(spec, dict):
         data = _from_arrays(_checked_arrays(spec, "The data"), FROM_PYTHON_ARRAYS, seed, validation_from)
     elif isinstance(spec, (tuple, list)) and len(spec) == 4 and not hasattr(spec[0], "as_numpy_iterator"):
@@ -219,7 +308,9 @@ def load_data(
             "pass an .npz file (x_train, y_train, x_test, y_test), 'py:module:function' or 'digits'.",
         )
     data.validation_from = validation_from
-    if input_shape is not None:
+    if inputs:
+        fit_to_model(data, inputs)
+    elif input_shape is not None:
         check_fits(data, input_shape)
     return data
 
@@ -228,11 +319,100 @@ def check_fits(data: Data, input_shape: tuple) -> None:
     """Fail with a clear message when the data's inputs do not fit the model."""
     want = tuple(d for d in input_shape)
     got = data.input_shape
-    if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+    # Several inputs are matched to the model by fit_to_model; a bare shape only speaks for the first one.
+    if not _shape_fits(want, got):
         raise KfoptError(
-            f"Data from '{data.source}' has inputs of shape {got}, but the model expects {tuple(want)}.",
+            f"Data from '{data.source}' has inputs of shape {_shapes(data.input_shapes)}, but the model expects "
+            f"{tuple(want)}.",
             "reshape the arrays to the model's input shape, or pass the model the data was made for.",
         )
+
+
+def fit_to_model(data: Data, inputs: Sequence) -> None:
+    """Match every split's inputs to the model's ``inputs`` (in place), or fail with one line that says how.
+
+    Array splits are put in the model's input order and cast to the dtype each
+    input declares (integer ids stay integers; float ids for an integer input
+    are refused unless they are whole numbers). A tf.data split is checked on
+    its first batch; Keras and the runners cast its batches as they come.
+    """
+    for name, split in (("train", data.train), ("validation", data.validation), ("test", data.test)):
+        if split.x is not None:
+            split.x = match_inputs(split.x, inputs, f"Data from '{data.source}' ({name} split)")
+        elif name == "test":
+            first, _ = next(split.batches(1))
+            match_inputs(first, inputs, f"Data from '{data.source}' ({name} dataset)")
+
+
+def match_inputs(x, inputs: Sequence, where: str = "The data"):
+    """``x`` (one array, or :class:`Inputs`) matched to the model's ``inputs``: ordered, checked, cast.
+
+    Several arrays are matched by name when their names are the model's input
+    names, else by position (a list, or npz keys ``x_train_0``, ``x_train_1``, ...).
+    """
+    arrays = input_list(x)
+    given = x.names if isinstance(x, Inputs) else None
+    wanted = [spec.name for spec in inputs]
+    if len(arrays) != len(inputs):
+        have = f"{len(arrays)} input array{'s' if len(arrays) != 1 else ''} ({_described(arrays, given)})"
+        takes = f"{len(inputs)} input{'s' if len(inputs) != 1 else ''}: {', '.join(s.describe() for s in inputs)}"
+        raise KfoptError(
+            f"{where} has {have}, but the model takes {takes}.",
+            "give one array per model input: x_train_<input name> (or x_train_0, x_train_1, ...) and the same for "
+            "x_test/x_val in the npz, or a list or dict of arrays from Python (README: Data).",
+        )
+    if given is not None and set(given) == set(wanted):
+        arrays = [arrays[given.index(name)] for name in wanted]
+    elif given is not None and list(given) != [str(i) for i in range(len(given))]:
+        raise KfoptError(
+            f"{where} names its input arrays {', '.join(given)}, but the model's inputs are {', '.join(wanted)}.",
+            "name the arrays after the model's inputs (x_train_<input name>), or number them by position "
+            "(x_train_0, x_train_1, ...).",
+        )
+    matched = [_cast_to(array, spec, where) for array, spec in zip(arrays, inputs)]
+    return matched[0] if len(matched) == 1 else Inputs(matched, wanted)
+
+
+def _cast_to(array: np.ndarray, spec, where: str) -> np.ndarray:
+    """``array`` in the dtype of the model input ``spec``, after checking its shape fits."""
+    if not _shape_fits(spec.shape, array.shape[1:]):
+        raise KfoptError(
+            f"{where} has inputs of shape {tuple(array.shape[1:])} for the model's input {spec.describe()}.",
+            "reshape the arrays to the model's input shape, or pass the model the data was made for.",
+        )
+    dtype = np.dtype(spec.dtype) if spec.dtype not in ("string", "variant", "resource") else None
+    if dtype is None or array.dtype == dtype:
+        return array
+    if dtype.kind in "iu" and array.dtype.kind == "f":
+        whole = np.isfinite(array).all() and (array == np.round(array)).all()
+        if not whole:
+            raise KfoptError(
+                f"{where} has float values (e.g. {array[array != np.round(array)].flat[0]!r}) for the model's "
+                f"integer input {spec.describe()}.",
+                "give integer ids (token or category ids) for that input, or a model whose input takes floats.",
+            )
+    if dtype.kind in "iu" and array.dtype.kind in "iuf" and array.size:
+        limits = np.iinfo(dtype)
+        if array.min() < limits.min or array.max() > limits.max:
+            raise KfoptError(
+                f"{where} has values from {array.min()} to {array.max()}, outside the range of the model's input "
+                f"{spec.describe()}.",
+                "give ids the model's input type can hold, or a model whose input has a wider type.",
+            )
+    return array.astype(dtype)
+
+
+def _shape_fits(want: Sequence, got: Sequence) -> bool:
+    return len(want) == len(got) and all(w is None or w == g for w, g in zip(want, got))
+
+
+def _shapes(shapes: list[tuple]) -> str:
+    return str(shapes[0]) if len(shapes) == 1 else ", ".join(map(str, shapes))
+
+
+def _described(arrays: list[np.ndarray], names: Sequence[str] | None) -> str:
+    names = names or ["x"] * len(arrays)
+    return ", ".join(f"{n}: {tuple(a.shape[1:])} {a.dtype}" for n, a in zip(names, arrays))
 
 
 def labels(y: np.ndarray, one_hot: bool | None = None) -> np.ndarray:
@@ -466,13 +646,20 @@ def _read_npz(uri: str) -> dict[str, np.ndarray]:
 
 
 def _checked_arrays(arrays: dict, where: str) -> dict[str, np.ndarray]:
-    """The arrays kfopt reads (x/y train and test, and x_val/y_val when both are given), or a KfoptError."""
+    """The arrays kfopt reads (x/y train and test, and x_val/y_val when both are given), or a KfoptError.
+
+    A model with several inputs gets one array per input and split:
+    ``x_train_<input name>`` (or ``x_train_0``, ``x_train_1``, ...) keys, or, from
+    Python, a list or dict of arrays as ``x_train``; they become :class:`Inputs`.
+    """
     _refuse_unusable_arrays(arrays, where)
+    arrays = _grouped_inputs(dict(arrays), where)
     missing = [k for k in NPZ_KEYS if k not in arrays]
     if missing:
         raise KfoptError(
             f"{where} is missing the arrays {', '.join(missing)} (it has: {', '.join(arrays) or 'none'}).",
-            f"give {', '.join(k + '=...' for k in NPZ_KEYS)} (np.savez(path, ...) for a file).",
+            f"give {', '.join(k + '=...' for k in NPZ_KEYS)} (np.savez(path, ...) for a file; a model with several "
+            "inputs takes x_train_<input name> or x_train_0, x_train_1, ...).",
         )
     given = [k for k in VALIDATION_KEYS if k in arrays]
     if len(given) == 1:
@@ -482,7 +669,47 @@ def _checked_arrays(arrays: dict, where: str) -> dict[str, np.ndarray]:
             f"{where} has {present} but no {absent}: a validation split needs both.",
             f"save {absent} too, or neither to hold validation out of the test split.",
         )
-    return {k: np.asarray(arrays[k]) for k in NPZ_KEYS + tuple(given)}
+    return {k: arrays[k] if k.startswith("x_") else np.asarray(arrays[k]) for k in NPZ_KEYS + tuple(given)}
+
+
+def _grouped_inputs(arrays: dict, where: str) -> dict:
+    """``arrays`` with each split's inputs as one array or :class:`Inputs` (from ``x_<split>_<name>`` keys or a
+    list/dict given as ``x_<split>``)."""
+    for split in ("train", "test", "val"):
+        key, prefix = f"x_{split}", f"x_{split}_"
+        parts = {k[len(prefix) :]: arrays.pop(k) for k in list(arrays) if k.startswith(prefix)}
+        if parts and key in arrays:
+            raise KfoptError(
+                f"{where} has both {key} and {', '.join(prefix + p for p in parts)}.",
+                f"give {key} for a model with one input, or one {prefix}<input> array per input, not both.",
+            )
+        if parts:
+            if all(p.isdigit() for p in parts):  # positions: x_train_0, x_train_1, ... (x_train_10 after _9)
+                parts = dict(sorted(parts.items(), key=lambda item: int(item[0])))
+            arrays[key] = parts
+        if key in arrays:
+            arrays[key] = _input_arrays(arrays[key], key, where)
+    return arrays
+
+
+def _input_arrays(x, key: str, where: str):
+    """One split's inputs: an array, or :class:`Inputs` for several (a list, tuple or dict of arrays)."""
+    if isinstance(x, Inputs):
+        parts = dict(zip(x.names, x.arrays))
+    elif isinstance(x, Mapping):
+        parts = {str(k): np.asarray(v) for k, v in x.items()}
+    elif isinstance(x, (list, tuple)) and x and all(hasattr(a, "shape") for a in x):
+        parts = {str(i): np.asarray(a) for i, a in enumerate(x)}
+    else:
+        return np.asarray(x)
+    lengths = {name: len(a) for name, a in parts.items()}
+    if len(set(lengths.values())) > 1:
+        raise KfoptError(
+            f"{where}: the input arrays of {key} have different numbers of rows "
+            f"({', '.join(f'{n}: {c}' for n, c in lengths.items())}).",
+            "give every input the same rows, in the same order.",
+        )
+    return Inputs(parts) if len(parts) > 1 else next(iter(parts.values()))
 
 
 def _npz(uri: str, seed: int, validation_from: ValidationFrom) -> Data:
@@ -503,12 +730,12 @@ def _from_arrays(arrays, uri: str, seed: int, validation_from: ValidationFrom) -
             raise KfoptError(
                 f"Data file '{uri}': x_val is empty.", "save some validation rows, or leave out x_val/y_val."
             )
-    x_train, x_test = arrays["x_train"].astype(np.float32), arrays["x_test"].astype(np.float32)
+    x_train, x_test = _as_input(arrays["x_train"]), _as_input(arrays["x_test"])
     one_hot = is_one_hot(arrays["y_train"], arrays["y_test"], arrays.get("y_val"))
     y_train, y_test = _labels(arrays["y_train"], uri, one_hot), _labels(arrays["y_test"], uri, one_hot)
     train = Split(x_train, y_train)
     if "x_val" in arrays:
-        validation, how = Split(arrays["x_val"].astype(np.float32), _labels(arrays["y_val"], uri, one_hot)), FROM_NPZ
+        validation, how = Split(_as_input(arrays["x_val"]), _labels(arrays["y_val"], uri, one_hot)), FROM_NPZ
         test = Split(x_test, y_test)
     elif validation_from == "train":
         (train, validation), how = _split_validation(x_train, y_train, seed), FROM_TRAIN
@@ -627,7 +854,8 @@ def _hold_out_of_test_dataset(dataset, seed: int, target: str) -> tuple[Split, S
     if not label_batches:
         raise KfoptError(f"The test dataset of '{target}' is empty.", "return a test dataset with (x, y) batches.")
     if len(label_batches) == 1:
-        x, y = (np.asarray(a) for a in next(dataset.as_numpy_iterator()))
+        x, y = next(dataset.as_numpy_iterator())
+        x, y = _structured(x), np.asarray(y)
         test, validation, how = _hold_out_of_test(x, y, _class_ids(y), seed, f"py:{target}")
         return test, validation, how, label_batches
     # A split by position needs the same batches on every pass: a test dataset reshuffled

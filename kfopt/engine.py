@@ -11,9 +11,11 @@ import shutil
 import tempfile
 import time
 import traceback
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
-from .data import Data, describe, load_data
+from .data import Data, Inputs, describe, fit_to_model, load_data
 from .errors import KfoptError, TechniqueSkipped
 from .evaluate import Evaluator
 from .models import DEMO_MODELS, load_keras, model_input_shape
@@ -22,6 +24,7 @@ from .progress import Reporter
 from .recipe import Recipe, parse_recipe, plan
 from .result import Baseline, Candidate, RunResult
 from .rundir import locked
+from .signature import ModelInfo, keras_info, model_info
 from .task import Task, compiled_loss_info
 
 
@@ -34,24 +37,74 @@ def prepare(
     epochs: int = 40,
     reporter: Reporter | None = None,
     workdir: str | os.PathLike | None = None,
+    check: Callable[[ModelInfo], None] | None = None,
 ) -> tuple[ModelHandle, Data]:
-    """Load (or, for ``demo:*``, train) the baseline and load the data that fits it."""
+    """Load (or, for ``demo:*``, train) the baseline and load the data that fits it.
+
+    A SavedModel without Keras layers (``tf.saved_model.save`` or
+    ``model.export`` of a subclassed model) stays a ``saved_model`` baseline,
+    served through its signature. ``check`` is called with the model's
+    :class:`~kfopt.signature.ModelInfo` as soon as it is known: before the data
+    is read, a demo is trained or anything is measured. The data is checked
+    against the model's inputs (count, shapes, dtypes) and matched to them.
+    """
+    from .models import DEMO_INPUT_SHAPES, build_demo
+
     reporter = reporter or Reporter(enabled=False)
     if model not in DEMO_MODELS and not Path(model).exists():
         raise KfoptError(
             f"Model '{model}' does not exist.",
             f"pass a .keras/.h5 file, a SavedModel directory, or one of {', '.join(DEMO_MODELS)}.",
         )
-    shape = model_input_shape(model, unsafe=unsafe)
-    dataset = load_data(data, input_shape=shape, seed=seed, validation_from="train" if model in DEMO_MODELS else "test")
+    check = check or (lambda info: None)
     if model in DEMO_MODELS:
         from .training import train_demo
 
+        check(keras_info(build_demo(model)))
+        dataset = load_data(data, input_shape=DEMO_INPUT_SHAPES[model], seed=seed, validation_from="train")
         ctx = context(dataset, workdir or tempfile.mkdtemp(prefix="kfopt-"), seed, reporter)
         reporter.say(f"Training baseline {model} on {dataset.source} ({len(dataset.train)} training samples)")
         keras_model = train_demo(model, ctx, epochs=epochs)
         return ModelHandle.from_keras(keras_model), dataset
-    return ModelHandle.from_keras(load_keras(model, unsafe=unsafe), info=compiled_loss_info(model)), dataset
+    if is_signature_only(model):
+        handle = ModelHandle.from_saved_model(model)
+        info = model_info(handle)
+        check(info)
+        return handle, load_data(data, inputs=info.inputs, seed=seed)
+    if keras3_file(model):
+        # A Keras 3 model's conversion is proven on real test inputs (one batch), not only on generated ones,
+        # so its data is read first and matched to its inputs once it is converted.
+        dataset = load_data(
+            data,
+            input_shape=model_input_shape(model) if isinstance(data, str) and data == "digits" else None,
+            seed=seed,
+        )
+        sample, _ = next(iter(dataset.test.batches(32)))
+        handle = ModelHandle.from_keras(
+            load_keras(model, unsafe=unsafe, sample=None if isinstance(sample, Inputs) else sample),
+            info=compiled_loss_info(model),
+        )
+        info = model_info(handle)
+        check(info)
+        fit_to_model(dataset, info.inputs)
+        return handle, dataset
+    handle = ModelHandle.from_keras(load_keras(model, unsafe=unsafe), info=compiled_loss_info(model))
+    info = model_info(handle)
+    check(info)
+    return handle, load_data(data, inputs=info.inputs, seed=seed)
+
+
+def is_signature_only(model: str | os.PathLike) -> bool:
+    """True for a SavedModel directory without Keras metadata: kfopt serves it through its signature."""
+    path = Path(model)
+    return path.is_dir() and (path / "saved_model.pb").exists() and not (path / "keras_metadata.pb").exists()
+
+
+def keras3_file(model: str | os.PathLike) -> bool:
+    from .keras3 import is_keras3_file
+
+    path = Path(model)
+    return path.is_file() and path.suffix == ".keras" and is_keras3_file(path)
 
 
 def context(
@@ -85,8 +138,10 @@ def run_recipe(
 ) -> Candidate:
     """Apply each step, save the candidate into the directory ``target``, and measure it.
 
-    A technique that cannot run here gives status ``skipped``; one that raises
-    gives ``failed`` with its name in the reason. Neither raises: a failed
+    A recipe that :func:`check_recipe` refuses for this baseline, or a
+    technique that cannot run here, gives status ``skipped``; a technique that
+    raises (a KfoptError too), or a candidate that cannot be saved or measured,
+    gives ``failed`` with the reason in one line. Nothing raises: a failed
     recipe is a failed candidate, not a failed run.
     """
     from . import _tf
@@ -96,6 +151,17 @@ def run_recipe(
     started = time.perf_counter()
     handle = baseline
     target = Path(target)
+    try:
+        check_recipe(recipe, planned, baseline_info(baseline))
+    except KfoptError as refused:
+        candidate.status, candidate.reason = "skipped", refused.one_line()
+        candidate.seconds = round(time.perf_counter() - started, 2)
+        return candidate
+    except Exception as exc:  # a plugin's check() has a bug: its candidate fails, the run goes on
+        candidate.status, candidate.reason = "failed", f"checking the recipe failed: {type(exc).__name__}: {exc}"
+        candidate.traceback = traceback.format_exc()
+        candidate.seconds = round(time.perf_counter() - started, 2)
+        return candidate
     with tempfile.TemporaryDirectory(prefix=".work-", dir=target.parent) as workdir:
         ctx = context(data, workdir, seed, reporter, task=getattr(evaluator, "task", None))
         for index, step in enumerate(planned, start=1):
@@ -107,8 +173,9 @@ def run_recipe(
             except TechniqueSkipped as skip:
                 candidate.status, candidate.reason = "skipped", f"{name}: {skip.reason}"
                 break
-            except KfoptError:
-                raise
+            except KfoptError as exc:  # this model or config cannot take the technique: its candidate fails
+                candidate.status, candidate.reason = "failed", f"technique '{name}' failed: {exc.one_line()}"
+                break
             except Exception as exc:  # a plugin's bug fails its candidate, never the run
                 candidate.status = "failed"
                 candidate.reason = f"technique '{name}' failed: {type(exc).__name__}: {exc}"
@@ -124,14 +191,103 @@ def run_recipe(
                 break
             handle = result
         if candidate.ok:
-            if target.exists():
-                shutil.rmtree(target)
-            path = handle.save(target)
-            reporter.say(f"[{recipe.label}] evaluating {handle.format} candidate on {len(data.test)} test samples")
-            candidate.artifact = str(path)
-            candidate.record(evaluator.evaluate(handle))
+            _measure(candidate, handle, target, evaluator, reporter, f"{len(data.test)} test samples")
     candidate.seconds = round(time.perf_counter() - started, 2)
     return candidate
+
+
+def _measure(candidate: Candidate, handle: ModelHandle, target: Path, evaluator: Evaluator, reporter, samples: str):
+    """Save the candidate into ``target`` and measure it; a failure to do either fails the candidate."""
+    try:
+        if target.exists():
+            shutil.rmtree(target)
+        path = handle.save(target)
+        reporter.say(f"[{candidate.recipe}] evaluating {handle.format} candidate on {samples}")
+        candidate.artifact = str(path)
+        candidate.record(evaluator.evaluate(handle))
+        if handle.format == "tflite":
+            from .convert import tflite_ops
+
+            candidate.record(tflite_ops(handle.tflite()))
+    except Exception as exc:  # e.g. the baseline cannot be converted to the candidate's format for the reference
+        candidate.status = "failed"
+        said = exc.one_line() if isinstance(exc, KfoptError) else f"{type(exc).__name__}: {exc}"
+        candidate.reason = f"measuring the {handle.format} candidate failed: {said}"
+        if not isinstance(exc, KfoptError):
+            candidate.traceback = traceback.format_exc()
+
+
+_INFOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def baseline_info(baseline: ModelHandle) -> ModelInfo:
+    """The :class:`~kfopt.signature.ModelInfo` of ``baseline``, read once per handle."""
+    if baseline not in _INFOS:
+        _INFOS[baseline] = model_info(baseline)
+    return _INFOS[baseline]
+
+
+def check_recipe(recipe: Recipe, planned: list, model: ModelInfo) -> None:
+    """Everything about ``recipe`` that can be checked against the baseline ``model`` before any work.
+
+    The first step must take the baseline's format (a SavedModel without Keras
+    layers only goes to steps that accept ``saved_model``); every step's
+    :meth:`Technique.check <kfopt.plugins.Technique.check>` may refuse the
+    model's structure (each sees the baseline: what earlier steps make of it is
+    not known before they run); a recipe that ends in TFLite needs a model the
+    converter can take. Raises the refusal as a KfoptError.
+    """
+    first = planned[0].technique
+    if model.format not in first.accepts:
+        raise KfoptError(
+            f"Recipe '{recipe.label}': step 1 '{first.name}' needs a {' or '.join(sorted(first.accepts))} model, "
+            f"but the model is {model.kind}.",
+            "start the recipe with a step that takes it (quantize(mode=int8|dynamic|float16) works through a "
+            "SavedModel's signature), or pass the Keras model (.keras) it was exported from.",
+        )
+    for step in planned:
+        step.technique.check(model, step.config)
+    if model.format == "keras" and any(step.output_format == "tflite" for step in planned):
+        from .convert import tflite_problem
+
+        problem = tflite_problem(model.keras())
+        if problem:
+            raise KfoptError(
+                f"Recipe '{recipe.label}' ends in TFLite, but the model cannot be converted: {problem}.",
+                "give the model's input a fixed sequence length (keras.Input(shape=(T, ...))), or use a recipe "
+                "that keeps the Keras format.",
+            )
+
+
+def refuse_early(recipes: list[tuple[Recipe, list]]) -> Callable[[ModelInfo], None]:
+    """A ``check`` for :func:`prepare`: raises when :func:`check_recipe` refuses every one of ``recipes``.
+
+    With one recipe (``kfopt optimize``) its refusal is the run's error, before
+    the baseline is measured; in a search the recipes it refuses become skipped
+    candidates and the others run. A plugin whose ``check`` itself crashes is
+    left for :func:`run_recipe`, which fails only that candidate.
+    """
+
+    def check(model: ModelInfo) -> None:
+        refusals = []
+        for recipe, planned in recipes:
+            try:
+                check_recipe(recipe, planned, model)
+            except KfoptError as refused:
+                refusals.append(refused)
+            except Exception:
+                return
+        if refusals and len(refusals) == len(recipes):
+            if len(refusals) == 1:
+                raise refusals[0]
+            raise KfoptError(
+                f"No recipe of the search can run on this model ({model.kind}): "
+                + "; ".join(r.message for r in refusals[:3])
+                + (f" (and {len(refusals) - 3} more)" if len(refusals) > 3 else ""),
+                refusals[0].fix,
+            )
+
+    return check
 
 
 def optimize(
@@ -177,7 +333,14 @@ def optimize(
             {"model": model, "data": describe(data), "seed": seed, "recipes": [parsed.label], "out": str(out)}
         )
         baseline, dataset = prepare(
-            model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out
+            model,
+            data,
+            seed=seed,
+            unsafe=unsafe,
+            epochs=epochs,
+            reporter=reporter,
+            workdir=out,
+            check=refuse_early([(parsed, planned)]),
         )
         baseline.save(out / "baseline")
         evaluator = Evaluator(dataset, baseline, out / "baseline", metric=metric, metrics=techniques.metrics)

@@ -34,108 +34,217 @@ THROUGHPUT_RUNS = 20
 
 # -- running a model of any format --------------------------------------------
 class Runner:
-    """Runs one model on numpy batches and returns class scores as float32."""
+    """Runs one model on numpy batches; returns its outputs as float32.
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    ``x`` is one array, or :class:`kfopt.data.Inputs` for a model with several
+    inputs (matched by name when the names are the model's, else by position).
+    Inputs keep their dtype: integer ids go in as the integers the model takes.
+    ``outputs(x)`` gives every output, in ``output_names`` order; calling the
+    runner gives the chosen one (``output``: a name or an index; default the first).
+    """
+
+    input_names: list[str]
+    output_names: list[str]
+    _output = 0
+
+    def outputs(self, x) -> list[np.ndarray]:
+        """Every output of the model on ``x``, as float32 arrays."""
         raise NotImplementedError
 
-    def prepared(self, x: np.ndarray):
+    def __call__(self, x) -> np.ndarray:
+        return self.outputs(x)[self._output]
+
+    def choose(self, output: str | int | None) -> Runner:
+        """Make ``output`` (a name, an index, None: the first) what calling the runner returns; a KfoptError if unknown."""
+        from .signature import output_position
+
+        # One output is the one whatever it is called (kfopt's SavedModel exports call it "output").
+        self._output = output_position(self.output_names, output) if len(self.output_names) > 1 else 0
+        return self
+
+    def prepared(self, x):
         """A zero-argument callable running the model once on ``x`` (input already fed), for timing."""
-        return lambda: self(x)
+        return lambda: self.outputs(x)
 
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one input, without the batch dimension (for example inputs)."""
+        """Shape of one sample of the (first) input, without the batch dimension (for example inputs)."""
         raise NotImplementedError
+
+    def _ordered(self, x) -> list[np.ndarray]:
+        """The arrays of ``x`` in this model's input order."""
+        from .data import Inputs, input_list
+
+        arrays = input_list(x)
+        if isinstance(x, Inputs) and set(x.names) == set(self.input_names):
+            arrays = [arrays[x.names.index(name)] for name in self.input_names]
+        if len(arrays) != len(self.input_names):
+            raise ValueError(f"the model takes {len(self.input_names)} inputs, got {len(arrays)} arrays")
+        return arrays
+
+
+def _as_float(value) -> np.ndarray:
+    return np.asarray(value, np.float32)
 
 
 class KerasRunner(Runner):
     def __init__(self, model):
         tf = _tf.tf()
-        self._fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         self._model = model
+        self.input_names = list(getattr(model, "input_names", None) or ["input"])
+        self.output_names = list(getattr(model, "output_names", None) or ["output"])
+        self._dtypes = [np.dtype(t.dtype.as_numpy_dtype) for t in (model.inputs or [])] or [np.dtype(np.float32)]
+        self._fn = tf.function(
+            lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), reduce_retracing=True
+        )
 
-    def __call__(self, x):
-        return np.asarray(self._fn(np.asarray(x, np.float32)), np.float32)
+    def _args(self, x) -> list[np.ndarray]:
+        return [np.asarray(a, dtype) for a, dtype in zip(self._ordered(x), self._dtypes)]
+
+    def outputs(self, x):
+        out = self._fn(*self._args(x))
+        if isinstance(out, dict):
+            out = [out[name] for name in self.output_names]
+        return [_as_float(o) for o in out] if isinstance(out, (list, tuple)) else [_as_float(out)]
 
     def prepared(self, x):
-        tensor = _tf.tf().constant(np.asarray(x, np.float32))
-        return lambda: self._fn(tensor)
+        tensors = [_tf.tf().constant(a) for a in self._args(x)]
+        return lambda: self._fn(*tensors)
 
     def input_shape(self):
-        return tuple(self._model.input_shape[1:])
+        shape = self._model.input_shape
+        return tuple((shape[0] if isinstance(shape, list) else shape)[1:])
 
 
 class TFLiteRunner(Runner):
+    """Runs a TFLite model in the interpreter, inputs and outputs named by its signature.
+
+    A full-integer model's int8 inputs are quantized from float data as a
+    device would; integer inputs (token ids) pass through in their own type. A
+    model converted with a fixed batch of 1 (fused LSTM) runs a batch row by
+    row, its state variables reset before each call (as a device serving
+    independent requests does).
+    """
+
     def __init__(self, content: bytes, threads: int = 1):
         tf = _tf.tf()
         with warnings.catch_warnings():  # tf.lite.Interpreter's notice about LiteRT
             warnings.simplefilter("ignore")
             self.interpreter = tf.lite.Interpreter(model_content=content, num_threads=threads)
         self.interpreter.allocate_tensors()
-        self._input = self.interpreter.get_input_details()[0]
-        self._output = self.interpreter.get_output_details()[0]
+        self.input_details = self.interpreter.get_input_details()
+        self.output_details = self.interpreter.get_output_details()
+        # The interpreter lists inputs and outputs in the model's order; the signature names them.
+        names: dict[int, str] = {}
+        signatures = self.interpreter.get_signature_list()
+        if len(signatures) == 1:
+            runner = self.interpreter.get_signature_runner(next(iter(signatures)))
+            for details in (runner.get_input_details(), runner.get_output_details()):
+                names.update({detail["index"]: name for name, detail in details.items()})
+        self.input_names = [names.get(d["index"], d["name"]) for d in self.input_details]
+        self.output_names = [names.get(d["index"], d["name"]) for d in self.output_details]
+        first = self.input_details[0]["shape_signature"]
+        #: The batch size the model was converted for (1 for a fused LSTM), or None when it takes any.
+        self.fixed_batch = int(first[0]) if len(first) and first[0] > 0 else None
         self._batch = None
 
-    def _feed(self, x: np.ndarray) -> None:
-        x = np.asarray(x, np.float32)
-        if len(x) != self._batch:
-            shape = [len(x), *self._input["shape_signature"][1:]]
-            self.interpreter.resize_tensor_input(self._input["index"], shape)
+    def _feed(self, x) -> None:
+        arrays = self._ordered(x)
+        if len(arrays[0]) != self._batch:
+            for detail, array in zip(self.input_details, arrays):
+                self.interpreter.resize_tensor_input(detail["index"], [len(array), *detail["shape_signature"][1:]])
             self.interpreter.allocate_tensors()
-            self._input = self.interpreter.get_input_details()[0]
-            self._output = self.interpreter.get_output_details()[0]
-            self._batch = len(x)
-        dtype = self._input["dtype"]
-        if dtype in (np.int8, np.uint8):  # full-integer model: quantize the input as a device would
-            scale, zero = self._input["quantization"]
-            limits = np.iinfo(dtype)
-            x = np.clip(np.round(x / scale + zero), limits.min, limits.max).astype(dtype)
-        self.interpreter.set_tensor(self._input["index"], x)
+            self.input_details = self.interpreter.get_input_details()
+            self.output_details = self.interpreter.get_output_details()
+            self._batch = len(arrays[0])
+        for detail, array in zip(self.input_details, arrays):
+            self.interpreter.set_tensor(detail["index"], _to_input(np.asarray(array), detail))
 
-    def __call__(self, x):
+    def _run(self, x) -> list[np.ndarray]:
         self._feed(x)
+        # A fused LSTM keeps its state in variable tensors between calls: every batch starts from zeros.
+        self.interpreter.reset_all_variables()
         self.interpreter.invoke()
-        out = self.interpreter.get_tensor(self._output["index"])
-        if out.dtype in (np.int8, np.uint8):
-            scale, zero = self._output["quantization"]
-            out = (out.astype(np.float32) - zero) * scale
-        return out.astype(np.float32)
+        return [_from_output(self.interpreter.get_tensor(d["index"]), d) for d in self.output_details]
+
+    def outputs(self, x):
+        if self.fixed_batch is None or len(x) == self.fixed_batch:
+            return self._run(x)
+        parts = [self._run(x[i : i + self.fixed_batch]) for i in range(0, len(x), self.fixed_batch)]
+        return [np.concatenate(column) for column in zip(*parts)]
 
     def prepared(self, x):
+        if self.fixed_batch is not None and len(x) != self.fixed_batch:
+            return lambda: self.outputs(x)  # row by row, as such a model serves a batch
         # Time the interpreter alone: an integer device is fed int8 directly.
         self._feed(x)
         return self.interpreter.invoke
 
     def input_shape(self):
-        return tuple(int(d) for d in self._input["shape"][1:])
+        return tuple(int(d) for d in self.input_details[0]["shape"][1:])
+
+
+def _to_input(array: np.ndarray, detail: dict) -> np.ndarray:
+    """``array`` as the interpreter's input ``detail`` takes it: quantized for an int8 input fed floats."""
+    dtype = detail["dtype"]
+    scale, zero = detail["quantization"]
+    if dtype in (np.int8, np.uint8, np.int16) and scale:  # full-integer model: quantize as a device would
+        limits = np.iinfo(dtype)
+        return np.clip(np.round(array.astype(np.float32) / scale + zero), limits.min, limits.max).astype(dtype)
+    return array.astype(dtype, copy=False)  # integer ids stay integers, floats float
+
+
+def _from_output(out: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero = detail["quantization"]
+    if out.dtype in (np.int8, np.uint8, np.int16) and scale:
+        return (out.astype(np.float32) - zero) * scale
+    return out.astype(np.float32)
 
 
 class SavedModelRunner(Runner):
+    """Runs a SavedModel's ``serving_default`` signature (inputs and outputs by its keys)."""
+
     def __init__(self, path: Path):
         tf = _tf.tf()
         self._loaded = tf.saved_model.load(str(path))
         self._fn = self._loaded.signatures["serving_default"]
-        self._arg = next(iter(self._fn.structured_input_signature[1]))
+        self._specs = self._fn.structured_input_signature[1]
+        self.input_names = list(self._specs)
+        self.output_names = list(self._fn.structured_outputs)
 
-    def __call__(self, x):
-        outputs = self._fn(**{self._arg: np.asarray(x, np.float32)})
-        return np.asarray(next(iter(outputs.values())), np.float32)
+    def _kwargs(self, x) -> dict:
+        tf = _tf.tf()
+        return {
+            name: tf.constant(np.asarray(array, self._specs[name].dtype.as_numpy_dtype))
+            for name, array in zip(self.input_names, self._ordered(x))
+        }
+
+    def outputs(self, x):
+        out = self._fn(**self._kwargs(x))
+        return [_as_float(out[name]) for name in self.output_names]
 
     def prepared(self, x):
-        kwargs = {self._arg: _tf.tf().constant(np.asarray(x, np.float32))}
+        kwargs = self._kwargs(x)
         return lambda: self._fn(**kwargs)
 
     def input_shape(self):
-        return tuple(self._fn.structured_input_signature[1][self._arg].shape[1:])
+        return tuple(self._specs[self.input_names[0]].shape[1:])
 
 
-def runner_for(handle: ModelHandle) -> Runner:
-    """A runner for ``handle`` in its own format (TFLite with the threads it asks for)."""
+def runner_for(handle: ModelHandle, output: str | int | None = None) -> Runner:
+    """A runner for ``handle`` in its own format (TFLite with the threads it asks for).
+
+    Calling it returns ``output`` (a name or index among ``runner.output_names``; None: the
+    first); ``runner.outputs(x)`` returns them all. Use names across formats: kfopt keys its
+    TFLite and SavedModel conversions by the Keras output names
+    (:func:`kfopt.signature.resolve_output` turns an index of the baseline into its name).
+    """
     if handle.format == "keras":
-        return KerasRunner(handle.keras())
-    if handle.format == "tflite":
-        return TFLiteRunner(handle.tflite(), threads=int(handle.info.get("threads", 1)))
-    return SavedModelRunner(handle.saved_model_path())
+        runner = KerasRunner(handle.keras())
+    elif handle.format == "tflite":
+        runner = TFLiteRunner(handle.tflite(), threads=int(handle.info.get("threads", 1)))
+    else:
+        runner = SavedModelRunner(handle.saved_model_path())
+    return runner.choose(output)
 
 
 # -- measurements ---------------------------------------------------------------
@@ -229,8 +338,10 @@ class Evaluator:
         *,
         metric: str | None = None,
         metrics: dict | None = None,
+        output: str | int | None = None,
     ):
         from .data import is_one_hot, labels
+        from .signature import model_info, output_view, resolve_output
         from .task import compiled_loss, infer_task
 
         self.data = data
@@ -249,11 +360,16 @@ class Evaluator:
             from .plugins.manager import registry
 
             metrics = registry().metrics
-        model = baseline.keras()
+        #: The output scored (``--output``: a name or an index of the baseline's; None: its first), by name,
+        #: which kfopt keeps across formats (a TFLite model orders its outputs its own way).
+        self.output = resolve_output(model_info(baseline).output_names, output)
+        model = output_view(baseline, self.output, self.x_test)
         # tf.data splits give labels as the dataset holds them: read them the way kfopt.data reads arrays.
         one_hot = is_one_hot(y_test, y_val, data.train.y)
         given = [labels(y, one_hot) for y in (y_test, y_val, data.train.y) if y is not None and len(y)]
-        loss = baseline.info.get("loss") or compiled_loss(model, baseline.path)
+        loss = baseline.info.get("loss") or (
+            compiled_loss(model, baseline.path) if baseline.format == "keras" else None
+        )
         self.task = infer_task(model, given, metric=metric, metrics=metrics, loss=loss)
         self.metric = metrics[self.task.metric]
         self.y_test = self.task.targets(labels(y_test, one_hot))
@@ -268,7 +384,7 @@ class Evaluator:
             handle = self._baseline_as(format)
             path = handle.path or handle.save(self.workdir / format)
             size, gz = artifact_sizes(path)
-            p50, p95 = latency(runner_for(handle), self.x_test[:1], self.latency_runs)
+            p50, p95 = latency(runner_for(handle, self.output), self.x_test[:1], self.latency_runs)
             self._references[format] = {
                 "format": format,
                 "size_bytes": size,
@@ -279,9 +395,10 @@ class Evaluator:
         return self._references[format]
 
     def _baseline_as(self, format: str) -> ModelHandle:
-        model = self.baseline.keras()
-        if format == "keras":
+        if format == self.baseline.format:
             return self.baseline
+        # A SavedModel baseline (no Keras layers) converts through its signature.
+        model = self.baseline.keras() if self.baseline.format == "keras" else self.baseline.saved_model_path()
         if format == "tflite":
             from .convert import to_tflite
 
@@ -320,7 +437,7 @@ class Evaluator:
 
     def _baseline(self) -> tuple[_Scored, _Scored | None]:
         if self._baseline_scored is None:
-            runner = runner_for(self.baseline)
+            runner = runner_for(self.baseline, self.output)
             self._baseline_scored = (
                 self._score(runner, self.x_test, self.y_test),
                 self._score(runner, self.x_val, self.y_val),
@@ -338,7 +455,7 @@ class Evaluator:
         if handle.path is None:
             handle.save(self.workdir / f"candidate-{handle.format}-{id(handle)}")
         base, base_val = self._baseline()
-        runner = runner_for(handle)
+        runner = runner_for(handle, self.output)
         test = self._score(runner, self.x_test, self.y_test)
         val = self._score(runner, self.x_val, self.y_val)
         size, gz = artifact_sizes(handle.path)

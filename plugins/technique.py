@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 import pydantic
 
 if TYPE_CHECKING:
+    from kfopt.signature import ModelInfo
     from kfopt.task import Task
 
 #: Model formats kfopt knows how to load, evaluate and save.
@@ -51,6 +52,18 @@ class Technique:
     def trains_for(self, config: pydantic.BaseModel) -> bool:
         """Whether ``config`` fine-tunes the model (placement uses this)."""
         return self.trains
+
+    def check(self, model: ModelInfo, config: Any) -> None:
+        """Refuse a model this technique cannot work on, before any work is done (default: accept every model).
+
+        ``model`` describes the baseline: its ``format``, ``inputs`` and
+        ``outputs`` (name, shape, dtype), the class names of its ``layers`` and
+        its ``recurrent`` layers; ``model.keras()`` gives the tf_keras model for
+        deeper checks. Raise ``KfoptError(why, fix)`` to refuse: ``kfopt
+        optimize`` stops before the baseline is measured, ``kfopt search`` marks
+        the recipe skipped with that line and runs the others. An error raised
+        later, in ``apply``, fails only its candidate.
+        """
 
     def apply(self, model: ModelHandle, config: Any, ctx: StepContext) -> ModelHandle:
         raise NotImplementedError
@@ -232,10 +245,22 @@ class StepContext:
         return self._strategy
 
     def representative(self, samples: int = 200) -> Callable[[], Iterator[list]]:
-        """A TFLite representative-dataset generator of training inputs (batch 1, float32)."""
+        """A TFLite representative-dataset generator of training inputs (batch 1, each in its own dtype).
+
+        Yields ``[x]`` for a model with one input and, for several, ``{name: x}``
+        keyed by the model's input names (``[x1, x2, ...]`` in the model's order
+        when the data numbers them); integer inputs (token ids) stay integers.
+        """
+        from kfopt.data import Inputs, input_list
+
         train = self.train
 
+        def one(x):
+            if isinstance(x, Inputs) and x.names != tuple(map(str, range(len(x.names)))):
+                return dict(zip(x.names, x.arrays))
+            return input_list(x)
+
         def generate():
-            yield from ([x] for x in train.samples(samples))
+            yield from (one(x) for x in train.samples(samples))
 
         return generate

@@ -356,12 +356,6 @@ def test_the_int8_runner_feeds_quantized_inputs_and_returns_float_scores(model, 
 
 
 # -- known wrong behaviour (reported; kfopt/evaluate.py is not this file's to change) -----------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="TFLiteRunner._feed casts every input to float32, so a TFLite model with int32 inputs (token ids) "
-    "fails with 'Cannot set tensor: Got value of type FLOAT32 but expected type INT32'; DESIGN: inputs keep their "
-    "dtype from data to interpreter",
-)
 def test_a_tflite_model_with_integer_inputs_runs_on_its_token_ids():
     keras = _tf.keras()
     keras.utils.set_random_seed(0)

@@ -134,7 +134,7 @@ def search(
     sensitive layers dense (or float under QAT), see :func:`~kfopt.recipe_search.propose`.
     """
     from ..data import describe
-    from ..engine import finish_result, prepare, run_recipe, start_result
+    from ..engine import finish_result, prepare, refuse_early, run_recipe, start_result
     from ..evaluate import LATENCY_RUNS, Evaluator
     from ..plugins.manager import registry
     from ..progress import Reporter
@@ -158,7 +158,14 @@ def search(
     first = load_search(recipes, techniques)  # every recipe checked before any work
     with locked(out, "kfopt search", fresh=True, inputs=(model, data)) as out:
         handle, dataset = baseline or prepare(
-            model, data, seed=seed, unsafe=unsafe, epochs=epochs, reporter=reporter, workdir=out
+            model,
+            data,
+            seed=seed,
+            unsafe=unsafe,
+            epochs=epochs,
+            reporter=reporter,
+            workdir=out,
+            check=refuse_early([(r.recipe, r.planned) for r in first]),
         )
         handle.save(out / "baseline")
         evaluator = Evaluator(
