@@ -13,6 +13,8 @@ Declaring and registering a technique:
   saved_model), what ``apply`` takes and returns.
 - ``StepContext``: what ``apply`` gets: train/validation data, workdir, seed,
   device, ``tf.distribute`` strategy, progress.
+- ``ModelInfo``: what ``Technique.check(model, config)`` gets to refuse a model
+  before any work: inputs, outputs (``TensorInfo``), layers, recurrent layers.
 - ``TechniqueSkipped``: raise it when this host cannot run the technique.
 - ``KfoptError``: raise ``KfoptError(message, fix)`` for a config or a model
   the technique cannot work with.
@@ -52,6 +54,7 @@ from kfopt._tf import keras, tf, tfmot
 from kfopt.errors import KfoptError, TechniqueSkipped
 from kfopt.models import copy_model
 from kfopt.observers import RunContext
+from kfopt.signature import ModelInfo, TensorInfo
 from kfopt.sparsity import weight_sparsity
 from kfopt.task import Metric
 from kfopt.training import classifier_loss, fine_tune, task_loss
@@ -65,6 +68,8 @@ __all__ = [
     "Technique",
     "ModelHandle",
     "StepContext",
+    "ModelInfo",
+    "TensorInfo",
     "TechniqueSkipped",
     "KfoptError",
     "FORMATS",
