@@ -45,7 +45,7 @@ from kfopt.training import task_of
 
 from .layers import all_layers, note, require_layer_graph, with_note
 from .spec import hookimpl
-from .student import build_student, plan_widths, width_key
+from .student import WidthPlan, build_student, plan_widths, width_key
 from .technique import ModelHandle, StepContext, Technique
 
 #: Epochs without improvement of the validation distillation loss before stopping early.
@@ -125,39 +125,15 @@ class Distill(Technique):
 
     def check(self, model, config: Distill.Config) -> None:
         """Refuse, before any work, a teacher no student of the config can be built for."""
-        if not model.has_keras_layers:
-            return  # the recipe check refuses the format itself
-        teacher = model.keras()
-        if len(model.outputs) != 1:
-            raise KfoptError(
-                f"distill trains a student on one output, but '{teacher.name}' has {len(model.outputs)} "
-                f"({', '.join(model.output_names)}).",
-                "distill a single-output model, or use prune/quantize, which keep every output.",
-            )
-        if config.student:
-            return  # checked against the teacher when it is loaded
-        if config.architecture == "dense":
-            _check_dense_teacher(teacher)
-            return
-        require_layer_graph(teacher, f"distill(width={config.width:g})")
-        plan = plan_widths(teacher)
-        if not plan.scaled and config.width < 1:
-            kept = "; ".join(
-                [f"{name}: {why}" for name, why in list(plan.kept.items())[:3]]
-                + [f"{name}: it sets the model's output" for name in plan.outputs[:1]]
-            )
-            raise KfoptError(
-                f"distill(width={config.width:g}) cannot make '{teacher.name}' narrower: every layer that sets a "
-                f"width keeps the teacher's ({kept}).",
-                "use architecture=dense, or pass a student model file with student=PATH.",
-            )
+        if model.has_keras_layers:  # the recipe check refuses other formats itself
+            check_teacher(model.keras(), config)
 
     def apply(self, model: ModelHandle, config: Distill.Config, ctx: StepContext) -> ModelHandle:
         keras = _tf.keras()
         teacher = model.keras()
         task = task_of(teacher, ctx)
         keras.utils.set_random_seed(ctx.seed)
-        kept: dict[str, str] = {}
+        plan = check_teacher(teacher, config)
         with ctx.strategy.scope():
             # Work on copies built inside the strategy scope: the teacher must not
             # be mutated, and on several GPUs/TPU cores its variables must be
@@ -169,9 +145,7 @@ class Distill(Technique):
             elif config.architecture == "dense":
                 student = build_dense_student(teacher, config.width)
             else:
-                plan = plan_widths(teacher) if teacher.outputs else None
                 student = build_student(teacher, config.width, plan)
-                kept = plan.kept if plan else {}
             student_logits, shares_weights = logits_model(student, task.kind)
             distiller = _distiller_class()(
                 student_logits, teacher_logits, config.temperature, config.alpha, task.kind, task.loss
@@ -192,11 +166,44 @@ class Distill(Technique):
         if not shares_weights:  # the logits view was a copy: put the trained weights back
             student.set_weights(student_logits.get_weights())
         info = {k: v for k, v in model.info.items() if k not in _STALE_INFO}
-        if kept:
-            info["kept_width"] = kept
+        if plan and plan.kept:  # layers tied to the outputs are the classes: only the others are news
+            info["kept_width"] = plan.kept
             total = sum(1 for layer in all_layers(teacher) if width_key(layer))
-            info["notes"] = with_note(model.info, note(f"distill(width={config.width:g})", kept, total, "full width"))
+            line = note(f"distill(width={config.width:g})", plan.kept, total, "full width")
+            info["notes"] = with_note(model.info, line)
         return ModelHandle.from_keras(student, info=info)
+
+
+def check_teacher(teacher, config: Distill.Config) -> WidthPlan | None:
+    """Refuse a teacher no student of ``config`` can be built for (one line: why, and what to do instead).
+
+    Returns the width plan of an ``architecture=same`` student (None for a dense or given student).
+    """
+    require_layer_graph(teacher, "distill")
+    outputs = teacher.outputs or []
+    if len(outputs) != 1:
+        raise KfoptError(
+            f"distill trains a student on one output, but '{teacher.name}' has {len(outputs)}"
+            + (f" ({', '.join(teacher.output_names)})." if outputs else " (it was never built on an input shape)."),
+            "distill a single-output model built with keras.Input, or use prune/quantize, which keep every output.",
+        )
+    if config.student:
+        return None  # checked against the teacher when it is loaded
+    if config.architecture == "dense":
+        _check_dense_teacher(teacher)
+        return None
+    plan = plan_widths(teacher)
+    if not plan.scaled and config.width < 1:
+        kept = "; ".join(
+            [f"{name}: {why}" for name, why in list(plan.kept.items())[:3]]
+            + [f"{name}: it sets the model's output" for name in plan.outputs[:1]]
+        )
+        raise KfoptError(
+            f"distill(width={config.width:g}) cannot make '{teacher.name}' narrower: every layer that sets a "
+            f"width keeps the teacher's ({kept}).",
+            "use architecture=dense, or pass a student model file with student=PATH.",
+        )
+    return plan
 
 
 # -- building the student ------------------------------------------------------

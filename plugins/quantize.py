@@ -95,7 +95,7 @@ class Quantize(Technique):
             source = model.keras()
             require_layer_graph(source, "quantize(mode=qat)")
             check_layer_names(source, config.float_layers, "quantize", "float_layers")
-            qat_float_layers(source, config.float_layers, _scheme(preserve=False))
+            qat_float_layers(source, config.float_layers, qat_scheme(preserve=False))
 
     def apply(self, model: ModelHandle, config: Quantize.Config, ctx: StepContext) -> ModelHandle:
         if model.format == "saved_model":
@@ -123,7 +123,7 @@ class Quantize(Technique):
         return ModelHandle.from_tflite(data, info={**info, "sparsity": sparsity})
 
 
-def _scheme(preserve: bool):
+def qat_scheme(preserve: bool):
     """tfmot's default 8-bit scheme, or its prune-preserving variant (which masks kernels with their zeros)."""
     quant = _tf.tfmot().quantization.keras
     if preserve:
@@ -193,30 +193,15 @@ def _folded(batchnorm, floats: dict[str, str]) -> bool:
 def _quantization_aware(source, config: Quantize.Config, ctx: StepContext, input_sparsity: float):
     """Fine-tune with fake quantization; return the QAT model, its effective kernel sparsity and the layers
     it left float (name -> why)."""
-    keras = _tf.keras()
-    quant = _tf.tfmot().quantization.keras
-    keras.utils.set_random_seed(ctx.seed)
+    _tf.keras().utils.set_random_seed(ctx.seed)
     preserve = input_sparsity > PRUNED_SPARSITY
     # The prune-preserving scheme masks each kernel with its zero pattern inside the
     # weight quantizer, so fine-tuning cannot bring pruned weights back.
-    scheme = _scheme(preserve)
-    floats = qat_float_layers(source, config.float_layers, scheme)
+    scheme = qat_scheme(preserve)
     # The model's compiled loss, else the task's; decided on the plain model (wrappers hide the activation).
     loss = task_loss(source, ctx)
     with ctx.strategy.scope():
-        copy = copy_model(source)  # never train the caller's layers
-        try:
-            annotated = keras.models.clone_model(
-                copy,
-                clone_function=lambda layer: layer if layer.name in floats else quant.quantize_annotate_layer(layer),
-            )
-            qat_model = quant.quantize_apply(annotated, scheme)
-        except (ValueError, RuntimeError, TypeError) as exc:
-            raise KfoptError(
-                f"quantize(mode=qat) cannot wrap this model: {str(exc).splitlines()[0]}",
-                "use quantize(mode=int8) (post-training, works with any model), or float_layers=NAME for the "
-                "layer it names.",
-            ) from None
+        qat_model, floats = quantization_aware_model(source, config.float_layers, scheme)
         if preserve:  # the scheme masks annotated kernels only: float layers keep their zeros by not training
             for name in floats:
                 layer = qat_model.get_layer(name)
@@ -233,6 +218,30 @@ def _quantization_aware(source, config: Quantize.Config, ctx: StepContext, input
     # With the preserving scheme the kernels' zeros are masked at conversion even if the
     # float variables drifted, so the input's sparsity is what the TFLite weights have.
     return qat_model, input_sparsity if preserve else weight_sparsity(qat_model), floats
+
+
+def quantization_aware_model(source, float_layers: list[str], scheme):
+    """A copy of ``source`` with fake quantization on every layer ``scheme`` supports (tfmot's
+    ``quantize_apply``), and the layers left float (name -> why, see :func:`qat_float_layers`).
+
+    Build it inside the strategy scope it will be trained in.
+    """
+    keras = _tf.keras()
+    quant = _tf.tfmot().quantization.keras
+    floats = qat_float_layers(source, float_layers, scheme)
+    copy = copy_model(source)  # never train the caller's layers
+    try:
+        annotated = keras.models.clone_model(
+            copy,
+            clone_function=lambda layer: layer if layer.name in floats else quant.quantize_annotate_layer(layer),
+        )
+        return quant.quantize_apply(annotated, scheme), floats
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise KfoptError(
+            f"quantize(mode=qat) cannot wrap this model: {str(exc).splitlines()[0]}",
+            "use quantize(mode=int8) (post-training, works with any model), or float_layers=NAME for the "
+            "layer it names.",
+        ) from None
 
 
 @hookimpl

@@ -133,6 +133,8 @@ class WidthPlan:
     reshapes: set[int] = field(default_factory=set)
     #: MultiHeadAttention layer ids whose key_dim/value_dim are scaled.
     attention: set[int] = field(default_factory=set)
+    #: Nested model id -> for each of its inputs, whether that input's width is scaled.
+    nested_inputs: dict[int, list[bool]] = field(default_factory=dict)
     #: Layers that set a width but keep the teacher's, other than those setting the outputs': name -> why.
     kept: dict[str, str] = field(default_factory=dict)
     #: Names of the layers whose width is the model's output width (they keep it, as the outputs must).
@@ -168,13 +170,15 @@ def plan_widths(model) -> WidthPlan:
         raise KfoptError(
             f"A width-scaled student is built from the teacher's layer graph, but '{model.name}' has none "
             "(a subclassed model, or a Sequential model never built on an input shape).",
-            "use architecture=dense, or pass a student model file with student=PATH.",
+            "pass the teacher as a functional or Sequential model built on keras.Input, or a student model file "
+            "with student=PATH.",
         )
     groups = _Groups()
     width_layers: dict[int, tuple] = {}  # layer id -> (layer, group key of its output)
     reshapes: dict[int, tuple] = {}
     attention: set[int] = set()
     seen_models: set[int] = set()
+    nested: dict[int, object] = {}
 
     def key(tensor):
         return ("tensor", id(tensor))
@@ -205,6 +209,7 @@ def plan_widths(model) -> WidthPlan:
                 return
             for inner, outer in zip(layer.inputs, inputs):
                 groups.union(key(inner), key(outer))
+            nested[id(layer)] = layer
             for inner, outer in zip(layer.outputs, outputs):
                 groups.union(key(inner), key(outer))
             visit_model(layer)
@@ -293,6 +298,9 @@ def plan_widths(model) -> WidthPlan:
         else:
             plan.scaled.add(layer_id)
     plan.reshapes = {layer_id for layer_id, (_, group) in reshapes.items() if not groups.why_fixed(group)}
+    plan.nested_inputs = {
+        model_id: [not groups.why_fixed(key(tensor)) for tensor in inner.inputs] for model_id, inner in nested.items()
+    }
     return plan
 
 
@@ -318,13 +326,21 @@ def build_student(teacher, width: float, plan: WidthPlan | None = None):
     Raises a KfoptError saying why and what to do when no such student can be built.
     """
     keras = _tf.keras()
-    if not has_layer_graph(teacher) or not teacher.outputs:
-        return _build_unbuilt_sequential(teacher, width)
     plan = plan or plan_widths(teacher)
 
     def scaled(layer):
-        if isinstance(layer, keras.Model):  # a nested Sequential/functional model
-            return keras.models.clone_model(layer, clone_function=scaled)
+        if isinstance(layer, keras.Model):  # a nested Sequential/functional model, on inputs of the new widths
+            resized = plan.nested_inputs.get(id(layer), [])
+            inputs = None
+            if any(resized):
+                inputs = [
+                    keras.Input(
+                        batch_shape=(*t.shape[:-1], _scale(t.shape[-1], width) if scale else t.shape[-1]),
+                        dtype=t.dtype,
+                    )
+                    for t, scale in zip(layer.inputs, resized)
+                ]
+            return keras.models.clone_model(layer, input_tensors=inputs, clone_function=scaled)
         config = layer.get_config()
         if id(layer) in plan.scaled:
             if (key := width_key(layer)) is not None:
@@ -392,20 +408,3 @@ def _first_cause(exc: BaseException) -> str:
 
 def _output_shapes(model) -> list[tuple]:
     return [tuple(t.shape[1:]) for t in model.outputs]
-
-
-def _build_unbuilt_sequential(teacher, width: float):
-    """A Sequential never built on an input shape has no graph: scale every width but the last layer's."""
-    keras = _tf.keras()
-    if not isinstance(teacher, keras.Sequential):
-        plan_widths(teacher)  # raises the no-graph refusal
-    last = next((layer for layer in reversed(teacher.layers) if width_key(layer)), None)
-
-    def scaled(layer):
-        config = layer.get_config()
-        key = width_key(layer)
-        if key and layer is not last:
-            config[key] = _scale(config[key], width)
-        return layer.__class__.from_config(config)
-
-    return keras.models.clone_model(teacher, clone_function=scaled)

@@ -181,3 +181,66 @@ def test_config_rejects_bad_values_and_unknown_keys(bad):
 
 def test_config_fields_are_documented():
     assert all(field.description for field in Distill.Config.model_fields.values())
+
+
+def _squeeze_excite(keep_per_channel_rescaling: bool = False):
+    """Conv, a squeeze-excite gate (pool, Reshape, two 1x1 convs, Multiply), a residual Add, a nested head."""
+    keras = _tf.keras()
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(16, 3, padding="same", activation="relu", name="stem")(inputs)
+    if keep_per_channel_rescaling:
+        x = layers.Rescaling([0.5] * 16, name="per_channel")(x)
+    gate = layers.Reshape((1, 1, 16), name="se_reshape")(layers.GlobalAveragePooling2D()(x))
+    gate = layers.Conv2D(16, 1, activation="sigmoid", name="se_expand")(layers.Conv2D(4, 1, name="se_reduce")(gate))
+    y = layers.Multiply(name="excite")([x, gate])
+    x = layers.Add()([x, layers.Conv2D(16, 3, padding="same", name="branch")(y)])
+    head_in = keras.Input((16,))
+    head = keras.Model(head_in, layers.Dense(32, activation="relu", name="hidden")(head_in), name="head")
+    x = head(layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, layers.Dense(10, activation="softmax", name="classes")(x), name="se_net")
+
+
+def test_student_of_a_squeeze_excite_residual_net_scales_joined_layers_together():
+    teacher = _squeeze_excite()
+    student = build_student(teacher, 0.5)
+    assert student.output_shape == teacher.output_shape
+    filters = {layer.name: layer.filters for layer in student.layers if hasattr(layer, "filters")}
+    # The gate multiplies the stem's output and the branch is added to it: all three share one width.
+    assert filters == {"stem": 8, "se_reduce": 2, "se_expand": 8, "branch": 8}
+    assert student.get_layer("se_reshape").output_shape == (None, 1, 1, 8)
+    assert student.get_layer("head").get_layer("hidden").units == 16  # nested models are scaled too
+    assert student.get_layer("classes").units == 10
+    assert student.predict(np.zeros((2, 8, 8, 3), "float32"), verbose=0).shape == (2, 10)
+
+
+def test_a_layer_with_per_channel_constants_keeps_its_group_wide_and_says_why(digits_flat, ctx_factory):
+    from kfopt.plugins.distill import plan_widths
+
+    teacher = _squeeze_excite(keep_per_channel_rescaling=True)
+    plan = plan_widths(teacher)
+    assert plan.kept == {
+        name: "it meets 'per_channel' (Rescaling), which holds one constant per channel"
+        for name in ("stem", "se_expand", "branch")
+    }
+    student = build_student(teacher, 0.5, plan)
+    assert {layer.name: layer.filters for layer in student.layers if hasattr(layer, "filters")} == {
+        "stem": 16,
+        "se_reduce": 2,
+        "se_expand": 16,
+        "branch": 16,
+    }
+
+
+def test_a_teacher_whose_widths_are_all_tied_to_its_input_or_output_is_refused(digits_flat, ctx_factory):
+    keras = _tf.keras()
+    inputs = keras.Input((64,))
+    hidden = keras.layers.Add()([inputs, keras.layers.Dense(64, activation="relu", name="residual")(inputs)])
+    teacher = keras.Model(inputs, keras.layers.Dense(10, name="classes")(hidden), name="tied")
+    with pytest.raises(KfoptError) as refused:
+        Distill().apply(ModelHandle.from_keras(teacher), Distill.Config(width=0.5, epochs=1), ctx_factory(digits_flat))
+    assert str(refused.value) == (
+        "distill(width=0.5) cannot make 'tied' narrower: every layer that sets a width keeps the teacher's "
+        "(residual: its width is tied to the model's input; classes: it sets the model's output). "
+        "Fix: use architecture=dense, or pass a student model file with student=PATH."
+    )

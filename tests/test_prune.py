@@ -161,3 +161,30 @@ def test_keep_dense_with_an_unknown_layer_names_it_and_lists_the_layers(mlp, dig
     text = str(err.value)
     assert "'dense_99'" in text and ", ".join(names) in text and "\n" not in text
     assert Prune.Config(keep_dense="dense").keep_dense == ["dense"]  # one name is a list of one
+
+
+def test_weightless_and_unsupported_layers_never_block_pruning_and_are_listed(digits_images, ctx_factory):
+    """A Rescaling layer, a depthwise conv and a nested model: tfmot prunes what it can, the rest stays."""
+    keras = _tf.keras()
+    layers = keras.layers
+    inner_in = keras.Input((14, 14, 8))
+    inner = keras.Model(inner_in, layers.Conv2D(8, 3, padding="same", activation="relu")(inner_in), name="block")
+    inputs = keras.Input((28, 28, 1))
+    x = layers.Rescaling(1.0, name="scale")(inputs)
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="stem")(x)
+    x = layers.DepthwiseConv2D(3, padding="same", name="depthwise")(x)
+    x = inner(x)
+    outputs = layers.Dense(10, activation="softmax", name="head")(layers.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+
+    out = run(model, digits_images, ctx_factory, target_sparsity=0.6, epochs=1)
+    pruned = out.keras()
+    assert out.info["left_dense"] == {"depthwise": "tfmot does not prune DepthwiseConv2D kernels"}
+    assert out.info["notes"] == [
+        "prune(method=magnitude) left 1 of 4 layers with weights dense: "
+        "tfmot does not prune DepthwiseConv2D kernels (depthwise)"
+    ]
+    for name in ("stem", "head"):
+        assert (pruned.get_layer(name).kernel.numpy() == 0).mean() == pytest.approx(0.6, abs=0.01)
+    assert (pruned.get_layer("block").layers[-1].kernel.numpy() == 0).mean() == pytest.approx(0.6, abs=0.01)
+    assert not (pruned.get_layer("depthwise").depthwise_kernel.numpy() == 0).any()

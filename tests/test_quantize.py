@@ -158,3 +158,42 @@ def test_float_layers_unknown_name_or_without_qat_is_a_user_error(mlp, digits_fl
     assert f"Layers with weights: {', '.join(names)}." in str(err.value)
     with pytest.raises(pydantic.ValidationError, match="float_layers applies to mode=qat only"):
         Quantize.Config(mode="int8", float_layers=["dense"])
+
+
+def _conv_model():
+    """Rescaling, a conv folded with its BatchNorm, a BatchNorm after an activation, a squeeze-excite Multiply."""
+    keras = _tf.keras()
+    layers = keras.layers
+    inputs = keras.Input((28, 28, 1))
+    x = layers.Rescaling(1.0, name="scale")(inputs)
+    x = layers.BatchNormalization(name="folded")(layers.Conv2D(8, 3, strides=2, name="conv")(x))
+    x = layers.BatchNormalization(name="after_relu")(layers.ReLU()(x))
+    gate = layers.Dense(8, activation="sigmoid", name="gate")(layers.GlobalAveragePooling2D()(x))
+    x = layers.Multiply(name="excite")([x, layers.Reshape((1, 1, 8))(gate)])
+    outputs = layers.Dense(10, activation="softmax", name="head")(layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs, name="conv_model")
+
+
+def test_qat_trains_what_tfmot_supports_and_names_what_stays_float(digits_images, ctx_factory):
+    out = run(_conv_model(), digits_images, ctx_factory, mode="qat", epochs=1, calibration_samples=16)
+    assert out.info["float_layers"] == {
+        "scale": "tfmot's 8-bit scheme has no Rescaling",
+        "after_relu": "tfmot quantizes BatchNormalization only right after a linear Conv or Dense",
+        "excite": "tfmot's 8-bit scheme has no Multiply",
+    }
+    (line,) = out.info["notes"]
+    assert line.startswith("quantize(mode=qat) left 3 of 11 layers float: tfmot's 8-bit scheme has no Rescaling")
+    assert interpreter(out.tflite()).get_input_details()[0]["dtype"] == np.int8  # full-integer all the same
+
+
+def test_qat_with_nothing_to_quantize_is_refused_in_one_line(digits_flat, ctx_factory):
+    keras = _tf.keras()
+    inputs = keras.Input((64,))
+    model = keras.Model(inputs, keras.layers.Dense(10, name="head")(inputs), name="linear")
+    with pytest.raises(KfoptError) as refused:
+        run(model, digits_flat, ctx_factory, mode="qat", float_layers=["head"], epochs=1)
+    assert str(refused.value) == (
+        "quantize(mode=qat) has no layer with weights of 'linear' to train quantization-aware "
+        "(head: kept float by float_layers). Fix: use quantize(mode=int8) (post-training, takes any layer), "
+        "or keep fewer layers in float_layers."
+    )
