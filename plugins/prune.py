@@ -48,8 +48,8 @@ class Prune(Technique):
     whole model's sparsity (``info["sparsity"]``, measured) is lower.
 
     magnitude and structured prune the layers tfmot can prune (Dense, Conv,
-    SeparableConv's pointwise kernel, Embedding, LSTM/GRU/SimpleRNN,
-    MultiHeadAttention's projections; structured: 2-D and 4-D kernels of matrix
+    SeparableConv's pointwise kernel, Embedding, LSTM/GRU/SimpleRNN, those in
+    Bidirectional/TimeDistributed, MultiHeadAttention's projections; structured: 2-D and 4-D kernels of matrix
     multiplies) and leave every other layer as it is: layers without weights
     (Rescaling, Normalization, Reshape, Add, ...) never block pruning, and
     layers with kernels tfmot cannot prune (DepthwiseConv2D, custom layers)
@@ -189,6 +189,27 @@ def _prune_registry():
     return PruneRegistry
 
 
+def _unprunable(layer) -> str | None:
+    """Why tfmot's registry of built-in layers does not prune ``layer``'s kernels; None when it does."""
+    registry = _prune_registry()
+    kind = type(layer).__name__
+    if not registry.supports(layer):
+        return f"tfmot cannot prune {kind} layers"
+    if type(layer) in registry._LAYERS_WEIGHTS_MAP and not registry._LAYERS_WEIGHTS_MAP[type(layer)]:
+        return f"tfmot does not prune {kind} kernels"
+    return None
+
+
+def _wrapped_layers(layer) -> list:
+    """The layers a Keras wrapper (Bidirectional, TimeDistributed) wraps; [] for any other layer."""
+    keras = _tf.keras()
+    if isinstance(layer, keras.layers.Bidirectional):
+        return [layer.forward_layer, layer.backward_layer]
+    if isinstance(layer, keras.layers.TimeDistributed):
+        return [layer.layer]
+    return []
+
+
 def _kept_dense_because(layer, method: str, keep: set[str]) -> str | None:
     """Why ``method`` leaves the kernels of ``layer`` (a layer with kernels) dense; None when it prunes them."""
     if layer.name in keep:
@@ -196,13 +217,16 @@ def _kept_dense_because(layer, method: str, keep: set[str]) -> str | None:
     if method == "l1":  # l1 penalises and thresholds any layer's kernels
         return None
     kind = type(layer).__name__
-    registry = _prune_registry()
     prunable = _tf.tfmot().sparsity.keras.PrunableLayer
-    if not (isinstance(layer, prunable) or hasattr(layer, "get_prunable_weights")):
-        if not registry.supports(layer):
-            return f"tfmot cannot prune {kind} layers"
-        if type(layer) in registry._LAYERS_WEIGHTS_MAP and not registry._LAYERS_WEIGHTS_MAP[type(layer)]:
-            return f"tfmot does not prune {kind} kernels"
+    wrapped = _wrapped_layers(layer)
+    if wrapped:  # Bidirectional(LSTM), TimeDistributed(Dense): prunable when what they wrap is
+        why = next((_unprunable(inner) for inner in wrapped if _unprunable(inner)), None)
+        if why:
+            return f"{why}, which {kind} wraps"
+    elif not (isinstance(layer, prunable) or hasattr(layer, "get_prunable_weights")):
+        why = _unprunable(layer)
+        if why:
+            return why
     if method == "structured":
         if kind == "Embedding":
             return "m:n sparsity speeds up matrix multiplies, not an Embedding's lookup table"
@@ -254,6 +278,10 @@ def _prune_tfmot(source, config: Prune.Config, ctx: StepContext, loss):
             return keras.models.clone_model(layer, clone_function=wrap)
         if not _kernels(layer) or _kept_dense_because(layer, config.method, keep):
             return layer
+        if _wrapped_layers(layer):
+            # tfmot's registry knows the wrapped layers, not the wrappers; a layer that names its prunable
+            # weights is pruned as it says (tfmot's own hook for custom layers): the wrapped kernels.
+            layer.get_prunable_weights = lambda layer=layer: _kernels(layer)
         return sparsity.prune_low_magnitude(layer, **params)
 
     with ctx.strategy.scope():

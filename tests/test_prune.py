@@ -188,3 +188,20 @@ def test_weightless_and_unsupported_layers_never_block_pruning_and_are_listed(di
         assert (pruned.get_layer(name).kernel.numpy() == 0).mean() == pytest.approx(0.6, abs=0.01)
     assert (pruned.get_layer("block").layers[-1].kernel.numpy() == 0).mean() == pytest.approx(0.6, abs=0.01)
     assert not (pruned.get_layer("depthwise").depthwise_kernel.numpy() == 0).any()
+
+
+def test_recurrent_layers_in_bidirectional_and_time_distributed_wrappers_are_pruned(digits_flat, ctx_factory):
+    keras = _tf.keras()
+    layers = keras.layers
+    inputs = keras.Input((64,))
+    x = layers.Reshape((8, 8))(inputs)  # eight rows of eight pixels: a sequence
+    x = layers.TimeDistributed(layers.Dense(8), name="rows")(x)
+    x = layers.Bidirectional(layers.LSTM(8), name="reader")(x)
+    model = keras.Model(inputs, layers.Dense(10, activation="softmax", name="head")(x))
+
+    out = run(model, digits_flat, ctx_factory, target_sparsity=0.5, epochs=1)
+    assert "left_dense" not in out.info
+    pruned = out.keras()
+    for name in ("rows", "reader", "head"):
+        kernels = [w for w in pruned.get_layer(name).get_weights() if w.ndim == 2]
+        assert kernels and all((k == 0).mean() == pytest.approx(0.5, abs=0.01) for k in kernels)
