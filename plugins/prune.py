@@ -27,6 +27,8 @@ BATCH_SIZE = 32
 RAMP_FRACTION = 0.75
 #: How many times the magnitude masks are recomputed during the ramp.
 MASK_UPDATES = 16
+#: How many layer names an unknown keep_dense/float_layers name's error lists.
+LAYERS_LISTED = 12
 
 
 class Prune(Technique):
@@ -373,9 +375,12 @@ def check_layer_names(keras_model, names: list[str], technique: str, key: str) -
     valid = [layer.name for layer in kernel_layers(keras_model)]
     for name in names:
         if name not in valid:
+            # A large model has hundreds: the first ones show what the names look like.
+            listed = ", ".join(valid[:LAYERS_LISTED])
+            more = f" and {len(valid) - LAYERS_LISTED} more" if len(valid) > LAYERS_LISTED else ""
             raise KfoptError(
                 f"{technique}({key}=...): the model has no layer with weights named '{name}'."
-                f"{did_you_mean(name, valid)} Layers with weights: {', '.join(valid)}.",
+                f"{did_you_mean(name, valid)} Layers with weights: {listed}{more}.",
                 f"name layers of this model in {key} (see model.summary() or the layer sensitivity table of kfopt search).",
             )
 
