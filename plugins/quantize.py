@@ -119,7 +119,10 @@ class Quantize(Technique):
         else:
             to_convert, mode = source, config.mode
         representative = ctx.representative(config.calibration_samples) if mode == "int8" else None
-        data = to_tflite(to_convert, mode, representative=representative)
+        # A recurrent model is rebuilt from its config to be unrolled for TFLite: a QAT model's wrappers and
+        # quantizers are custom objects Keras finds only inside tfmot's scope.
+        with _tf.tfmot().quantization.keras.quantize_scope():
+            data = to_tflite(to_convert, mode, representative=representative)
         return ModelHandle.from_tflite(data, info={**info, "sparsity": sparsity})
 
 

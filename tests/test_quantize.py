@@ -197,3 +197,30 @@ def test_qat_with_nothing_to_quantize_is_refused_in_one_line(digits_flat, ctx_fa
         "(head: kept float by float_layers). Fix: use quantize(mode=int8) (post-training, takes any layer), "
         "or keep fewer layers in float_layers."
     )
+
+
+def test_qat_of_a_gru_text_model_converts_with_the_gru_left_float(ctx_factory):
+    from sklearn.datasets import load_digits
+
+    from kfopt.data import load_data
+
+    digits = load_digits()
+    tokens = digits.data.astype("int32")[:, ::4]  # 16 pixel intensities as token ids 0..16
+    data = load_data(
+        {"x_train": tokens[:200], "y_train": digits.target[:200], "x_test": tokens[-64:], "y_test": digits.target[-64:]}
+    )
+    keras = _tf.keras()
+    inputs = keras.Input((16,), dtype="int32")
+    x = keras.layers.GRU(8, name="reader")(keras.layers.Embedding(17, 8, name="ids")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="head")(x))
+    out = run(model, data, ctx_factory, mode="qat", epochs=1, calibration_samples=16)
+    assert out.info["float_layers"] == {
+        "ids": "tfmot's 8-bit scheme has no Embedding",
+        "reader": "tfmot's 8-bit scheme has no GRU",
+    }
+    it = interpreter(out.tflite())  # the GRU was unrolled from the QAT model's config for TFLite
+    detail = it.get_input_details()[0]
+    assert detail["dtype"] == np.int32  # token ids stay integers
+    it.set_tensor(detail["index"], tokens[:1])
+    it.invoke()
+    assert it.get_tensor(it.get_output_details()[0]["index"]).shape == (1, 10)
