@@ -361,7 +361,7 @@ def _decision_line(registered: dict) -> str:
     "--max-accuracy-drop",
     default=None,
     type=BUDGET,
-    help=MAX_DROP_HELP + " [default: the budget the run was decided with]",
+    help=MAX_DROP_HELP + " [default: the budget the run was decided with, at most 0.01 (or 1%)]",
 )
 @click.option("--objective", type=OBJECTIVE, default=None, help=OBJECTIVE_HELP + " [default: the run's own objective]")
 @click.option(

@@ -91,9 +91,10 @@ def promote_from(
     """
     directory = Path(directory)
     decided = RunResult.load(directory).selection or {}  # not a run directory: say so before anything else
-    # By default the run's own budget and objective: a promotion never loosens what the run decided.
+    # By default the run's own budget, but never looser than kfopt's default: a promotion does not loosen
+    # what the run decided, and an edited metrics.json cannot loosen the gate either.
     if max_accuracy_drop is None:
-        max_accuracy_drop = decided.get("max_accuracy_drop", DEFAULT_MAX_ACCURACY_DROP)
+        max_accuracy_drop = _recorded_budget(decided.get("max_accuracy_drop"))
     objective = objective or decided.get("objective", "size")
     if registered_model is not None:
         check_model_name(registered_model)
@@ -130,6 +131,18 @@ def promote_from(
         )
         result.save(directory)
     return decision
+
+
+def _recorded_budget(recorded) -> float | str:
+    """The budget a run was decided with, capped at the default (1 point, or 1% when it was relative)."""
+    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+        return min(float(recorded), DEFAULT_MAX_ACCURACY_DROP)
+    if isinstance(recorded, str) and recorded.strip().endswith("%"):
+        try:
+            return f"{min(float(recorded.strip()[:-1]), DEFAULT_MAX_ACCURACY_DROP * 100):g}%"
+        except ValueError:
+            pass
+    return DEFAULT_MAX_ACCURACY_DROP
 
 
 def check_model_name(name: str | None) -> str | None:
