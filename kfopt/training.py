@@ -74,8 +74,27 @@ def task_loss(model, ctx_or_task):
     name = task.loss or _TASK_LOSSES[task.kind]
     loss_class = getattr(_tf.keras().losses, _LOSS_CLASSES[name])
     if name.endswith("crossentropy"):
-        return loss_class(from_logits=output_activation(model) not in ("softmax", "sigmoid"))
+        scored = _output_model(model, scored_output(model, ctx_or_task))
+        return loss_class(from_logits=output_activation(scored) not in ("softmax", "sigmoid"))
     return loss_class()
+
+
+def scored_output(model, ctx) -> int:
+    """The index of ``model``'s output the task is scored on: the one named ``ctx.output`` (``--output``), else
+    the first. Wrapped layers keep their order and end in the user's name (``prune_low_magnitude_<name>``)."""
+    name = getattr(ctx, "output", None)
+    names = list(getattr(model, "output_names", None) or [])
+    if name is None or len(names) < 2:
+        return 0
+    return next((i for i, n in enumerate(names) if n == name or n.endswith(f"_{name}")), 0)
+
+
+def _output_model(model, index: int):
+    """``model`` seen through one of its outputs (itself when it has one)."""
+    outputs = getattr(model, "outputs", None) or []
+    if len(outputs) < 2:
+        return model
+    return _tf.keras().Model(model.inputs, outputs[index])
 
 
 def _progress_metric(task: Task | None) -> str:
@@ -104,24 +123,52 @@ def fine_tune(
     """
     keras = _tf.keras()
     task = getattr(ctx, "task", None)
+    loss = loss or task_loss(model, ctx)
+    metric = _progress_metric(task)
+    train, validation = ctx.train.fit_args(batch_size), keras_data(*ctx.validation.arrays())
+    outputs = len(getattr(model, "outputs", None) or [])
+    if outputs > 1:
+        scored = scored_output(model, ctx)
+        train, validation = _targets_for_every_output(model, scored, train, validation)
+        # The labels train the scored output; the others learn to stay what they were (mean squared error).
+        loss = [loss if i == scored else keras.losses.MeanSquaredError() for i in range(outputs)]
+        metric = [[metric] if i == scored else [] for i in range(outputs)]
+    else:
+        metric = [metric]
     with ctx.strategy.scope():
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate),
-            loss=loss or task_loss(model, ctx),
-            metrics=[_progress_metric(task)],
-        )
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metric)
     callbacks = list(callbacks) + [keras_callback(ctx.progress, description, epochs)]
     if early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True))
-    val_x, val_y = ctx.validation.arrays()
-    return model.fit(
-        **ctx.train.fit_args(batch_size),
-        validation_data=(val_x, val_y),
-        epochs=epochs,
-        callbacks=callbacks,
-        verbose=0,
-        shuffle=True,
-    )
+    return model.fit(**train, validation_data=validation, epochs=epochs, callbacks=callbacks, verbose=0, shuffle=True)
+
+
+def keras_data(x, y) -> tuple:
+    """``(x, y)`` as Keras takes them: several inputs as a list in the model's order."""
+    from .data import Inputs
+
+    return (list(x.arrays) if isinstance(x, Inputs) else x), y
+
+
+def _targets_for_every_output(model, scored: int, train: dict, validation: tuple) -> tuple[dict, tuple]:
+    """Fit data for a model with several outputs: the labels for output ``scored``, and for every other output
+    the model's own predictions before fine-tuning, so the outputs the user's labels do not cover keep working."""
+    from .errors import KfoptError
+
+    if "y" not in train:
+        raise KfoptError(
+            f"Fine-tuning '{model.name}' ({len(model.outputs)} outputs) needs the other outputs' current predictions "
+            "as targets, which kfopt computes from array data, not from a tf.data dataset.",
+            "pass the data as arrays (an .npz or a dict of arrays), or use a post-training recipe "
+            "(quantize(mode=int8|dynamic|float16)).",
+        )
+
+    def with_targets(x, y):
+        predicted = model.predict(x, batch_size=256, verbose=0)
+        return [y if i == scored else p for i, p in enumerate(predicted)]
+
+    train = {**train, "y": with_targets(train["x"], train["y"])}
+    return train, (validation[0], with_targets(*validation))
 
 
 def train_demo(name: str, ctx, *, epochs: int = 40, learning_rate: float = 1e-3):

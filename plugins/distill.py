@@ -41,7 +41,7 @@ from kfopt import _tf
 from kfopt.errors import KfoptError
 from kfopt.models import copy_model
 from kfopt.progress import keras_callback
-from kfopt.training import task_of
+from kfopt.training import keras_data, task_of
 
 from .layers import all_layers, note, require_layer_graph, with_note
 from .spec import hookimpl
@@ -151,10 +151,9 @@ class Distill(Technique):
                 student_logits, teacher_logits, config.temperature, config.alpha, task.kind, task.loss
             )
             distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-        val_x, val_y = ctx.validation.arrays()
         distiller.fit(
             **ctx.train.fit_args(),
-            validation_data=(val_x, val_y),
+            validation_data=keras_data(*ctx.validation.arrays()),
             epochs=config.epochs,
             callbacks=[
                 keras_callback(ctx.progress, "distill", config.epochs),

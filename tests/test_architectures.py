@@ -329,3 +329,55 @@ def test_a_subclassed_model_is_refused_by_the_techniques_that_rebuild_layers():
     ):
         with pytest.raises(KfoptError, match="'sub' is a subclassed model"):
             technique.check(model_info(handle), config)
+
+
+# -- several inputs, several outputs --------------------------------------------
+def test_a_two_input_model_prunes_trains_quantization_aware_and_distills(ctx_factory):
+    from sklearn.datasets import load_digits
+
+    keras = _tf.keras()
+    layers = keras.layers
+    digits = load_digits()
+    x, y = digits.data.astype("float32") / 16, digits.target
+    halves = {"top": x[:, :32], "bottom": x[:, 32:]}  # the image's upper and lower half, each its own input
+    data = load_data(
+        {
+            "x_train": {k: v[:TRAIN] for k, v in halves.items()},
+            "y_train": y[:TRAIN],
+            "x_test": {k: v[-TEST:] for k, v in halves.items()},
+            "y_test": y[-TEST:],
+        }
+    )
+    top, bottom = keras.Input((32,), name="top"), keras.Input((32,), name="bottom")
+    joined = layers.Concatenate()(
+        [layers.Dense(16, activation="relu")(top), layers.Dense(16, activation="relu")(bottom)]
+    )
+    model = keras.Model([top, bottom], layers.Dense(10, activation="softmax")(joined))
+
+    ctx = ctx_factory(data)
+    pruned = Prune().apply(ModelHandle.from_keras(model), Prune.Config(target_sparsity=0.5, epochs=1), ctx)
+    assert pruned.info["sparsity"] == pytest.approx(0.5, abs=0.01)
+    qat = Quantize().apply(ModelHandle.from_keras(model), Quantize.Config(mode="qat", epochs=1), ctx)
+    assert len(_tf.tf().lite.Interpreter(model_content=qat.tflite()).get_input_details()) == 2
+    student = Distill().apply(ModelHandle.from_keras(model), Distill.Config(width=0.5, epochs=1), ctx).keras()
+    assert widths(student, "Dense", "units") == [8, 8, 10]
+
+
+def test_fine_tuning_a_two_output_model_trains_the_scored_output_and_keeps_the_other(digits_flat, ctx_factory):
+    keras = _tf.keras()
+    layers = keras.layers
+    inputs = keras.Input((64,))
+    hidden = layers.Dense(32, activation="relu")(inputs)
+    digit = layers.Dense(10, activation="softmax", name="digit")(hidden)
+    model = keras.Model(inputs, [digit, layers.Dense(1, activation="sigmoid", name="odd")(hidden)])
+    x, _ = digits_flat.test.arrays()
+    before = model.predict(x, verbose=0)[1]
+
+    # The labels are the digits (the first output, scored by default); the other output's targets are its own
+    # predictions, so fine-tuning does not crash on labels it has none for, nor lets that output drift freely.
+    out = Prune().apply(
+        ModelHandle.from_keras(model), Prune.Config(target_sparsity=0.5, epochs=2), ctx_factory(digits_flat)
+    )
+    digits, odd = out.keras().predict(x, verbose=0)
+    assert out.info["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert digits.shape == (len(x), 10) and float(np.abs(odd - before).mean()) < 0.1
