@@ -244,3 +244,110 @@ def test_python_datasets_endless_or_reshuffled_test_is_refused(loader):
 def test_unknown_data_source():
     with pytest.raises(KfoptError, match="Unknown data source 'imagenet'"):
         load_data("imagenet")
+
+
+# -- inputs keep their dtype, and a model may take several ------------------------------------
+def _signature(*specs):
+    from kfopt.signature import TensorInfo
+
+    return [TensorInfo(name, shape, dtype) for name, shape, dtype in specs]
+
+
+def _ids(rows, seed=0, dtype=np.int64):
+    return np.random.default_rng(seed).integers(0, 50, (rows, 8)).astype(dtype)
+
+
+def test_token_ids_stay_integers_in_the_type_the_model_declares(tmp_path):
+    path = tmp_path / "tokens.npz"
+    y = np.arange(120) % 3
+    np.savez(path, x_train=_ids(120), y_train=y, x_test=_ids(120, 1), y_test=y)
+    data = load_data(str(path), inputs=_signature(("tokens", (8,), "int32")))
+    for split in (data.train, data.validation, data.test):
+        assert split.x.dtype == np.int32
+    # Without a model to go by, integers stay integers and only floats become float32.
+    plain = load_data(str(path))
+    assert plain.test.x.dtype == np.int64
+    sample = next(plain.train.samples(1))
+    assert sample.dtype == np.int64 and sample.shape == (1, 8)
+
+
+def test_float_data_for_an_integer_input_is_refused_unless_it_holds_whole_numbers():
+    y = np.arange(60) % 2
+    whole = _ids(60).astype(np.float32)
+    data = load_data((whole, y, whole, y), inputs=_signature(("ids", (8,), "int32")))
+    assert data.test.x.dtype == np.int32 and np.array_equal(data.train.x, whole.astype(np.int32))
+    noisy = whole + 0.25
+    with pytest.raises(KfoptError, match="float values.*integer input ids \\(8,\\) int32") as caught:
+        load_data((noisy, y, noisy, y), inputs=_signature(("ids", (8,), "int32")))
+    assert "\n" not in str(caught.value)
+
+
+def test_two_inputs_are_matched_by_name_in_the_models_order(tmp_path):
+    rng = np.random.default_rng(0)
+    left, right = rng.random((80, 4), dtype=np.float32), rng.random((80, 3), dtype=np.float32)
+    y = np.arange(80) % 2
+    path = tmp_path / "two.npz"
+    # Saved right before left: the names decide, not the order in the file.
+    np.savez(path, x_train_right=right, x_train_left=left, y_train=y, x_test_right=right, x_test_left=left, y_test=y)
+    inputs = _signature(("left", (4,), "float32"), ("right", (3,), "float32"))
+    data = load_data(str(path), inputs=inputs)
+    assert data.train.x.names == ("left", "right")
+    np.testing.assert_array_equal(data.train.x.arrays[0], left)
+    assert data.input_shapes == [(4,), (3,)]
+    assert len(data.test) + len(data.validation) == 80
+    # Numbered keys go by position; from Python a list or a dict works the same way.
+    by_position = {
+        "x_train_0": left,
+        "x_train_1": right,
+        "y_train": y,
+        "x_test_0": left,
+        "x_test_1": right,
+        "y_test": y,
+    }
+    assert load_data(by_position, inputs=inputs).train.x.names == ("left", "right")
+    as_list = load_data(([left, right], y, [left, right], y), inputs=inputs)
+    named = load_data(({"left": left, "right": right}, y, {"left": left, "right": right}, y), inputs=inputs)
+    for split in ("train", "validation", "test"):  # the same rows held out, whatever form the arrays came in
+        for got, want in zip(getattr(as_list, split).x.arrays, getattr(named, split).x.arrays):
+            np.testing.assert_array_equal(got, want)
+    # Keras gets several inputs as a list in the model's order.
+    fed = as_list.train.fit_args()["x"]
+    assert isinstance(fed, list) and [a.shape[1] for a in fed] == [4, 3]
+
+
+def test_data_that_does_not_fit_a_two_input_model_says_what_each_side_has():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 4), dtype=np.float32), np.arange(40) % 2
+    inputs = _signature(("left", (4,), "float32"), ("right", (3,), "float32"))
+    with pytest.raises(KfoptError) as one_array:
+        load_data((x, y, x, y), inputs=inputs)
+    message = str(one_array.value)
+    assert "1 input array (x: (4,) float32)" in message and "2 inputs: left (4,) float32, right (3,) float32" in message
+    assert "x_train_<input name>" in message and "\n" not in message
+    with pytest.raises(KfoptError, match="names its input arrays a, b, but the model's inputs are left, right"):
+        load_data(({"a": x, "b": x[:, :3]}, y, {"a": x, "b": x[:, :3]}, y), inputs=inputs)
+    with pytest.raises(KfoptError, match="shape \\(4,\\) for the model's input right \\(3,\\) float32"):
+        load_data(({"left": x, "right": x}, y, {"left": x, "right": x}, y), inputs=inputs)
+    with pytest.raises(KfoptError, match="different numbers of rows"):
+        load_data(([x, x[:30]], y, [x, x], y))
+
+
+def test_rows_of_several_inputs_are_split_and_batched_together():
+    from kfopt.data import Inputs
+
+    x = Inputs({"a": np.arange(10), "b": np.arange(10) * 10})
+    assert len(x) == 10 and list(x[[1, 3]].arrays[1]) == [10, 30]
+    joined = np.concatenate([x[:2], x[8:]])
+    assert isinstance(joined, Inputs) and list(joined.arrays[0]) == [0, 1, 8, 9]
+    with pytest.raises(TypeError, match="several input arrays"):
+        np.asarray(x)
+
+
+def test_the_representative_dataset_keeps_integer_ids(tmp_path):
+    from kfopt.plugins import StepContext
+
+    y = np.arange(30) % 3
+    data = load_data((_ids(30, dtype=np.int32), y, _ids(30, 1, dtype=np.int32), y))
+    ctx = StepContext(train=data.train, validation=data.validation, workdir=tmp_path)
+    batches = list(ctx.representative(5)())
+    assert len(batches) == 5 and all(b[0].dtype == np.int32 and b[0].shape == (1, 8) for b in batches)
