@@ -169,11 +169,27 @@ def output_position(names: list[str], output: str | int | None) -> int:
             return output % len(names)
     elif output in names:
         return names.index(output)
+    else:
+        # tfmot renames the layers it wraps (QAT's quant_dense): the output is still the user's.
+        unwrapped = [_unwrapped(name) for name in names]
+        if unwrapped.count(output) == 1:
+            return unwrapped.index(output)
     listed = ", ".join(f"{i}: {name}" for i, name in enumerate(names))
     raise KfoptError(
         f"The model has no output {output!r}; its outputs are {listed}.",
         "pass --output with one of those names or indexes (default: the first output).",
     )
+
+
+#: Prefixes tfmot gives the layers it wraps, which a converted model's outputs are named after.
+WRAPPER_PREFIXES = ("quant_", "prune_low_magnitude_")
+
+
+def _unwrapped(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
 
 
 def resolve_output(names: list[str], output: str | int | None) -> str:
