@@ -302,6 +302,7 @@ def optimize(
     max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
     metric: str | None = None,
+    output: str | int | None = None,
     extra_plugins=(),
     reporter: Reporter | None = None,
     tracking: dict | None = None,
@@ -313,7 +314,8 @@ def optimize(
     training starts. The candidate is the winner only when :func:`kfopt.select.select`
     says so, like in a search: within ``max_accuracy_drop`` (a drop of ``metric``, the task's
     default when None; ``"1%"`` for a relative drop) and measured on ``objective``.
-    ``tracking`` holds keyword arguments of :func:`kfopt.observers.observer_context`
+    ``output`` is the output the metric is computed on (a name or an index of the
+    model's outputs; None: the first). ``tracking`` holds keyword arguments of :func:`kfopt.observers.observer_context`
     (``registered_model``, ``tracking_uri``, ``experiment``, ...); MLflow
     trouble never raises: it shows as ``result.tracking.status == "failed"``.
     """
@@ -343,7 +345,9 @@ def optimize(
             check=refuse_early([(parsed, planned)]),
         )
         baseline.save(out / "baseline")
-        evaluator = Evaluator(dataset, baseline, out / "baseline", metric=metric, metrics=techniques.metrics)
+        evaluator = Evaluator(
+            dataset, baseline, out / "baseline", metric=metric, metrics=techniques.metrics, output=output
+        )
         reporter.say("Measuring the baseline")
         result = start_result(model, describe(data), seed, baseline, evaluator)
         candidate = run_recipe(

@@ -111,6 +111,12 @@ def test_the_metric_is_computed_on_the_chosen_output(tmp_path):
     np.testing.assert_allclose(tflite(x), handle.keras().predict(x, verbose=0)[1], atol=1e-5)
     with pytest.raises(KfoptError, match="no output 'odd'; its outputs are 0: digit, 1: even"):
         Evaluator(load_data(data), handle, tmp_path / "odd", output="odd")
+    # kfopt optimize scores a TFLite candidate on the same output.
+    from kfopt.engine import optimize
+
+    result = optimize(path, even, "quantize(mode=dynamic)", tmp_path / "run", output="even")
+    assert result.baseline.metric_name == "binary_accuracy"
+    assert result.candidates[0].status == "ok" and abs(result.candidates[0].metric_drop) < 0.02
 
 
 # -- a failing recipe is a failed candidate; a refusal comes before any work ----------------------
