@@ -183,7 +183,7 @@ def plan_widths(model) -> WidthPlan:
     def key(tensor):
         return ("tensor", id(tensor))
 
-    def opaque(layer, inputs, outputs, why: str) -> None:
+    def opaque(inputs, outputs, why: str) -> None:
         for tensor in [*inputs, *outputs]:
             groups.fix(key(tensor), why)
 
@@ -205,7 +205,7 @@ def plan_widths(model) -> WidthPlan:
             return
         if isinstance(layer, keras.Model):
             if not has_layer_graph(layer):
-                opaque(layer, inputs, outputs, f"it meets the subclassed model '{layer.name}'")
+                opaque(inputs, outputs, f"it meets the subclassed model '{layer.name}'")
                 return
             for inner, outer in zip(layer.inputs, inputs):
                 groups.union(key(inner), key(outer))
@@ -217,10 +217,8 @@ def plan_widths(model) -> WidthPlan:
         layer_group = ("layer", id(layer))  # a shared layer has one width at every call
         if kind == "MultiHeadAttention":
             attention.add(id(layer))
-            if layer.get_config().get("output_shape"):
-                width_layers[id(layer)] = (layer, layer_group)
-                for tensor in outputs:
-                    groups.union(layer_group, key(tensor))
+            if layer.get_config().get("output_shape"):  # it sets its own output width: leave that as it is
+                opaque(outputs, [], f"it meets '{layer.name}' (MultiHeadAttention), whose output_shape is set")
                 return
             query = node.call_args[0] if node.call_args else node.call_kwargs.get("query")
             for tensor in outputs:  # attention output has the query's width
@@ -230,7 +228,6 @@ def plan_widths(model) -> WidthPlan:
             layer.get_config().get("groups", 1) != 1
         ):
             opaque(
-                layer,
                 inputs,
                 outputs,
                 f"it meets the grouped convolution '{layer.name}', whose widths must divide by its groups",
@@ -244,7 +241,7 @@ def plan_widths(model) -> WidthPlan:
         if kind in PER_CHANNEL_CONSTANTS and any(
             isinstance(layer.get_config().get(k), (list, tuple)) for k in PER_CHANNEL_CONSTANTS[kind]
         ):
-            opaque(layer, inputs, outputs, f"it meets '{layer.name}' ({kind}), which holds one constant per channel")
+            opaque(inputs, outputs, f"it meets '{layer.name}' ({kind}), which holds one constant per channel")
             return
         if kind in JOINS:
             width = _last_dim(outputs[0])
@@ -276,7 +273,7 @@ def plan_widths(model) -> WidthPlan:
         width = _last_dim(outputs[0]) if outputs else None
         matching = [t for t in inputs if width is not None and _last_dim(t) == width]
         if layer.weights or not matching or _holds_constant(node, width):
-            opaque(layer, inputs, outputs, f"it meets '{layer.name}' ({kind}), whose widths kfopt cannot change")
+            opaque(inputs, outputs, f"it meets '{layer.name}' ({kind}), whose widths kfopt cannot change")
             return
         for tensor in matching:
             for out in outputs:
