@@ -26,14 +26,15 @@ def load_keras(path: str | os.PathLike, *, unsafe: bool = False, sample=None):
     path = Path(path)
     if not path.exists():
         raise KfoptError(f"Model '{path}' does not exist.", "check the path, or use demo:mlp / demo:cnn.")
-    config_text = _model_config_text(path)
-    if not unsafe and '"Lambda"' in config_text:
-        named = ", ".join(f"'{name}'" for name in _lambda_layer_names(config_text)) or "a layer"
-        raise KfoptError(
-            f"Model '{path}' has Lambda layer {named}, which runs arbitrary Python code when loaded; "
-            "refused in safe mode.",
-            "replace the Lambda with built-in layers, or pass --unsafe only if you trust where the model came from.",
-        )
+    configs = _model_configs(path)
+    if not unsafe:
+        named = _code_layer_names(configs)
+        if named:
+            raise KfoptError(
+                f"Model '{path}' has Lambda layer {', '.join(repr(n) for n in named)}, which runs arbitrary Python "
+                "code when loaded; refused in safe mode.",
+                "replace the Lambda with built-in layers, or pass --unsafe only if you trust where the model came from.",
+            )
     from . import keras3
 
     if path.is_file() and keras3.is_keras3_file(path):
@@ -50,42 +51,55 @@ def load_keras(path: str | os.PathLike, *, unsafe: bool = False, sample=None):
         ) from None
 
 
-def _lambda_layer_names(config_text: str) -> list[str]:
-    """Names of the Lambda layers in a model's architecture JSON (nested models included)."""
-    import json
+def _code_layer_names(configs: list) -> list[str]:
+    """Names of the layers whose config carries Python code: ``Lambda`` layers and serialized functions.
 
+    Decided on the parsed configs (every nested model included), never on the
+    raw text, so a class name written with JSON escapes (``"\\u004cambda"``)
+    is found like any other.
+    """
     names: list[str] = []
 
-    def visit(value) -> None:
+    def visit(value, owner: str = "?") -> None:
         if isinstance(value, dict):
-            if value.get("class_name") == "Lambda":
-                names.append(str((value.get("config") or {}).get("name") or value.get("name") or "?"))
+            config = value.get("config") if isinstance(value.get("config"), dict) else {}
+            name = str(config.get("name") or value.get("name") or owner)
+            if value.get("class_name") == "Lambda" or "function_type" in value or "function_type" in config:
+                names.append(name)
             for item in value.values():
-                visit(item)
+                visit(item, name)
         elif isinstance(value, list):
             for item in value:
-                visit(item)
+                visit(item, owner)
 
-    try:
-        visit(json.loads(config_text))
-    except ValueError:  # a SavedModel's metadata is not plain JSON; the refusal still stands
-        pass
-    return names
+    for config in configs:
+        visit(config)
+    return sorted(set(names))
 
 
-def _model_config_text(path: Path) -> str:
-    """The model's architecture JSON, read without building the model."""
+def _model_configs(path: Path) -> list:
+    """The model's architecture as parsed JSON, read without building the model.
+
+    A SavedModel's ``keras_metadata.pb`` holds one JSON document per saved
+    object (layers, nested models); each is parsed.
+    """
+    import json
+
     try:
         if path.is_dir():
             meta = path / "keras_metadata.pb"
             if not (path / "saved_model.pb").exists():
                 raise ValueError("no saved_model.pb in the directory")
-            if not meta.exists():  # a tf.Module or a graph export: nothing kfopt's techniques can work on
-                raise ValueError("a SavedModel without Keras metadata (keras_metadata.pb) is not a Keras model")
-            return meta.read_bytes().decode("utf-8", "replace")
+            if not meta.exists():  # a graph export: served through its signature, no Python to run
+                return []
+            from tf_keras.protobuf import saved_metadata_pb2
+
+            saved = saved_metadata_pb2.SavedMetadata()
+            saved.ParseFromString(meta.read_bytes())
+            return [json.loads(node.metadata) for node in saved.nodes if node.metadata]
         if path.suffix == ".keras":
             with zipfile.ZipFile(path) as archive:
-                return archive.read("config.json").decode()
+                return [json.loads(archive.read("config.json").decode())]
         if path.suffix in (".h5", ".hdf5"):
             import h5py
 
@@ -93,7 +107,7 @@ def _model_config_text(path: Path) -> str:
                 config = f.attrs.get("model_config")
                 if config is None:
                     raise ValueError("no model_config in the file (weights only?)")
-                return config.decode() if isinstance(config, bytes) else str(config)
+                return [json.loads(config.decode() if isinstance(config, bytes) else str(config))]
     except Exception as exc:
         raise KfoptError(
             f"Model '{path}' is not a readable Keras model ({_first_line(exc)}).",
@@ -147,7 +161,7 @@ def model_input_shape(spec: str, *, unsafe: bool = False) -> tuple:
     if spec in DEMO_INPUT_SHAPES:
         return DEMO_INPUT_SHAPES[spec]
     path = Path(spec)
-    if path.suffix == ".keras" and path.is_file() and not _lambda_layer_names(_model_config_text(path)):
+    if path.suffix == ".keras" and path.is_file() and not _code_layer_names(_model_configs(path)):
         from . import keras3
 
         # A Keras 3 file is converted (and proven) once, when the model itself is loaded.

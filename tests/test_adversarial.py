@@ -566,3 +566,59 @@ def test_the_python_api_checks_registered_model_names_too(tiny, tmp_path):
             str(tiny / "model.keras"), str(tiny / "data.npz"), RECIPE, out=tmp_path, registered_model=BAD_NAME
         )
     assert not (tmp_path / "baseline").exists()
+
+
+# -- model code never runs without --unsafe, whatever the format ---------------------
+def _lambda_model(marker):
+    from kfopt import _tf
+
+    keras = _tf.keras()
+    inputs = keras.Input((4,))
+    # The lambda leaves a marker when Keras runs it: that is the code a safe load must never run.
+    where = str(marker)
+    outputs = keras.layers.Lambda(lambda x: x * float(__import__("pathlib").Path(where).touch() or 1), name="sneaky")(
+        inputs
+    )
+    return keras.Model(inputs, outputs)
+
+
+def _escaped(text: str) -> str:
+    return text.replace('"Lambda"', '"\\u004cambda"')
+
+
+@pytest.mark.parametrize("form", ["h5", "saved_model", "distill_student"])
+def test_an_escaped_lambda_class_name_is_still_refused(form, tmp_path):
+    import h5py
+
+    from kfopt.models import load_keras
+
+    marker = tmp_path / "ran"
+    model = _lambda_model(marker)
+    marker.unlink(missing_ok=True)  # building the model ran it once; loading must not
+    if form == "saved_model":
+        from tf_keras.protobuf import saved_metadata_pb2
+
+        path = tmp_path / "model"
+        model.save(path, save_format="tf")
+        saved = saved_metadata_pb2.SavedMetadata()
+        saved.ParseFromString((path / "keras_metadata.pb").read_bytes())
+        for node in saved.nodes:
+            node.metadata = _escaped(node.metadata)
+        (path / "keras_metadata.pb").write_bytes(saved.SerializeToString())
+    else:
+        path = tmp_path / "model.h5"
+        model.save(path)
+        with h5py.File(path, "r+") as f:
+            config = f.attrs["model_config"]
+            f.attrs["model_config"] = _escaped(config.decode() if isinstance(config, bytes) else config)
+    marker.unlink(missing_ok=True)
+    load = load_keras
+    if form == "distill_student":  # distill(student=FILE) loads the student the same safe way
+        from kfopt.plugins.distill import _load_student
+
+        def load(student):
+            return _load_student(str(student), teacher=None)
+
+    with pytest.raises(KfoptError, match="Lambda layer 'sneaky'.*refused in safe mode"):
+        load(path)
+    assert not marker.exists(), "the model's Python code ran during a safe load"
