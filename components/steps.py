@@ -237,6 +237,7 @@ def evaluate_step(
 
     Failed, skipped and already measured candidates pass through unchanged.
     """
+    from kfopt.engine import non_finite
     from kfopt.plugins.technique import ModelHandle
 
     reporter = reporter or Reporter(enabled=False)
@@ -255,7 +256,11 @@ def evaluate_step(
                 with tempfile.TemporaryDirectory(prefix="kfopt-evaluate-") as tmp:
                     # The format the technique declared, not one guessed from the file name.
                     handle = ModelHandle(candidate.format, path=path, info=info)
-                    candidate.record(_evaluator(dataset, baseline, Path(tmp), baseline_info).evaluate(handle))
+                    evaluator = _evaluator(dataset, baseline, Path(tmp), baseline_info)
+                    candidate.record(evaluator.evaluate(handle))
+                    broken = non_finite(handle, evaluator)
+                    if broken:  # never "ok", so it can never win
+                        candidate.status, candidate.reason = "failed", f"non-finite: {broken}"
                 candidate.measured = True
             candidate.artifact = str(path)
         except Exception as exc:

@@ -204,17 +204,38 @@ def _measure(candidate: Candidate, handle: ModelHandle, target: Path, evaluator:
         path = handle.save(target)
         reporter.say(f"[{candidate.recipe}] evaluating {handle.format} candidate on {samples}")
         candidate.artifact = str(path)
+        candidate.notes = list(handle.info.get("notes") or []) or None
         candidate.record(evaluator.evaluate(handle))
         if handle.format == "tflite":
             from .convert import tflite_ops
 
             candidate.record(tflite_ops(handle.tflite()))
+        broken = non_finite(handle, evaluator) if isinstance(evaluator, Evaluator) else None  # else: measured later
+        if broken:  # a diverged fine-tune (NaN weights) is never "ok", and so can never win
+            candidate.status, candidate.reason = "failed", f"non-finite: {broken}"
     except Exception as exc:  # e.g. the baseline cannot be converted to the candidate's format for the reference
         candidate.status = "failed"
         said = exc.one_line() if isinstance(exc, KfoptError) else f"{type(exc).__name__}: {exc}"
         candidate.reason = f"measuring the {handle.format} candidate failed: {said}"
         if not isinstance(exc, KfoptError):
             candidate.traceback = traceback.format_exc()
+
+
+def non_finite(handle: ModelHandle, evaluator: Evaluator) -> str | None:
+    """What is not finite about a measured model (its weights, its outputs on test inputs), or None."""
+    import numpy as np
+
+    from .evaluate import runner_for
+
+    if handle.format == "keras":
+        bad = sum(int(w.size - np.count_nonzero(np.isfinite(w))) for w in handle.keras().get_weights())
+        if bad:
+            return f"{bad} weights are NaN or infinite"
+    outputs = runner_for(handle, evaluator.output)(evaluator.x_test[:64])
+    values = outputs.values() if isinstance(outputs, dict) else [outputs]
+    if not all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in values):
+        return "its outputs on the test inputs are NaN or infinite"
+    return None
 
 
 _INFOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

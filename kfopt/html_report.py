@@ -180,6 +180,7 @@ def candidates_table(result: dict) -> str:
         label = candidate["recipe"]
         is_winner = label == result.get("winner")
         notes = "winner" if is_winner else candidate.get("reason") or candidate.get("not_selected_because") or ""
+        notes = "; ".join([notes, *(candidate.get("notes") or [])]).strip("; ")
         row = {
             **candidate,
             "#": number,

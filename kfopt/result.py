@@ -140,6 +140,8 @@ class Candidate(Measurement):
     measured: bool | None = None
     #: Facts the saved artifact cannot tell (ModelHandle.info), carried from optimize to evaluate.
     info: dict[str, Any] | None = None
+    #: What the techniques left as it was and why, one line each (layers left dense, float under QAT, ...).
+    notes: list[str] | None = None
     within_budget: bool | None = None
     not_selected_because: str | None = None
 

@@ -622,3 +622,40 @@ def test_an_escaped_lambda_class_name_is_still_refused(form, tmp_path):
     with pytest.raises(KfoptError, match="Lambda layer 'sneaky'.*refused in safe mode"):
         load(path)
     assert not marker.exists(), "the model's Python code ran during a safe load"
+
+
+# -- finite or failed ------------------------------------------------------------------
+class _Diverge:
+    """A plugin whose technique 'fine-tunes' into NaN weights, as a diverging learning rate does."""
+
+    @staticmethod
+    def technique():
+        from pydantic import Field  # noqa: F401
+
+        from kfopt.plugins import ModelHandle, Technique, copy_model
+
+        class Diverge(Technique):
+            name = "diverge"
+            kind = "compress"
+            accepts = {"keras"}
+            produces = "keras"
+
+            def apply(self, model, config, ctx):
+                copy = copy_model(model.keras())
+                copy.set_weights([np.full_like(w, np.nan) for w in copy.get_weights()])
+                return ModelHandle.from_keras(copy)
+
+        return Diverge()
+
+
+def test_a_candidate_with_nan_weights_fails_and_never_wins(tmp_path):
+    from types import SimpleNamespace
+
+    from kfopt.engine import optimize
+    from kfopt.plugins import hookimpl
+
+    plugin = SimpleNamespace(kfopt_register_techniques=hookimpl(lambda register: register(_Diverge.technique())))
+    result = optimize("demo:mlp", "digits", "diverge", tmp_path / "out", epochs=2, extra_plugins=[plugin])
+    [candidate] = result.candidates
+    assert candidate.status == "failed" and candidate.reason.startswith("non-finite:"), candidate.reason
+    assert result.winner is None
