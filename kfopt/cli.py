@@ -162,6 +162,9 @@ def _handle_errors(command):
             if debug:
                 traceback.print_exc()
             click.echo(f"error: {exc.one_line()}", err=True)
+            if kwargs.get("as_json"):  # a script reading --json gets the error as JSON too
+                error = {"message": exc.message, "fix": exc.fix, "exit_code": exc.exit_code}
+                click.echo(json.dumps({"error": error}))
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; results written so far are kept in the output directory", err=True)

@@ -67,6 +67,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert "Traceback" not in out
 
 
+def test_with_json_a_user_error_is_also_a_json_object_on_stdout(tmp_path):
+    args = ["optimize", "--model", str(tmp_path / "missing.keras"), "--recipe", "quantize", "--out", str(tmp_path)]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)["error"]
+    assert "does not exist" in error["message"] and error["fix"] and error["exit_code"] == 2
+
+
 def test_corrupt_model_and_unwritable_out(tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"garbage")
