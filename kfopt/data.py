@@ -176,9 +176,16 @@ class Split:
                 yield x[start : start + 1]
 
     def fit_args(self, batch_size: int = 32) -> dict:
-        """Keyword arguments for ``model.fit`` / ``model.evaluate`` (several inputs as a list, in the model's order)."""
+        """Keyword arguments for ``model.fit`` / ``model.evaluate``.
+
+        Several inputs go as a dict keyed by the model's input names (Keras
+        matches them by name), or as a list when the data numbers them.
+        """
         if self.x is not None:
-            x = list(self.x.arrays) if isinstance(self.x, Inputs) else self.x
+            x = self.x
+            if isinstance(x, Inputs):
+                positional = x.names == tuple(map(str, range(len(x.names))))
+                x = list(x.arrays) if positional else dict(zip(x.names, x.arrays))
             return {"x": x, "y": self.y, "batch_size": batch_size}
         return {"x": self.dataset}
 

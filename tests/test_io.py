@@ -310,9 +310,9 @@ def test_two_inputs_are_matched_by_name_in_the_models_order(tmp_path):
     for split in ("train", "validation", "test"):  # the same rows held out, whatever form the arrays came in
         for got, want in zip(getattr(as_list, split).x.arrays, getattr(named, split).x.arrays):
             np.testing.assert_array_equal(got, want)
-    # Keras gets several inputs as a list in the model's order.
+    # Keras gets several inputs by the model's input names.
     fed = as_list.train.fit_args()["x"]
-    assert isinstance(fed, list) and [a.shape[1] for a in fed] == [4, 3]
+    assert list(fed) == ["left", "right"] and fed["right"].shape[1] == 3
 
 
 def test_data_that_does_not_fit_a_two_input_model_says_what_each_side_has():
