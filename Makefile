@@ -22,11 +22,12 @@ bench: $(STAMP)
 
 install: $(STAMP)
 
-# Re-install whenever a pyproject.toml changes.
-$(STAMP): pyproject.toml examples/kfopt-cluster/pyproject.toml
+# Re-install whenever a pyproject.toml or the pins change; the pins (constraints.txt) are the image's,
+# so tests run on the versions the image ships.
+$(STAMP): pyproject.toml constraints.txt examples/kfopt-cluster/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./examples/kfopt-cluster
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' -e ./examples/kfopt-cluster
 	touch $(STAMP)
 
 clean:
