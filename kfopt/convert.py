@@ -206,10 +206,20 @@ def _convert(converter, mode: str, representative, int8_io: bool) -> bytes:
 
 
 def _converter_error(exc: Exception) -> str:
+    """The converter's reason in one line: its last ``error:`` line, with the lines that explain a generic one."""
     text = str(exc)
-    found = re.findall(r"error: ([^\n]+)", text)
-    line = found[-1] if found else (text.strip().splitlines() or [type(exc).__name__])[0]
-    return line.strip()[:300]
+    found = list(re.finditer(r"error: ([^\n]*)", text))
+    if not found:
+        return ((text.strip().splitlines() or [type(exc).__name__])[0]).strip()[:300]
+    last = found[-1]
+    line = last.group(1).strip()
+    if line.startswith("failed while converting"):  # a summary: the ops it could not take are listed after it
+        missing = re.findall(r"(?:TF Select|Custom) ops: ([^\n]+)", text)
+        if missing:
+            line = f"the model needs ops that TFLite builtins do not have: {', '.join(m.strip() for m in missing)}"
+        elif len(found) > 1:
+            line = found[-2].group(1).strip()
+    return line[:300]
 
 
 def tflite_ops(content: bytes) -> dict:
