@@ -108,9 +108,16 @@ def keras3_file(model: str | os.PathLike) -> bool:
 
 
 def context(
-    data: Data, workdir, seed: int, reporter: Reporter | None, device: str | None = None, task: Task | None = None
+    data: Data,
+    workdir,
+    seed: int,
+    reporter: Reporter | None,
+    device: str | None = None,
+    task: Task | None = None,
+    output: str | None = None,
 ) -> StepContext:
-    """The StepContext techniques get: train/validation only, never the test split; ``task`` as the Evaluator read it."""
+    """The StepContext techniques get: train/validation only, never the test split; ``task`` as the Evaluator read
+    it, ``output`` the name of the output it scores."""
     from .device import detect_device
 
     return StepContext(
@@ -122,6 +129,7 @@ def context(
         progress=reporter,
         num_classes=data.num_classes,
         task=task,
+        output=output,
     )
 
 
@@ -163,7 +171,14 @@ def run_recipe(
         candidate.seconds = round(time.perf_counter() - started, 2)
         return candidate
     with tempfile.TemporaryDirectory(prefix=".work-", dir=target.parent) as workdir:
-        ctx = context(data, workdir, seed, reporter, task=getattr(evaluator, "task", None))
+        ctx = context(
+            data,
+            workdir,
+            seed,
+            reporter,
+            task=getattr(evaluator, "task", None),
+            output=getattr(evaluator, "output", None),
+        )
         for index, step in enumerate(planned, start=1):
             name = step.technique.name
             reporter.say(f"[{recipe.label}] step {index}/{len(planned)}: {name} on {ctx.device}")

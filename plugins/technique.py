@@ -233,6 +233,8 @@ class StepContext:
     #: The user's task (kfopt.task.Task: kind, outputs, logits, metric, compiled loss), read from the baseline and
     #: the data; fine-tuning picks its loss from it (kfopt.training.task_loss). None: read from the model when needed.
     task: Task | None = None
+    #: The name of the model output the metric is computed on (``--output``); None: the first (or the only) one.
+    output: str | None = None
     _strategy: Any = field(default=None, repr=False)
 
     @property
