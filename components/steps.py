@@ -30,7 +30,6 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from kfopt import rundir
 from kfopt.errors import KfoptError
 from kfopt.progress import Reporter
 from kfopt.recipe_search import ROUND_ONE_WHY
@@ -571,18 +570,18 @@ def promote_step(
     result.save(results_dir)
     reporter.say(f"promote: logging to MLflow at {uri} and registering '{result.winner}' as a version of '{name}'")
     try:
-        with rundir.tracking_uri(uri):
-            status.registered_model = promote_from(
-                str(results_dir),
-                registered_model=name,
-                tracking_uri=uri,
-                max_accuracy_drop=max_accuracy_drop,
-                objective=objective,
-                experiment=experiment or "kfopt",
-                # The select step of this very pipeline run measured it and handed the results over
-                # as a KFP artifact; sha256s and paths are still verified.
-                trust_metrics=True,
-            )
+        # promote_from switches MLflow's default URI itself where MLflow needs it (models:/ sources).
+        status.registered_model = promote_from(
+            str(results_dir),
+            registered_model=name,
+            tracking_uri=uri,
+            max_accuracy_drop=max_accuracy_drop,
+            objective=objective,
+            experiment=experiment or "kfopt",
+            # The select step of this very pipeline run measured it and handed the results over
+            # as a KFP artifact; sha256s and paths are still verified.
+            trust_metrics=True,
+        )
     except Exception as exc:
         status.tracking = asked.model_copy(update={"error": _tracking_error(exc)})
         result.tracking = status.tracking
