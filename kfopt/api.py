@@ -38,6 +38,7 @@ def optimize(
     max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
     metric: str | None = None,
+    output: str | int | None = None,
     seed: int = 0,
     epochs: int = 40,
     unsafe: bool = False,
@@ -64,6 +65,8 @@ def optimize(
         metric: the budgeted metric (``accuracy``, ``binary_accuracy``, ``top_k_accuracy``, ``macro_f1``,
             ``auc``, ``mae``, ``rmse`` or a plugin's); None: the task's default (accuracy for a
             multi-class model, binary_accuracy for binary and multi-label, mae for regression).
+        output: the output ``metric`` is computed on, for a model with several outputs (a name or an
+            index; None: the first). Fine-tuning trains on that output's labels.
         registered_model, tracking_uri, experiment: log to MLflow and register the winner.
         tracking: False never logs to MLflow; None (default) logs when one of the three above is
             given or ``MLFLOW_TRACKING_URI`` is set.
@@ -95,6 +98,7 @@ def optimize(
         max_accuracy_drop=max_accuracy_drop,
         objective=objective,
         metric=metric,
+        output=output,
         reporter=Reporter(enabled=progress, quiet=progress is False),
         tracking=settings,
     )
@@ -109,6 +113,7 @@ def search(
     max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
     metric: str | None = None,
+    output: str | int | None = None,
     rounds: int = 1,
     max_trials: int = 4,
     max_time: float | None = None,
@@ -123,7 +128,7 @@ def search(
     """Search for the smallest (or fastest) model within the budget: round 1, then refinement rounds.
 
     Args:
-        model, data, out, max_accuracy_drop, objective, metric, seed, epochs, unsafe, progress: as in
+        model, data, out, max_accuracy_drop, objective, metric, output, seed, epochs, unsafe, progress: as in
             :func:`optimize`.
         recipes: the round-1 recipes (a list of inline recipes or a search YAML file; default: the
             built-in search space).
@@ -150,6 +155,7 @@ def search(
         max_accuracy_drop=max_accuracy_drop,
         objective=objective,
         metric=metric,
+        output=output,
         target=target,
         stop_when_met=stop_when_met,
         seed=seed,

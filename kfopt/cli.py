@@ -34,6 +34,10 @@ METRIC_HELP = (
     "[default: by the task read from the model and labels: accuracy (multi-class), binary_accuracy (binary, "
     "multi-label), mae (regression)]."
 )
+OUTPUT_HELP = (
+    "For a model with several outputs: the output --metric is computed on and fine-tuning trains on, by name "
+    "or index (the labels are that output's) [default: the first output]."
+)
 OBJECTIVE_HELP = (
     "What 'better' means, for the winner within the budget and against the champion: smaller gzip_bytes "
     "(size), latency_p50_ms (latency), or gzip_bytes^W * latency_p50_ms^(1-W) (mix:W; mix = mix:0.5)."
@@ -242,6 +246,7 @@ def plugins(as_json: bool) -> None:
 @tracking_options
 @click.option("--max-accuracy-drop", default=0.01, show_default=True, type=BUDGET, help=MAX_DROP_HELP)
 @click.option("--metric", default=None, help=METRIC_HELP)
+@click.option("--output", default=None, help=OUTPUT_HELP)
 @click.option("--objective", type=OBJECTIVE, default="size", show_default=True, help=OBJECTIVE_HELP)
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow, even when MLFLOW_TRACKING_URI is set.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -259,6 +264,7 @@ def optimize(
     experiment,
     max_accuracy_drop,
     metric,
+    output,
     objective,
     no_tracking,
     as_json,
@@ -286,6 +292,7 @@ def optimize(
         max_accuracy_drop=max_accuracy_drop,
         objective=objective,
         metric=metric,
+        output=output,
         registered_model=registered_model,
         tracking_uri=tracking_uri,
         experiment=experiment,
@@ -829,6 +836,7 @@ def _file_url(path) -> str:
 @_rounds_option
 @click.option("--max-accuracy-drop", default=0.01, show_default=True, type=BUDGET, help=MAX_DROP_HELP)
 @click.option("--metric", default=None, help=METRIC_HELP)
+@click.option("--output", default=None, help=OUTPUT_HELP)
 @click.option(
     "--objective",
     type=OBJECTIVE,
@@ -861,6 +869,7 @@ def search_(
     max_time,
     max_accuracy_drop,
     metric,
+    output,
     objective,
     target_compression,
     stop_when_met,
@@ -896,6 +905,7 @@ def search_(
         max_accuracy_drop=max_accuracy_drop,
         objective=objective,
         metric=metric,
+        output=output,
         target=target_compression,
         stop_when_met=stop_when_met,
         seed=seed,

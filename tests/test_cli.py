@@ -171,3 +171,32 @@ def test_search_time_budget_bounds_refinement_never_round_one(tmp_path):
     assert saved["search"]["stopped"] == "time budget of 0.001 s spent" and saved["search"]["objective"] == "mix:0.3"
     assert "Search stopped: time budget of 0.001 s spent" in result.output
     assert (out / "report.html").is_file() and "Report: file://" in result.output
+
+
+def test_output_picks_the_scored_output_of_a_two_output_model(tmp_path):
+    """--output names the output the budget is on; fine-tuning trains on it; an unknown one is one line."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from zoo_models import two_outputs
+
+    path, data = two_outputs(tmp_path)
+    even = {**data, "y_train": data["y_train"] % 2 == 0, "y_test": data["y_test"] % 2 == 0}
+    np.savez(
+        tmp_path / "even.npz", **{k: np.asarray(v, dtype=v.dtype if k[0] == "x" else int) for k, v in even.items()}
+    )
+    common = ["--model", path, "--data", str(tmp_path / "even.npz"), "--json"]
+    code, out, _ = run(
+        "search", *common, "--output", "even", "--rounds", "0", "--sensitivity", "0", "--out", str(tmp_path / "s"),
+        "--recipe", "prune(target_sparsity=0.5,epochs=1)", "--recipe", "quantize(mode=dynamic)",
+    )  # fmt: skip
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["baseline"]["metric_name"] == "binary_accuracy" and result["baseline"]["metric"] > 0.6
+    for candidate in result["candidates"]:
+        assert candidate["status"] == "ok", candidate
+        assert candidate["metric_name"] == "binary_accuracy" and abs(candidate["metric_drop"]) < 0.05
+    args = ["optimize", *common, "--output", "odd", "--recipe", "quantize", "--out", str(tmp_path / "o")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2
+    error = json.loads(refused.stdout)["error"]
+    assert error["message"].startswith("The model has no output 'odd'; its outputs are 0: digit, 1: even")
+    assert not (tmp_path / "o" / "metrics.json").exists()

@@ -107,6 +107,7 @@ def search(
     max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
     metric: str | None = None,
+    output: str | int | None = None,
     target: float | None = None,
     stop_when_met: bool = False,
     seed: int = 0,
@@ -175,6 +176,7 @@ def search(
             latency_runs=latency_runs or LATENCY_RUNS,
             metric=metric,
             metrics=techniques.metrics,
+            output=output,
         )
         reporter.say("Measuring the baseline")
         result = start_result(model, describe(data), seed, handle, evaluator)
