@@ -270,7 +270,8 @@ def check_recipe(recipe: Recipe, planned: list, model: ModelInfo) -> None:
     layers only goes to steps that accept ``saved_model``); every step's
     :meth:`Technique.check <kfopt.plugins.Technique.check>` may refuse the
     model's structure (each sees the baseline: what earlier steps make of it is
-    not known before they run); a recipe that ends in TFLite needs a model the
+    not known before they run; steps after a ``distill`` are left to run time, since they get the
+    student); a recipe that ends in TFLite needs a model the
     converter can take. Raises the refusal as a KfoptError.
     """
     first = planned[0].technique
@@ -281,8 +282,12 @@ def check_recipe(recipe: Recipe, planned: list, model: ModelInfo) -> None:
             "start the recipe with a step that takes it (quantize(mode=int8|dynamic|float16) works through a "
             "SavedModel's signature), or pass the Keras model (.keras) it was exported from.",
         )
-    for step in planned:
+    # A distill step trains a new student: the steps after it work on a model not known before it is
+    # built, so only the steps up to the first distill are checked against the baseline.
+    known = next((i + 1 for i, step in enumerate(planned) if step.technique.kind == "distill"), len(planned))
+    for step in planned[:known]:
         step.technique.check(model, step.config)
+    # A student keeps the baseline's inputs, so an input TFLite cannot take stays a problem after distill.
     if model.format == "keras" and any(step.output_format == "tflite" for step in planned):
         from .convert import tflite_problem
 

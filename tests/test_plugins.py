@@ -230,3 +230,45 @@ def test_the_mlflow_tracker_keeps_its_state_in_its_own_area(tmp_path, monkeypatc
     observers.run_started({"model": "demo:mlp", "data": "digits", "seed": 0, "recipes": [], "out": str(tmp_path)})
     state = observers.context.state(mlflow_tracker.STATE)
     assert (state.uri, state.logger, state.error) == (uri, None, None)  # MLflow is not contacted before a candidate
+
+
+class NoConv(RoundWeights):
+    """Refuses any model with a Conv2D layer: a structure check a distilled dense student passes."""
+
+    name = "no_conv"
+
+    def check(self, model, config):
+        if "Conv2D" in model.layers:
+            raise KfoptError("no_conv cannot work on Conv2D layers.", "distill to a dense student first.")
+
+
+class NoConvPlugin:
+    @hookimpl
+    def kfopt_register_techniques(self, register):
+        register(NoConv())
+
+
+def test_steps_after_distill_are_not_checked_against_the_teacher():
+    """A step after distill gets the student, so the baseline's structure cannot refuse it before any work."""
+    from kfopt import _tf
+    from kfopt.engine import check_recipe
+    from kfopt.plugins import ModelHandle
+    from kfopt.recipe import parse_recipe, plan
+    from kfopt.signature import model_info
+
+    keras = _tf.keras()
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    cnn = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(x)))
+    info = model_info(ModelHandle.from_keras(cnn))
+    techniques = registry([NoConvPlugin()])
+
+    def check(text):
+        recipe = parse_recipe(text)
+        check_recipe(recipe, plan(recipe, techniques), info)
+
+    with pytest.raises(KfoptError, match="no_conv cannot work on Conv2D layers"):
+        check("no_conv")
+    check("distill(architecture=dense)>no_conv")  # the student has no Conv2D: decided when it exists
+    with pytest.raises(KfoptError, match="no_conv cannot work on Conv2D layers"):
+        check("no_conv>distill(architecture=dense)")  # before the distill step it is still the baseline
