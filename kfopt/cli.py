@@ -209,8 +209,6 @@ def main(debug: bool) -> None:
 @_handle_errors
 def plugins(as_json: bool) -> None:
     """List the techniques: kind, formats in and out, owning package, config keys."""
-    from rich.console import Console
-
     from .plugins.manager import registry
     from .report import techniques_json, techniques_table
 
@@ -218,7 +216,7 @@ def plugins(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(techniques_json(techniques), indent=2))
     else:
-        Console().print(techniques_table(techniques))
+        _console().print(techniques_table(techniques))
 
 
 @main.command()
@@ -447,11 +445,9 @@ def history(name, tracking_uri, as_json) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        from rich.console import Console
-
         from .report import history_table
 
-        Console().print(history_table(name, rows))
+        _console().print(history_table(name, rows))
 
 
 # -- the pipeline: locally through kfp.local, compiled for and submitted to Kubeflow ---------
