@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import rundir, tracking
+from . import lineage, rundir, tracking
 from .errors import KfoptError
 from .observers import DEFAULT_EXPERIMENT, DEFAULT_MAX_ACCURACY_DROP
 from .result import Candidate, Registration, RunResult, Tracking
@@ -450,11 +450,19 @@ def promote(
         )
     # MLflow resolves the ``models:/`` source of a new version against its default tracking URI.
     with rundir.tracking_uri(logger.uri):
-        return _register(logger, candidate, name, max_accuracy_drop=max_accuracy_drop, objective=objective)
+        return _register(
+            logger, candidate, name, max_accuracy_drop=max_accuracy_drop, objective=objective, baseline=result.baseline
+        )
 
 
 def _register(
-    logger: tracking.RunLogger, candidate: Candidate, name: str, *, max_accuracy_drop: float, objective: str
+    logger: tracking.RunLogger,
+    candidate: Candidate,
+    name: str,
+    *,
+    max_accuracy_drop: float,
+    objective: str,
+    baseline: dict | None = None,
 ) -> Registration:
     """Create (once) the version of ``name`` for the logged ``candidate``, set challenger, decide on champion."""
     winner = candidate.recipe
@@ -476,7 +484,7 @@ def _register(
             run_id=logged["run_id"],
             model_id=logged["model_id"],
             tags=tags,
-            description=f"kfopt: {winner}",
+            description=lineage.version_description(candidate, baseline or {}),
         )
     logger.state.setdefault("registered", {})[name] = str(version.version)
     logger.save()
@@ -498,6 +506,8 @@ def _register(
     }
     for key, value in decision.items():
         client.set_model_version_tag(name, version.version, key, value)
+    said = "promoted to champion" if promoted else "not promoted"
+    client.update_model_version(name, version.version, f"{version.description or ''}\n{said}: {reason}"[:5000].strip())
     return _summary(client, name, version.version)
 
 

@@ -16,10 +16,20 @@ from contextlib import redirect_stdout
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from . import __version__
+from . import __version__, lineage
 from .errors import KfoptError
+from .mlflow_model import Examples, logged_model_name
 from .result import Candidate, RunResult
-from .rundir import METRICS_FILE, REPORT_FILE, TRACKING_FILE, jsonable, resolve_artifact, tracking_uri, write_json
+from .rundir import (
+    BASELINE_DIR,
+    METRICS_FILE,
+    REPORT_FILE,
+    TRACKING_FILE,
+    jsonable,
+    resolve_artifact,
+    tracking_uri,
+    write_json,
+)
 
 #: Numeric metrics of the vocabulary (DESIGN.md) logged on each candidate's run.
 METRICS = (
@@ -51,6 +61,10 @@ HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
 RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "failed": "FAILED"}
+#: A candidate's recipe on its run, as a file ``kfopt optimize --recipe`` takes.
+RECIPE_FILE = "recipe.yaml"
+#: The LoggedModel name of the baseline on the parent run (candidates are named after their recipes).
+BASELINE_MODEL_NAME = "baseline"
 
 
 class TrackingFailed(KfoptError):
@@ -207,6 +221,7 @@ class RunLogger:
         # What this file says was logged is only believed for the run it was written for (see log_result).
         self._inherited = key in self._file
         self.state = self._file.setdefault(key, {"uri": uri, "experiment": experiment, "candidates": {}})
+        self._run_data: lineage.RunData | None = None
 
     def save(self) -> None:
         write_json(self.directory / TRACKING_FILE, self._file)
@@ -247,12 +262,15 @@ class RunLogger:
             "kfopt.out": str(self.directory.resolve()),
             "kfopt.model": str(run.get("model")),
             "kfopt.data": str(run.get("data")),
+            "kfopt.version": __version__,
+            **lineage.kfp_tags(),
             **({"kfopt.run_key": key} if key else {}),
         }
         parent = self.client.create_run(self.experiment_id(), run_name=f"kfopt {self.directory.name}", tags=tags)
         run_id = parent.info.run_id
         self.state.update(parent_run_id=run_id, finished=False)
         self.save()
+        self._log_datasets(run_id, run)
         params = {
             "model": str(run.get("model")),
             "data": str(run.get("data")),
@@ -276,6 +294,7 @@ class RunLogger:
             self.client.set_tag(run_id, "kfopt.search_stopped", _param(stopped))
         self.client.log_dict(run_id, result.baseline.to_dict(), "baseline.json")
         self.client.log_dict(run_id, result.to_dict(), METRICS_FILE)
+        self._log_baseline_model(run_id, result)
         self._log_report(run_id, result)
         self._terminate(run_id, "FINISHED")
         self.state["finished"] = True
@@ -384,6 +403,9 @@ class RunLogger:
             "kfopt.recipe": label,
             "kfopt.status": status,
             "kfopt.format": str(candidate.format),
+            "kfopt.version": __version__,
+            **lineage.plugin_versions(candidate.steps),
+            **lineage.kfp_tags(),
         }
         if candidate.reason:
             tags["kfopt.reason"] = _param(candidate.reason)
@@ -394,6 +416,9 @@ class RunLogger:
         self.client.log_dict(
             run_id, {k: v for k, v in candidate.to_dict().items() if k != "traceback"}, "candidate.json"
         )
+        if candidate.steps:
+            self.client.log_text(run_id, lineage.recipe_yaml(label, candidate.steps), RECIPE_FILE)
+        self._log_datasets(run_id, result)
         if status == "ok" and candidate.artifact:
             # Inside the run directory, and (once metrics.json recorded it) the very file measured.
             path = resolve_artifact(self.directory, candidate.artifact, candidate.artifact_sha256)
@@ -401,7 +426,8 @@ class RunLogger:
                 self.client.log_artifacts(run_id, str(path), f"candidate/{path.name}")
             else:
                 self.client.log_artifact(run_id, str(path), "candidate")
-            info = self._log_model(run_id, candidate.format, path)
+            threads = int((candidate.info or {}).get("threads") or 1)
+            info = self._log_model(run_id, candidate.format, path, logged_model_name(label), result, threads)
             entry.update(model_id=info.model_id, model_uri=info.model_uri)
             self.client.set_tag(run_id, "kfopt.model_id", info.model_id)
         self.client.set_tag(run_id, "kfopt.logged", "true")  # complete: a later attempt may adopt this run
@@ -410,54 +436,50 @@ class RunLogger:
         self.save()
         return entry
 
-    def _log_model(self, run_id: str, format: str, path: Path):
-        """Log the candidate as an MLflow model whose pyfunc predicts on a numpy batch.
+    def _log_model(self, run_id: str, format: str, path: Path, name: str, run, threads: int = 1):
+        """Log a model file as an MLflow model that serves without kfopt (see :mod:`kfopt.mlflow_model`),
+        with a few real test rows of the run's data as its input example."""
+        from .mlflow_model import log_model
 
-        Keras models use MLflow's tensorflow flavor (it saves tf_keras models
-        fine when TF_USE_LEGACY_KERAS=1, which kfopt._tf sets); TFLite and
-        SavedModel candidates are a small pyfunc wrapper around kfopt's runner.
-        """
-        import mlflow
-        import numpy as np
-        from mlflow.models import infer_signature
+        data = self.run_data(run).data
+        examples = Examples.of(data.test.arrays()[0]) if data is not None else None
+        with tracking_uri(self.uri):
+            return log_model(run_id, format, path, name=name, examples=examples, threads=threads)
 
-        from . import _tf
-        from .evaluate import runner_for
-        from .plugins.technique import ModelHandle
+    def _log_baseline_model(self, run_id: str, result: RunResult) -> None:
+        """The baseline as a LoggedModel named ``baseline`` on the parent run (once): what candidates are compared with."""
+        if self.state.get("baseline_model_id") or not result.baseline.artifact:
+            return
+        path = resolve_artifact(self.directory, result.baseline.artifact, result.baseline.artifact_sha256)
+        format = "saved_model" if path.is_dir() and not (path / "keras_metadata.pb").exists() else "keras"
+        info = self._log_model(run_id, format, path, BASELINE_MODEL_NAME, result)
+        self.client.set_tag(run_id, "kfopt.baseline_model_id", info.model_id)
+        self.state["baseline_model_id"] = info.model_id
+        self.save()
 
-        tf = _tf.tf()
-        handle = ModelHandle(format, path=path)
-        runner = runner_for(handle)
-        example = np.zeros((2, *runner.input_shape()), np.float32)
-        signature = infer_signature(example, runner(example))
-        requirements = [
-            f"tensorflow=={tf.__version__}",
-            f"tf-keras=={_versions()['tf_keras_version']}",
-            f"numpy=={np.__version__}",
-        ]
-        # Keras prints prediction progress bars on stdout; keep stdout for --json.
-        with (
-            tracking_uri(self.uri),
-            redirect_stdout(sys.stderr),
-            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None),
-        ):
-            if format == "keras":
-                return mlflow.tensorflow.log_model(
-                    handle.keras(),
-                    name="model",
-                    signature=signature,
-                    input_example=example,
-                    pip_requirements=requirements,
-                )
-            return mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                artifacts={"model": str(path)},
-                model_config={"format": format},
-                signature=signature,
-                input_example=example,
-                pip_requirements=[*requirements, f"kfopt=={__version__}"],
+    # -- the data --------------------------------------------------------------
+    def run_data(self, run) -> lineage.RunData:
+        """The run's data, read again once per logger (see :func:`kfopt.lineage.load_run_data`)."""
+        if self._run_data is None:
+            from .plugins.technique import ARTIFACT_NAMES
+
+            directory = self.directory
+            baseline = (run.get("baseline") or {}).get("artifact") if hasattr(run, "get") else None
+            if baseline is None:  # a run still going (the observer logs as candidates finish): its baseline folder
+                found = [directory / BASELINE_DIR / name for name in ARTIFACT_NAMES.values()]
+                baseline = next((p for p in found if p.exists()), None)
+            self._run_data = lineage.load_run_data(
+                str(run.get("model")), str(run.get("data")), int(run.get("seed") or 0), baseline
             )
+        return self._run_data
+
+    def _log_datasets(self, run_id: str, run) -> None:
+        """The run's train, validation and test splits as MLflow dataset inputs (or a tag saying why not)."""
+        found = self.run_data(run)
+        if found.data is None:
+            self.client.set_tag(run_id, "kfopt.datasets", f"not logged: {found.why_not}")
+            return
+        self.client.log_inputs(run_id, datasets=lineage.dataset_inputs(found.data, str(run.get("data"))))
 
     def _terminate(self, run_id: str, status: str) -> None:
         with redirect_stdout(sys.stderr):  # MLflow prints the run's URL on stdout; keep stdout for --json
