@@ -266,7 +266,7 @@ def plot_png(result: RunResult, metric: str, label: str) -> bytes:
     name = budgeted_metric(result)
     y = "accuracy" if name == "accuracy" else "metric"
 
-    # Points are labelled with their row number in the table: recipe labels are too long for a plot.
+    # Rows of the table, for the points' labels.
     numbered = [
         (n, c)
         for n, c in enumerate(result.get("candidates", []), start=1)
@@ -277,7 +277,7 @@ def plot_png(result: RunResult, metric: str, label: str) -> bytes:
     FigureCanvasAgg(figure)  # Agg, whatever backend pyplot uses: no display on a pipeline node or CI
     ax = figure.add_subplot()
     front = set(pareto_front(candidates, metric))
-    for number, candidate in numbered:
+    for candidate in candidates:
         on_front = candidate["recipe"] in front
         ax.scatter(
             candidate[metric],
@@ -285,13 +285,6 @@ def plot_png(result: RunResult, metric: str, label: str) -> bytes:
             s=40 if on_front else 25,
             color="tab:blue" if on_front else "tab:gray",
             zorder=3,
-        )
-        ax.annotate(
-            str(number),
-            (candidate[metric], candidate[y]),
-            fontsize=7,
-            xytext=(4, 3),
-            textcoords="offset points",
         )
     line = sorted((c for c in candidates if c["recipe"] in front), key=lambda c: c[metric])
     if line:
@@ -336,9 +329,56 @@ def plot_png(result: RunResult, metric: str, label: str) -> bytes:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
+    # The Pareto front is labelled first: where labels crowd, the points that matter keep theirs.
+    ranked = sorted(numbered, key=lambda item: item[1]["recipe"] not in front)
+    _label_points(figure, ax, [((c[metric], c[y]), f"{n} {_short(c['recipe'])}") for n, c in ranked])
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _short(recipe: str) -> str:
+    from .recipe import parse_recipe
+
+    try:
+        return parse_recipe(recipe).short
+    except Exception:  # a recipe name from a YAML file, or a label kfopt no longer parses: keep it
+        return recipe
+
+
+#: Where a point's label may go, in points from the point: right, left, above, below, then the diagonals.
+_LABEL_OFFSETS = [(5, -3), (-5, -3), (0, 6), (0, -11), (5, 5), (-5, 5), (5, -11), (-5, -11), (12, 10), (-12, 10)]
+
+
+def _label_points(figure, ax, points: list[tuple[tuple[float, float], str]]) -> list:
+    """Label each point with its text where it overlaps no label placed before it (else it is left out).
+
+    Labels are tried at a few offsets around their point, in order; a label that fits
+    nowhere is dropped rather than drawn over another (the table lists every row by number).
+    Returns the labels drawn.
+    """
+    figure.canvas.draw()  # settles the axes' limits and layout: label boxes are measured where they will be
+    renderer = figure.canvas.get_renderer()
+    area = ax.get_window_extent(renderer)
+    taken, drawn = [], []
+    for (x, y), text in points:
+        for dx, dy in _LABEL_OFFSETS:
+            label = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=6.5,
+                ha="left" if dx > 0 else "right" if dx < 0 else "center",
+            )
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            inside = area.contains(box.x0, box.y0) and area.contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                drawn.append(label)
+                break
+            label.remove()
+    return drawn
 
 
 def _budget_line(result, y: str, budget) -> float | None:

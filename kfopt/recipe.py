@@ -55,6 +55,32 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"name": self.label, "steps": [{s.technique: dict(s.config)} for s in self.steps]}
 
+    @property
+    def short(self) -> str:
+        """A few characters for a plot point: the values without their keys, a mode or backend alone.
+
+        ``prune(target_sparsity=0.8)>quantize(mode=int8)`` is ``prune .8>int8``;
+        lists count their items (``keep_dense=[a,b]`` is ``2 dense``).
+        """
+        if self.name:
+            return self.name
+
+        def value(key: str, item: Any) -> str:
+            if isinstance(item, (list, tuple)):
+                return f"{len(item)} {key.split('_')[-1]}"
+            if isinstance(item, float) and 0 < abs(item) < 1:
+                return f"{item:g}".replace("0.", ".", 1)
+            return str(item)
+
+        steps = []
+        for step in self.steps:
+            values = [value(k, v) for k, v in step.config.items()]
+            if set(step.config) <= {"mode", "backend"} and values:
+                steps.append(" ".join(values))  # quantize(mode=int8) is int8, accelerate(backend=xla) is xla
+            else:
+                steps.append(" ".join([step.technique, *values]))
+        return ">".join(steps)
+
 
 @dataclass
 class PlannedStep:

@@ -271,3 +271,29 @@ def test_parent_run_carries_report_plots_trace_and_sensitivity(mlflow_server, tm
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.html", "pareto_size.png", "pareto_latency.png"} <= paths
     assert not paths & {"search_trace.json", "layer_sensitivity.json"}
+
+
+def test_plot_points_carry_short_recipe_names_that_never_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from kfopt.html_report import _label_points
+    from kfopt.recipe import parse_recipe
+
+    assert parse_recipe("prune(target_sparsity=0.8)>quantize(mode=int8)").short == "prune .8>int8"
+    assert parse_recipe("distill(width=0.25)>prune(keep_dense=[a,b])>quantize(mode=qat)").short == (
+        "distill .25>prune 2 dense>qat"
+    )
+    figure = Figure(figsize=(6.4, 4.4), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    # Twelve points crowded in one corner and a few apart: labels must not be drawn over each other.
+    points = [((1 + i * 0.01, 0.9 + (i % 3) * 0.001), f"{i} prune .{i}>int8") for i in range(12)]
+    points += [((5, 0.5), "13 xla"), ((9, 0.7), "14 distill .25>int8")]
+    ax.scatter([x for (x, _), _ in points], [y for (_, y), _ in points])
+    drawn = _label_points(figure, ax, points)
+    renderer = figure.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in drawn]
+    assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    texts = {label.get_text() for label in drawn}
+    assert {"13 xla", "14 distill .25>int8", "0 prune .0>int8"} <= texts and len(drawn) < len(points)
