@@ -22,6 +22,7 @@ import numpy as np
 
 from . import _tf
 from .data import Data
+from .flops import model_flops
 from .plugins.technique import ModelHandle
 from .sparsity import weight_sparsity
 
@@ -484,6 +485,7 @@ class Evaluator:
             "compression_ratio": reference["gzip_bytes"] / gz,
             "sparsity": self._sparsity(handle),
             "params": self._params(handle),
+            "flops": model_flops(handle),
             "latency_p50_ms": p50,
             "latency_p95_ms": p95,
             "throughput_per_s": throughput(runner, self._batch()),

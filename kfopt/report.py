@@ -57,6 +57,9 @@ COLUMNS = (
     ("gzip_bytes", "gzip KB", "{:,.1f}"),
     ("compression_ratio", "ratio", "{:.1f}x"),
     ("sparsity", "sparsity", "{:.2f}"),
+    ("params", "params", "{:,}"),
+    # Multiply-accumulates for one input: what channel pruning cuts (zeros in a dense kernel do not).
+    ("flops", "flops", "{:,}"),
     ("latency_p50_ms", "p50 ms", "{:.4f}"),
     ("speedup", "speedup", "{:.2f}x"),
 )

@@ -92,10 +92,15 @@ class Measurement(_Record):
     compression_ratio: float | None = None
     sparsity: float | None = None
     params: int | None = None
+    #: Multiply-accumulates of one forward pass for one input (kfopt.flops).
+    flops: int | None = None
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     throughput_per_s: float | None = None
     speedup: float | None = None
+    #: The speedup's 95% interval: the candidate timed interleaved with its baseline (kfopt.evaluate.compare_latency).
+    speedup_low: float | None = None
+    speedup_high: float | None = None
     per_class_accuracy_change: dict[str, float] | None = None
     #: The baseline measured in this candidate's format: what the ratios divide by.
     compared_with: dict[str, Any] | None = None
@@ -204,6 +209,8 @@ class RunResult(_Record):
     search: dict[str, Any] | None = None
     search_trace: list[dict[str, Any]] | None = None
     layer_sensitivity: list[dict[str, Any]] | None = None
+    #: A search's best candidate that keeps the user's architecture (no dense student), beside ``winner``.
+    best_same_architecture: str | None = None
     #: Set by ``kfopt run``: the HTML report, the self-contained results folder, the log, wall seconds.
     report: str | None = None
     results: str | None = None

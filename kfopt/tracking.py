@@ -47,6 +47,7 @@ METRICS = (
     "compression_ratio",
     "sparsity",
     "params",
+    "flops",
     "latency_p50_ms",
     "latency_p95_ms",
     "throughput_per_s",

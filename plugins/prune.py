@@ -1,4 +1,4 @@
-"""Built-in ``prune`` technique: magnitude, structured m:n, or L1-then-threshold pruning."""
+"""Built-in ``prune`` technique: magnitude, structured m:n, L1-then-threshold, or channel pruning."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from kfopt.models import copy_model
 from kfopt.sparsity import weight_sparsity
 from kfopt.training import fine_tune, task_loss
 
+from . import channels as _channels
 from .layers import all_layers, has_layer_graph, note, require_layer_graph, with_note
 from .layers import kernels as _kernels
 from .spec import hookimpl
@@ -42,6 +43,15 @@ class Prune(Technique):
     ``l1``: fine-tune with an L1 penalty on the kernels, then zero the
     smallest weights model-wide until ``target_sparsity`` is reached; works on
     any layer type, including those tfmot cannot wrap.
+    ``channels``: removes the ``target_sparsity`` fraction of the filters of
+    Conv layers, channels of DepthwiseConv2D and units of Dense layers with the
+    smallest L1 (or L2, see ``norm``) norm times BatchNorm ``|gamma|``, following
+    the graph (layers joined by Add, Multiply, Concatenate, BatchNorm and depthwise
+    convs lose the same channels; see :mod:`kfopt.plugins.channels`), rebuilds
+    a smaller dense model of the same architecture and fine-tunes it. The
+    model's inputs and outputs keep their shapes; layers it cannot follow keep
+    their widths and are named in ``info["notes"]``, as are the layers that
+    shrank (``info["channels"]``: name -> [width before, after]).
 
     ``keep_dense`` names layers left dense (every method): tfmot wraps only the
     other layers (per-layer pruning through ``clone_model``), l1 neither
@@ -68,17 +78,19 @@ class Prune(Technique):
     trains = True
 
     class Config(Technique.Config):
-        method: Literal["magnitude", "structured", "l1"] = Field(
+        method: Literal["magnitude", "structured", "l1", "channels"] = Field(
             "magnitude",
             description="magnitude: tfmot low-magnitude pruning with a polynomial schedule; "
-            "structured: m:n sparsity (see m_by_n); l1: L1-regularised fine-tuning, then thresholding.",
+            "structured: m:n sparsity (see m_by_n); l1: L1-regularised fine-tuning, then thresholding; "
+            "channels: remove whole filters/units and rebuild a smaller dense model, then fine-tune.",
         )
         target_sparsity: float = Field(
             0.8,
             gt=0,
             lt=1,
             description="Fraction of kernel weights to zero (magnitude and l1; structured gets m/n); "
-            "with keep_dense, of the pruned layers' weights (the whole model's sparsity is lower).",
+            "with keep_dense, of the pruned layers' weights (the whole model's sparsity is lower); "
+            "channels: fraction of each prunable layer's filters/units removed.",
         )
         # 20 epochs at Adam's default rate (tfmot's own guide fine-tunes at 1e-3) let demo:mlp
         # reach 90% sparsity + int8 within ~0.5 points; lower rates left it 1-2 points short.
@@ -95,6 +107,10 @@ class Prune(Technique):
             3e-4,
             ge=0,
             description="l1 only: strength of the L1 penalty on kernels (as keras.regularizers.L1).",
+        )
+        norm: Literal["l1", "l2"] = Field(
+            "l1",
+            description="channels only: the norm of a filter that ranks it (times |gamma| of a BatchNorm after it).",
         )
         keep_dense: LayerNames = Field(
             [],
@@ -118,6 +134,8 @@ class Prune(Technique):
                     "target_sparsity does not apply to method=structured (its sparsity is m/n); "
                     "set m_by_n instead, or use method=magnitude"
                 )
+            if self.method != "channels" and "norm" in self.model_fields_set:
+                raise ValueError("norm applies to method=channels only (it ranks whole filters)")
             return self
 
         def m_n(self) -> tuple[int, int]:
@@ -131,7 +149,10 @@ class Prune(Technique):
         keras_model = model.keras()
         require_layer_graph(keras_model, f"prune(method={config.method})")
         check_layer_names(keras_model, config.keep_dense, "prune", "keep_dense")
-        dense_layers(keras_model, config)
+        if config.method == "channels":
+            _channel_plan(keras_model, config)
+        else:
+            dense_layers(keras_model, config)
 
     def apply(self, model: ModelHandle, config: Prune.Config, ctx: StepContext) -> ModelHandle:
         keras = _tf.keras()
@@ -141,6 +162,8 @@ class Prune(Technique):
         # The model's compiled loss, else the task's; decided on the plain model (wrappers hide the activation).
         loss = task_loss(source, ctx)
         check_layer_names(source, config.keep_dense, "prune", "keep_dense")
+        if config.method == "channels":
+            return _prune_channels(model, source, config, ctx, loss)
         left_dense = dense_layers(source, config)
         if config.method == "l1":
             pruned = _prune_l1(source, config, ctx, loss)
@@ -155,6 +178,44 @@ class Prune(Technique):
                 model.info, note(f"prune(method={config.method})", left_dense, total, "dense", "layers with weights")
             )
         return ModelHandle.from_keras(pruned, info=info)
+
+
+def _channel_plan(keras_model, config: Prune.Config) -> _channels.ChannelPlan:
+    """The channels ``config`` removes from ``keras_model``; a KfoptError when it would remove none."""
+    plan = _channels.plan_channels(keras_model, config.target_sparsity, config.keep_dense, config.norm)
+    if not plan.shrunk:
+        listed = "; ".join(f"{name}: {why}" for name, why in list(plan.left.items())[:3])
+        raise KfoptError(
+            f"prune(method=channels) finds no layer of '{keras_model.name}' whose channels it can remove "
+            f"at target_sparsity={config.target_sparsity:g} ({listed or 'every width is tied to its input or output'}).",
+            "use prune(method=magnitude) or prune(method=l1), a larger target_sparsity, or fewer keep_dense names.",
+        )
+    return plan
+
+
+def _prune_channels(model: ModelHandle, source, config: Prune.Config, ctx: StepContext, loss) -> ModelHandle:
+    """Remove channels (see :mod:`kfopt.plugins.channels`), then fine-tune the smaller model with the task's loss."""
+    plan = _channel_plan(source, config)
+    with ctx.strategy.scope():
+        smaller = _channels.remove_channels(source, plan)
+    fine_tune(
+        smaller,
+        ctx,
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        description=f"fine-tuning after removing {config.target_sparsity:.0%} of the channels",
+        loss=loss,
+        batch_size=BATCH_SIZE,
+    )
+    info = {key: value for key, value in model.info.items() if key not in ("left_dense", "full_width", "channels")}
+    info["sparsity"] = weight_sparsity(smaller)
+    info["channels"] = {name: list(widths) for name, widths in plan.shrunk.items()}
+    notes = with_note(model.info, _channels.note_line(plan, config.target_sparsity))
+    if plan.left:
+        info["full_width"] = plan.left
+        notes = with_note({"notes": notes}, note("prune(method=channels)", plan.left, len(plan.widths), "full width"))
+    info["notes"] = notes
+    return ModelHandle.from_keras(smaller, info=info)
 
 
 def dense_layers(keras_model, config: Prune.Config) -> dict[str, str]:

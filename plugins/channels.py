@@ -1,0 +1,476 @@
+"""Channel pruning (``prune(method=channels)``): remove whole filters, channels and units, and rebuild a smaller
+dense model of the same architecture.
+
+Magnitude and m:n pruning leave the zeros inside dense kernels, so a runtime
+still multiplies by them; removing a Conv2D filter removes its output channel,
+and with it the matching input slice of every layer that reads that channel.
+Which layers read it is a question about the functional graph, answered
+before any weight is touched (:func:`plan_channels`):
+
+- every tensor's last axis (its channels) is a *layout*: a list of segments,
+  each a slice of one channel *group*; a layer that sets a width (Conv ``filters``,
+  Dense ``units``, Embedding ``output_dim``) starts a new group, and its
+  filters are what removing a channel of that group removes;
+- layers that act on each channel on its own (BatchNormalization, a
+  DepthwiseConv2D with depth multiplier 1, activations, pooling, padding,
+  dropout) pass the layout on and lose the same channels;
+- layers that join tensors element by element (Add, Multiply such as a
+  squeeze-excite gate, Subtract, Average, Maximum, Minimum) tie their
+  operands' groups into one (union-find), so every layer feeding a residual
+  sum loses the same channels; a Concatenate on the channel axis lays its
+  operands' segments side by side (its readers slice each at its offset);
+- Flatten (and a Reshape to one axis) keeps the layout once per spatial
+  position, so the Dense that reads it loses the rows of removed channels;
+- a group that reaches the model's input or output keeps every channel (the
+  model keeps its shapes), and so does every group that meets a layer kfopt
+  cannot see through (LayerNormalization and Softmax mix channels, a
+  custom layer, a nested model, a grouped convolution, attention, ...): those
+  layers are left as they are, never rewritten wrongly.
+
+Each free group then keeps the ``1 - target_sparsity`` fraction of its channels
+with the largest importance: the L1 (or L2) norm of each producing layer's
+filter, times ``|gamma|`` of a BatchNormalization right after it, summed over
+the group's producers (each normalised to mean 1, so a wide and a narrow
+layer count alike). :func:`remove_channels` rebuilds the model with
+``clone_model`` at the new widths and copies the kept slices of every weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kfopt import _tf
+from kfopt.errors import KfoptError
+
+from .layers import has_layer_graph
+
+#: Layers that set the width of their output: the config key, and the kernel axis of their inputs (None: none).
+PRODUCERS = {
+    "Conv1D": ("filters", -2),
+    "Conv2D": ("filters", -2),
+    "Conv3D": ("filters", -2),
+    "Dense": ("units", -2),
+    "Embedding": ("output_dim", None),
+}
+#: Layers without weights that act on each channel on its own: removing a channel before them removes it after.
+ELEMENTWISE = frozenset(
+    {
+        "ReLU",
+        "LeakyReLU",
+        "ELU",
+        "ThresholdedReLU",
+        "Dropout",
+        "SpatialDropout1D",
+        "SpatialDropout2D",
+        "SpatialDropout3D",
+        "GaussianDropout",
+        "GaussianNoise",
+        "AlphaDropout",
+        "ActivityRegularization",
+        "MaxPooling1D",
+        "MaxPooling2D",
+        "MaxPooling3D",
+        "AveragePooling1D",
+        "AveragePooling2D",
+        "AveragePooling3D",
+        "GlobalAveragePooling1D",
+        "GlobalAveragePooling2D",
+        "GlobalAveragePooling3D",
+        "GlobalMaxPooling1D",
+        "GlobalMaxPooling2D",
+        "GlobalMaxPooling3D",
+        "ZeroPadding1D",
+        "ZeroPadding2D",
+        "ZeroPadding3D",
+        "Cropping1D",
+        "Cropping2D",
+        "Cropping3D",
+        "UpSampling1D",
+        "UpSampling2D",
+        "UpSampling3D",
+        "RepeatVector",
+    }
+)
+#: Activations that mix channels (a softmax over the channel axis): the others act on each value alone.
+MIXING_ACTIVATIONS = frozenset({"softmax", "log_softmax"})
+#: Layers joining same-shaped tensors value by value: their operands share one channel set.
+JOINS = frozenset({"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"})
+#: Why a group keeps every channel when it reaches the model's input or output.
+INPUT, OUTPUT = "it is the model's input", "it is the model's output"
+
+
+@dataclass(frozen=True)
+class Flat:
+    """The layout of a flattened tensor: ``inner`` (the channels) repeated at each of ``positions`` positions."""
+
+    positions: int
+    inner: tuple
+
+
+class _Groups:
+    """Union-find over channel groups, remembering each group's width and why it must keep all its channels."""
+
+    def __init__(self):
+        self.parent: dict = {}
+        self.size: dict = {}
+        self.fixed: dict = {}
+
+    def new(self, key, size: int):
+        self.parent.setdefault(key, key)
+        self.size.setdefault(key, size)
+        return key
+
+    def find(self, key):
+        while self.parent[key] != key:
+            self.parent[key] = self.parent[self.parent[key]]
+            key = self.parent[key]
+        return key
+
+    def union(self, a, b) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+            if rb in self.fixed:
+                self.fixed.setdefault(ra, self.fixed.pop(rb))
+
+    def fix(self, key, why: str) -> None:
+        self.fixed.setdefault(self.find(key), why)
+
+    def why_fixed(self, key) -> str | None:
+        return self.fixed.get(self.find(key))
+
+
+def _segments(layout) -> tuple:
+    return _segments(layout.inner) if isinstance(layout, Flat) else layout
+
+
+def _width(layout) -> int:
+    if isinstance(layout, Flat):
+        return layout.positions * _width(layout.inner)
+    return sum(size for _, size in layout)
+
+
+def _shape_of(layout) -> tuple:
+    """What must match for two layouts to be tied segment by segment."""
+    if isinstance(layout, Flat):
+        return ("flat", layout.positions, _shape_of(layout.inner))
+    return tuple(size for _, size in layout)
+
+
+@dataclass
+class _Use:
+    """How one layer is rewritten: the layout it reads, the group it writes (producers), its kind."""
+
+    layer: object
+    kind: str
+    reads: object = None
+    writes: object = None
+    role: str = "keep"  # producer | per_channel | reshape | keep
+
+
+@dataclass
+class ChannelPlan:
+    """Which channels of which layers a ``target_sparsity`` channel pruning keeps, and which layers it leaves."""
+
+    groups: _Groups
+    uses: dict[str, _Use]
+    #: Group root -> indices of the channels kept (groups not listed keep all).
+    keep: dict = field(default_factory=dict)
+    #: Layers that set a width, by name: (width before, width after); equal when left full width.
+    widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Layers that set a width but keep it, other than the output's: name -> why.
+    left: dict[str, str] = field(default_factory=dict)
+
+    def kept(self, layout) -> np.ndarray:
+        """Indices, along a tensor's last axis, of the values kept in a tensor of ``layout``."""
+        if isinstance(layout, Flat):
+            inner = self.kept(layout.inner)
+            width = _width(layout.inner)
+            return (np.arange(layout.positions)[:, None] * width + inner[None, :]).ravel()
+        parts, offset = [], 0
+        for key, size in layout:
+            parts.append(offset + self.keep.get(self.groups.find(key), np.arange(size)))
+            offset += size
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=int)
+
+    @property
+    def shrunk(self) -> dict[str, tuple[int, int]]:
+        """The layers whose width shrank: name -> (before, after)."""
+        return {name: w for name, w in self.widths.items() if w[1] < w[0]}
+
+
+def _last_dim(tensor):
+    shape = getattr(tensor, "shape", None)
+    return shape[-1] if shape is not None and len(shape) else None
+
+
+def _channels_last_axis(layer, rank: int) -> bool:
+    """True when ``layer`` works on the last axis as channels (data_format channels_last, BN axis -1)."""
+    config = layer.get_config()
+    if config.get("data_format", "channels_last") != "channels_last":
+        return False
+    axis = config.get("axis", -1)
+    if type(layer).__name__ == "BatchNormalization":
+        axis = axis if isinstance(axis, int) else (axis[0] if len(axis) == 1 else None)
+        return axis in (-1, rank - 1)
+    return True
+
+
+def plan_channels(model, target_sparsity: float, keep_dense=(), norm: str = "l1") -> ChannelPlan:
+    """Which channels of ``model`` (a built Sequential or functional tf_keras model) to keep: see the module doc.
+
+    ``keep_dense`` names layers that keep all their filters (layers reading a
+    pruned layer's output still lose the matching input slice).
+    """
+    if not has_layer_graph(model) or not model.outputs:
+        raise KfoptError(
+            f"prune(method=channels) follows the layer graph, but '{model.name}' has none "
+            "(a subclassed model, or a Sequential model never built on an input shape).",
+            "pass a functional or Sequential model built on keras.Input.",
+        )
+    keras = _tf.keras()
+    groups = _Groups()
+    uses: dict[str, _Use] = {}
+    layouts: dict[int, object] = {}
+    followers: dict[str, str] = {}  # producer name -> the BatchNormalization reading its output
+
+    def fresh(key, width) -> tuple:
+        return ((groups.new(key, int(width)), int(width)),)
+
+    def layout(tensor):
+        if id(tensor) not in layouts:  # a tensor kfopt did not see made (a constant): leave its channels alone
+            width = _last_dim(tensor) or 1
+            layouts[id(tensor)] = fresh(("const", id(tensor)), width)
+            fix(layouts[id(tensor)], "it meets a tensor kfopt did not see made")
+        return layouts[id(tensor)]
+
+    def fix(lay, why: str) -> None:
+        for key, _ in _segments(lay):
+            groups.fix(key, why)
+
+    def tie(a, b, why: str) -> None:
+        if _shape_of(a) == _shape_of(b):
+            for (ka, _), (kb, _) in zip(_segments(a), _segments(b)):
+                groups.union(ka, kb)
+        else:  # differently split channels: tying them would need finer groups; keep both whole instead
+            fix(a, why)
+            fix(b, why)
+
+    def opaque(layer, inputs, outputs, why: str | None = None) -> None:
+        why = why or f"it meets '{layer.name}' ({type(layer).__name__}), which kfopt cannot remove channels through"
+        for tensor in inputs:
+            fix(layout(tensor), why)
+        for index, tensor in enumerate(outputs):
+            layouts[id(tensor)] = fresh(("opaque", layer.name, index), _last_dim(tensor) or 1)
+            fix(layouts[id(tensor)], why)
+
+    def reads(layer, tensor, kind: str, role: str) -> _Use:
+        """Record that ``layer`` reads ``tensor``; a layer called several times reads one channel set."""
+        use = uses.get(layer.name)
+        if use is None:
+            use = uses[layer.name] = _Use(layer, kind, reads=layout(tensor), role=role)
+        else:
+            tie(use.reads, layout(tensor), f"'{layer.name}' is called on tensors split differently")
+        return use
+
+    def visit(node) -> None:
+        layer = node.layer
+        kind = type(layer).__name__
+        inputs = list(node.keras_inputs)
+        outputs = _tf.tf().nest.flatten(node.outputs)
+        if kind == "InputLayer":
+            return
+        if isinstance(layer, keras.Model) or not inputs:
+            opaque(layer, inputs, outputs, f"it meets the nested model '{layer.name}'" if inputs else None)
+            return
+        rank = len(inputs[0].shape)
+        config = layer.get_config()
+        first = layout(inputs[0])
+        if kind in PRODUCERS and config.get("groups", 1) == 1 and _channels_last_axis(layer, rank):
+            use = reads(layer, inputs[0], kind, "producer") if PRODUCERS[kind][1] is not None else None
+            if use is None:
+                use = uses.setdefault(layer.name, _Use(layer, kind, role="producer"))
+                fix(first, "it is read by an Embedding")  # token ids: not channels
+            use.writes = fresh(("out", layer.name), config[PRODUCERS[kind][0]])
+            layouts[id(outputs[0])] = use.writes
+            if layer.name in keep_dense:
+                fix(use.writes, "kept full width by keep_dense")
+            if config.get("activation") in MIXING_ACTIVATIONS:  # removing a unit changes the others' softmax
+                fix(use.writes, f"'{layer.name}' ends in a {config['activation']} over its units")
+            return
+        if kind == "BatchNormalization" and _channels_last_axis(layer, rank):
+            reads(layer, inputs[0], kind, "per_channel")
+            layouts[id(outputs[0])] = uses[layer.name].reads
+            producer = getattr(inputs[0], "_keras_history", None)
+            if producer is not None and type(producer.layer).__name__ in PRODUCERS:
+                followers.setdefault(producer.layer.name, layer.name)
+            return
+        if kind == "DepthwiseConv2D" and config.get("depth_multiplier", 1) == 1 and _channels_last_axis(layer, rank):
+            reads(layer, inputs[0], kind, "per_channel")
+            layouts[id(outputs[0])] = uses[layer.name].reads
+            return
+        if kind == "PReLU" and not layer.get_config().get("shared_axes"):
+            reads(layer, inputs[0], kind, "per_channel")
+            layouts[id(outputs[0])] = uses[layer.name].reads
+            return
+        if kind == "Activation" and config.get("activation") not in MIXING_ACTIVATIONS:
+            layouts[id(outputs[0])] = first
+            return
+        if kind == "Rescaling" and not any(isinstance(config.get(k), (list, tuple)) for k in ("scale", "offset")):
+            layouts[id(outputs[0])] = first
+            return
+        if kind in ELEMENTWISE and not layer.weights:
+            layouts[id(outputs[0])] = first
+            return
+        if kind in JOINS:
+            width = _last_dim(outputs[0])
+            full = [t for t in inputs if _last_dim(t) == width]
+            for tensor in inputs:
+                if _last_dim(tensor) != width and _last_dim(tensor) != 1:
+                    fix(layout(tensor), f"'{layer.name}' ({kind}) joins tensors of different widths")
+            for tensor in full[1:]:
+                tie(layout(full[0]), layout(tensor), f"'{layer.name}' ({kind}) joins differently split channels")
+            layouts[id(outputs[0])] = layout(full[0]) if full else fresh(("join", layer.name), width or 1)
+            return
+        if kind == "Concatenate":
+            axis = config.get("axis", -1)
+            if axis in (-1, rank - 1) and not any(isinstance(layout(t), Flat) for t in inputs):
+                layouts[id(outputs[0])] = tuple(seg for t in inputs for seg in layout(t))
+            else:  # joined along another axis: every operand has the same channels
+                for tensor in inputs[1:]:
+                    tie(first, layout(tensor), f"'{layer.name}' concatenates differently split channels")
+                layouts[id(outputs[0])] = first
+            return
+        shape = tuple(inputs[0].shape[1:])
+        static = all(isinstance(d, int) for d in shape)
+        if kind == "Flatten" and static and not isinstance(first, Flat):
+            layouts[id(outputs[0])] = first if rank == 2 else Flat(int(np.prod(shape[:-1])), first)
+            return
+        if kind == "Reshape" and static and not isinstance(first, Flat):
+            target = tuple(config["target_shape"])
+            if len(target) == 1 and target[0] in (-1, int(np.prod(shape))):  # a Flatten by another name
+                layouts[id(outputs[0])] = first if rank == 2 else Flat(int(np.prod(shape[:-1])), first)
+                return
+            if target and target[-1] == shape[-1] and int(np.prod(target[:-1])) == int(np.prod(shape[:-1])):
+                uses[layer.name] = _Use(layer, kind, reads=first, role="reshape")
+                layouts[id(outputs[0])] = first
+                return
+        opaque(layer, inputs, outputs)
+
+    for index, tensor in enumerate(model.inputs):
+        layouts[id(tensor)] = fresh(("input", index), _last_dim(tensor) or 1)
+        fix(layouts[id(tensor)], INPUT)
+    for depth in sorted(model._nodes_by_depth, reverse=True):  # inputs first
+        for node in model._nodes_by_depth[depth]:
+            visit(node)
+    for tensor in model.outputs:
+        fix(layout(tensor), OUTPUT)
+
+    plan = ChannelPlan(groups, uses)
+    scores = _importance(plan, followers, norm)
+    for root, score in scores.items():
+        if groups.why_fixed(root):
+            continue
+        size = groups.size[root]
+        count = max(1, int(round(size * (1 - target_sparsity))))
+        if count < size:
+            plan.keep[root] = np.sort(np.argsort(-score, kind="stable")[:count])
+    for name, use in uses.items():
+        if use.role != "producer":
+            continue
+        (key, width), *_ = use.writes
+        plan.widths[name] = (width, len(plan.kept(use.writes)))
+        why = groups.why_fixed(key)
+        if why and why != OUTPUT:
+            plan.left[name] = why
+    return plan
+
+
+def _importance(plan: ChannelPlan, followers: dict[str, str], norm: str) -> dict:
+    """Group root -> importance of each of its channels (larger: kept first)."""
+    totals: dict = {}
+    for name, use in plan.uses.items():
+        if use.role != "producer":
+            continue
+        kernel = np.asarray(use.layer.get_weights()[0], dtype=np.float64)
+        flat = np.abs(kernel.reshape(-1, kernel.shape[-1]))
+        score = flat.sum(axis=0) if norm == "l1" else np.sqrt((flat**2).sum(axis=0))
+        bn = plan.uses.get(followers.get(name, ""))
+        if bn is not None and bn.layer.scale:
+            score = score * np.abs(np.asarray(bn.layer.gamma.numpy(), dtype=np.float64))
+        # Each producer counts alike, however wide its filters (a 3x3x256 and a 1x1x16 conv in one residual group).
+        score = score / (score.mean() or 1.0)
+        root = plan.groups.find(use.writes[0][0])
+        totals[root] = totals.get(root, 0) + score
+    return totals
+
+
+def remove_channels(model, plan: ChannelPlan):
+    """``model`` rebuilt at the widths of ``plan``, with the kept slices of its weights: a new, smaller model.
+
+    The input model is not changed. Raises a KfoptError when the rebuilt model
+    does not give the original outputs' shapes (which would be a bug in the plan).
+    """
+    keras = _tf.keras()
+    new_width = {name: after for name, (_, after) in plan.widths.items()}
+
+    def rebuilt(layer):
+        if isinstance(layer, keras.Model):
+            return keras.models.clone_model(layer)
+        config = layer.get_config()
+        use = plan.uses.get(layer.name)
+        if use is not None and use.role == "producer":
+            config[PRODUCERS[use.kind][0]] = new_width[layer.name]
+        elif use is not None and use.role == "reshape":
+            config["target_shape"] = (*tuple(config["target_shape"])[:-1], len(plan.kept(use.reads)))
+        return layer.__class__.from_config(config)
+
+    smaller = keras.models.clone_model(model, clone_function=rebuilt)
+    got = [tuple(t.shape[1:]) for t in smaller.outputs]
+    want = [tuple(t.shape[1:]) for t in model.outputs]
+    if got != want:
+        raise KfoptError(
+            f"prune(method=channels) rebuilt '{model.name}' with outputs of shapes {got}, not {want}.",
+            "report this model to kfopt; meanwhile use keep_dense=NAME for the layers before its output.",
+        )
+    old_layers = {layer.name: layer for layer in model.layers}
+    for layer in smaller.layers:
+        weights = old_layers[layer.name].get_weights()
+        use = plan.uses.get(layer.name)
+        if use is not None and weights:
+            weights = _sliced(use, weights, plan)
+        layer.set_weights(weights)
+    return smaller
+
+
+def _sliced(use: _Use, weights: list[np.ndarray], plan: ChannelPlan) -> list[np.ndarray]:
+    """The kept slices of one layer's weights (a producer's kernel on both axes, per-channel vectors on one)."""
+    if use.role == "producer":
+        out = plan.kept(use.writes)
+        in_axis = PRODUCERS[use.kind][1]
+        kernel = weights[0].take(out, axis=-1)
+        if in_axis is not None:
+            kernel = kernel.take(plan.kept(use.reads), axis=in_axis)
+        return [kernel, *(w.take(out, axis=-1) for w in weights[1:])]
+    if use.role == "per_channel":
+        kept = plan.kept(use.reads)
+        width = _width(use.reads)
+        if use.kind == "DepthwiseConv2D":  # kernel (h, w, channels, 1), bias (channels,)
+            return [weights[0].take(kept, axis=2), *(w.take(kept, axis=-1) for w in weights[1:])]
+        return [w.take(kept, axis=-1) if w.shape[-1] == width else w for w in weights]
+    return weights
+
+
+def note_line(plan: ChannelPlan, target_sparsity: float, shown: int = 6) -> str | None:
+    """One line naming the layers that shrank and by how much, e.g. ``... conv2d 32->16, dense 64->32``."""
+    shrunk = plan.shrunk
+    if not shrunk:
+        return None
+    parts = [f"{name} {before}->{after}" for name, (before, after) in list(shrunk.items())[:shown]]
+    more = f" and {len(shrunk) - shown} more" if len(shrunk) > shown else ""
+    return (
+        f"prune(method=channels) removed {target_sparsity:.0%} of the channels of {len(shrunk)} of "
+        f"{len(plan.widths)} layers that set a width: " + ", ".join(parts) + more
+    )

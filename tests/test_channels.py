@@ -1,0 +1,218 @@
+"""prune(method=channels): whole filters removed, the graph followed, a smaller model that computes the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydantic
+import pytest
+
+import kfopt
+from kfopt import _tf
+from kfopt.errors import KfoptError
+from kfopt.flops import keras_flops, tflite_flops
+from kfopt.plugins import ModelHandle
+from kfopt.plugins.channels import plan_channels, remove_channels
+from kfopt.plugins.prune import Prune
+from kfopt.signature import model_info
+
+SHAPE = (12, 12, 3)
+
+
+def graph_model():
+    """Residual adds, a squeeze-excite multiply, a concatenation and depthwise convs, all with BatchNorm."""
+    keras = _tf.keras()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(SHAPE)
+    x = layers.ReLU()(
+        layers.BatchNormalization(name="stem_bn")(layers.Conv2D(16, 3, padding="same", name="stem")(inputs))
+    )
+    # residual block: conv -> bn -> relu -> conv -> bn, + x
+    y = layers.ReLU()(layers.BatchNormalization(name="a_bn")(layers.Conv2D(8, 3, padding="same", name="a")(x)))
+    y = layers.BatchNormalization(name="b_bn")(layers.Conv2D(16, 3, padding="same", name="b")(y))
+    x = layers.ReLU()(layers.Add()([x, y]))
+    # depthwise block
+    d = layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    d = layers.ReLU()(layers.BatchNormalization(name="dw_bn")(d))
+    # squeeze-excite on the depthwise output
+    s = layers.GlobalAveragePooling2D()(d)
+    s = layers.Dense(4, activation="relu", name="se_reduce")(s)
+    s = layers.Dense(16, activation="sigmoid", name="se_expand")(s)
+    s = layers.Reshape((1, 1, 16))(s)
+    d = layers.Multiply()([d, s])
+    # a branch concatenated with the main path (channel offsets)
+    c = layers.Conv2D(12, 1, name="branch")(x)
+    x = layers.Concatenate()([d, c])
+    x = layers.Conv2D(24, 3, strides=2, padding="same", activation="relu", name="mix")(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(32, activation="relu", name="fc")(x)
+    outputs = layers.Dense(5, activation="softmax", name="out")(x)
+    model = keras.Model(inputs, outputs, name="graph")
+    # BatchNorm statistics that are not the identity, so slicing them wrongly shows in the outputs
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights(
+                [rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n), rng.uniform(0.5, 2, n)]
+            )
+    return model
+
+
+def inputs(count=8):
+    return np.random.default_rng(1).normal(size=(count, *SHAPE)).astype(np.float32)
+
+
+def widths(model) -> dict[str, int]:
+    keys = ("filters", "units")
+    return {
+        layer.name: next(layer.get_config()[k] for k in keys if k in layer.get_config())
+        for layer in model.layers
+        if any(k in layer.get_config() for k in keys)
+    }
+
+
+def test_removing_half_the_channels_gives_a_valid_smaller_model_of_the_same_shape():
+    model = graph_model()
+    plan = plan_channels(model, 0.5)
+    smaller = remove_channels(model, plan)
+
+    assert smaller.output_shape == model.output_shape
+    assert smaller.input_shape == model.input_shape
+    got, want = widths(smaller), widths(model)
+    assert got["out"] == 5  # the output keeps its width
+    for name in ("stem", "a", "b", "se_reduce", "se_expand", "branch", "mix", "fc"):
+        assert got[name] == max(1, round(want[name] * 0.5)), name
+    # layers joined by the residual Add, the depthwise conv and the SE Multiply share one channel set
+    assert got["stem"] == got["b"] == got["se_expand"]
+    assert smaller.get_layer("dw").depthwise_kernel.shape[2] == got["stem"]
+    assert smaller.get_layer("mix").kernel.shape[2] == got["se_expand"] + got["branch"]
+    assert smaller.count_params() < model.count_params() / 2.5
+    assert keras_flops(smaller) < keras_flops(model) / 2.5
+    assert np.isfinite(smaller.predict(inputs(), verbose=0)).all()
+    # the input model is untouched
+    assert widths(model) == want
+
+
+def test_pruning_nothing_gives_exactly_the_same_outputs():
+    model = graph_model()
+    plan = plan_channels(model, 1e-6)
+    assert not plan.shrunk
+    same = remove_channels(model, plan)
+    np.testing.assert_array_equal(same.predict(inputs(), verbose=0), model.predict(inputs(), verbose=0))
+
+
+def test_removing_channels_that_are_zero_gives_the_same_outputs():
+    """Channels whose every producer is zero (filters, biases, BatchNorm scale and shift) contribute nothing:
+    removing them must not change a single output, which proves each reader's slices are the right ones."""
+    model = graph_model()
+    rng = np.random.default_rng(2)
+    zero = {  # group -> its layers (producers and their BatchNorms) and the channels to zero
+        "stem": (["stem", "stem_bn", "b", "b_bn", "dw", "dw_bn", "se_expand"], rng.choice(16, 8, replace=False)),
+        "a": (["a", "a_bn"], rng.choice(8, 4, replace=False)),
+        "branch": (["branch"], rng.choice(12, 6, replace=False)),
+        "mix": (["mix"], rng.choice(24, 12, replace=False)),
+        "fc": (["fc"], rng.choice(32, 16, replace=False)),
+        "se_reduce": (["se_reduce"], rng.choice(4, 2, replace=False)),
+    }
+    for names, channels in zero.values():
+        for name in names:
+            layer = model.get_layer(name)
+            weights = layer.get_weights()
+            if isinstance(layer, _tf.keras().layers.BatchNormalization):
+                weights[0][channels] = 0  # gamma
+                weights[1][channels] = 0  # beta
+            elif isinstance(layer, _tf.keras().layers.DepthwiseConv2D):
+                weights[0][:, :, channels] = 0
+                weights[1][channels] = 0
+            else:
+                weights[0][..., channels] = 0
+                weights[1][channels] = 0
+            layer.set_weights(weights)
+    # The stem group's channels also pass the SE gate: sigmoid(0) = 0.5 times a zero channel is still zero.
+    plan = plan_channels(model, 0.5)
+    smaller = remove_channels(model, plan)
+    assert widths(smaller)["stem"] == 8 and widths(smaller)["mix"] == 12
+    np.testing.assert_allclose(smaller.predict(inputs(), verbose=0), model.predict(inputs(), verbose=0), atol=1e-5)
+
+
+def test_keep_dense_and_unfollowable_layers_keep_their_width():
+    keras = _tf.keras()
+    layers = keras.layers
+    inputs_ = keras.Input((8, 8, 3))
+    x = layers.Conv2D(8, 3, name="c1")(inputs_)
+    x = layers.Conv2D(8, 3, name="c2")(x)
+    x = layers.LayerNormalization(name="ln")(x)  # mixes channels: c2's width must stay
+    x = layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs_, layers.Dense(3, name="out")(x))
+    plan = plan_channels(model, 0.5, keep_dense=["c1"])
+    assert plan.shrunk == {}
+    assert plan.left == {"c1": "kept full width by keep_dense", "c2": plan.left["c2"]}
+    assert "ln" in plan.left["c2"]
+
+
+def test_flops_of_a_small_model_are_counted_by_hand():
+    keras = _tf.keras()
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((10, 10, 2)),
+            layers.Conv2D(4, 3),  # 8x8x4 outputs, each 3*3*2 MACs: 4608
+            layers.DepthwiseConv2D(3, padding="same"),  # 8x8x4 outputs, each 3*3 MACs: 2304
+            layers.BatchNormalization(),  # element-wise: 0
+            layers.MaxPooling2D(),  # 4x4x4
+            layers.Flatten(),  # 64
+            layers.Dense(5),  # 64*5 = 320
+        ]
+    )
+    assert keras_flops(model) == 4608 + 2304 + 320
+    converter = _tf.tf().lite.TFLiteConverter.from_keras_model(model)
+    assert tflite_flops(converter.convert()) == 4608 + 2304 + 320
+
+
+def test_config_takes_channels_and_refuses_norm_for_other_methods():
+    assert Prune.Config(method="channels", target_sparsity=0.5, norm="l2").norm == "l2"
+    with pytest.raises(pydantic.ValidationError):
+        Prune.Config(method="magnitude", norm="l2")
+
+
+def test_a_model_with_nothing_to_remove_is_refused_before_any_work():
+    keras = _tf.keras()
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10, activation="softmax")])
+    with pytest.raises(KfoptError, match="no layer .* whose channels it can remove"):
+        Prune().check(model_info(ModelHandle.from_keras(model)), Prune.Config(method="channels", target_sparsity=0.5))
+
+
+def test_technique_fine_tunes_and_reports_what_shrank(cnn, digits_images, ctx_factory):
+    out = Prune().apply(
+        ModelHandle.from_keras(cnn),
+        Prune.Config(method="channels", target_sparsity=0.5, epochs=1),
+        ctx_factory(digits_images),
+    )
+    smaller = out.keras()
+    assert smaller.count_params() < cnn.count_params() / 2.5
+    assert out.info["channels"] == {"conv2d": [16, 8], "conv2d_1": [32, 16], "dense": [64, 32]} or all(
+        after == before // 2 for before, after in out.info["channels"].values()
+    )
+    assert "prune(method=channels) removed 50% of the channels of 3 of 4 layers" in out.info["notes"][0]
+    x, y = digits_images.test.arrays()
+    assert float((smaller.predict(x, verbose=0).argmax(axis=1) == y).mean()) > 0.8
+
+
+def test_channels_then_int8_runs_end_to_end(cnn, digits_images, tmp_path):
+    x_train, y_train = digits_images.train.arrays()
+    x_test, y_test = digits_images.test.arrays()
+    result = kfopt.optimize(
+        cnn,
+        (x_train, y_train, x_test, y_test),
+        "prune(method=channels,target_sparsity=0.5,epochs=1)>quantize(mode=int8)",
+        out=tmp_path / "run",
+        progress=False,
+        max_accuracy_drop=1.0,
+    )
+    (candidate,) = result.candidates
+    assert candidate.status == "ok", candidate.reason
+    assert candidate.format == "tflite"
+    assert candidate.params < result.baseline.params / 2.5
+    assert candidate.flops < result.baseline.flops / 2.5
+    assert any("prune(method=channels) removed 50%" in line for line in candidate.notes)
