@@ -1,0 +1,189 @@
+"""Benchmark: channel pruning (prune(method=channels)) with and without int8, on conv models, side by side.
+
+For demo:cnn, a small ResNet (BatchNorm, residual adds) and keras.applications
+MobileNetV2 (alpha 0.35, 32x32, random init trained briefly on digits
+upsampled), each at channel sparsity 0.25, 0.5 and 0.75 (``channels S``: prune(method=channels,
+target_sparsity=S, epochs=--epochs), ``> fp32 tflite``: then accelerate(backend=tflite),
+``> int8``: then quantize(mode=int8)): the channel-pruned
+model (fine-tuned) converted to fp32 TFLite and to int8 TFLite, beside int8 alone.
+Prints accuracy drop, params, flops (MACs for one input), gzip compression,
+batch-1 TFLite latency speedup against the fp32 TFLite baseline, and wall time.
+
+Each sparsity is pruned and fine-tuned once; both conversions start from that
+model (the wall time of a row includes the pruning it started from).
+
+Usage: .venv/bin/python bench/channels.py [--models demo:cnn resnet mobilenet_v2] [--epochs 10] [--out runs/bench-channels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the zoo the tests build
+
+from kfopt.engine import prepare, run_recipe  # noqa: E402
+from kfopt.evaluate import Evaluator  # noqa: E402
+from kfopt.plugins import ModelHandle  # noqa: E402
+from kfopt.plugins.manager import registry  # noqa: E402
+from kfopt.progress import Reporter  # noqa: E402
+from kfopt.recipe import parse_recipe, plan  # noqa: E402
+from kfopt.rundir import write_json  # noqa: E402
+
+SPARSITIES = (0.25, 0.5, 0.75)
+#: fp32 TFLite (the like-for-like reference: speedup ~1) and int8 alone, then each sparsity's conversions.
+FP32, INT8 = "accelerate(backend=tflite)", "quantize(mode=int8)"
+#: The issue's aims: speedup at no more than 1 point of accuracy drop.
+AIMS = {"demo:cnn": 4.0, "resnet": 2.5, "mobilenet_v2": 2.5}
+MAX_DROP = 0.01
+
+
+def zoo_baseline(name: str, directory: Path, extra_epochs: int) -> tuple[str, dict]:
+    """A zoo model (tests/zoo_models.py) saved as a .keras file, trained ``extra_epochs`` more than the zoo's
+    two epochs, so the fine-tuning after pruning does not get credit for finishing the baseline's training."""
+    import zoo_models
+
+    from kfopt import _tf
+    from kfopt.models import load_keras
+
+    path, data = getattr(zoo_models, name)(directory)
+    if extra_epochs:
+        keras = _tf.keras()
+        model = load_keras(path)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+        model.fit(data["x_train"], data["y_train"], epochs=extra_epochs, batch_size=32, verbose=0)
+        model.save(path)
+    return path, data
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["demo:cnn", "resnet", "mobilenet_v2"])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs after removing channels")
+    parser.add_argument("--baseline-epochs", type=int, default=8, help="zoo models: epochs beyond the zoo's two")
+    parser.add_argument("--out", default="runs/bench-channels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    techniques = registry()
+    console = Console(width=max(Console().width, 170))  # whole table even when piped to a file
+    reporter = Reporter()
+    started = time.perf_counter()
+    table = Table(title="prune(method=channels) on digits: TFLite batch-1 speedup against fp32 TFLite")
+    for col in (
+        "model",
+        "recipe",
+        "format",
+        "accuracy",
+        "drop",
+        "params",
+        "flops",
+        "gzip KB",
+        "ratio",
+        "p50 ms",
+        "speedup",
+        "seconds",
+    ):
+        table.add_column(col, justify="left" if col in ("model", "recipe", "format") else "right")
+    summary = []
+    for model in args.models:
+        summary.append((model, bench_model(model, args, techniques, table, reporter)))
+        table.add_section()
+    console.print(table)
+    for model, rows in summary:
+        fit = [c for c in rows if c.ok and c.format == "tflite" and (c.accuracy_drop or 0) <= MAX_DROP]
+        best = max(fit, key=lambda c: c.speedup or 0, default=None)
+        aim = AIMS.get(model)
+        said = f"{best.speedup:.2f}x ({best.recipe}, drop {best.accuracy_drop * 100:+.2f} pt)" if best else "none"
+        verdict = "" if aim is None or best is None else (" meets" if best.speedup >= aim else " misses")
+        console.print(f"{model}: best TFLite speedup within 1 point: {said}{verdict} the aim of {aim}x")
+    console.print(f"total wall time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def bench_model(model: str, args, techniques, table: Table, reporter: Reporter) -> list:
+    """The rows of one model: fp32 TFLite and int8 alone, then each sparsity pruned once and converted twice."""
+    out = Path(args.out) / model.replace(":", "-")
+    out.mkdir(parents=True, exist_ok=True)
+    if model.startswith("demo:"):
+        spec, data = model, "digits"
+    else:
+        spec, data = zoo_baseline(model, out, args.baseline_epochs)
+    baseline, dataset = prepare(spec, data, seed=args.seed, workdir=out, reporter=reporter)
+    baseline.save(out / "baseline")
+    evaluator = Evaluator(dataset, baseline, out / "baseline")
+    base = evaluator.baseline_metrics()
+    table.add_row(
+        model,
+        "baseline",
+        "keras",
+        f"{base['accuracy']:.4f}",
+        "",
+        f"{base['params']:,}",
+        f"{base['flops']:,}",
+        f"{base['gzip_bytes'] / 1024:,.1f}",
+        "",
+        f"{base['latency_p50_ms']:.4f}",
+        "",
+        "",
+    )
+    rows: list = []
+
+    def run(text: str, source: ModelHandle, label: str, extra_seconds: float = 0.0):
+        planned = plan(parse_recipe(text), techniques)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
+        candidate = run_recipe(
+            parse_recipe(text), planned, source, dataset, evaluator, out / slug, seed=args.seed, reporter=reporter
+        )
+        candidate.recipe = label
+        candidate.seconds = round((candidate.seconds or 0) + extra_seconds, 2)
+        rows.append(candidate)
+        add_row(table, model, candidate)
+        return candidate
+
+    run(FP32, baseline, "fp32 tflite")
+    run(INT8, baseline, "int8")
+    for sparsity in args.sparsities:
+        prune = f"prune(method=channels,target_sparsity={sparsity:g},epochs={args.epochs})"
+        pruned = run(prune, baseline, f"channels {sparsity:g}")
+        if pruned.status != "ok":
+            continue
+        smaller = ModelHandle.load(pruned.artifact, info={"notes": pruned.notes, "params": pruned.params})
+        run(FP32, smaller, f"channels {sparsity:g} > fp32 tflite", pruned.seconds)
+        run(INT8, smaller, f"channels {sparsity:g} > int8", pruned.seconds)
+    write_json(
+        out / "bench.json",
+        {"baseline": base, "candidates": [c.to_dict() for c in rows], "references": evaluator.references},
+    )
+    return rows
+
+
+def add_row(table: Table, model: str, candidate) -> None:
+    if candidate.status != "ok":
+        table.add_row(model, candidate.recipe, "-", candidate.status, (candidate.reason or "")[:70], *[""] * 6)
+        return
+    table.add_row(
+        model,
+        candidate.recipe,
+        candidate.format,
+        f"{candidate.accuracy:.4f}",
+        f"{candidate.accuracy_drop * 100:+.2f} pt",
+        f"{candidate.params:,}" if candidate.params is not None else "-",
+        f"{candidate.flops:,}" if candidate.flops is not None else "-",
+        f"{candidate.gzip_bytes / 1024:,.1f}",
+        f"{candidate.compression_ratio:.1f}x",
+        f"{candidate.latency_p50_ms:.4f}",
+        f"{candidate.speedup:.2f}x",
+        f"{candidate.seconds:.1f}",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
