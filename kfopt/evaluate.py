@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import tarfile
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,9 +28,25 @@ from .flops import model_flops
 from .plugins.technique import ModelHandle
 from .sparsity import weight_sparsity
 
-#: Batch-1 invocations timed for latency (after WARMUP untimed ones).
+#: Batch-1 invocations timed for latency (after WARMUP untimed ones): at least this many of each model.
 LATENCY_RUNS = 200
 WARMUP = 20
+#: A candidate is timed against its baseline in alternating blocks (see :func:`compare_latency`) until the
+#: speedup's interval is within LATENCY_PRECISION of it (relative half width), or LATENCY_SECONDS have passed.
+LATENCY_SECONDS = 2.0
+LATENCY_PRECISION = 0.03
+#: The finest difference a speedup claims (its interval is at least this wide either side): two interpreters
+#: of the very same model, interleaved, differ by a steady 1-2% (where their buffers landed in memory), which
+#: no number of repetitions averages away.
+LATENCY_RESOLUTION = 0.03
+#: Confidence of the speedup's interval; six block pairs are the fewest that give it distribution-free.
+CONFIDENCE = 0.95
+MIN_PAIRS = 6
+#: A block is about this long (and at least MIN_BLOCK invocations): long enough that a block's median shrugs
+#: off a preemption, short enough that a change in the machine's load hits both models of a pair alike.
+BLOCK_SECONDS = 0.005
+MIN_BLOCK = 3
+MAX_PAIRS = 2000
 THROUGHPUT_BATCH = 32
 THROUGHPUT_RUNS = 20
 
@@ -289,7 +307,7 @@ def tflite_sparsity(content: bytes) -> float | None:
 
 
 def latency(runner: Runner, sample: np.ndarray, runs: int = LATENCY_RUNS, warmup: int = WARMUP) -> tuple[float, float]:
-    """(p50, p95) milliseconds of batch-1 invocations after warm-up."""
+    """(p50, p95) milliseconds of batch-1 invocations after warm-up (one model alone: no speedup from this)."""
     run = runner.prepared(sample)
     for _ in range(warmup):
         run()
@@ -299,6 +317,131 @@ def latency(runner: Runner, sample: np.ndarray, runs: int = LATENCY_RUNS, warmup
         run()
         times[i] = time.perf_counter() - start
     return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 95) * 1e3)
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """A model timed interleaved with its baseline (:func:`compare_latency`), batch 1, in milliseconds.
+
+    ``speedup`` is the median over block pairs of the baseline's typical time over the candidate's, and
+    ``speedup_low``/``speedup_high`` its distribution-free ``CONFIDENCE`` interval, widened to at least
+    ``LATENCY_RESOLUTION`` either side: a pair's two blocks run back to back, so a change in the machine's
+    load moves both and cancels in their ratio.
+    """
+
+    p50_ms: float
+    p95_ms: float
+    baseline_p50_ms: float
+    baseline_p95_ms: float
+    speedup: float
+    speedup_low: float
+    speedup_high: float
+    #: Block pairs timed, and invocations of each model per block.
+    pairs: int
+    block: int
+    seconds: float
+
+    @property
+    def runs(self) -> int:
+        """Timed invocations of each model."""
+        return self.pairs * self.block
+
+
+def median_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``values``: order statistics ``[x_(k), x_(n+1-k)]``.
+
+    ``k`` is the largest count with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2, so the interval holds the
+    true median with at least ``confidence`` whatever the distribution (fewer than six values: their range).
+    """
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(x)
+    if not n:
+        raise ValueError("no values")
+    tail, below, k = (1 - confidence) / 2, 0.0, 0
+    log_half = n * math.log(0.5)
+    for j in range(n // 2):
+        below += math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + log_half)
+        if below > tail:
+            break
+        k = j + 1
+    k = max(k, 1)
+    return float(x[k - 1]), float(x[n - k])
+
+
+def _typical(times: np.ndarray) -> float:
+    """A block's typical invocation time: the mean of its middle half. Robust to a preempted invocation like the
+    median, but not stuck to the timer's steps: a sub-microsecond model's times come in a few discrete values."""
+    ordered = np.sort(times)
+    cut = len(ordered) // 4
+    return float(ordered[cut : len(ordered) - cut].mean())
+
+
+def compare_latency(
+    runner: Runner,
+    baseline: Runner,
+    sample,
+    *,
+    min_runs: int = LATENCY_RUNS,
+    max_seconds: float = LATENCY_SECONDS,
+    precision: float = LATENCY_PRECISION,
+    warmup: int = WARMUP,
+) -> LatencyComparison:
+    """Time ``runner`` against ``baseline`` on ``sample`` (batch 1) in one process, in alternating blocks.
+
+    Blocks of batch-1 invocations alternate (candidate, baseline, baseline, candidate, ...: who goes first
+    alternates too, so neither always runs on the caches the other warmed). Both keep the thread counts
+    they were built with for the whole comparison. It stops once at least ``MIN_PAIRS`` pairs and
+    ``min_runs`` invocations of each model are timed and the speedup's interval is within ``precision`` of
+    it (relative half width), or when ``max_seconds`` have passed (then the interval is as wide as the noise
+    made it: it says so). The same model on both sides gives an interval around 1.0.
+    """
+    run_c, run_b = runner.prepared(sample), baseline.prepared(sample)
+    started = time.perf_counter()
+    slowest = 0.0
+    for run in (run_c, run_b):
+        for _ in range(max(warmup, 1)):
+            run()
+        tick = time.perf_counter()
+        run()
+        slowest = max(slowest, time.perf_counter() - tick)
+    block = max(MIN_BLOCK, min(10_000, int(BLOCK_SECONDS / max(slowest, 1e-7))))
+    min_pairs = min(MAX_PAIRS, max(MIN_PAIRS, -(-min_runs // block)))
+    times_c: list[np.ndarray] = []
+    times_b: list[np.ndarray] = []
+    ratios: list[float] = []
+    clock = time.perf_counter
+    while True:
+        pairs = len(ratios)
+        order = ((run_c, times_c), (run_b, times_b)) if pairs % 2 == 0 else ((run_b, times_b), (run_c, times_c))
+        for run, times in order:
+            row = np.empty(block)
+            for i in range(block):
+                tick = clock()
+                run()
+                row[i] = clock() - tick
+            times.append(row)
+        ratios.append(_typical(times_b[-1]) / _typical(times_c[-1]))
+        pairs += 1
+        if pairs < min_pairs:
+            continue
+        speedup = float(np.median(ratios))
+        low, high = median_interval(ratios)
+        if (high - low) / 2 <= precision * speedup or clock() - started >= max_seconds or pairs >= MAX_PAIRS:
+            break
+    c, b = np.concatenate(times_c) * 1e3, np.concatenate(times_b) * 1e3
+    low, high = min(low, speedup / (1 + LATENCY_RESOLUTION)), max(high, speedup * (1 + LATENCY_RESOLUTION))
+    return LatencyComparison(
+        p50_ms=float(np.percentile(c, 50)),
+        p95_ms=float(np.percentile(c, 95)),
+        baseline_p50_ms=float(np.percentile(b, 50)),
+        baseline_p95_ms=float(np.percentile(b, 95)),
+        speedup=speedup,
+        speedup_low=low,
+        speedup_high=high,
+        pairs=pairs,
+        block=block,
+        seconds=clock() - started,
+    )
 
 
 def throughput(runner: Runner, batch: np.ndarray, runs: int = THROUGHPUT_RUNS) -> float:
@@ -328,6 +471,13 @@ class Evaluator:
     scored and which metric is budgeted (``metric``: a name registered through
     ``kfopt_register_metrics``; None: the task's default). ``metrics`` is the
     registry's name -> Metric mapping (default: the installed plugins').
+
+    Latency: each candidate is timed interleaved with the baseline in its format
+    (:func:`compare_latency`), for at least ``latency_runs`` batch-1 invocations
+    of each and until its speedup's interval is narrow or ``latency_seconds``
+    have passed (None: ``LATENCY_SECONDS``, shortened in proportion when
+    ``latency_runs`` asks for fewer runs than the default, as quick test and
+    smoke runs do).
     """
 
     def __init__(
@@ -340,6 +490,7 @@ class Evaluator:
         metric: str | None = None,
         metrics: dict | None = None,
         output: str | int | None = None,
+        latency_seconds: float | None = None,
     ):
         from .data import is_one_hot, labels
         from .signature import model_info, output_view, resolve_output
@@ -350,6 +501,9 @@ class Evaluator:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.latency_runs = latency_runs
+        self.latency_seconds = (
+            latency_seconds if latency_seconds is not None else LATENCY_SECONDS * min(1.0, latency_runs / LATENCY_RUNS)
+        )
         self.x_test, y_test = data.test.arrays()
         # Validation accuracy is reported beside the test one so searches can choose on it
         # (kfopt.recipe_search) and keep the test split for the final budget check only.
@@ -377,23 +531,40 @@ class Evaluator:
         self.y_val = self.task.targets(labels(y_val, one_hot)) if len(y_val) else np.zeros((0,))
         self._baseline_scored: tuple[_Scored, _Scored | None] | None = None
         self._references: dict[str, dict] = {}
+        self._reference_handles: dict[str, ModelHandle] = {}
+        self._reference_runners: dict[str, Runner] = {}
 
     # The baseline, as deployed in each format, is what ratios are taken against.
     def reference(self, format: str) -> dict:
-        """Size and latency of the baseline in ``format`` (computed once)."""
+        """Size and latency of the baseline in ``format`` (computed once).
+
+        Its latency is the one measured beside the first candidate of that format (timed alone when no
+        candidate came yet); each candidate's own ``compared_with`` holds the baseline's latency measured
+        interleaved with it.
+        """
         if format not in self._references:
-            handle = self._baseline_as(format)
-            path = handle.path or handle.save(self.workdir / format)
-            size, gz = artifact_sizes(path)
-            p50, p95 = latency(runner_for(handle, self.output), self.x_test[:1], self.latency_runs)
-            self._references[format] = {
-                "format": format,
-                "size_bytes": size,
-                "gzip_bytes": gz,
-                "latency_p50_ms": p50,
-                "latency_p95_ms": p95,
-            }
+            p50, p95 = latency(self._reference_runner(format), self.x_test[:1], self.latency_runs)
+            self._references[format] = {**self._reference_sizes(format), "latency_p50_ms": p50, "latency_p95_ms": p95}
         return self._references[format]
+
+    def _reference_handle(self, format: str) -> ModelHandle:
+        if format not in self._reference_handles:
+            handle = self._baseline_as(format)
+            if handle.path is None:
+                handle.save(self.workdir / format)
+            self._reference_handles[format] = handle
+        return self._reference_handles[format]
+
+    def _reference_sizes(self, format: str) -> dict:
+        size, gz = artifact_sizes(self._reference_handle(format).path)
+        return {"format": format, "size_bytes": size, "gzip_bytes": gz}
+
+    def _reference_runner(self, format: str) -> Runner:
+        """The baseline in ``format``, ready to time: one runner per format for the whole run (for TFLite: one
+        thread, the interpreter's deployment default that every candidate's thread count is measured against)."""
+        if format not in self._reference_runners:
+            self._reference_runners[format] = runner_for(self._reference_handle(format), self.output)
+        return self._reference_runners[format]
 
     def _baseline_as(self, format: str) -> ModelHandle:
         if format == self.baseline.format:
@@ -460,8 +631,13 @@ class Evaluator:
         test = self._score(runner, self.x_test, self.y_test)
         val = self._score(runner, self.x_val, self.y_val)
         size, gz = artifact_sizes(handle.path)
-        p50, p95 = latency(runner, self.x_test[:1], self.latency_runs)
-        reference = self.reference(handle.format)
+        timing = self._latency(handle, runner)
+        reference = {
+            **self._references.get(handle.format, self._reference_sizes(handle.format)),
+            "latency_p50_ms": timing.baseline_p50_ms,
+            "latency_p95_ms": timing.baseline_p95_ms,
+        }
+        self._references.setdefault(handle.format, dict(reference))
         classifier = self.task.classification
         metric_drop = self.metric.drop(base.metric, test.metric)
         val_metric_drop = self.metric.drop(base_val.metric, val.metric) if val and base_val else None
@@ -486,15 +662,35 @@ class Evaluator:
             "sparsity": self._sparsity(handle),
             "params": self._params(handle),
             "flops": model_flops(handle),
-            "latency_p50_ms": p50,
-            "latency_p95_ms": p95,
+            "latency_p50_ms": timing.p50_ms,
+            "latency_p95_ms": timing.p95_ms,
             "throughput_per_s": throughput(runner, self._batch()),
-            "speedup": reference["latency_p50_ms"] / p50,
+            "speedup": timing.speedup,
+            "speedup_low": timing.speedup_low,
+            "speedup_high": timing.speedup_high,
             "per_class_accuracy_change": (
                 self._per_class_change(test.predictions, base.predictions) if classifier else None
             ),
             "compared_with": reference,
         }
+
+    def _latency(self, handle: ModelHandle, runner: Runner) -> LatencyComparison:
+        """``handle`` timed interleaved with the baseline in its format; the baseline itself: 1.0 by definition."""
+        if handle is self.baseline:
+            known = self._references.get(handle.format)
+            p50, p95 = (
+                (known["latency_p50_ms"], known["latency_p95_ms"])
+                if known
+                else latency(runner, self.x_test[:1], self.latency_runs)
+            )
+            return LatencyComparison(p50, p95, p50, p95, 1.0, 1.0, 1.0, pairs=0, block=0, seconds=0.0)
+        return compare_latency(
+            runner,
+            self._reference_runner(handle.format),
+            self.x_test[:1],
+            min_runs=self.latency_runs,
+            max_seconds=self.latency_seconds,
+        )
 
     def _batch(self) -> np.ndarray:
         x = self.x_test[:THROUGHPUT_BATCH]

@@ -65,6 +65,16 @@ COLUMNS = (
 )
 
 
+def speedup_cell(record) -> str:
+    """``speedup`` with its spread, "2.41x ±0.05" (half the width of its interval), or "-" when not measured."""
+    speedup = record.get("speedup")
+    if speedup is None:
+        return "-"
+    low, high = record.get("speedup_low"), record.get("speedup_high")
+    spread = f" ±{(high - low) / 2:.2f}" if low is not None and high is not None and high > low else ""
+    return f"{speedup:.2f}x{spread}"
+
+
 def budgeted_metric(result: dict) -> str:
     """The name of the metric the run budgeted (``accuracy`` for records from before metrics had names)."""
     baseline = result.get("baseline") or {}
@@ -105,6 +115,8 @@ def results_table(result: dict) -> Table:
             value = row.get(key)
             if value is None:
                 cells.append("-")
+            elif key == "speedup":
+                cells.append(speedup_cell(row))
             else:
                 cells.append(fmt.format(value / 1024 if key == "gzip_bytes" else value))
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('reason')}"
@@ -208,7 +220,7 @@ def search_table(result: dict) -> Table:
             f"{c['gzip_bytes'] / 1024:,.1f}",
             f"{c['compression_ratio']:.1f}x",
             f"{c['latency_p50_ms']:.4f}",
-            f"{c['speedup']:.2f}x",
+            speedup_cell(c),
             f"{c.get('seconds', 0):.0f}",
         )
     return table

@@ -179,7 +179,9 @@ class Selection:
     None), ``pareto`` the labels of the candidates no other candidate beats on
     both accuracy and the objective metric (best metric first), ``within_budget``
     the labels of eligible candidates, and ``reasons`` says for every other
-    candidate why it was not eligible.
+    candidate why it was not eligible. ``ties`` lists the candidates a latency
+    or mix objective could not tell from the best one within the noise of the
+    measurement (the winner among them is the smallest).
     """
 
     objective: str
@@ -192,6 +194,7 @@ class Selection:
     fronts: dict[str, list[str]] = field(default_factory=dict)
     #: The metric the budget bounds (``metric_name`` of the candidates); None for records without one.
     budget_metric: str | None = None
+    ties: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         out = {
@@ -206,6 +209,8 @@ class Selection:
         }
         if self.budget_metric:
             out["budget_metric"] = self.budget_metric
+        if self.ties:
+            out["ties_within_noise"] = list(self.ties)
         return out
 
 
@@ -281,6 +286,30 @@ def objective_ratio(record: dict, objective: str) -> tuple[str, float | None]:
     ratio, speedup = record.get("compression_ratio"), record.get("speedup")
     value = ratio**weight * speedup ** (1 - weight) if ratio and speedup and ratio > 0 and speedup > 0 else None
     return f"compression_ratio^{weight:g} * speedup^{1 - weight:g}", value
+
+
+def objective_interval(record: dict, objective: str) -> tuple[float, float] | None:
+    """The range the noise of its latency measurement leaves ``objective_value`` in (low, high), or None.
+
+    Latency carries the relative spread of the candidate's speedup (``speedup_low``..``speedup_high``,
+    measured interleaved with its baseline): p50 * speedup / speedup_high .. p50 * speedup / speedup_low,
+    and a mix carries it to the power 1 - W. Size is exact, and so is a record without a spread.
+    """
+    value = objective_value(record, objective)
+    if value is None:
+        return None
+    weight = 1.0 if objective == "size" else (0.0 if objective == "latency" else mix_weight(objective))
+    speedup, low, high = record.get("speedup"), record.get("speedup_low"), record.get("speedup_high")
+    if weight == 1.0 or not (speedup and low and high and 0 < low <= speedup <= high):
+        return value, value
+    return value * (speedup / high) ** (1 - weight), value * (speedup / low) ** (1 - weight)
+
+
+def within_noise(record: dict, best: dict, objective: str) -> bool:
+    """Whether ``record`` is as good as ``best`` on ``objective`` within the noise of the latency
+    measurements: their :func:`objective_interval` ranges overlap."""
+    ours, theirs = objective_interval(record, objective), objective_interval(best, objective)
+    return ours is not None and theirs is not None and ours[0] <= theirs[1] and theirs[0] <= ours[1]
 
 
 def _value(record: dict, key: str):
@@ -363,8 +392,12 @@ def select(
     split the search decides on: a winner is within the budget on both). Ties
     on the objective go to the smaller metric drop (the higher accuracy), then
     to the recipe label (so the choice never depends on the order candidates
-    finished in). Failed and skipped candidates are never eligible; if nothing
-    is eligible the winner is None and ``reasons`` says why for each candidate.
+    finished in). With ``latency`` or ``mix``, a difference inside the noise of
+    the latency measurement is a tie too (:func:`within_noise` of the best
+    candidate): among those, the smallest (``gzip_bytes``) wins, then the
+    smaller metric drop, so noise never picks the winner. Failed and skipped
+    candidates are never eligible; if nothing is eligible the winner is None
+    and ``reasons`` says why for each candidate.
     """
     metric = objective_metric(objective)
     budget = Budget.parse(max_accuracy_drop)
@@ -386,6 +419,17 @@ def select(
     selection.within_budget = [c["recipe"] for c in eligible]
     if eligible:
         best = min(eligible, key=lambda c: (objective_value(c, objective), -_rank(c), c["recipe"]))
+        # Size is measured exactly: only latency has noise to tie in.
+        tied = (
+            [c for c in eligible if c is not best and within_noise(c, best, objective)] if objective != "size" else []
+        )
+        if tied:
+            tied.append(best)
+            best = min(
+                tied,
+                key=lambda c: (c.get("gzip_bytes") or math.inf, -_rank(c), objective_value(c, objective), c["recipe"]),
+            )
+            selection.ties = sorted(c["recipe"] for c in tied)
         selection.winner = best["recipe"]
     selection.pareto = pareto_front(candidates, objective)
     selection.fronts = {metric: pareto_front(candidates, metric) for metric in OBJECTIVES.values()}

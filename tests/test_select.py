@@ -171,3 +171,61 @@ def test_a_winner_is_within_the_budget_on_both_splits():
     selection = select([lucky, steady], max_accuracy_drop=0.01)
     assert selection.winner == "steady"
     assert "on the validation split is over the budget" in selection.reasons["lucky-on-test"]
+
+
+# -- latency ties within the noise -------------------------------------------------------------
+def timed(label, gzip, latency, speedup, low, high, drop=0.0):
+    """A candidate whose speedup was measured interleaved with its baseline, with its interval."""
+    return {
+        **ok(label, 0.97 - drop, drop, gzip, latency=latency),
+        "speedup": speedup,
+        "speedup_low": low,
+        "speedup_high": high,
+    }
+
+
+def bare(record):
+    """The same record without its spread (as records from before it was measured)."""
+    return {k: v for k, v in record.items() if k not in ("speedup_low", "speedup_high")}
+
+
+def test_latency_differences_inside_the_noise_are_ties_broken_by_size():
+    fast_big = timed("fast-big", 90_000, 0.0100, 2.00, 1.90, 2.10)
+    slower_small = timed("slower-small", 30_000, 0.0103, 1.94, 1.85, 2.03)  # 3% slower: inside the spread
+    slow_tiny = timed("slow-tiny", 10_000, 0.0200, 1.00, 0.97, 1.03)  # clearly slower: no tie
+    candidates = [fast_big, slower_small, slow_tiny]
+    for _ in range(3):
+        random.shuffle(candidates)
+        selection = select(candidates, objective="latency")
+        assert selection.winner == "slower-small"
+        assert selection.ties == ["fast-big", "slower-small"]
+        assert selection.as_dict()["ties_within_noise"] == ["fast-big", "slower-small"]
+    # Bare numbers (no spread) decide as before: the fastest.
+    assert select([bare(c) for c in candidates], objective="latency").winner == "fast-big"
+    # A precise measurement that tells them apart: the fastest.
+    precise = [
+        timed("fast-big", 90_000, 0.0100, 2.00, 1.99, 2.01),
+        timed("slower-small", 30_000, 0.0103, 1.94, 1.93, 1.95),
+    ]
+    selection = select(precise, objective="latency")
+    assert selection.winner == "fast-big" and selection.ties == []
+    assert "ties_within_noise" not in selection.as_dict()
+
+
+def test_a_latency_tie_of_equal_size_goes_to_the_smaller_metric_drop_and_the_budget_still_rules():
+    faster = timed("faster", 30_000, 0.0100, 2.00, 1.90, 2.10, drop=0.004)
+    better = timed("better", 30_000, 0.0102, 1.96, 1.86, 2.06, drop=0.001)
+    assert select([faster, better], objective="latency").winner == "better"
+    # A tied candidate over the budget is not eligible, however small.
+    over = timed("over", 1_000, 0.0101, 1.98, 1.88, 2.08, drop=0.05)
+    selection = select([faster, over], objective="latency", max_accuracy_drop=0.01)
+    assert selection.winner == "faster" and "over the budget" in selection.reasons["over"]
+
+
+def test_a_mix_ties_within_the_noise_of_its_latency_share():
+    quick = timed("quick", 40_000, 0.0100, 2.00, 1.80, 2.20)  # sqrt(40k * 0.0100) = 20.0
+    small = timed("small", 36_000, 0.0115, 1.74, 1.60, 1.90)  # sqrt(36k * 0.0115) = 20.3: inside the noise
+    assert select([quick, small], objective="mix").winner == "small"
+    assert select([bare(quick), bare(small)], objective="mix").winner == "quick"
+    # Size alone is exact: no ties there.
+    assert select([quick, small], objective="size").ties == []
