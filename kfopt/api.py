@@ -114,9 +114,10 @@ def search(
     objective: str = "size",
     metric: str | None = None,
     output: str | int | None = None,
-    rounds: int = 1,
+    rounds: int | None = None,
     max_trials: int = 4,
     max_time: float | None = None,
+    time_budget: float | None = None,
     target: float | None = None,
     stop_when_met: bool = False,
     sensitivity: float | None = 0.9,
@@ -132,8 +133,13 @@ def search(
             :func:`optimize`.
         recipes: the round-1 recipes (a list of inline recipes or a search YAML file; default: the
             built-in search space).
-        rounds: refinement rounds after round 1, each at most ``max_trials`` recipes; ``max_time``
-            bounds the optimization seconds; ``target`` with ``stop_when_met`` stops at a ratio.
+        rounds: refinement rounds after round 1, each at most ``max_trials`` recipes; None (default):
+            refine while a round improves the best candidate within budget by more than a few percent,
+            within ``time_budget``. ``max_time`` bounds the optimization seconds; ``target`` with
+            ``stop_when_met`` stops at a ratio.
+        time_budget: wall seconds the whole search may take; a refinement recipe starts only when its
+            estimated time fits (None: 3x the time up to the end of round 1, at least 120 s, when
+            ``rounds`` is None; no limit with ``rounds``).
         sensitivity: the sparsity of the layer-sensitivity pass that guides refinement (None: skip).
 
     Returns:
@@ -152,6 +158,7 @@ def search(
         rounds=rounds,
         max_trials=max_trials,
         max_time=max_time,
+        time_budget=time_budget,
         max_accuracy_drop=max_accuracy_drop,
         objective=objective,
         metric=metric,

@@ -14,7 +14,8 @@ from kfopt.cli import main
 from kfopt.plugins.manager import registry
 from kfopt.plugins.prune import Prune
 from kfopt.recipe import parse_recipe, plan
-from kfopt.recipe_search import best_feasible, layer_sensitivity, propose, target_met
+from kfopt.recipe_search import best_feasible, layer_sensitivity, next_round, propose, target_met
+from kfopt.recipe_search.proposals import round_gain
 
 BUDGET = 0.01
 
@@ -198,9 +199,14 @@ def test_a_chain_a_little_over_budget_is_retried_with_longer_fine_tuning(techniq
             techniques, "distill(width=0.25,epochs=6)>quantize(mode=int8)", 0.05, 0.05, 3000
         ),  # far over: not retried
     ]
-    (proposal,) = propose(records, max_accuracy_drop=BUDGET, techniques=techniques)
-    assert proposal.recipe == "prune(method=magnitude,target_sparsity=0.8,epochs=20)>quantize(mode=int8)"
-    assert "fine-tune longer" in proposal.why
+    proposals = propose(records, max_accuracy_drop=BUDGET, techniques=techniques)
+    (longer,) = [p for p in proposals if "fine-tune longer" in p.why]
+    assert longer.recipe == "prune(method=magnitude,target_sparsity=0.8,epochs=20)>quantize(mode=int8)"
+    # The same round already bisects up from it (provisionally feasible), at the default epochs; the far one: nothing.
+    (bisect,) = [p for p in proposals if p.why.startswith("bisect prune sparsity up")]
+    assert sparsity_of(bisect.recipe) == pytest.approx(0.89) and "epochs=20" in bisect.recipe
+    assert "provisional start" in bisect.why
+    assert not any(p.recipe.startswith("distill(") for p in proposals)
 
 
 def test_two_round_search_on_digits_finds_a_more_aggressive_recipe(tmp_path):
@@ -392,3 +398,178 @@ def test_a_copied_structured_prune_keeps_its_pattern_and_takes_no_target_sparsit
     ]
     for recipe in recipes:
         plan(parse_recipe([recipe]), techniques)  # would raise if target_sparsity came along
+
+
+def searched(techniques, label, val_drop, gzip, round_number):
+    return {**record(techniques, label, val_drop, val_drop, gzip), "round": round_number}
+
+
+def test_without_rounds_a_round_that_does_not_improve_the_best_stops_the_search(techniques):
+    records = [
+        searched(techniques, "quantize(mode=int8)", 0.0, 20000, 1),
+        searched(techniques, "prune(target_sparsity=0.8)>quantize(mode=int8)", 0.005, 6000, 1),
+        searched(techniques, "prune(target_sparsity=0.89)>quantize(mode=int8)", 0.005, 4000, 2),
+    ]
+    bounds = {"max_accuracy_drop": BUDGET, "objective": "size", "techniques": techniques, "until_no_gain": True}
+    # Round 2 made the best 50% smaller: round 3 is proposed.
+    assert round_gain(records, 2, max_accuracy_drop=BUDGET, objective="size") == pytest.approx(0.5)
+    proposals, stop = next_round(records, 3, **bounds)
+    assert proposals and stop is None
+    # Round 3 only found a candidate 2% smaller (or one over budget): the search stops, saying why.
+    third = records + [
+        searched(techniques, "prune(target_sparsity=0.9)>quantize(mode=int8)", 0.005, 3920, 3),
+        searched(techniques, "prune(target_sparsity=0.95)>quantize(mode=int8)", 0.03, 2000, 3),
+    ]
+    proposals, stop = next_round(third, 4, **bounds)
+    assert proposals == [] and stop.startswith("round 3 improved the best candidate within budget by 2.0%")
+    # With a number of rounds (until_no_gain off) the same evidence refines on.
+    assert next_round(third, 4, **{**bounds, "until_no_gain": False})[0]
+
+
+def test_the_time_estimate_scales_with_fine_tuning_epochs(techniques):
+    from kfopt.recipe_search.driver import estimated_seconds
+    from kfopt.result import Candidate
+
+    def ran(label, seconds):
+        return Candidate(recipe=label, steps=record(techniques, label, 0, 0, 1)["steps"], seconds=seconds)
+
+    done = [ran("prune(target_sparsity=0.8,epochs=2)>quantize(mode=int8)", 4.0), ran("quantize(mode=int8)", 1.0)]
+
+    def planned(label):
+        return [p.as_dict() for p in plan(parse_recipe([label]), techniques)]
+
+    assert estimated_seconds(planned("prune(target_sparsity=0.9,epochs=20)>quantize(mode=int8)"), done) == 40
+    assert estimated_seconds(planned("distill(width=0.3,epochs=30)"), done) == 4.0  # unlike anything: the slowest
+
+
+def test_a_tiny_time_budget_stops_refinement_before_it_is_exceeded(mlp, digits_flat, tmp_path):
+    from kfopt.plugins import ModelHandle
+    from kfopt.recipe_search import search
+
+    result = search(
+        "demo:mlp",
+        "digits",
+        tmp_path / "search",
+        recipes=["prune(target_sparsity=0.5,epochs=1)>quantize(mode=dynamic)"],
+        max_accuracy_drop=0.05,
+        time_budget=0.5,
+        baseline=(ModelHandle.from_keras(mlp), digits_flat),
+        latency_runs=20,
+    )
+    assert [c.round for c in result.candidates] == [1]  # round 1 always runs; nothing after it started
+    assert result.search["until_no_gain"] and result.search["time_budget"] == 0.5
+    assert result.search["stopped"].startswith("time budget of 0.5 s:") and "would take" in result.search["stopped"]
+    skipped = [t for t in result.search_trace if t["round"] == 2]
+    assert skipped and all(t["status"].startswith("not run: time budget") for t in skipped)
+    assert result.best_same_architecture == result.winner  # pruning keeps the architecture
+
+
+def conv_rows():
+    return [dict(row, type="Dense" if row["layer"].startswith("dense") else "Conv2D") for row in CNN_ROWS]
+
+
+def test_latency_on_a_conv_model_proposes_channel_pruning_and_bisects_it(techniques):
+    records = [
+        record(techniques, "quantize(mode=int8)", 0.0, 0.0, 20000),
+        record(techniques, "prune(target_sparsity=0.8,epochs=3)>quantize(mode=int8)", 0.005, 0.004, 6000),
+    ]
+    channels = [
+        p
+        for p in propose(
+            records, max_accuracy_drop=BUDGET, objective="latency", sensitivity=conv_rows(), techniques=techniques
+        )
+        if "method=channels" in p.recipe
+    ]
+    assert len(channels) == 1 and channels[0].recipe.endswith(">quantize(mode=int8)")
+    assert sparsity_of(channels[0].recipe) == pytest.approx(0.5) and "keeps its architecture" in channels[0].why
+    mlp_rows = [dict(row, type="Dense") for row in CNN_ROWS]
+    for objective, rows in (("latency", mlp_rows), ("size", conv_rows())):  # an MLP, or size: no channels
+        assert not any(
+            "method=channels" in p.recipe
+            for p in propose(
+                records,
+                max_accuracy_drop=BUDGET,
+                objective=objective,
+                sensitivity=rows,
+                max_trials=10,
+                techniques=techniques,
+            )
+        )
+    # Channel sparsity has its own bracket (ceiling 0.9), apart from magnitude sparsity.
+    tried = records + [
+        record(
+            techniques, "prune(method=channels,target_sparsity=0.5,epochs=20)>quantize(mode=int8)", 0.004, 0.004, 9000
+        )
+    ]
+    proposals = propose(
+        tried,
+        max_accuracy_drop=BUDGET,
+        objective="latency",
+        sensitivity=conv_rows(),
+        max_trials=10,
+        techniques=techniques,
+    )
+    (bisect,) = [p for p in proposals if "method=channels" in p.recipe]
+    assert sparsity_of(bisect.recipe) == pytest.approx(0.7) and bisect.why.startswith("bisect channel sparsity up")
+    magnitude = [p for p in proposals if p.why.startswith("bisect prune sparsity up")]
+    assert [sparsity_of(p.recipe) for p in magnitude] == [pytest.approx(0.89)]
+
+
+def test_round_one_gets_channel_pruning_only_for_a_conv_model_and_latency(techniques):
+    from kfopt._tf import keras
+    from kfopt.recipe_search.driver import best_same_architecture, channel_recipes, keeps_architecture
+
+    k = keras()
+    conv = k.Sequential([k.Input((8, 8, 1)), k.layers.Conv2D(4, 3), k.layers.Flatten(), k.layers.Dense(10)])
+    dense = k.Sequential([k.Input((64,)), k.layers.Dense(16), k.layers.Dense(10)])
+    (proposal,) = channel_recipes(conv, "latency", techniques)
+    assert proposal.recipe.startswith("prune(method=channels,target_sparsity=0.5")
+    assert channel_recipes(conv, "mix", techniques) and not channel_recipes(conv, "size", techniques)
+    assert not channel_recipes(dense, "latency", techniques)
+    # The dense student wins on latency; the best candidate that keeps the architecture is named beside it.
+    from kfopt.result import Candidate
+
+    def ran(label, latency):
+        r = record(techniques, label, 0.0, 0.0, 5000, latency_p50_ms=latency)
+        return Candidate(**{k: v for k, v in r.items() if k != "val_accuracy_drop"}, val_accuracy_drop=0.0)
+
+    candidates = [
+        ran("distill(architecture=dense,width=1)>quantize(mode=int8)", 0.002),
+        ran("prune(method=channels,target_sparsity=0.5)>quantize(mode=int8)", 0.006),
+        ran("quantize(mode=int8)", 0.008),
+    ]
+    assert not keeps_architecture(candidates[0], techniques) and keeps_architecture(candidates[1], techniques)
+    assert best_same_architecture(candidates, max_accuracy_drop=BUDGET, objective="latency", techniques=techniques) == (
+        "prune(method=channels,target_sparsity=0.5)>quantize(mode=int8)"
+    )
+
+
+def test_sensitivity_uses_the_task_metric_for_regression_and_binary_models(tmp_path):
+    from kfopt._tf import keras
+    from kfopt.data import load_data
+
+    k = keras()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    target = (x @ rng.normal(size=8) + 0.1 * rng.normal(size=600)).astype(np.float32)
+    for kind, y, activation, loss in (
+        ("regression", target, None, "mse"),
+        ("binary", (target > 0).astype(np.int64), "sigmoid", "binary_crossentropy"),
+    ):
+        k.utils.set_random_seed(0)
+        model = k.Sequential(
+            [
+                k.Input((8,)),
+                k.layers.Dense(32, activation="relu", name="hidden"),
+                k.layers.Dense(1, activation=activation, name="out"),
+            ]
+        )
+        model.compile(k.optimizers.Adam(1e-2), loss)
+        model.fit(x[:400], y[:400], epochs=30, verbose=0)
+        data = load_data((x[:400], y[:400], x[400:], y[400:]), input_shape=(8,))
+        rows = layer_sensitivity(model, data, sparsity=0.95)
+        assert {r["metric"] for r in rows} == {"mae" if kind == "regression" else "binary_accuracy"}, kind
+        # Removing most of a layer hurts: mae rises (a positive drop), binary accuracy falls.
+        assert rows[0]["val_metric_drop"] > (0.2 if kind == "regression" else 0.05), (kind, rows)
+        assert rows == sorted(rows, key=lambda r: -r["val_metric_drop"])
+        assert {r["type"] for r in rows} == {"Dense"}

@@ -60,9 +60,14 @@ from ..select import (
     objective_value,
     quality,
 )
+from .sensitivity import sensitivity_drop
 
 #: Bisection bounds when no candidate has yet failed the budget on that side.
 SPARSITY_CEILING = 0.98
+#: Channel pruning removes whole filters: past this share the layers are too thin to fine-tune back.
+CHANNEL_CEILING = 0.9
+#: Where channel pruning starts (round 1 on conv models for latency or mix), bisected from there.
+CHANNEL_START = 0.5
 WIDTH_FLOOR = 0.0625
 #: Stop bisecting when the bracket is this narrow.
 MIN_SPARSITY_STEP = 0.01
@@ -74,6 +79,9 @@ DENSE_WIDTH = 1.0
 #: demo:cnn: keeping its output Dense and first Conv (1.4%) dense let the big Dense go to 98%
 #: (31.6x); adding the second Conv (8%) as well left it at 18.8x, below plain 94% pruning.
 KEEP_SHARE = 0.05
+#: Without --rounds the search refines while a round improves the best candidate within budget by more than
+#: this (its objective value: gzip bytes, latency or their mix); demo:cnn's rounds gain 30-200% until they stop.
+MIN_GAIN = 0.03
 #: Only a chain over budget by at most this many budgets is retried with longer fine-tuning.
 LONGER_MAX_DROP = 2.0
 
@@ -344,6 +352,28 @@ class _Evidence:
     def feasible(self, record: dict) -> bool:
         return val_feasible(record, self.given or self.budget)
 
+    def provisional(self, record: dict) -> bool:
+        """Over budget by at most ``LONGER_MAX_DROP`` budgets after fine-tuning for fewer epochs than the defaults.
+
+        Such a chain is likely within budget once fine-tuned at the defaults
+        (which every proposal is), so the search bisects and combines from it
+        in the same round that retries it, instead of waiting a round for the proof.
+        """
+        if not _val_measured(record) or self.feasible(record) or self.objective_value(record) is None:
+            return False
+        if val_drop(record) > LONGER_MAX_DROP * self.budget + TOLERANCE:
+            return False
+        same = Proposal(_copied_recipe(record, self.defaults), "")
+        return _fully_fine_tuned(same, self.defaults).recipe != same.recipe
+
+    def usable(self, record: dict) -> bool:
+        """Within budget, or provisionally so (see :meth:`provisional`): what a bisection may start from."""
+        return self.feasible(record) or self.provisional(record)
+
+    def has_conv(self) -> bool:
+        """The baseline has convolution layers (read from the layer-sensitivity rows' ``type``)."""
+        return any("Conv" in (row.get("type") or "") for row in self.sensitivity)
+
     def objective_value(self, record: dict) -> float | None:
         return objective_value(record, self.objective)
 
@@ -372,34 +402,42 @@ class _Evidence:
 
 
 # -- proposing -----------------------------------------------------------------
-def _bracket(evidence: _Evidence, keep: tuple[str, ...] = ()) -> Bracket | None:
-    """The prune bisection bracket of the ``keep_dense`` set ``keep``; None when nothing is feasible.
+def _bracket(evidence: _Evidence, keep: tuple[str, ...] = (), method: str = "magnitude") -> Bracket | None:
+    """The prune bisection bracket of ``method`` and the ``keep_dense`` set ``keep``; None when nothing is usable.
 
-    ``low`` is the highest val-feasible sparsity, ``high`` the lowest sparsity
-    over budget above it (fine-tuned at least as long) or the ceiling. Keeping
-    layers dense only makes pruning easier, so a feasible plain prune bounds a
-    ``keep`` set from below too.
+    ``low`` is the highest val-feasible sparsity (or, when none is feasible
+    yet, the highest provisionally feasible one: a little over budget after
+    short fine-tuning), ``high`` the lowest sparsity over budget above it
+    (fine-tuned at least as long) or the ceiling. Keeping layers dense only
+    makes pruning easier, so a feasible plain prune bounds a ``keep`` set from
+    below too. Methods do not share brackets (channels remove whole filters).
     """
-    runs = evidence.prune_runs()
-    feasible = [run for run in runs if evidence.feasible(run.record) and run.keep in {keep, ()}]
-    if not feasible:
+    runs = [run for run in evidence.prune_runs() if run.method == method]
+    starts = [run for run in runs if evidence.feasible(run.record) and run.keep in {keep, ()}]
+    provisional = not starts
+    if provisional:
+        starts = [run for run in runs if evidence.provisional(run.record) and run.keep in {keep, ()}]
+    if not starts:
         return None
-    best = max(feasible, key=lambda run: (run.sparsity, run.keep == keep, -val_drop(run.record)))
+    best = max(starts, key=lambda run: (run.sparsity, run.keep == keep, -val_drop(run.record)))
     above = [
         run.sparsity
         for run in runs
         if run.keep == keep
-        and not evidence.feasible(run.record)
+        and not evidence.usable(run.record)
         and run.sparsity > best.sparsity
         and run.epochs >= best.epochs
     ]
-    high = min(above, default=SPARSITY_CEILING)
+    ceiling = CHANNEL_CEILING if method == "channels" else SPARSITY_CEILING
+    high = min(above, default=ceiling)
     bound = f"lowest sparsity over budget {high:g}" if above else f"nothing over budget yet, ceiling {high:g}"
+    if provisional:
+        bound += "; provisional start: a little over budget after short fine-tuning"
     return Bracket(best, high, bound)
 
 
-def _bisect_prune(evidence: _Evidence, keep: tuple[str, ...] = ()) -> Proposal | None:
-    bracket = _bracket(evidence, keep)
+def _bisect_prune(evidence: _Evidence, keep: tuple[str, ...] = (), method: str = "magnitude") -> Proposal | None:
+    bracket = _bracket(evidence, keep, method)
     if bracket is None or bracket.high - bracket.low < MIN_SPARSITY_STEP:
         return None
     best = bracket.best
@@ -407,34 +445,123 @@ def _bisect_prune(evidence: _Evidence, keep: tuple[str, ...] = ()) -> Proposal |
     steps = _copied_recipe(best.record, evidence.defaults)
     steps[best.index] = best.proposed(middle, keep)
     kept = f" with keep_dense=[{','.join(keep)}]" if keep else ""
+    what = "channel sparsity" if method == "channels" else "prune sparsity"
     return Proposal(
         steps,
-        f"bisect prune sparsity up{kept} from '{best.record['recipe']}' "
+        f"bisect {what} up{kept} from '{best.record['recipe']}' "
         f"(sparsity {bracket.low:g}, {_drop(best.record)}; {bracket.bound}): try {middle:g}",
     )
 
 
-def _sensitive_layers(rows, key: str, budget: float) -> list[dict]:
-    """Rows whose ``key`` (a val drop with that layer alone changed) exceeds the budget, kept within KEEP_SHARE.
+def _push_chain(evidence: _Evidence) -> Proposal | None:
+    """Push the prune sparsity of the best chain within budget that prunes after another step (``distill>prune``).
 
-    The layers saving the most accuracy per kernel param come first.
+    Plain prune chains have their own bisection; a chain that prunes a
+    distilled student is bracketed among the candidates that differ from it
+    only in that sparsity, so the winner is pushed while it has headroom.
+    """
+    chained = []
+    for record in evidence.records:
+        found = _prune_step(record, evidence.defaults)
+        if found is not None and evidence.feasible(record) and _distill_step(record, evidence.defaults) is not None:
+            chained.append(found)
+    if not chained:
+        return None
+    best = min(chained, key=lambda run: evidence.rank(run.record))
+    family = _without_sparsity(best.record, evidence.defaults)
+    same = [
+        run
+        for run in (_prune_step(r, evidence.defaults) for r in evidence.records if _val_measured(r))
+        if run is not None and _without_sparsity(run.record, evidence.defaults) == family
+    ]
+    low = max(run.sparsity for run in same if evidence.feasible(run.record))
+    above = [run.sparsity for run in same if not evidence.feasible(run.record) and run.sparsity > low]
+    ceiling = CHANNEL_CEILING if best.method == "channels" else SPARSITY_CEILING
+    high = min(above, default=ceiling)
+    if high - low < MIN_SPARSITY_STEP:
+        return None
+    middle = round((low + high) / 2, 3)
+    steps = _copied_recipe(best.record, evidence.defaults)
+    steps[best.index] = best.proposed(middle)
+    bound = f"lowest sparsity over budget {high:g}" if above else f"nothing over budget yet, ceiling {high:g}"
+    return Proposal(
+        steps,
+        f"push the best chain further: '{best.record['recipe']}' ({_drop(best.record)}) has headroom; "
+        f"bisect its sparsity up from {low:g} ({bound}): try {middle:g}",
+    )
+
+
+def _without_sparsity(record: dict, defaults: Defaults) -> str:
+    """The record's steps as copied, with the prune step's sparsity left out: a chain's family."""
+    steps = []
+    for step in _copied_recipe(record, defaults):
+        config = {k: v for k, v in step.config.items() if not (step.technique == "prune" and k == "target_sparsity")}
+        steps.append({"technique": step.technique, "config": config})
+    return _key(steps)
+
+
+def _channels(evidence: _Evidence, techniques) -> Proposal | None:
+    """Channel pruning then int8, once, for latency or mix on a conv model, when no channel pruning was tried.
+
+    Magnitude and 2:4 sparsity leave the zeros in dense kernels, so they do
+    not make a conv model faster; removing whole filters does, and keeps the
+    user's architecture (a dense student does not).
+    """
+    if not evidence.objective.startswith(("latency", "mix")) or not evidence.has_conv():
+        return None
+    if not accepts_channels(techniques):
+        return None
+    if any(run.method == "channels" for run in evidence.prune_runs()):
+        return None
+    return channel_proposal(
+        techniques,
+        "channel pruning for a conv model: removing whole filters makes the model faster on any runtime and keeps "
+        "its architecture (sparse kernels do not run faster)",
+    )
+
+
+def channel_proposal(techniques, why: str) -> Proposal:
+    """``prune(method=channels, target_sparsity=CHANNEL_START)>quantize(int8)`` at prune's default epochs."""
+    epochs = Defaults(techniques).epochs("prune") or 1
+    return Proposal([_prune("channels", CHANNEL_START, epochs, ()), _quantize("int8")], why)
+
+
+def accepts_channels(techniques) -> bool:
+    """True when the installed ``prune`` technique accepts ``method=channels`` (structured channel removal)."""
+    try:
+        techniques.get("prune").Config(method="channels", target_sparsity=CHANNEL_START)
+    except Exception:  # an older prune without the method, or no prune at all
+        return False
+    return True
+
+
+def _sensitive_layers(rows, budget: float, int8: bool = False) -> list[dict]:
+    """Rows whose drop (pruned alone, or ``int8`` weights alone) exceeds the budget, kept within KEEP_SHARE.
+
+    The layers saving the most of the metric per kernel param come first.
     """
     total = sum(r["params"] for r in rows)
     chosen, share = [], 0
-    for row in sorted(rows, key=lambda r: (-(r.get(key) or 0) / max(r["params"], 1), r["layer"])):
-        if (row.get(key) or 0) > budget + TOLERANCE and share + row["params"] <= KEEP_SHARE * total:
+    for row in sorted(rows, key=lambda r: (-sensitivity_drop(r, int8) / max(r["params"], 1), r["layer"])):
+        if sensitivity_drop(row, int8) > budget + TOLERANCE and share + row["params"] <= KEEP_SHARE * total:
             chosen.append(row)
             share += row["params"]
     return chosen
 
 
-def _layer_list(rows, key: str, what: str) -> str:
-    return ", ".join(f"{r['layer']} ({r['params']:,} params, val drop {r[key] * 100:+.2f} pt {what})" for r in rows)
+def _layer_list(rows, int8: bool, what: str) -> str:
+    def drop(row):
+        value = sensitivity_drop(row, int8)
+        if row.get("metric", "accuracy") == "accuracy":
+            return f"val drop {value * 100:+.2f} pt"
+        return f"val {row['metric']} drop {value:+.4g}"
+
+    return ", ".join(f"{r['layer']} ({r['params']:,} params, {drop(r)} {what})" for r in rows)
 
 
 def _keep_sensitive_dense(evidence: _Evidence) -> Proposal | None:
     """Keep the most prune-sensitive layers dense and prune the rest to the upper end of the bracket."""
-    rows = _sensitive_layers(evidence.sensitivity, "val_accuracy_drop", evidence.budget)
+    rows = _sensitive_layers(evidence.sensitivity, evidence.budget)
     keep = _layers(r["layer"] for r in rows)
     if not keep or any(run.keep == keep for run in evidence.prune_runs()):
         return None  # nothing sensitive, or this set was tried: _bisect_prune refines it
@@ -452,7 +579,7 @@ def _keep_sensitive_dense(evidence: _Evidence) -> Proposal | None:
     return Proposal(
         steps,
         (
-            f"keep the most sensitive layers dense: {_layer_list(rows, 'val_accuracy_drop', f'pruned alone to {pruned_to}')}"
+            f"keep the most sensitive layers dense: {_layer_list(rows, False, f'pruned alone to {pruned_to}')}"
             f" ({kept / total:.1%} of kernel params), and prune the rest to {high:g}, beyond '{best.record['recipe']}' "
             f"(sparsity {low:g}, {_drop(best.record)}; {bracket.bound})"
         ),
@@ -461,7 +588,7 @@ def _keep_sensitive_dense(evidence: _Evidence) -> Proposal | None:
 
 def _float_sensitive(evidence: _Evidence) -> Proposal | None:
     """The best chain (on the objective) over budget that quantizes to int8, with the int8-sensitive layers float (QAT)."""
-    rows = _sensitive_layers(evidence.sensitivity, "int8_val_accuracy_drop", evidence.budget)
+    rows = _sensitive_layers(evidence.sensitivity, evidence.budget, int8=True)
     if not rows:
         return None
     over = [
@@ -481,7 +608,7 @@ def _float_sensitive(evidence: _Evidence) -> Proposal | None:
         steps,
         (
             f"keep the layers whose int8 weights cost the most accuracy in float: "
-            f"{_layer_list(rows, 'int8_val_accuracy_drop', 'with int8 weights alone')}; quantization-aware training of "
+            f"{_layer_list(rows, True, 'with int8 weights alone')}; quantization-aware training of "
             f"the rest, to bring '{base['recipe']}' ({_drop(base)}) within budget"
         ),
     )
@@ -538,14 +665,15 @@ def _bisect_distill(evidence: _Evidence, architecture: str = "same") -> Proposal
     """Bisect the width of ``architecture`` students down; widths of other architectures do not count."""
     students = evidence.students(architecture)
     feasible = [s for s in students if evidence.feasible(s.record)]
+    provisional = not feasible
+    if provisional:  # none within budget yet: start from one a little over it after short fine-tuning
+        feasible = [s for s in students if evidence.provisional(s.record)]
     if not feasible:
         return None
     best = min(feasible, key=lambda s: (s.width, val_drop(s.record)))
     high = float(best.width)
     # A student over budget bounds the bracket when it was trained at least as long as the best one.
-    below = [
-        s.width for s in students if not evidence.feasible(s.record) and s.width < high and s.epochs >= best.epochs
-    ]
+    below = [s.width for s in students if not evidence.usable(s.record) and s.width < high and s.epochs >= best.epochs]
     low = max(below) if below else WIDTH_FLOOR
     if high / low < MIN_WIDTH_RATIO:
         return None
@@ -553,6 +681,8 @@ def _bisect_distill(evidence: _Evidence, architecture: str = "same") -> Proposal
     steps = _copied_recipe(best.record, evidence.defaults)
     steps[best.index] = best.proposed(middle, evidence.defaults)
     bound = f"widest student over budget {low:g}" if below else f"nothing over budget yet, floor {low:g}"
+    if provisional:
+        bound += "; provisional start: a little over budget after short fine-tuning"
     kind = "" if architecture == "same" else f" of {architecture} students"
     return Proposal(
         steps,
@@ -604,28 +734,45 @@ def _distill_order(evidence: _Evidence, proposals: dict[str, Proposal | None]) -
     return [proposals[a] for a in sorted(proposals, key=score)]
 
 
+def _standing(evidence: _Evidence, record: dict) -> str:
+    return "feasible" if evidence.feasible(record) else "nearly feasible"
+
+
 def _chains(evidence: _Evidence) -> list[Proposal]:
-    feasible = [r for r in evidence.records if evidence.feasible(r)]
-    prunes = [_prune_step(r, evidence.defaults) for r in feasible if _distill_step(r, evidence.defaults) is None]
-    prunes = [p for p in prunes if p is not None]
+    """The best student pruned like the best prune then int8, and the best prune with QAT.
+
+    From candidates within budget, or, for a family with none yet, from
+    provisional ones (a little over budget after short fine-tuning).
+    """
+    prunes = [p for p in evidence.prune_runs() if p.method != "channels"]
+    prunes = [p for p in prunes if evidence.feasible(p.record)] or [p for p in prunes if evidence.provisional(p.record)]
     # Pruning goes into the narrowest width-scaled student (dense students' widths are not comparable).
-    students = [s for s in evidence.students() if evidence.feasible(s.record)]
-    best_prune = max(prunes, key=lambda p: (p.sparsity, -val_drop(p.record)), default=None)
+    students = [s for s in evidence.students() if evidence.feasible(s.record)] or [
+        s for s in evidence.students() if evidence.provisional(s.record)
+    ]
+
+    def most(runs):
+        return max(runs, key=lambda p: (p.sparsity, -val_drop(p.record)), default=None)
+
     best_student = min(students, key=lambda s: (s.width, val_drop(s.record)), default=None)
+    # A student is pruned like the best plain prune: keep_dense names the teacher's layers, and a narrow student
+    # has no slack for the sparsity its teacher reached with them dense (demo:mlp: 0.98 on a 0.125 student: +17 pt).
+    plain = most(p for p in prunes if not p.keep)
     out = []
-    if best_prune and best_student:
+    if plain and best_student:
         out.append(
             Proposal(
                 [
                     best_student.proposed(best_student.width, evidence.defaults),
-                    best_prune.proposed(best_prune.sparsity),
+                    plain.proposed(plain.sparsity),
                     _quantize("int8"),
                 ],
-                f"combine families: narrowest feasible student '{best_student.record['recipe']}' "
-                f"({_drop(best_student.record)}) pruned like '{best_prune.record['recipe']}' "
-                f"({_drop(best_prune.record)}), then int8",
+                f"combine families: narrowest {_standing(evidence, best_student.record)} student "
+                f"'{best_student.record['recipe']}' ({_drop(best_student.record)}) pruned like "
+                f"'{plain.record['recipe']}' ({_drop(plain.record)}), then int8",
             )
         )
+    best_prune = most(prunes)
     if best_prune:
         out.append(
             Proposal(
@@ -654,14 +801,25 @@ def propose(
     propose again (the labels of ``records`` always count as tried).
     ``sensitivity`` are :func:`~kfopt.recipe_search.layer_sensitivity` rows of the
     baseline: with them the most sensitive layers are kept dense (or float
-    under QAT). Order: for size the prune proposals (sensitive layers dense,
-    then bisections), then distillation; for latency a dense student (once)
-    and distillation first; then longer fine-tuning, chains and float layers
-    (and for size, the dense student last). The width bisections of
-    same-architecture and dense students are separate, the family with the
-    best feasible student first. Only the validation split decides what is
-    feasible or best. ``techniques`` is the registry whose ``Config`` defaults
-    fill what a record's steps leave out.
+    under QAT), and a conv model (rows of type ``Conv...``) gets channel
+    pruning for latency or mix when the installed ``prune`` has
+    ``method=channels``.
+
+    Proposals come in families: prune (sensitive layers dense, then the
+    bisections of each method and ``keep_dense`` set), distillation (the width
+    bisections of same-architecture and dense students, the family with the
+    best feasible student first), chains (the best chain within budget pushed
+    further, distill>prune>int8, prune>qat), longer fine-tuning, float layers
+    and the dense student. A round takes the best proposal of each family in
+    turn, then the second of each, so a few trials cover every direction that
+    can still gain. Family order: for size prune, distillation, chains, longer
+    fine-tuning, float layers, then the dense student last; for latency and mix channel
+    pruning and the dense student first, then distillation, prune, and the rest.
+    Bisections may start from a chain a little over budget after short
+    fine-tuning (it is retried at the default epochs in the same round).
+    Only the validation split decides what is feasible or best.
+    ``techniques`` is the registry whose ``Config`` defaults fill what a
+    record's steps leave out.
     """
     objective_metric(objective)  # a bad objective fails here, with the choices
     if techniques is None:
@@ -674,22 +832,27 @@ def propose(
     )
     seen = {_key(r["steps"]) if r.get("steps") else r["recipe"] for r in records}
     seen |= {_canonical(t, techniques) for t in tried or []}
-    keep_sets = sorted({run.keep for run in evidence.prune_runs()} - {()})
+    runs = evidence.prune_runs()
+    keep_sets = sorted({(run.method, run.keep) for run in runs if run.keep})
+    methods = sorted({run.method for run in runs}, key=lambda m: (m != "magnitude", m))
     prune = [_keep_sensitive_dense(evidence)]
-    prune += [_bisect_prune(evidence, keep) for keep in keep_sets] + [_bisect_prune(evidence)]
+    prune += [_bisect_prune(evidence, keep, method) for method, keep in keep_sets]
+    prune += [_bisect_prune(evidence, (), method) for method in methods]
+    if objective != "size":  # channels make a conv model faster: bisect them first
+        prune.sort(key=lambda p: p is None or "method=channels" not in p.recipe)
     distill = _distill_order(evidence, {a: _bisect_distill(evidence, a) for a in ("same", "dense")})
-    dense = _dense_student(evidence)
-    # Sparsity shrinks gzip size but not dense-kernel latency; narrower students shrink both, and a dense
-    # student drops the conv ops' per-op overhead (it rarely makes a conv model smaller, so last for size).
-    ordered = [dense] + distill + prune if objective == "latency" else prune + distill
-    ordered += _longer(evidence)
-    ordered += _chains(evidence) + [_float_sensitive(evidence)]
-    if objective != "latency":
-        ordered.append(dense)
+    chains = [_push_chain(evidence)] + _chains(evidence)
+    longer = _longer(evidence)
+    floats = [_float_sensitive(evidence)]
+    dense = [_dense_student(evidence)]
+    if objective == "size":  # a dense student rarely makes a conv model smaller: only after everything else
+        ordered = _round_robin([prune, distill, chains, longer, floats]) + _round_robin([dense])
+    else:
+        ordered = _round_robin([[_channels(evidence, techniques)], dense, distill, prune, chains, longer, floats])
     out = []
     for proposal in ordered:
-        if proposal is None or len(out) >= max_trials:
-            continue
+        if len(out) >= max_trials:
+            break
         proposal = _fully_fine_tuned(proposal, evidence.defaults)
         key = _canonical(proposal.to_recipe(), techniques)
         if key in seen:
@@ -697,6 +860,37 @@ def propose(
         seen.add(key)
         out.append(proposal)
     return out
+
+
+def _round_robin(families: list[list[Proposal | None]]) -> list[Proposal]:
+    """The first proposal of each family in order, then the second of each, and so on (Nones skipped)."""
+    families = [[p for p in family if p is not None] for family in families]
+    out = []
+    for depth in range(max((len(f) for f in families), default=0)):
+        out += [family[depth] for family in families if depth < len(family)]
+    return out
+
+
+def round_gain(records: list[dict], number: int, *, max_accuracy_drop: float | str, objective: str) -> float | None:
+    """How much round ``number`` improved the best candidate within budget (validation split) on ``objective``.
+
+    ``before / after - 1`` of the objective value (lower is better: 0.25 means
+    the best got 25% smaller, faster or both), over the candidates of rounds up
+    to ``number - 1`` and up to ``number``; ``inf`` when round ``number`` found
+    the first candidate within budget, 0.0 when neither found one. None when
+    round ``number`` ran no candidate.
+    """
+    if not any((r.get("round") or 1) == number for r in records):
+        return None
+    earlier = [r for r in records if (r.get("round") or 1) < number]
+    upto = [r for r in records if (r.get("round") or 1) <= number]
+    before = best_feasible(earlier, max_accuracy_drop, objective)
+    after = best_feasible(upto, max_accuracy_drop, objective)
+    if after is None:
+        return 0.0
+    if before is None:
+        return math.inf
+    return objective_value(before, objective) / objective_value(after, objective) - 1
 
 
 def check_stop_when_met(stop_when_met: bool, target: float | None) -> None:
@@ -720,16 +914,26 @@ def next_round(
     max_time: float | None = None,
     sensitivity: list[dict] | None = None,
     techniques=None,
+    until_no_gain: bool = False,
 ) -> tuple[list[Proposal], str | None]:
     """The recipes of refinement round ``number`` (2, 3, ...), or why the search stops here.
 
     One decision shared by the in-process search and the pipeline's propose
     step: stop when ``stop_when_met`` and a candidate reached ``target`` (on the
-    validation split), when ``elapsed`` seconds passed ``max_time``, or when
-    :func:`propose` finds nothing left to refine. Returns ``(proposals, None)``
+    validation split), when ``elapsed`` seconds passed ``max_time``, with
+    ``until_no_gain`` when the last refinement round did not improve the best
+    candidate within budget by more than ``MIN_GAIN`` (:func:`round_gain`), or
+    when :func:`propose` finds nothing left to refine. Returns ``(proposals, None)``
     or ``([], reason)``.
     """
     check_stop_when_met(stop_when_met, target)
+    if until_no_gain and number > 2:
+        gain = round_gain(records, number - 1, max_accuracy_drop=max_accuracy_drop, objective=objective)
+        if gain is not None and gain <= MIN_GAIN:
+            return [], (
+                f"round {number - 1} improved the best candidate within budget by {gain:.1%} "
+                f"(validation split), not more than {MIN_GAIN:.0%}"
+            )
     hit = target_met(records, max_accuracy_drop=max_accuracy_drop, objective=objective, target=target)
     if stop_when_met and hit:
         name, value = objective_ratio(hit, objective)
