@@ -7,7 +7,8 @@
 - :mod:`~kfopt.recipe_search.proposals`: the recipes of the next round from every
   candidate so far (``propose``, ``next_round``), chosen on the validation split;
 - :mod:`~kfopt.recipe_search.driver`: ``search`` in-process (``kfopt search``), and
-  the round bookkeeping the pipeline shares with it.
+  the round bookkeeping the pipeline shares with it (``best_same_architecture``:
+  the best candidate that keeps the user's architecture, beside the winner).
 
 Importing this package does not import TensorFlow.
 """
@@ -16,13 +17,15 @@ from .driver import (
     ALL_ROUNDS_DONE,
     ROUND_ONE_WHY,
     best_of_round,
+    best_same_architecture,
+    keeps_architecture,
     optimization_seconds,
     search,
     search_outcome,
     search_settings,
     trace_entry,
 )
-from .proposals import Proposal, best_feasible, next_round, propose, target_met, val_feasible
+from .proposals import Proposal, best_feasible, next_round, propose, round_gain, target_met, val_feasible
 from .sensitivity import layer_sensitivity
 from .space import DEFAULT_SEARCH, SearchRecipe, default_search_path, load_search, split_by_pool
 
@@ -34,12 +37,15 @@ __all__ = [
     "SearchRecipe",
     "best_feasible",
     "best_of_round",
+    "best_same_architecture",
     "default_search_path",
+    "keeps_architecture",
     "layer_sensitivity",
     "load_search",
     "next_round",
     "optimization_seconds",
     "propose",
+    "round_gain",
     "search",
     "search_outcome",
     "search_settings",

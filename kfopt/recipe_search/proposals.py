@@ -33,6 +33,21 @@ and proposes a few recipes that push where the budget still has room:
   retried at the defaults (the built-in search space uses short fine-tuning).
   Every proposal fine-tunes for at least the defaults, for the same reason.
 
+- **provisional starts**: while a family has nothing within budget, a chain
+  over it by at most ``LONGER_MAX_DROP`` budgets after short fine-tuning is the
+  start of its bisections and chains (every proposal fine-tunes at the
+  defaults), so round 2 already pushes where round 1 nearly succeeded;
+- **the best chain pushed**: the best ``distill>prune`` chain within budget
+  has its sparsity bisected up among the chains that differ only there;
+- **channels** (latency or mix, a conv model, a ``prune`` with
+  ``method=channels``): whole filters removed, then int8, bisected like
+  magnitude sparsity in a bracket of its own (ceiling ``CHANNEL_CEILING``).
+
+A round takes the first proposal of each family in turn, then the second, so a
+few trials cover every direction that can still gain. Without a number of
+rounds the search stops when a round improved the best candidate within budget
+by at most ``MIN_GAIN`` (:func:`round_gain`, :func:`next_round`).
+
 Every choice here ("inside the budget", "best") uses the **validation** split
 (``val_metric_drop``, the budgeted metric's drop) only; the test split is for the final budget check by
 :func:`kfopt.select.select`, so the search does not overfit the test set.
