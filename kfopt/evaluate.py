@@ -390,26 +390,27 @@ def compare_latency(
 
     Blocks of batch-1 invocations alternate (candidate, baseline, baseline, candidate, ...: who goes first
     alternates too, so neither always runs on the caches the other warmed). Both keep the thread counts
-    they were built with for the whole comparison. It stops once at least ``MIN_PAIRS`` pairs and
-    ``min_runs`` invocations of each model are timed and the speedup's interval is within ``precision`` of
-    it (relative half width), or when ``max_seconds`` have passed (then the interval is as wide as the noise
-    made it: it says so). The same model on both sides gives an interval around 1.0.
+    they were built with for the whole comparison. After ``MIN_PAIRS`` pairs it stops once ``min_runs``
+    invocations of each model are timed and the speedup's interval is within ``precision`` of it (relative
+    half width), or when ``max_seconds`` have passed (then the interval is as wide as the noise made it: it
+    says so). The same model on both sides gives an interval around 1.0.
     """
+    clock = time.perf_counter
     run_c, run_b = runner.prepared(sample), baseline.prepared(sample)
-    started = time.perf_counter()
+    started = clock()
     slowest = 0.0
     for run in (run_c, run_b):
-        for _ in range(max(warmup, 1)):
+        warm = np.empty(max(warmup, 2))
+        for i in range(len(warm)):
+            tick = clock()
             run()
-        tick = time.perf_counter()
-        run()
-        slowest = max(slowest, time.perf_counter() - tick)
+            warm[i] = clock() - tick
+        slowest = max(slowest, float(np.median(warm[len(warm) // 2 :])))  # warmed up, and robust to a hiccup
     block = max(MIN_BLOCK, min(10_000, int(BLOCK_SECONDS / max(slowest, 1e-7))))
-    min_pairs = min(MAX_PAIRS, max(MIN_PAIRS, -(-min_runs // block)))
+    enough_runs = -(-min_runs // block)
     times_c: list[np.ndarray] = []
     times_b: list[np.ndarray] = []
     ratios: list[float] = []
-    clock = time.perf_counter
     while True:
         pairs = len(ratios)
         order = ((run_c, times_c), (run_b, times_b)) if pairs % 2 == 0 else ((run_b, times_b), (run_c, times_c))
@@ -422,11 +423,12 @@ def compare_latency(
             times.append(row)
         ratios.append(_typical(times_b[-1]) / _typical(times_c[-1]))
         pairs += 1
-        if pairs < min_pairs:
+        if pairs < MIN_PAIRS:
             continue
         speedup = float(np.median(ratios))
         low, high = median_interval(ratios)
-        if (high - low) / 2 <= precision * speedup or clock() - started >= max_seconds or pairs >= MAX_PAIRS:
+        narrow = pairs >= enough_runs and (high - low) / 2 <= precision * speedup
+        if narrow or clock() - started >= max_seconds or pairs >= MAX_PAIRS:
             break
     c, b = np.concatenate(times_c) * 1e3, np.concatenate(times_b) * 1e3
     low, high = min(low, speedup / (1 + LATENCY_RESOLUTION)), max(high, speedup * (1 + LATENCY_RESOLUTION))
@@ -533,6 +535,7 @@ class Evaluator:
         self._references: dict[str, dict] = {}
         self._reference_handles: dict[str, ModelHandle] = {}
         self._reference_runners: dict[str, Runner] = {}
+        self._reference_size: dict[str, dict] = {}
 
     # The baseline, as deployed in each format, is what ratios are taken against.
     def reference(self, format: str) -> dict:
@@ -556,8 +559,10 @@ class Evaluator:
         return self._reference_handles[format]
 
     def _reference_sizes(self, format: str) -> dict:
-        size, gz = artifact_sizes(self._reference_handle(format).path)
-        return {"format": format, "size_bytes": size, "gzip_bytes": gz}
+        if format not in self._reference_size:
+            size, gz = artifact_sizes(self._reference_handle(format).path)
+            self._reference_size[format] = {"format": format, "size_bytes": size, "gzip_bytes": gz}
+        return dict(self._reference_size[format])
 
     def _reference_runner(self, format: str) -> Runner:
         """The baseline in ``format``, ready to time: one runner per format for the whole run (for TFLite: one
@@ -633,7 +638,7 @@ class Evaluator:
         size, gz = artifact_sizes(handle.path)
         timing = self._latency(handle, runner)
         reference = {
-            **self._references.get(handle.format, self._reference_sizes(handle.format)),
+            **self._reference_sizes(handle.format),
             "latency_p50_ms": timing.baseline_p50_ms,
             "latency_p95_ms": timing.baseline_p95_ms,
         }
