@@ -25,6 +25,26 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 from kfopt.components import DEFAULT_IMAGE
 
 
+def fingerprint(model: str, data: str, status: Output[Artifact]) -> str:
+    """Fingerprints the model and the data by content, so the cached steps key on what they are, not on their names.
+
+    Args:
+        model: The model as prepare takes it (a path, a URI, or demo:mlp / demo:cnn).
+        data: The data as prepare takes it (an .npz path or URI, 'py:module:function', or 'digits').
+        status: How the step went (kfopt.components.status.StepStatus as JSON).
+
+    Returns:
+        A sha256 hex digest: of the content of local files and folders, of size and modification time of
+        remote objects (see kfopt.components.fingerprint).
+    """
+    from kfopt.components.status import step_status
+
+    with step_status("fingerprint", status.path):
+        from kfopt.components.fingerprint import fingerprint as digest
+
+        return digest(model, data)
+
+
 def prepare(
     model: str,
     data: str,
@@ -32,6 +52,8 @@ def prepare(
     epochs: int,
     unsafe: bool,
     metric: str,
+    output: str,
+    fingerprint: str,
     baseline: Output[Model],
     dataset: Output[Dataset],
     metrics: Output[Metrics],
@@ -46,7 +68,11 @@ def prepare(
         epochs: Epochs to train a demo baseline.
         unsafe: Allow models with Lambda layers.
         metric: The budgeted metric (accuracy, mae, ...); empty: the task's default.
-        baseline: The baseline (model.keras) and baseline.json with its metrics, task and metric.
+        output: The output the metric is computed on, by name or index (several outputs); empty: the first.
+        fingerprint: What the model and data are (the fingerprint step's digest): an input only so that the
+            step's cache key changes when their content does; recorded in baseline.json.
+        baseline: The baseline (model.keras, or saved_model/) and baseline.json with its format, metrics, task,
+            metric and output.
         dataset: The data spec (data.json), with a copy of an .npz source.
         metrics: The baseline's metrics, for the KFP UI.
         status: How the step went (kfopt.components.status.StepStatus as JSON).
@@ -58,11 +84,21 @@ def prepare(
         from kfopt.components.steps import prepare_step
 
         record = prepare_step(
-            model, data, baseline.path, dataset.path, seed=seed, epochs=epochs, unsafe=unsafe, metric=metric or None
+            model,
+            data,
+            baseline.path,
+            dataset.path,
+            seed=seed,
+            epochs=epochs,
+            unsafe=unsafe,
+            metric=metric or None,
+            output=output or None,
+            fingerprint=fingerprint or None,
         )
         baseline.metadata.update(
             {
-                "format": "keras",
+                "format": record["format"],
+                "output": record.get("output") or "",
                 "source": model,
                 "accuracy": record["metrics"].get("accuracy"),
                 "metric_name": record["metrics"].get("metric_name"),
@@ -124,6 +160,43 @@ def optimize(
         log_metrics(metrics, record)
 
 
+def optimize_group(
+    recipes: str,
+    seed: int,
+    baseline: Input[Model],
+    dataset: Input[Dataset],
+    candidates: Output[Model],
+    metrics: Output[Metrics],
+    status: Output[Artifact],
+):
+    """Runs several post-training recipes in one step (one TensorFlow start), each a candidate of its own.
+
+    Args:
+        recipes: JSON list of {"position": int, "recipe": {...}}: the recipes, run one after another.
+        seed: Seed for calibration.
+        baseline: The prepared baseline.
+        dataset: The prepared data spec.
+        candidates: group.json (the recipes and their folders) and one folder per recipe with its model and
+            candidate.json; a failing recipe is a failed candidate, the others still run.
+        metrics: Each candidate's metrics as '<recipe> <metric>', for the KFP UI.
+        status: How the step went (kfopt.components.status.StepStatus as JSON).
+    """
+    from kfopt.components.status import step_status
+
+    with step_status("optimize-group", status.path) as step:
+        import json
+
+        from kfopt.components.steps import optimize_group_step
+
+        records = optimize_group_step(json.loads(recipes), baseline.path, dataset.path, candidates.path, seed=seed)
+        step.recipe = ", ".join(r.recipe for r in records)
+        candidates.metadata.update({"recipes": [r.recipe for r in records], "statuses": [r.status for r in records]})
+        for record in records:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "position":
+                    metrics.log_metric(f"{record.recipe} {key}", float(value))
+
+
 def evaluate(
     seed: int,
     unmeasured: Input[Model],
@@ -162,7 +235,7 @@ def plan_search(
     max_time: float,
     target: float,
     stop_when_met: bool,
-    max_accuracy_drop: float,
+    max_accuracy_drop: str,
     objective: str,
     sensitivity: float,
     seed: int,
@@ -179,7 +252,7 @@ def plan_search(
         max_time: Optimization seconds (summed over candidates) after which no round starts; 0 = no limit.
         target: compression_ratio (objective size) or speedup (latency) to reach; 0 = none.
         stop_when_met: Stop refining once a candidate within the budget reaches the target.
-        max_accuracy_drop: The accuracy budget.
+        max_accuracy_drop: The budget: a drop of the metric (0.01) or a percentage of the baseline's value (1%).
         objective: 'size' or 'latency'.
         sensitivity: Sparsity each layer alone is pruned to when measuring sensitivity; 0 = skip.
         seed: Seed the data splits were made with.
@@ -230,7 +303,7 @@ def propose(number: int, results: Input[Artifact], search: Input[Artifact], stat
 
 
 def select(
-    max_accuracy_drop: float,
+    max_accuracy_drop: str,
     objective: str,
     baseline: Input[Model],
     results: Output[Artifact],
@@ -245,7 +318,7 @@ def select(
     """Picks the best candidate within the accuracy budget and the Pareto front.
 
     Args:
-        max_accuracy_drop: Largest accuracy drop (absolute fraction) a winner may have.
+        max_accuracy_drop: Largest drop of the metric a winner may have: absolute (0.01) or relative (1%).
         objective: 'size' (lowest gzip_bytes) or 'latency' (lowest latency_p50_ms).
         baseline: The prepared baseline.
         results: metrics.json (baseline, candidates, winner, pareto) plus copies of every model.
@@ -253,7 +326,8 @@ def select(
         status: How the step went (kfopt.components.status.StepStatus as JSON).
         number: The search round whose candidates these are.
         accelerator_candidates: Candidates of the recipes that fine-tune.
-        cpu_candidates: Candidates of the post-training recipes.
+        cpu_candidates: Candidates measured where they were made: folders of optimize_group steps (post-training
+            recipes; every recipe when the pipeline has no placement) or of optimize steps.
         previous: The previous round's results (a search round after the first).
         search: The search plan (bounds and layer sensitivity), in a search.
 
@@ -304,7 +378,7 @@ def report(results: Input[Artifact], report: Output[HTML], status: Output[Artifa
 def promote(
     registered_model: str,
     tracking_uri: str,
-    max_accuracy_drop: float,
+    max_accuracy_drop: str,
     objective: str,
     experiment: str,
     results: Input[Artifact],
@@ -315,7 +389,7 @@ def promote(
     Args:
         registered_model: Registered model name ('' = 'kfopt-' + the model's name).
         tracking_uri: MLflow tracking URI ('' = MLflow's default / MLFLOW_TRACKING_URI).
-        max_accuracy_drop: The accuracy budget the gate applies.
+        max_accuracy_drop: The budget the gate applies: absolute (0.01) or relative (1%).
         objective: 'size' or 'latency'.
         experiment: MLflow experiment name.
         results: The select step's results.
@@ -373,8 +447,10 @@ def describe(candidate, record) -> None:
 class Components:
     """The kfopt components, built for one image."""
 
+    fingerprint: object
     prepare: object
     optimize: object
+    optimize_group: object
     evaluate: object
     plan_search: object
     propose: object
@@ -388,8 +464,10 @@ def build_components(image: str = DEFAULT_IMAGE) -> Components:
     """The components, running in ``image`` (which must contain kfopt; nothing is installed at run time)."""
     make = functools.partial(dsl.component, base_image=image, install_kfp_package=False)
     return Components(
+        fingerprint=make(fingerprint),
         prepare=make(prepare),
         optimize=make(optimize),
+        optimize_group=make(optimize_group),
         evaluate=make(evaluate),
         plan_search=make(plan_search),
         propose=make(propose),

@@ -8,11 +8,16 @@ candidate measured in a pipeline is measured exactly like one measured in-proces
 
 What a step writes into its output directory:
 
-- prepare: ``baseline/`` = ``model.keras`` + ``baseline.json`` (where it came
-  from and its metrics); ``data/`` = ``data.json`` (+ ``data.npz``, a copy of an
+- prepare: ``baseline/`` = the model as it was loaded (``model.keras``, or
+  ``saved_model/`` for a SavedModel served through its signature) +
+  ``baseline.json`` (where it came from, its format, the output the metric is
+  computed on, and its metrics); ``data/`` = ``data.json`` (+ ``data.npz``, a copy of an
   .npz source, so every step reads the same bytes).
 - optimize / evaluate: ``candidate/`` = the model file + ``candidate.json``
   (the candidate record: recipe, status, reason, metrics).
+- optimize-group (several recipes in one step): ``candidates/`` =
+  ``group.json`` (the recipes, in order, and the folder of each) + one folder
+  per recipe as an optimize step writes it.
 - select: ``results/`` = ``metrics.json`` (a :class:`kfopt.result.RunResult`, as
   ``kfopt optimize`` writes it: baseline, candidates with ``artifact`` paths,
   winner, pareto) + copies of the baseline and every candidate model, so the
@@ -40,7 +45,9 @@ from .status import StepStatus, candidate_line, proposal_line, stopped_line
 
 BASELINE_FILE = "baseline.json"
 CANDIDATE_FILE = "candidate.json"
+GROUP_FILE = "group.json"
 DATA_FILE = "data.json"
+#: The baseline's file when baseline.json does not say (records written before it said).
 BASELINE_MODEL = "model.keras"
 
 
@@ -55,14 +62,21 @@ def prepare_step(
     epochs: int = 40,
     unsafe: bool = False,
     metric: str | None = None,
+    output: str | int | None = None,
+    fingerprint: str | None = None,
     reporter: Reporter | None = None,
 ) -> dict:
     """Load (or train, for ``demo:*``) the baseline, measure it, and store it and the data spec.
 
     ``model`` may also be a URI (``gs://...``) that ``tf.io.gfile`` can read.
-    ``metric`` is the budgeted metric (None: the task's default); the task the
-    Evaluator read (``task``, with the model's compiled loss) is stored so every
-    later step scores and fine-tunes the same way. Returns the content of ``baseline.json``.
+    The baseline is stored in the format it was loaded in (a SavedModel without
+    Keras layers stays a SavedModel). ``metric`` is the budgeted metric (None:
+    the task's default) and ``output`` the output it is computed on (a name or
+    an index; None: the first); the task the Evaluator read (``task``, with the
+    model's compiled loss) and the output's name are stored so every later step
+    scores and fine-tunes the same way. ``fingerprint`` (what the model and data
+    were, see :mod:`kfopt.components.fingerprint`) is recorded as given. Returns
+    the content of ``baseline.json``.
     """
     from kfopt.engine import prepare
     from kfopt.evaluate import Evaluator
@@ -79,9 +93,9 @@ def prepare_step(
             reporter=reporter,
             workdir=tmp,
         )
-        handle.save(baseline_dir)
+        artifact = handle.save(baseline_dir)
         reporter.say("Measuring the baseline")
-        evaluator = Evaluator(dataset, handle, Path(tmp) / "reference", metric=metric)
+        evaluator = Evaluator(dataset, handle, Path(tmp) / "reference", metric=metric, output=output or None)
         metrics = evaluator.baseline_metrics()
     _store_data(data, data_dir, dataset.validation_from)
     baseline = {
@@ -89,6 +103,10 @@ def prepare_step(
         "data": data,
         "seed": seed,
         "unsafe": unsafe,
+        "format": handle.format,
+        "artifact": artifact.name,
+        "output": evaluator.output,
+        "fingerprint": fingerprint,
         "input_shape": list(dataset.input_shape),
         "splits": dataset.splits.as_dict(),
         "task": evaluator.task.as_dict(),
@@ -131,28 +149,58 @@ def _store_data(data: str, data_dir: Path, validation_from: str = "test") -> Non
     write_json(data_dir / DATA_FILE, info)
 
 
-def load_step_data(data_dir, input_shape, seed: int = 0):
-    """The :class:`kfopt.data.Data` a prepare step stored in ``data_dir``."""
+def load_step_data(data_dir, input_shape, seed: int = 0, *, baseline=None):
+    """The :class:`kfopt.data.Data` a prepare step stored in ``data_dir``.
+
+    With ``baseline`` (a ModelHandle) the data is matched to its inputs (count,
+    dtypes, names) as the prepare step matched it; else checked against ``input_shape``.
+    """
     from kfopt.data import load_data
 
     info = read_json(Path(data_dir) / DATA_FILE, "data spec")
     spec = str(Path(data_dir) / info["file"]) if info.get("file") else info["spec"]
+    inputs = None
+    if baseline is not None:
+        from kfopt.signature import model_info
+
+        inputs = model_info(baseline).inputs
     return load_data(
-        spec, input_shape=tuple(input_shape), seed=seed, validation_from=info.get("validation_from", "test")
+        spec,
+        input_shape=tuple(input_shape),
+        inputs=inputs,
+        seed=seed,
+        validation_from=info.get("validation_from", "test"),
     )
 
 
+def baseline_model_path(baseline_dir, info: dict) -> Path:
+    """Where a prepare step saved the baseline model (``info`` is its baseline.json)."""
+    return Path(baseline_dir) / (info.get("artifact") or BASELINE_MODEL)
+
+
 def load_baseline(baseline_dir):
-    """(the baseline ModelHandle, the content of baseline.json) from a prepare step's output."""
+    """(the baseline ModelHandle, the content of baseline.json) from a prepare step's output.
+
+    Opens the model in the format the prepare step stored (``format`` in
+    baseline.json): a Keras model through :func:`kfopt.models.load_keras` (safe
+    mode unless the run is ``unsafe``; a Keras 3 file comes back as Keras 3), a
+    SavedModel without Keras layers as a ``saved_model`` handle served through its signature.
+    """
     from kfopt.models import load_keras
     from kfopt.plugins.technique import ModelHandle
 
     info = read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
-    path = Path(baseline_dir) / BASELINE_MODEL
+    path = baseline_model_path(baseline_dir, info)
     # The saved baseline has no compile configuration: its compiled loss travels in baseline.json's task.
     loss = (info.get("task") or {}).get("loss")
-    model = load_keras(path, unsafe=info.get("unsafe", False))
-    return ModelHandle("keras", keras_model=model, path=path, info={"loss": loss} if loss else None), info
+    facts = {"loss": loss} if loss else None
+    model_format = info.get("format") or "keras"
+    if model_format == "keras":
+        model = load_keras(path, unsafe=info.get("unsafe", False))
+        return ModelHandle("keras", keras_model=model, path=path, info=facts), info
+    if not path.exists():
+        raise KfoptError(f"The prepared baseline '{path}' does not exist.", "re-run the pipeline's prepare step.")
+    return ModelHandle(model_format, path=path, info=facts), info
 
 
 # -- optimize / evaluate -----------------------------------------------------------
@@ -168,9 +216,49 @@ class _Unmeasured:
 
         # The task the prepare step read: fine-tuning picks its loss from it (run_recipe passes it on).
         self.task = Task.from_dict(info["task"]) if info.get("task") else None
+        # The output the metric is computed on: fine-tuning trains that output on the labels.
+        self.output = info.get("output")
 
     def evaluate(self, handle) -> dict:
         return {"format": handle.format, "info": dict(handle.info)}
+
+
+class _Shared:
+    """What the recipes of one step share, loaded once: the techniques, the baseline, its data, one Evaluator.
+
+    A step that runs several recipes (:func:`optimize_group_step`) measures
+    them all with one Evaluator, as ``kfopt optimize`` and ``kfopt search`` do
+    in-process, so the baseline's reference in each format is converted and
+    measured once. Loading happens on first use, after a recipe was parsed and
+    planned: a recipe that cannot be planned fails without touching the
+    baseline, and a baseline that cannot be loaded fails every recipe (each a
+    failed candidate, never a failed step).
+    """
+
+    def __init__(self, baseline_dir, data_dir, workdir: Path, *, seed: int, measure: bool, registry=None):
+        self.baseline_dir, self.data_dir, self.workdir = baseline_dir, data_dir, Path(workdir)
+        self.seed, self.measure = seed, measure
+        self._registry = registry
+        self._loaded = None
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            from kfopt.plugins.manager import registry as build_registry
+
+            self._registry = build_registry()
+        return self._registry
+
+    def load(self):
+        """(baseline ModelHandle, Data, Evaluator or _Unmeasured)."""
+        if self._loaded is None:
+            baseline, info = load_baseline(self.baseline_dir)
+            dataset = load_step_data(self.data_dir, info["input_shape"], self.seed, baseline=baseline)
+            evaluator = (
+                _evaluator(dataset, baseline, self.workdir / "reference", info) if self.measure else _Unmeasured(info)
+            )
+            self._loaded = baseline, dataset, evaluator
+        return self._loaded
 
 
 def optimize_step(
@@ -195,6 +283,62 @@ def optimize_step(
     :func:`evaluate_step`. Never raises for a bad recipe or a failing
     technique: the candidate gets status ``failed`` (or ``skipped``) and a reason.
     """
+    with tempfile.TemporaryDirectory(prefix="kfopt-optimize-") as tmp:
+        shared = _Shared(baseline_dir, data_dir, Path(tmp), seed=seed, measure=measure, registry=registry)
+        return _optimize_one(recipe, shared, candidate_dir, position=position, round=round, why=why, reporter=reporter)
+
+
+def optimize_group_step(
+    items: list[dict],
+    baseline_dir,
+    data_dir,
+    candidates_dir,
+    *,
+    seed: int = 0,
+    registry=None,
+    reporter: Reporter | None = None,
+) -> list[Candidate]:
+    """Run several recipes one after another in this step, each measured here with one Evaluator.
+
+    ``items`` are loop items as :func:`optimize_step` takes them (``recipe``,
+    ``position``, optionally ``round`` and ``why``). Post-training recipes take
+    seconds, less than a step's start (a fresh Python importing TensorFlow),
+    so the pipeline runs them in a few such steps instead of one step each (a
+    fine-tuning recipe comes alone, when the pipeline has one loop). Writes ``group.json`` first (every recipe and its
+    folder, so a step that dies midway still names its recipes), then one
+    folder per recipe with its candidate and ``candidate.json`` exactly as
+    :func:`optimize_step` writes them. A failing recipe is a failed candidate;
+    the recipes after it still run.
+    """
+    reporter = reporter or Reporter(enabled=False)
+    candidates_dir = writable_dir(candidates_dir)
+    entries = [
+        {"folder": f"{index:02d}", "recipe": _label(item["recipe"]), "position": item.get("position")}
+        for index, item in enumerate(items)
+    ]
+    write_json(candidates_dir / GROUP_FILE, {"candidates": entries})
+    found = []
+    with tempfile.TemporaryDirectory(prefix="kfopt-optimize-") as tmp:
+        shared = _Shared(baseline_dir, data_dir, Path(tmp), seed=seed, measure=True, registry=registry)
+        for entry, item in zip(entries, items):
+            found.append(
+                _optimize_one(
+                    item["recipe"],
+                    shared,
+                    candidates_dir / entry["folder"],
+                    position=item.get("position"),
+                    round=item.get("round", 1),
+                    why=item.get("why"),
+                    reporter=reporter,
+                )
+            )
+    return found
+
+
+def _optimize_one(
+    recipe, shared: _Shared, candidate_dir, *, position: int | None, round: int, why: str | None, reporter
+) -> Candidate:
+    """One recipe of a step: see :func:`optimize_step`."""
     from kfopt.engine import run_recipe
     from kfopt.recipe import parse_recipe, plan
 
@@ -204,23 +348,24 @@ def optimize_step(
     try:
         parsed = parse_recipe(recipe)
         label = parsed.label
-        if registry is None:
-            from kfopt.plugins.manager import registry as build_registry
-
-            registry = build_registry()
-        planned = plan(parsed, registry)
-        baseline, info = load_baseline(baseline_dir)
-        dataset = load_step_data(data_dir, info["input_shape"], seed)
-        with tempfile.TemporaryDirectory(prefix="kfopt-optimize-") as tmp:
-            evaluator = _evaluator(dataset, baseline, Path(tmp) / "reference", info) if measure else _Unmeasured(info)
+        planned = plan(parsed, shared.registry)
+        baseline, dataset, evaluator = shared.load()
+        with tempfile.TemporaryDirectory(prefix="kfopt-candidate-", dir=shared.workdir) as tmp:
             candidate = run_recipe(
-                parsed, planned, baseline, dataset, evaluator, Path(tmp) / "candidate", seed=seed, reporter=reporter
+                parsed,
+                planned,
+                baseline,
+                dataset,
+                evaluator,
+                Path(tmp) / "candidate",
+                seed=shared.seed,
+                reporter=reporter,
             )
             if candidate.ok:
                 candidate.artifact = str(_copy_model(Path(candidate.artifact), candidate_dir))
     except Exception as exc:  # a bad recipe or a broken input is this candidate's failure, not the run's
         candidate = _failed(label, exc)
-    candidate.measured = bool(measure and candidate.ok)
+    candidate.measured = bool(shared.measure and candidate.ok)
     candidate.round, candidate.why = round, why or ROUND_ONE_WHY
     if position is not None:
         candidate.position = position
@@ -248,7 +393,7 @@ def evaluate_step(
             path = _copy_model(Path(candidate_in) / Path(candidate.artifact).name, candidate_out)
             if not candidate.measured:
                 baseline, baseline_info = load_baseline(baseline_dir)
-                dataset = load_step_data(data_dir, baseline_info["input_shape"], seed)
+                dataset = load_step_data(data_dir, baseline_info["input_shape"], seed, baseline=baseline)
                 reporter.say(
                     f"[{candidate.recipe}] evaluating {candidate.format} candidate on {len(dataset.test)} test samples"
                 )
@@ -285,7 +430,9 @@ def _evaluator(dataset, baseline, workdir, info: dict):
     """The Evaluator of a step: the metric the prepare step chose (``info`` is baseline.json)."""
     from kfopt.evaluate import Evaluator
 
-    return Evaluator(dataset, baseline, workdir, metric=(info.get("task") or {}).get("metric"))
+    return Evaluator(
+        dataset, baseline, workdir, metric=(info.get("task") or {}).get("metric"), output=info.get("output")
+    )
 
 
 def _copy_model(source: Path, directory: Path) -> Path:
@@ -331,7 +478,7 @@ def plan_search_step(
     max_time: float = 0,
     target: float = 0,
     stop_when_met: bool = False,
-    max_accuracy_drop: float = 0.01,
+    max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
     sensitivity: float = 0.9,
     seed: int = 0,
@@ -343,6 +490,7 @@ def plan_search_step(
     ``sensitivity``). The propose and select steps of every round read this file.
     """
     from kfopt.recipe_search import layer_sensitivity, search_settings
+    from kfopt.select import budget_value
 
     reporter = reporter or Reporter(enabled=False)
     settings = search_settings(
@@ -350,7 +498,7 @@ def plan_search_step(
         max_trials=max_trials,
         max_time=max_time or None,
         objective=objective,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=budget_value(max_accuracy_drop),
         target=target or None,
         stop_when_met=stop_when_met,
     )
@@ -362,7 +510,7 @@ def plan_search_step(
     rows = []
     if sensitivity:
         baseline, info = load_baseline(baseline_dir)
-        dataset = load_step_data(data_dir, info["input_shape"], seed)
+        dataset = load_step_data(data_dir, info["input_shape"], seed, baseline=baseline)
         reporter.say(
             f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
             "(validation split)"
@@ -427,7 +575,7 @@ def select_step(
     candidate_dirs,
     results_dir,
     *,
-    max_accuracy_drop: float = 0.01,
+    max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
     number: int = 1,
     previous_dir=None,
@@ -445,27 +593,29 @@ def select_step(
     """
     from kfopt.recipe_search import ALL_ROUNDS_DONE, search_outcome, trace_entry
     from kfopt.rundir import resolve_artifact
-    from kfopt.select import objective_metric, select
+    from kfopt.select import budget_value, objective_metric, select
 
-    objective_metric(objective)  # a bad objective is the user's error: fail before copying anything
+    objective_metric(objective)  # a bad objective or budget is the user's error: fail before copying anything
+    max_accuracy_drop = budget_value(max_accuracy_drop)
     results_dir = writable_dir(results_dir)
     info = read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
-    baseline_path = _copy_model(Path(baseline_dir) / BASELINE_MODEL, writable_dir(results_dir / "baseline"))
+    baseline_path = _copy_model(baseline_model_path(baseline_dir, info), writable_dir(results_dir / "baseline"))
     previous = RunResult.load(previous_dir) if previous_dir else None
     candidates, stops, new = [], [], []
     for candidate in previous.candidates if previous else []:
         if candidate.ok:
             candidate.artifact = str(resolve_artifact(previous_dir, candidate.artifact))
         candidates.append(candidate)
-    for index, directory in enumerate(candidate_dirs):
+    for index, (directory, label, position) in enumerate(_candidate_folders(candidate_dirs)):
+        fields = {"position": position} if position is not None else {}
         try:
             candidate = read_candidate(directory)
         except KfoptError as exc:  # missing or broken: the step that writes it failed
-            candidate = Candidate.failed(f"candidate {index + 1}", exc.one_line())
+            candidate = Candidate.failed(label or f"candidate {index + 1}", exc.one_line(), **fields)
         except ValueError as exc:
             first = str(exc).splitlines()[0]
             reason = f"'{Path(directory) / CANDIDATE_FILE}' is not a candidate record ({first})"
-            candidate = Candidate.failed(f"candidate {index + 1}", reason)
+            candidate = Candidate.failed(label or f"candidate {index + 1}", reason, **fields)
         candidate.info = None
         if candidate.status == STOPPED:
             stops.append(candidate.reason)
@@ -507,6 +657,25 @@ def select_step(
     return result
 
 
+def _candidate_folders(directories) -> list[tuple[Path, str | None, int | None]]:
+    """(folder, label, position) of every candidate: an optimize step's folder, or each of a group's."""
+    found = []
+    for directory in directories:
+        directory = Path(directory)
+        group = directory / GROUP_FILE
+        if not group.is_file():
+            found.append((directory, None, None))
+            continue
+        try:
+            entries = read_json(group, "candidate group")["candidates"]
+        except (KfoptError, KeyError, TypeError) as exc:
+            found.append((directory, None, None))  # read as a candidate record, it fails with a reason
+            print(f"select: '{group}' is not a candidate group ({exc})", flush=True)
+            continue
+        found += [(directory / e["folder"], e.get("recipe"), e.get("position")) for e in entries]
+    return found
+
+
 # -- report ----------------------------------------------------------------------
 def report_step(results_dir, html_path) -> Path:
     """Write the HTML report (candidates table, Pareto plots) of a select step's results."""
@@ -525,7 +694,7 @@ def promote_step(
     *,
     registered_model: str = "",
     tracking_uri: str = "",
-    max_accuracy_drop: float = 0.01,
+    max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
     experiment: str = "kfopt",
     status: StepStatus | None = None,
@@ -542,8 +711,11 @@ def promote_step(
     pipeline task fails and is retried; ``status.tracking`` and ``metrics.json``
     then say ``failed`` and why.
     """
+    from kfopt.select import budget_value
+
     status = status or StepStatus(step="promote")
     reporter = reporter or Reporter(enabled=False)
+    max_accuracy_drop = budget_value(max_accuracy_drop)  # "0.01" from a pipeline parameter is 0.01
     result = RunResult.load(results_dir)
     try:
         from kfopt.promotion import promote_from
@@ -612,6 +784,7 @@ def default_registered_model(model: str) -> str:
 __all__ = [
     "prepare_step",
     "optimize_step",
+    "optimize_group_step",
     "evaluate_step",
     "read_candidate",
     "plan_search_step",
@@ -622,5 +795,6 @@ __all__ = [
     "promote_step",
     "load_baseline",
     "load_step_data",
+    "baseline_model_path",
     "default_registered_model",
 ]

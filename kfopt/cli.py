@@ -566,9 +566,7 @@ def _run_parameter_options(command):
         [
             click.option("--model", "-m", default="demo:mlp", show_default=True, help=MODEL_HELP),
             click.option("--data", "-d", default="digits", show_default=True, help=DATA_HELP),
-            click.option(
-                "--max-accuracy-drop", default=0.01, show_default=True, type=ABSOLUTE_BUDGET, help=MAX_DROP_HELP
-            ),
+            click.option("--max-accuracy-drop", default=0.01, show_default=True, type=BUDGET, help=MAX_DROP_HELP),
             click.option("--metric", default=None, help=METRIC_HELP),
             click.option("--objective", type=OBJECTIVE, default="size", show_default=True, help=SELECT_OBJECTIVE_HELP),
             click.option("--registered-model", default=None, callback=_registered_model, help=PIPELINE_REGISTERED_HELP),
@@ -612,6 +610,12 @@ def _run_parameter_options(command):
 @_rounds_option
 @_search_bound_options
 @click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Run every step anew [default: a re-run into the same --out reuses the steps whose inputs, the model's "
+    "and data's content included, did not change].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @_handle_errors
 def run(
@@ -635,6 +639,7 @@ def run(
     stop_when_met,
     sensitivity,
     unsafe,
+    no_cache,
     as_json,
 ) -> None:
     """Run the whole pipeline on this machine through kfp.local; with no options, the digits demo.
@@ -699,6 +704,7 @@ def run(
         target=target_compression,
         stop_when_met=stop_when_met,
         sensitivity=sensitivity,
+        cache=not no_cache,
         progress=progress,
     )
     if as_json:
@@ -991,6 +997,11 @@ def compile_(output, search, rounds, image, accelerator_image, placement, parall
 @_rounds_option
 @_search_bound_options
 @_cluster_options
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Run every step anew [default: steps cache as the pipeline says, keyed on content].",
+)
 @_handle_errors
 def submit(
     host,
@@ -1020,6 +1031,7 @@ def submit(
     placement,
     parallelism,
     mlflow_secret,
+    no_cache,
 ) -> None:
     """Compile the pipeline, upload it to Kubeflow Pipelines and start a run; print the run's URL."""
     import tempfile
@@ -1052,7 +1064,7 @@ def submit(
         arguments = {
             "model": model,
             "data": data,
-            "max_accuracy_drop": max_accuracy_drop,
+            "max_accuracy_drop": str(max_accuracy_drop),
             "objective": objective,
             "metric": metric or "",
             "registered_model": registered_model or "",
@@ -1077,6 +1089,7 @@ def submit(
             experiment=experiment,
             run_name=run_name,
             token=token,
+            cache=not no_cache,
         )
     click.echo(started["url"])
 

@@ -8,6 +8,22 @@ post-training recipes on the CPU pool. Everything about the run (model, data,
 budget, objective, search bounds, MLflow) stays a runtime parameter. Models and
 data travel as artifacts.
 
+Fine-tuning recipes run one per step (each is minutes of work and may need its
+own accelerator). Post-training recipes take seconds, less than a step's start
+(a fresh Python that imports TensorFlow), so they run in a few grouped
+``optimize-group`` steps (:func:`post_training_groups`): no more steps than the
+pool's parallelism, each with at least :data:`RECIPES_PER_STEP` recipes where
+there are enough. A grouped step writes one candidate record per recipe, and a
+failing recipe in it is a failed candidate. Without placement (``kfp.local``)
+every step runs on the same machine, so there is one loop: each fine-tuning
+recipe a step of its own, the post-training ones grouped into the slots of
+``parallelism`` the fine-tuning ones leave.
+
+Caching keys on content: a ``fingerprint`` step that is never cached digests
+the model and data (:mod:`kfopt.components.fingerprint`) and ``prepare`` takes
+the digest as an input, so a model replaced in place gets a new cache key, and
+so does every step downstream of the new baseline.
+
 With ``rounds`` > 0 the search refines itself (KFP has no recursion, so each
 round is its own part of the graph): a ``propose`` step reads every candidate
 so far and the layer sensitivity, and a ``ParallelFor`` over its output runs
@@ -21,6 +37,7 @@ so a step's return value is ``task.outputs["Output"]``, not ``task.output``.
 
 # No `from __future__ import annotations`: KFP reads the pipeline's real annotation objects.
 import json
+import math
 from typing import NamedTuple
 
 from kfp import dsl
@@ -45,6 +62,11 @@ PROMOTE_RETRIES = 3
 #: The image's non-root user (Dockerfile: `useradd --uid 1000 kfopt`); step containers run as it on a cluster.
 STEP_USER = 1000
 
+#: Fewest post-training recipes a grouped step gets where there are enough: a step's start (Python,
+#: kfp and TensorFlow imports, loading the baseline and data, converting its references) costs
+#: about as much as three such recipes on the digits demo.
+RECIPES_PER_STEP = 3
+
 #: Keys of an MLflow login Secret, and the variables MLflow's client reads them from (basic auth).
 MLFLOW_SECRET_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
 
@@ -57,6 +79,7 @@ def build_pipeline(
     accelerator_image: "str | None" = None,
     placement: "Placement | None" = None,
     parallelism: int = 0,
+    group_post_training: bool = True,
     promote_retries: int = PROMOTE_RETRIES,
     registry=None,
     mlflow_secret: "str | None" = None,
@@ -73,7 +96,10 @@ def build_pipeline(
         placement: Node pools; None leaves resources unset (``kfp.local``, where they have no effect).
             With an accelerator pool, candidates optimized there are measured by a separate
             evaluate step on the CPU pool, so every candidate is measured on the same kind of node.
-        parallelism: Most recipes optimized at once per pool (0 = no limit).
+        parallelism: Most recipes optimized at once per pool (0 = no limit); also the most grouped steps
+            the post-training recipes are split into.
+        group_post_training: Run post-training recipes in a few grouped steps (see the module docstring);
+            False: one step per recipe.
         promote_retries: Retries of the MLflow step (with exponential backoff from 30 s).
         registry: Techniques to plan with (default: the installed plugins).
         mlflow_secret: Kubernetes Secret whose ``username``/``password`` the steps that talk to MLflow
@@ -99,9 +125,23 @@ def build_pipeline(
             apply_pool(task, placement.pool_for(trains))
         return _secure(task, mlflow_secret, run_as_user)
 
+    def item(recipe: SearchRecipe) -> dict:
+        return {"position": positions[id(recipe)], "recipe": recipe.to_dict()}
+
     def items(group: list[SearchRecipe]) -> list[str]:
         # JSON strings: kfp.local and the compiler handle string loop items most reliably.
-        return [json.dumps({"position": positions[id(r)], "recipe": r.to_dict()}) for r in group]
+        return [json.dumps(item(r)) for r in group]
+
+    def group_items(group: list[SearchRecipe]) -> list[str]:
+        return [json.dumps([item(r) for r in part]) for part in post_training_groups(group, parallelism)]
+
+    # Without placement (kfp.local, or a cluster's default pool) and one image, every recipe runs alike.
+    one_pool = placement is None and (accelerator_image or image) == image
+    # Fine-tuning recipes one per step; post-training ones in the slots the fine-tuning ones leave.
+    free = max(1, parallelism - len(training)) if parallelism > 0 else 0
+    one_loop_items = [json.dumps([item(r)]) for r in training] + [
+        json.dumps([item(r) for r in part]) for part in post_training_groups(post_training, free)
+    ]
 
     outputs = NamedTuple("Outputs", [("results", Artifact), ("report", HTML), ("registered_model", str)])  # noqa: UP014
 
@@ -109,9 +149,10 @@ def build_pipeline(
     def optimize_and_promote(
         model: str = "demo:mlp",
         data: str = "digits",
-        max_accuracy_drop: float = 0.01,
+        max_accuracy_drop: str = "0.01",
         objective: str = "size",
         metric: str = "",
+        output: str = "",
         registered_model: str = "",
         tracking_uri: str = "",
         experiment: str = "kfopt",
@@ -124,7 +165,20 @@ def build_pipeline(
         stop_when_met: bool = False,
         sensitivity: float = 0.9,
     ) -> outputs:
-        prepare = ops.prepare(model=model, data=data, seed=seed, epochs=epochs, unsafe=unsafe, metric=metric)
+        # Never cached: it looks at the model and data now, and prepare's cache key includes what it found,
+        # so a model or data file replaced in place is measured anew (and every step after it runs again).
+        content = ops.fingerprint(model=model, data=data)
+        place(content.set_display_name("fingerprint model and data").set_caching_options(False), trains=False)
+        prepare = ops.prepare(
+            model=model,
+            data=data,
+            seed=seed,
+            epochs=epochs,
+            unsafe=unsafe,
+            metric=metric,
+            output=output,
+            fingerprint=content.outputs["Output"],
+        )
         place(prepare.set_display_name("prepare baseline").set_caching_options(True), trains=False)
         baseline, dataset = prepare.outputs["baseline"], prepare.outputs["dataset"]
 
@@ -183,17 +237,39 @@ def build_pipeline(
             return select.outputs["results"]
 
         collected = {}
-        if training:
-            candidate = optimize_on_accelerator(items(training), "fine-tuning-recipes")
-            collected["accelerator_candidates"] = dsl.Collected(candidate.outputs["candidate"])
-        if post_training:
-            with dsl.ParallelFor(items(post_training), name="post-training-recipes", parallelism=parallelism) as item:
-                optimize = ops.optimize(recipe=item, seed=seed, measure=True, baseline=baseline, dataset=dataset)
-                place(
-                    optimize.set_display_name("optimize (post-training, CPU pool)").set_caching_options(True),
-                    trains=False,
-                )
-            collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidate"])
+        if one_pool and group_post_training:
+            # Every step runs on one machine (kfp.local) or one pool: one loop, so fine-tuning recipes and the
+            # groups of post-training ones share its parallelism instead of waiting for each other's loop.
+            with dsl.ParallelFor(one_loop_items, name="recipes", parallelism=parallelism) as group:
+                optimize = ops.optimize_group(recipes=group, seed=seed, baseline=baseline, dataset=dataset)
+                place(optimize.set_display_name("optimize recipes").set_caching_options(True), trains=False)
+            collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidates"])
+        else:
+            if training:
+                candidate = optimize_on_accelerator(items(training), "fine-tuning-recipes")
+                collected["accelerator_candidates"] = dsl.Collected(candidate.outputs["candidate"])
+            if post_training and group_post_training:
+                with dsl.ParallelFor(
+                    group_items(post_training), name="post-training-recipes", parallelism=parallelism
+                ) as group:
+                    optimize = ops.optimize_group(recipes=group, seed=seed, baseline=baseline, dataset=dataset)
+                    place(
+                        optimize.set_display_name("optimize post-training recipes (CPU pool)").set_caching_options(
+                            True
+                        ),
+                        trains=False,
+                    )
+                collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidates"])
+            elif post_training:
+                with dsl.ParallelFor(
+                    items(post_training), name="post-training-recipes", parallelism=parallelism
+                ) as one:
+                    optimize = ops.optimize(recipe=one, seed=seed, measure=True, baseline=baseline, dataset=dataset)
+                    place(
+                        optimize.set_display_name("optimize (post-training, CPU pool)").set_caching_options(True),
+                        trains=False,
+                    )
+                collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidate"])
         results = select_round(1, None, **collected)
 
         for number in range(2, rounds + 2):
@@ -222,6 +298,21 @@ def build_pipeline(
         return outputs(results=results, report=report.outputs["report"], registered_model=promote.outputs["Output"])
 
     return optimize_and_promote
+
+
+def post_training_groups(recipes: list, parallelism: int = 0) -> list[list]:
+    """Split post-training recipes into the groups that share a step.
+
+    At most ``parallelism`` groups (0 = no limit), each of at least
+    :data:`RECIPES_PER_STEP` recipes where there are enough; recipes are dealt
+    round-robin, so every group gets a mix of cheap and dearer ones and keeps the search's order.
+    """
+    if not recipes:
+        return []
+    count = math.ceil(len(recipes) / RECIPES_PER_STEP)
+    if parallelism > 0:
+        count = min(count, parallelism)
+    return [recipes[index::count] for index in range(count)]
 
 
 def _secure(task, mlflow_secret: "str | None", run_as_user: "int | None"):

@@ -28,6 +28,8 @@ from kfopt.result import RunResult, Tracking
 from kfopt.rundir import METRICS_FILE, REPORT_FILE, locked, writable_dir
 
 LOG_FILE = "pipeline.log"
+#: Where kfp.local keeps its cache entries (they point at artifacts of earlier runs under pipeline-root/).
+CACHE_DIR = "pipeline-cache"
 #: Where a pod of a Kubeflow cluster finds its service-account token for the KFP API.
 SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
@@ -36,7 +38,7 @@ SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 # kfopt.components.status). Nothing a run returns or raises is read from the log.
 _TASK_LINE = re.compile(r"Task .*'(?P<task>[^']+)'.* finished with status .*(?P<status>SUCCESS|FAILURE)")
 #: Steps that run once per recipe: their progress is the candidate line, not the task line.
-_PER_RECIPE = re.compile(r"^(optimize|evaluate)(-\d+)?$")
+_PER_RECIPE = re.compile(r"^(optimize|optimize-group|evaluate)(-\d+)?$")
 #: A Kubernetes object name (DNS-1123 subdomain), like the Secret --mlflow-secret names.
 _K8S_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
@@ -46,9 +48,10 @@ def run_local(
     *,
     model: str = "demo:mlp",
     data: str = "digits",
-    max_accuracy_drop: float = 0.01,
+    max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
     metric: str | None = None,
+    output: str | int | None = None,
     registered_model: str = "",
     tracking_uri: str = "",
     experiment: str = "kfopt",
@@ -63,6 +66,8 @@ def run_local(
     target: float | None = None,
     stop_when_met: bool = False,
     sensitivity: float = 0.9,
+    group_post_training: bool = True,
+    cache: bool = True,
     progress=None,
     registry=None,
 ) -> RunResult:
@@ -74,11 +79,17 @@ def run_local(
     results folder), ``log`` and ``seconds``. Also writes
     ``OUT/metrics.json`` and ``OUT/report.html``. ``rounds`` refinement rounds
     follow round 1, bounded by ``max_trials``, ``max_time``, ``target`` and
-    ``stop_when_met`` as in ``kfopt search``. Raises KfoptError for bad
+    ``stop_when_met`` as in ``kfopt search``. ``max_accuracy_drop`` is absolute
+    (0.01) or relative to the baseline's metric ("1%"); ``output`` names the
+    output (or its index) the metric is computed on. With ``cache`` a re-run
+    into the same ``out`` reuses the steps whose inputs did not change (the
+    model's and data's content included, see
+    :mod:`kfopt.components.fingerprint`); promotion always runs. Raises KfoptError for bad
     input, before any work where it can, and when a step the run cannot do
     without (prepare, select) fails.
     """
     from kfopt.recipe_search import search_settings
+    from kfopt.select import budget_value
 
     from .optimize_and_promote import build_pipeline
 
@@ -108,7 +119,14 @@ def run_local(
     with locked(Path(out).resolve(), "kfopt run", fresh=True, inputs=(model, data)) as out:
         # No retries here: MLflow's client already retries HTTP calls, and a local
         # store that failed once fails again; `kfopt promote --from` finishes the job.
-        pipeline = build_pipeline(recipes, rounds=rounds, parallelism=parallelism, promote_retries=0, registry=registry)
+        pipeline = build_pipeline(
+            recipes,
+            rounds=rounds,
+            parallelism=parallelism,
+            group_post_training=group_post_training,
+            promote_retries=0,
+            registry=registry,
+        )
         root = writable_dir(out / "pipeline-root")
         log_path = out / LOG_FILE
         (out / REPORT_FILE).unlink(missing_ok=True)  # never show an earlier run's report as this one's
@@ -117,13 +135,20 @@ def run_local(
         with open(log_path, "w") as log, _quiet_kfp(log, progress):
             from kfp import local
 
-            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
+            local.init(
+                runner=local.SubprocessRunner(use_venv=False),
+                pipeline_root=str(root),
+                raise_on_error=False,
+                enable_caching=cache,
+                cache_root=str(out / CACHE_DIR),
+            )
             task = pipeline(
                 model=model,
                 data=data,
-                max_accuracy_drop=max_accuracy_drop,
+                max_accuracy_drop=str(budget_value(max_accuracy_drop)),
                 objective=objective,
                 metric=metric or "",
+                output="" if output is None else str(output),
                 registered_model=registered_model,
                 tracking_uri=tracking_uri,
                 experiment=experiment,
@@ -288,7 +313,7 @@ def compile_for_cluster(
     from kfopt.components import DEFAULT_IMAGE
     from kfopt.recipe_search import load_search, split_by_pool
 
-    from .optimize_and_promote import STEP_USER, compile_pipeline
+    from .optimize_and_promote import STEP_USER, compile_pipeline, post_training_groups
     from .placement import load_placement
 
     if mlflow_secret is not None and not _K8S_NAME.fullmatch(mlflow_secret):
@@ -325,7 +350,9 @@ def compile_for_cluster(
         + (f", fine-tuning image {accelerator_image}" if accelerator_image else "")
         + ")",
         f"  {len(training)} fine-tuning on the {pool}: " + (", ".join(r.label for r in training) or "none"),
-        f"  {len(post_training)} post-training on the CPU pool: "
+        f"  {len(post_training)} post-training on the CPU pool"
+        + (f" in {len(post_training_groups(post_training, parallelism))} grouped step(s)" if post_training else "")
+        + ": "
         + (", ".join(r.label for r in post_training) or "none"),
         f"  {rounds} refinement round{'s' if rounds != 1 else ''} after round 1"
         + (f", proposed recipes on the {pool}" if rounds else ""),
@@ -360,8 +387,13 @@ def submit(
     experiment: str = "kfopt",
     run_name: str | None = None,
     token: str | None = None,
+    cache: bool = True,
 ) -> dict:
-    """Upload a compiled pipeline and start a run; return ``run_id`` and ``url``."""
+    """Upload a compiled pipeline and start a run; return ``run_id`` and ``url``.
+
+    ``cache=False`` runs every step anew (KFP's ``enable_caching=False`` for the run); else each
+    step caches as the pipeline says (everything but the fingerprint and promote steps).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import kfp
@@ -369,7 +401,12 @@ def submit(
         try:
             client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token or default_token())
             run = client.create_run_from_pipeline_package(
-                str(package), arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace
+                str(package),
+                arguments=arguments,
+                run_name=run_name,
+                experiment_name=experiment,
+                namespace=namespace,
+                enable_caching=None if cache else False,
             )
         except Exception as exc:  # connection refused, 401/403, a namespace that does not exist...
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -36,11 +36,18 @@ def compiled(tmp_path, recipes=SEARCH, **options):
 
 
 def loops(pipeline):
-    """{loop display name: (recipe labels, loop component, loop task)} of the root DAG's ParallelFors."""
+    """{loop display name: (items, loop component, loop task)} of the root DAG's ParallelFors.
+
+    An item is a recipe label, or the list of labels of a grouped step.
+    """
+
+    def label(item):
+        return [label(i) for i in item] if isinstance(item, list) else item["recipe"]["name"]
+
     found = {}
     for task in pipeline["root"]["dag"]["tasks"].values():
         if "parameterIterator" in task:
-            items = [json.loads(i)["recipe"]["name"] for i in json.loads(task["parameterIterator"]["items"]["raw"])]
+            items = [label(json.loads(i)) for i in json.loads(task["parameterIterator"]["items"]["raw"])]
             found[task["taskInfo"]["name"]] = (items, pipeline["components"][task["componentRef"]["name"]], task)
     return found
 
@@ -61,7 +68,7 @@ def test_compiled_pipeline_places_fine_tuning_on_the_accelerator_pool(tmp_path):
     found = loops(pipeline)
     assert {name for name in found} == {"fine-tuning-recipes", "post-training-recipes"}
     assert set(found["fine-tuning-recipes"][0]) == TRAINING
-    assert found["post-training-recipes"][0] == [SEARCH[0], SEARCH[2]]
+    assert found["post-training-recipes"][0] == [[SEARCH[0], SEARCH[2]]]  # cheap recipes share a step
     for _, _, task in found.values():
         assert task["iteratorPolicy"]["parallelismLimit"] == 3
 
@@ -109,6 +116,7 @@ def test_compiled_pipeline_retries_promotion_and_caches_the_deterministic_steps(
         "max_accuracy_drop",
         "objective",
         "metric",
+        "output",
         "registered_model",
         "tracking_uri",
         "experiment",
@@ -570,3 +578,134 @@ def test_kfp_local_run_raises_the_error_and_fix_a_failed_step_recorded(tmp_path)
     )
     [prepare] = [s for s in read_statuses(tmp_path / "run" / "pipeline-root") if s.step == "prepare"]
     assert prepare.failed and prepare.user_error
+
+
+# -- post-training recipes grouped into a few steps --------------------------------------------------
+def test_post_training_recipes_share_a_few_steps_sized_by_the_pool_parallelism():
+    from kfopt.pipelines.optimize_and_promote import RECIPES_PER_STEP, post_training_groups
+
+    five = list("abcde")
+    assert RECIPES_PER_STEP == 3
+    assert post_training_groups(five, 2) == [["a", "c", "e"], ["b", "d"]]  # no more steps than run at once
+    assert post_training_groups(five, 1) == [five]
+    assert post_training_groups(five, 0) == [["a", "c", "e"], ["b", "d"]]  # no limit: 3 recipes a step
+    assert post_training_groups(list("abcdefghijk"), 0) == [list("aei"), list("bfj"), list("cgk"), list("dh")]
+    assert post_training_groups(five[:2], 8) == [five[:2]]  # two cheap recipes are not worth two steps
+    assert post_training_groups([], 2) == []
+
+
+def test_compiled_pipeline_has_fewer_optimize_tasks_with_cheap_recipes_grouped(tmp_path):
+    search = load_search()
+    training, post_training = split_by_pool(search)
+    gke = load_placement("gke")
+    grouped, _ = compiled(tmp_path, recipes=search, parallelism=2, placement=gke)
+    single, _ = compiled(tmp_path, recipes=search, parallelism=2, placement=gke, group_post_training=False)
+    (cheap_items, cheap_loop, _), (tuned_items, _, _) = (
+        loops(grouped)["post-training-recipes"],
+        loops(grouped)["fine-tuning-recipes"],
+    )
+    # Two steps for the post-training recipes, each a list; every recipe in exactly one of them.
+    assert len(cheap_items) == 2 and sorted(sum(cheap_items, [])) == sorted(r.label for r in post_training)
+    assert list(cheap_loop["dag"]["tasks"]) == ["optimize-group"]
+    assert len(loops(single)["post-training-recipes"][0]) == len(post_training) == 5
+    # Fine-tuning recipes stay one per step.
+    assert tuned_items == loops(single)["fine-tuning-recipes"][0] == [r.label for r in training]
+    select = grouped["root"]["dag"]["tasks"]["select"]["inputs"]["artifacts"]["cpu_candidates"]
+    assert select["taskOutputArtifact"]["outputArtifactKey"] == "pipelinechannel--optimize-group-candidates"
+
+
+@pytest.mark.slow
+def test_a_failing_recipe_in_a_group_is_a_failed_candidate_and_the_others_still_run(prepared, tmp_path):
+    from kfopt.plugins import Technique, hookimpl
+    from kfopt.plugins.manager import registry
+
+    class Broken(Technique):
+        name = "broken"
+        kind = "quantize"
+        accepts = {"keras"}
+        produces = "tflite"
+
+        def apply(self, model, config, ctx):
+            raise RuntimeError("this technique always breaks")
+
+    class Plugin:
+        @hookimpl
+        def kfopt_register_techniques(self, register):
+            register(Broken())
+
+    root, _ = prepared
+    items = [
+        {"position": 4, "recipe": "quantize(mode=dynamic)"},
+        {"position": 5, "recipe": {"name": "broken", "steps": [{"broken": {}}]}},
+        {"position": 6, "recipe": "quantize(mode=float16)"},
+    ]
+    found = steps.optimize_group_step(
+        items, root / "baseline", root / "data", tmp_path / "group", registry=registry([Plugin()])
+    )
+    assert [(c.recipe, c.status) for c in found] == [
+        ("quantize(mode=dynamic)", "ok"),
+        ("broken", "failed"),
+        ("quantize(mode=float16)", "ok"),
+    ]
+    assert "this technique always breaks" in found[1].reason
+    # select reads every recipe of the group as a candidate of its own, in the search's order.
+    single = steps.optimize_step("quantize(mode=int8)", root / "baseline", root / "data", tmp_path / "one", position=0)
+    result = steps.select_step(root / "baseline", [tmp_path / "group", tmp_path / "one"], tmp_path / "results")
+    assert [(c.recipe, c.status, c.position) for c in result.candidates] == [
+        ("quantize(mode=int8)", "ok", 0),
+        ("quantize(mode=dynamic)", "ok", 4),
+        ("broken", "failed", 5),
+        ("quantize(mode=float16)", "ok", 6),
+    ]
+    assert single.status == "ok" and all(Path(c.artifact).is_file() for c in result.candidates if c.ok)
+    # A group whose step died before a recipe finished still names that recipe.
+    (tmp_path / "group" / "01" / steps.CANDIDATE_FILE).unlink()
+    again = steps.select_step(root / "baseline", [tmp_path / "group"], tmp_path / "results-2")
+    assert [(c.recipe, c.status) for c in again.candidates][1] == ("broken", "failed")
+
+
+@pytest.mark.slow
+def test_grouped_steps_in_kfp_local_give_the_same_candidates_as_one_step_per_recipe(tmp_path):
+    from kfopt.pipelines.runners import run_local
+
+    search = [
+        "quantize(mode=dynamic)",
+        "quantize(mode=float16)",
+        "accelerate(backend=tensorrt)",  # no TensorRT here: skipped, inside a group like anywhere else
+        "quantize(mode=int8)",
+    ]
+    runs = {}
+    for grouped in (True, False):
+        out = tmp_path / ("grouped" if grouped else "single")
+        runs[grouped] = run_local(
+            search,
+            out=out,
+            epochs=3,
+            rounds=0,
+            max_accuracy_drop="5%",
+            group_post_training=grouped,
+            tracking_uri=f"sqlite:///{out / 'mlflow.db'}",
+        )
+        optimize_steps = [s.step for s in read_statuses(out / "pipeline-root") if s.step.startswith("optimize")]
+        assert optimize_steps == (["optimize-group"] * 2 if grouped else ["optimize"] * 4)
+    grouped, single = runs[True], runs[False]
+    assert [(c.recipe, c.status) for c in grouped.candidates] == [(c.recipe, c.status) for c in single.candidates]
+    assert [c.recipe for c in grouped.candidates] == search
+    assert [c.status for c in grouped.candidates] == ["ok", "ok", "skipped", "ok"]
+    for ours, theirs in zip(grouped.candidates, single.candidates):
+        if ours.ok:
+            assert ours.format == theirs.format
+            assert ours.accuracy == pytest.approx(theirs.accuracy, abs=0.01), ours.recipe
+            assert ours.gzip_bytes == pytest.approx(theirs.gzip_bytes, rel=0.02), ours.recipe
+    assert grouped.winner == single.winner and grouped.selection["max_accuracy_drop"] == "5%"
+
+
+def test_without_placement_one_loop_runs_fine_tuning_recipes_alone_and_the_cheap_ones_grouped(tmp_path):
+    pipeline, _ = compiled(tmp_path, recipes=SEARCH, parallelism=3)
+    found = loops(pipeline)
+    assert list(found) == ["recipes"]  # kfp.local: one machine, one loop sharing its parallelism
+    items, loop, task = found["recipes"]
+    assert items == [[SEARCH[1]], [SEARCH[3]], [SEARCH[0], SEARCH[2]]]
+    assert list(loop["dag"]["tasks"]) == ["optimize-group"] and task["iteratorPolicy"]["parallelismLimit"] == 3
+    select = pipeline["root"]["dag"]["tasks"]["select"]["inputs"]["artifacts"]
+    assert set(select) == {"baseline", "cpu_candidates"}

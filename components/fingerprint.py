@@ -1,0 +1,129 @@
+"""What the model and the data are, as a short digest: the pipeline's cache keys on content, not on names.
+
+KFP caches a step on its inputs. ``prepare`` takes the model and data as
+strings, so a model updated in place at the same path (``gs://bucket/model/``)
+would reuse the old baseline and every step after it. The pipeline's first
+step (never cached) computes :func:`fingerprint` and hands it to ``prepare``
+as an input, so new content means a new cache key:
+
+- a local file: sha256 of its bytes; a local directory (a SavedModel): sha256
+  over every file's relative path and content;
+- a remote URI (``gs://``, ``s3://``, ...): what ``tf.io.gfile.stat`` says of
+  every object (size and modification time; object stores change both when an
+  object is rewritten), without downloading anything;
+- ``demo:*``: the name and the kfopt version (its training code); ``digits``: the
+  name and scikit-learn's version (the dataset ships with it);
+  ``py:module:function``: the loader's source file.
+
+A source that does not exist is ``missing`` (the ``prepare`` step then says
+what is wrong and how to fix it, as it would without this step); one whose
+content cannot be told (a URI ``tf.io.gfile`` cannot stat) gets a unique value,
+so the run is not served from the cache rather than possibly stale. Nothing
+here imports TensorFlow unless a remote URI is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+#: Bytes read at a time when hashing a file.
+CHUNK = 1 << 20
+#: What a source that does not exist is.
+MISSING = "missing"
+
+
+def fingerprint(model: str, data: str) -> str:
+    """One hex digest of the model's and the data's :func:`describe`."""
+    digest = hashlib.sha256()
+    for kind, source in (("model", model), ("data", data)):
+        digest.update(f"{kind}={source}\n{describe(source, kind)}\n".encode())
+    return digest.hexdigest()
+
+
+def describe(source: str, kind: str = "model") -> str:
+    """A string that changes when the content behind ``source`` changes (see the module docstring)."""
+    if source.startswith("demo:"):
+        from kfopt import __version__
+
+        return f"kfopt {__version__}"
+    if source == "digits":
+        from importlib.metadata import version
+
+        return f"scikit-learn {version('scikit-learn')}"
+    if source.startswith("py:"):
+        return _python_loader(source)
+    if "://" in source:
+        return _remote(source, kind)
+    path = Path(source)
+    if path.is_file():
+        return "sha256:" + _file_sha256(path)
+    if path.is_dir():
+        return "sha256:" + _dir_sha256(path)
+    return MISSING
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dir_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()  # os.walk order is the file system's; the digest must not depend on it
+        for name in sorted(files):
+            file = Path(root) / name
+            digest.update(f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _remote(uri: str, kind: str) -> str:
+    """Size and modification time of every object under ``uri`` (tf.io.gfile: gs://, s3://, hdfs://, ...)."""
+    from kfopt import _tf
+
+    gfile = _tf.tf().io.gfile
+    try:
+        if not gfile.exists(uri):
+            return MISSING
+        if not gfile.isdir(uri):
+            return _stat_line(gfile, uri, "")
+        lines = []
+        base = uri.rstrip("/")
+        for root, _, files in gfile.walk(uri):
+            for name in sorted(files):
+                full = f"{root.rstrip('/')}/{name}"
+                lines.append(_stat_line(gfile, full, full[len(base) :].lstrip("/")))
+        return "\n".join(sorted(lines))
+    except Exception as exc:  # no credentials, a scheme without stat: never a stale cache hit
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        print(f"fingerprint: cannot stat the {kind} '{uri}' ({type(exc).__name__}: {first}); not cached", flush=True)
+        return f"unknown {uuid.uuid4()}"
+
+
+def _stat_line(gfile, uri: str, name: str) -> str:
+    stat = gfile.stat(uri)
+    return f"{name}\0{stat.length}\0{stat.mtime_nsec}"
+
+
+def _python_loader(spec: str) -> str:
+    """The source file of a ``py:module:function`` loader (its code decides the data), without importing it."""
+    import importlib.util
+
+    module = spec[3:].split(":", 1)[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    origin = getattr(found, "origin", None)
+    if not origin or not Path(origin).is_file():
+        return "not found"  # prepare reports a loader it cannot import; nothing to key on here
+    return "sha256:" + _file_sha256(Path(origin))
+
+
+__all__ = ["fingerprint", "describe"]
