@@ -573,3 +573,23 @@ def test_sensitivity_uses_the_task_metric_for_regression_and_binary_models(tmp_p
         assert rows[0]["val_metric_drop"] > (0.2 if kind == "regression" else 0.05), (kind, rows)
         assert rows == sorted(rows, key=lambda r: -r["val_metric_drop"])
         assert {r["type"] for r in rows} == {"Dense"}
+
+
+def test_the_best_chain_is_pushed_and_a_narrower_student_is_pruned_like_the_chain(techniques):
+    records = [
+        record(techniques, "prune(target_sparsity=0.89,epochs=20)>quantize(mode=int8)", 0.0, 0.0, 8000),
+        record(techniques, "distill(width=0.125,epochs=30)>quantize(mode=int8)", 0.0, 0.01, 1700),
+        record(
+            techniques,
+            "distill(width=0.25,epochs=30)>prune(target_sparsity=0.8,epochs=20)>quantize(mode=int8)",
+            0.0,
+            0.008,
+            1800,
+        ),
+    ]
+    proposals = propose(records, max_accuracy_drop=BUDGET, max_trials=10, techniques=techniques)
+    (push,) = [p for p in proposals if p.why.startswith("push the best chain further")]
+    assert push.recipe.startswith("distill(width=0.25,") and sparsity_of(push.recipe) == pytest.approx(0.89)
+    (combined,) = [p for p in proposals if p.why.startswith("combine families")]
+    # The 0.125 student is pruned like the feasible 0.25 chain (0.8), not like the teacher (0.89).
+    assert width_of(combined.recipe) == pytest.approx(0.125) and sparsity_of(combined.recipe) == pytest.approx(0.8)
