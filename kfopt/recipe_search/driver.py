@@ -71,19 +71,22 @@ def search_settings(
     target: float | None,
     stop_when_met: bool,
     time_budget: float | None = None,
+    until_no_gain: bool | None = None,
 ) -> dict:
     """The ``search`` block of a result: how the search was bounded, and which split decides what.
 
     ``rounds`` None: refine until a round stops gaining (``until_no_gain``), at
     most :data:`AUTO_ROUNDS` rounds, within ``time_budget`` wall seconds (None:
     :func:`default_time_budget`). A number of rounds runs them all unless
-    nothing is left to refine (or ``max_time``/``time_budget`` is spent).
+    nothing is left to refine (or ``max_time``/``time_budget`` is spent), or,
+    with ``until_no_gain`` True (a pipeline compiled with a cap of rounds), until
+    a round stops gaining.
     """
     check_stop_when_met(stop_when_met, target)
     check_goal(max_accuracy_drop, objective)
     return {
         "rounds": AUTO_ROUNDS if rounds is None else rounds,
-        "until_no_gain": rounds is None,
+        "until_no_gain": rounds is None if until_no_gain is None else until_no_gain,
         "time_budget": time_budget,
         "max_trials": max_trials,
         "max_time": max_time,

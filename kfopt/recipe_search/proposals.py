@@ -148,7 +148,7 @@ def val_feasible(record: dict, max_accuracy_drop: float | str | Budget) -> bool:
     return (
         record.get("status") == "ok"
         and q.val_drop is not None
-        and not Budget.parse(max_accuracy_drop).over(q.val_drop, q.val_relative_drop)
+        and not q.over_on_validation(Budget.parse(max_accuracy_drop))
     )
 
 
@@ -837,7 +837,8 @@ def propose(
     turn, then the second of each, so a few trials cover every direction that
     can still gain. Family order: for size prune, distillation, chains, longer
     fine-tuning, float layers, then the dense student last; for latency and mix channel
-    pruning and the dense student first, then distillation, prune, and the rest.
+    pruning and the dense student first, then distillation, prune, and the rest
+    (for latency without sparse-weight pruning: zeros in dense kernels run no faster).
     Bisections may start from a chain a little over budget after short
     fine-tuning (it is retried at the default epochs in the same round).
     Only the validation split decides what is feasible or best.
@@ -870,6 +871,10 @@ def propose(
     dense = [_dense_student(evidence)]
     if objective == "size":  # a dense student rarely makes a conv model smaller: only after everything else
         ordered = _round_robin([prune, distill, chains, longer, floats]) + _round_robin([dense])
+    elif objective == "latency":  # zeros in dense kernels cost as much time as any weight: only channels pay off
+        prune = [p for p in prune if p is not None and "method=channels" in p.recipe]
+        chains = [p for p in chains if p is not None and not _sparse_only(p)]
+        ordered = _round_robin([[_channels(evidence, techniques)], dense, distill, prune, chains, longer, floats])
     else:
         ordered = _round_robin([[_channels(evidence, techniques)], dense, distill, prune, chains, longer, floats])
     out = []
@@ -883,6 +888,11 @@ def propose(
         seen.add(key)
         out.append(proposal)
     return out
+
+
+def _sparse_only(proposal: Proposal) -> bool:
+    """The proposal prunes weights to zeros (magnitude, l1, m:n) rather than removing channels."""
+    return any(step.technique == "prune" and step.config.get("method") != "channels" for step in proposal.steps)
 
 
 def _round_robin(families: list[list[Proposal | None]]) -> list[Proposal]:
