@@ -531,6 +531,8 @@ class Evaluator:
         self.metric = metrics[self.task.metric]
         self.y_test = self.task.targets(labels(y_test, one_hot))
         self.y_val = self.task.targets(labels(y_val, one_hot)) if len(y_val) else np.zeros((0,))
+        #: One validation value's worth of a counted metric (accuracy: 1/n); None for other metrics.
+        self.val_resolution = 1 / self.y_val.size if self.metric.counted and self.y_val.size else None
         self._baseline_scored: tuple[_Scored, _Scored | None] | None = None
         self._references: dict[str, dict] = {}
         self._reference_handles: dict[str, ModelHandle] = {}
@@ -656,6 +658,7 @@ class Evaluator:
             "val_metric": val.metric if val else None,
             "val_metric_drop": val_metric_drop,
             "val_metric_drop_relative": _relative(val_metric_drop, base_val.metric if base_val else None),
+            "val_resolution": self.val_resolution,
             "accuracy": test.accuracy,
             "accuracy_drop": base.accuracy - test.accuracy if classifier else None,
             "agreement": _agreement(test.predictions, base.predictions) if classifier else None,

@@ -81,6 +81,10 @@ class Measurement(_Record):
     val_metric: float | None = None
     val_metric_drop: float | None = None
     val_metric_drop_relative: float | None = None
+    #: The smallest change of a counted metric (accuracy) the validation split can show: one of its values
+    #: (1/n). A validation drop up to it is within the budget, since the split cannot tell it from noise;
+    #: the test split's budget check stays exact.
+    val_resolution: float | None = None
     #: Classifiers only (None for regression): exact accuracy, agreement with the baseline, per-class change.
     accuracy: float | None = None
     accuracy_drop: float | None = None

@@ -75,9 +75,12 @@ class Budget:
     def __str__(self) -> str:
         return str(self.value) if self.relative else f"{self.drop:g}"
 
-    def over(self, drop: float | None, relative_drop: float | None) -> bool:
+    def over(self, drop: float | None, relative_drop: float | None, resolution: float | None = None) -> bool:
         """Whether a candidate with these drops is over the budget (a relative budget with no relative drop: yes,
-        unless the candidate is not worse at all)."""
+        unless the candidate is not worse at all). A drop no larger than ``resolution`` (the smallest change
+        the split can show, e.g. one sample of a small validation split) is within any budget."""
+        if resolution and drop is not None and drop <= resolution + TOLERANCE:
+            return False
         if self.relative:
             if relative_drop is None:
                 return (drop or 0.0) > TOLERANCE
@@ -128,6 +131,13 @@ class Quality:
     relative_drop: float | None
     val_drop: float | None
     val_relative_drop: float | None
+    #: The smallest drop the validation split can show (one of its samples, for accuracy); None: exact.
+    val_resolution: float | None = None
+
+    def over_on_validation(self, budget: Budget) -> bool:
+        """Whether the validation drop is over ``budget``; a split too small to show the budget (one sample
+        is worth more than it) counts a drop of one sample as within it, and the test split decides."""
+        return budget.over(self.val_drop, self.val_relative_drop, self.val_resolution)
 
 
 def quality(candidate) -> Quality:
@@ -141,6 +151,7 @@ def quality(candidate) -> Quality:
             get("metric_drop_relative"),
             get("val_metric_drop"),
             get("val_metric_drop_relative"),
+            get("val_resolution"),
         )
     accuracy, drop, val_drop = get("accuracy"), get("accuracy_drop"), get("val_accuracy_drop")
     base = accuracy + drop if accuracy is not None and drop is not None else None
@@ -153,6 +164,7 @@ def quality(candidate) -> Quality:
         drop / base if base else None,
         val_drop,
         val_drop / val_base if val_base else None,
+        get("val_resolution"),
     )
 
 
@@ -367,7 +379,7 @@ def why_not_eligible(candidate, *, max_accuracy_drop: float | str | Budget, obje
         return f"not measured: has no {q.name if q.value is None else objective_metric(objective)}"
     if budget.over(q.drop, q.relative_drop):
         return f"{_describe_drop(q, q.drop, q.relative_drop, budget)} is over the budget {_shown(budget)}"
-    if budget.over(q.val_drop, q.val_relative_drop):
+    if q.over_on_validation(budget):
         # Chosen on validation, confirmed on test: a candidate the search would not have kept
         # is not made the winner because it happened to do well on the test split.
         return (

@@ -100,6 +100,9 @@ class Metric:
     tasks: frozenset[str]
     higher_is_better: bool = True
     description: str = ""
+    #: The metric is the fraction of scored values that are right (samples; labels for multi-label binary
+    #: accuracy): a split of n of them cannot show a change finer than 1/n (see ``val_resolution``).
+    counted: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", frozenset(self.tasks))

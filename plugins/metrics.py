@@ -94,18 +94,21 @@ BUILT_IN = (
     Metric(
         "accuracy",
         accuracy,
+        counted=True,
         tasks={"multiclass", "binary", "multilabel"},
         description="fraction of samples predicted right (all labels right, for multilabel)",
     ),
     Metric(
         "binary_accuracy",
         binary_accuracy,
+        counted=True,
         tasks={"binary", "multilabel"},
         description="fraction of yes/no answers right (per label, for multilabel)",
     ),
     Metric(
         "top_k_accuracy",
         top_k_accuracy,
+        counted=True,
         tasks={"multiclass"},
         description=f"fraction of samples whose class is in the top {TOP_K} scores",
     ),

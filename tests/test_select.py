@@ -229,3 +229,34 @@ def test_a_mix_ties_within_the_noise_of_its_latency_share():
     assert select([bare(quick), bare(small)], objective="mix").winner == "quick"
     # Size alone is exact: no ties there.
     assert select([quick, small], objective="size").ties == []
+
+
+def test_one_sample_of_a_small_validation_split_is_not_over_the_budget_but_the_test_split_stays_exact():
+    """72 validation samples cannot show a 1 pt budget (one sample is 1.39 pt): that drop is noise, not a loss."""
+    from kfopt.select import why_not_eligible
+
+    one = 1 / 72
+    base = {"status": "ok", "metric_name": "accuracy", "metric": 0.97, "gzip_bytes": 100, "latency_p50_ms": 1.0}
+    within = {**base, "metric_drop": 0.0, "val_metric_drop": one, "val_resolution": one}
+    assert why_not_eligible(within, max_accuracy_drop=0.01, objective="size") is None
+    assert why_not_eligible({**within, "val_resolution": None}, max_accuracy_drop=0.01, objective="size")
+    two = {**within, "val_metric_drop": 2 * one}
+    assert "on the validation split is over the budget" in why_not_eligible(
+        two, max_accuracy_drop=0.01, objective="size"
+    )
+    on_test = {**within, "metric_drop": one}
+    assert "over the budget" in why_not_eligible(on_test, max_accuracy_drop=0.01, objective="size")
+    assert why_not_eligible(within, max_accuracy_drop="1%", objective="size") is None
+
+
+def test_the_evaluator_gives_the_validation_resolution_of_counted_metrics_only(tmp_path):
+    from kfopt.data import load_data
+    from kfopt.evaluate import Evaluator
+    from kfopt.models import build_demo
+    from kfopt.plugins import ModelHandle
+
+    handle = ModelHandle.from_keras(build_demo("demo:mlp"))
+    data = load_data("digits", input_shape=(64,), validation_from="test")
+    evaluator = Evaluator(data, handle, tmp_path, latency_runs=2)
+    assert evaluator.val_resolution == pytest.approx(1 / len(data.validation.y))
+    assert Evaluator(data, handle, tmp_path, latency_runs=2, metric="macro_f1").val_resolution is None
