@@ -365,8 +365,10 @@ def plan_channels(model, target_sparsity: float, keep_dense=(), norm: str = "l1"
     for depth in sorted(model._nodes_by_depth, reverse=True):  # inputs first
         for node in model._nodes_by_depth[depth]:
             visit(node)
+    outputs = set()
     for tensor in model.outputs:
         fix(layout(tensor), OUTPUT)
+        outputs |= {groups.find(key) for key, _ in _segments(layout(tensor))}
 
     plan = ChannelPlan(groups, uses)
     scores = _importance(plan, followers, norm)
@@ -383,7 +385,7 @@ def plan_channels(model, target_sparsity: float, keep_dense=(), norm: str = "l1"
         (key, width), *_ = use.writes
         plan.widths[name] = (width, len(plan.kept(use.writes)))
         why = groups.why_fixed(key)
-        if why and why != OUTPUT:
+        if why and groups.find(key) not in outputs:  # the output's width is the model's: not a choice to report
             plan.left[name] = why
     return plan
 
