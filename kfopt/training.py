@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import TYPE_CHECKING
 
 from . import _tf
@@ -140,7 +142,76 @@ def fine_tune(
     callbacks = list(callbacks) + [keras_callback(ctx.progress, description, epochs)]
     if early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True))
-    return model.fit(**train, validation_data=validation, epochs=epochs, callbacks=callbacks, verbose=0, shuffle=True)
+    with unit_stride_pointwise(model):
+        return model.fit(
+            **train, validation_data=validation, epochs=epochs, callbacks=callbacks, verbose=0, shuffle=True
+        )
+
+
+#: Input channels below which TensorFlow's oneDNN CPU kernel for the kernel gradient of a strided 1x1 convolution
+#: writes past its workspace: its channel block (16 with AVX-512, 8 with AVX2). uxlfoundation/oneDNN#6035.
+ONEDNN_CHANNEL_BLOCK = 16
+
+
+@contextlib.contextmanager
+def unit_stride_pointwise(model):
+    """While ``model`` trains inside this block, each strided 1x1 convolution on fewer than
+    ``ONEDNN_CHANNEL_BLOCK`` input channels computes as a subsample of its input followed by a unit-stride 1x1
+    convolution: the same outputs and gradients, through other kernels. Yields the names of the layers it changed.
+
+    Why: the oneDNN kernel TensorFlow uses on x86 CPUs for such a convolution's kernel gradient addresses its
+    reduce-to-unit-stride workspace per input-channel *block* but sizes it per input *channel*
+    (uxlfoundation/oneDNN#6035, open), so it writes past the workspace; on a batch of odd size (the last batch of
+    an epoch) that corrupts the heap and the process dies with a segfault. A width-0.5 distillation student of a
+    ResNet (a 1x1 stride-2 projection of 8 channels) hits it; so would fine-tuning any such model. Only the kernel
+    gradient is affected: inference and the saved model keep the layer as it is.
+    """
+    patched = [layer for layer in _walk_layers(model) if _strided_pointwise_on_few_channels(layer)]
+    for layer in patched:
+        layer.convolution_op = functools.partial(_subsampled_pointwise, layer)
+    try:
+        yield [layer.name for layer in patched]
+    finally:
+        for layer in patched:
+            del layer.convolution_op
+
+
+def _walk_layers(model):
+    from .signature import _walk_layers as walk  # opens nested models and wrappers (tfmot's, Bidirectional)
+
+    return walk(model)
+
+
+def _strided_pointwise_on_few_channels(layer) -> bool:
+    keras = _tf.keras()
+    layers = keras.layers
+    if not isinstance(layer, (layers.Conv1D, layers.Conv2D, layers.Conv3D)) or isinstance(
+        layer, (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)
+    ):
+        return False
+    kernel = getattr(layer, "kernel", None)
+    return (
+        kernel is not None
+        and layer.groups == 1
+        and all(size == 1 for size in layer.kernel_size)
+        and any(stride > 1 for stride in layer.strides)
+        and kernel.shape[-2] < ONEDNN_CHANNEL_BLOCK
+    )
+
+
+def _subsampled_pointwise(layer, inputs, kernel):
+    """``layer``'s strided 1x1 convolution as a strided slice and a unit-stride 1x1 convolution.
+
+    A 1x1 kernel reads one position per output, so with stride ``s`` output ``i`` is the input at ``i * s`` for
+    every padding mode (``same`` pads nothing for a 1x1 kernel, ``causal`` pads ``kernel_size - 1 = 0``).
+    """
+    first = 2 if layer.data_format == "channels_first" else 1
+    index = [slice(None)] * (layer.rank + 2)
+    for axis, stride in enumerate(layer.strides):
+        index[first + axis] = slice(None, None, stride)
+    return _tf.tf().nn.convolution(
+        inputs[tuple(index)], kernel, strides=1, padding="VALID", data_format=layer._tf_data_format, name=layer.name
+    )
 
 
 def keras_data(x, y) -> tuple:

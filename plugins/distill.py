@@ -41,7 +41,7 @@ from kfopt import _tf
 from kfopt.errors import KfoptError
 from kfopt.models import copy_model
 from kfopt.progress import keras_callback
-from kfopt.training import keras_data, task_of
+from kfopt.training import keras_data, task_of, unit_stride_pointwise
 
 from .layers import all_layers, note, require_layer_graph, with_note
 from .spec import hookimpl
@@ -151,17 +151,18 @@ class Distill(Technique):
                 student_logits, teacher_logits, config.temperature, config.alpha, task.kind, task.loss
             )
             distiller.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-        distiller.fit(
-            **ctx.train.fit_args(),
-            validation_data=keras_data(*ctx.validation.arrays()),
-            epochs=config.epochs,
-            callbacks=[
-                keras_callback(ctx.progress, "distill", config.epochs),
-                keras.callbacks.EarlyStopping(monitor="val_loss", patience=PATIENCE, restore_best_weights=True),
-            ],
-            verbose=0,
-            shuffle=True,
-        )
+        with unit_stride_pointwise(student_logits):  # a narrow strided 1x1 conv would crash TensorFlow (see there)
+            distiller.fit(
+                **ctx.train.fit_args(),
+                validation_data=keras_data(*ctx.validation.arrays()),
+                epochs=config.epochs,
+                callbacks=[
+                    keras_callback(ctx.progress, "distill", config.epochs),
+                    keras.callbacks.EarlyStopping(monitor="val_loss", patience=PATIENCE, restore_best_weights=True),
+                ],
+                verbose=0,
+                shuffle=True,
+            )
         if not shares_weights:  # the logits view was a copy: put the trained weights back
             student.set_weights(student_logits.get_weights())
         info = {k: v for k, v in model.info.items() if k not in _STALE_INFO}
