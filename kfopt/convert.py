@@ -171,13 +171,50 @@ def unrolled(model):
     try:
         config = unroll({"class_name": type(model).__name__, "config": model.get_config()})["config"]
         copy = type(model).from_config(config)
-        copy.set_weights(model.get_weights())
-    except Exception as exc:  # a custom layer without from_config, a subclassed model
+        copy_weights(model, copy)
+    except Exception as exc:  # a custom layer without from_config, a subclassed model, a weight with no twin
         raise KfoptError(
             f"The model's recurrent layers cannot be unrolled for TFLite ({type(exc).__name__}: {exc}).",
             "build the model from built-in Keras layers with a fixed sequence length, or use a Keras-format recipe.",
         ) from None
     return copy
+
+
+def copy_weights(source, target) -> None:
+    """Copy ``source``'s weights into ``target``, a model rebuilt from its config, layer by layer (by layer name).
+
+    A rebuilt model need not list its weights as the original does: tfmot's ``QuantizeLayer`` (in front of a
+    float input's first quantized layer, e.g. a Reshape) builds its quantizer's ranges twice when rebuilt, so the
+    copy holds more weights than the original and one flat ``set_weights`` list misses by two. Within a layer the
+    weights are matched by position when both list the same shapes, else by name (the full name, or the last
+    part of it when that is unique); a weight of ``source`` with no twin raises ValueError.
+    """
+    keras = _tf.keras()
+    originals = {layer.name: layer for layer in source.layers}
+    for layer in target.layers:
+        original = originals.get(layer.name)
+        if original is None:
+            raise ValueError(f"the rebuilt layer '{layer.name}' has no twin in '{source.name}'")
+        if isinstance(layer, keras.Model):
+            copy_weights(original, layer)
+        else:
+            _copy_layer_weights(original, layer)
+
+
+def _copy_layer_weights(original, twin) -> None:
+    if [tuple(w.shape) for w in original.weights] == [tuple(w.shape) for w in twin.weights]:
+        twin.set_weights(original.get_weights())
+        return
+    by_name = {w.name: w for w in twin.weights}
+    for weight in original.weights:
+        match = by_name.get(weight.name)
+        if match is None:
+            tail = weight.name.split("/")[-1]
+            same = [w for w in twin.weights if w.name.split("/")[-1] == tail and w.shape == weight.shape]
+            if len(same) != 1:
+                raise ValueError(f"the weight '{weight.name}' of layer '{original.name}' has no single twin")
+            match = same[0]
+        match.assign(weight)
 
 
 def _convert(converter, mode: str, representative, int8_io: bool) -> bytes:
