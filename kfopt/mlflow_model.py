@@ -39,6 +39,7 @@ EXAMPLE_ROWS = 3
 LOADER_MODULE = "kfopt_serving_loader"
 #: LiteRT where a wheel exists (Linux, macOS); elsewhere TensorFlow's interpreter runs the model.
 LITERT_PLATFORMS = 'platform_system == "Linux" or platform_system == "Darwin"'
+OTHER_PLATFORMS = 'platform_system != "Linux" and platform_system != "Darwin"'  # markers have no "not"
 #: LiteRT releases the loader is written against, when LiteRT is not installed here to pin its version.
 LITERT_RANGE = ">=2.0,<3"
 
@@ -108,7 +109,7 @@ def requirements(format: str, *, runtime: str = serving_loader.LITERT, keras3: b
     if format == "tflite" and runtime == serving_loader.LITERT:
         litert = installed("ai-edge-litert")
         litert = f"ai-edge-litert=={litert}" if litert else f"ai-edge-litert{LITERT_RANGE}"
-        return [numpy, f"{litert}; {LITERT_PLATFORMS}", f"{tensorflow}; not ({LITERT_PLATFORMS})"]
+        return [numpy, f"{litert}; {LITERT_PLATFORMS}", f"{tensorflow}; {OTHER_PLATFORMS}"]
     if format == "keras":
         return [numpy, tensorflow, _pinned("keras") if keras3 else _pinned("tf-keras")]
     return [numpy, tensorflow]
