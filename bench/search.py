@@ -46,7 +46,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    console = Console(width=max(Console().width, 170))
+    console = Console(width=max(Console().width, 220))
     summary = Table(
         title=f"kfopt search: winner vs best round-1 recipe (budget {args.max_accuracy_drop * 100:g} pt, test split)"
     )
