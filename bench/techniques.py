@@ -75,7 +75,12 @@ def main() -> int:
             "speedup",
             "seconds",
         ):
-            table.add_column(col, justify="left" if col in ("recipe", "format") else "right")
+            table.add_column(
+                col,
+                justify="left" if col in ("recipe", "format") else "right",
+                overflow="fold",
+                no_wrap=col != "recipe",
+            )
         rows = []
         for text, planned in recipes:
             slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
