@@ -244,3 +244,31 @@ def test_a_teacher_whose_widths_are_all_tied_to_its_input_or_output_is_refused(d
         "(residual: its width is tied to the model's input; classes: it sets the model's output). "
         "Fix: use architecture=dense, or pass a student model file with student=PATH."
     )
+
+
+@pytest.mark.parametrize("rank,padding", [(2, "valid"), (2, "same"), (1, "causal")])
+def test_a_narrow_strided_1x1_conv_trains_through_a_unit_stride_conv_with_the_same_numbers(rank, padding):
+    """oneDNN's kernel gradient of a strided 1x1 conv on < 16 input channels writes past its workspace (a segfault
+    on an odd-sized batch, uxlfoundation/oneDNN#6035): while training, such a layer subsamples and then convolves
+    at unit stride. Its outputs and kernel gradient stay the same, and the layer is itself again afterwards."""
+    from kfopt.training import unit_stride_pointwise
+
+    tf, keras = _tf.tf(), _tf.keras()
+    spatial = (9, 8)[:rank] if rank == 2 else (9,)
+    conv = getattr(keras.layers, f"Conv{rank}D")(16, 1, strides=2, padding=padding, name="projection")
+    wide = getattr(keras.layers, f"Conv{rank}D")(16, 1, strides=2, name="wide")  # 16 channels: not affected
+    inputs = keras.Input((*spatial, 8))
+    model = keras.Model(inputs, [conv(inputs), wide(keras.layers.Concatenate()([inputs, inputs]))])
+    x = tf.constant(np.random.default_rng(0).random((3, *spatial, 8)).astype("float32"))  # an odd batch
+    expected = conv(x).numpy()  # the forward kernel is not affected
+    with unit_stride_pointwise(model) as changed:
+        assert changed == ["projection"]
+        with tf.GradientTape() as tape:
+            y = conv(x)
+            loss = tf.reduce_sum(y * y)
+        gradient = tape.gradient(loss, conv.kernel).numpy()
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-6)
+    # d/dW sum((xs W + b)^2) = 2 xs^T (xs W + b), xs the inputs at the strided positions.
+    xs = x.numpy()[(slice(None), *[slice(None, None, 2)] * rank)].reshape(-1, 8).astype(np.float64)
+    np.testing.assert_allclose(gradient.reshape(8, 16), 2 * xs.T @ expected.reshape(-1, 16), rtol=1e-4)
+    assert "convolution_op" not in vars(conv)  # the layer is itself again

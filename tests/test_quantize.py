@@ -224,3 +224,44 @@ def test_qat_of_a_gru_text_model_converts_with_the_gru_left_float(ctx_factory):
     it.set_tensor(detail["index"], tokens[:1])
     it.invoke()
     assert it.get_tensor(it.get_output_details()[0]["index"]).shape == (1, 10)
+
+
+def test_qat_of_a_gru_fed_by_a_float_reshape_converts_with_the_qat_weights(ctx_factory):
+    """A float input quantized in front of a Reshape: the QAT model rebuilt to unroll the GRU holds more weights
+    than the original (tfmot's QuantizeLayer builds its ranges twice), so weights are copied layer by layer."""
+    from kfopt.convert import unrolled
+    from kfopt.data import load_data
+    from kfopt.plugins.quantize import qat_scheme, quantization_aware_model
+
+    keras = _tf.keras()
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.random((320, 48)).astype("float32")
+    y = (x[:, :24].sum(axis=1) > x[:, 24:].sum(axis=1)).astype(int)  # which half of the sequence is brighter
+    data = load_data({"x_train": x[:256], "y_train": y[:256], "x_test": x[256:], "y_test": y[256:]})
+    model = keras.Sequential(
+        [
+            keras.Input((48,)),
+            keras.layers.Reshape((12, 4)),
+            keras.layers.GRU(8, name="reader"),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    out = run(model, data, ctx_factory, mode="qat", epochs=1, calibration_samples=16)
+    assert out.info["float_layers"] == {"reader": "tfmot's 8-bit scheme has no GRU"}
+    it = interpreter(out.tflite())
+    detail = it.get_input_details()[0]
+    scale, zero_point = detail["quantization"]
+    it.set_tensor(detail["index"], np.clip(np.round(x[:1] / scale + zero_point), -128, 127).astype(np.int8))
+    it.invoke()
+    assert it.get_tensor(it.get_output_details()[0]["index"]).shape == (1, 2)
+
+    # The unrolled copy computes what the QAT model computes: every weight, quantizer ranges included, in place.
+    qat_model, _ = quantization_aware_model(model, [], qat_scheme(preserve=False))
+    qat_model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    qat_model.fit(x, y, epochs=1, verbose=0)  # ranges away from their initial values
+    with _tf.tfmot().quantization.keras.quantize_scope():
+        copy = unrolled(qat_model)
+    assert len(copy.weights) > len(qat_model.weights)
+    assert copy.get_layer("reader").unroll
+    np.testing.assert_allclose(copy.predict(x, verbose=0), qat_model.predict(x, verbose=0), atol=1e-6)

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from zoo_models import ZOO, mlp_tf_keras, subclassed_saved_model, token_sequences, two_inputs, two_outputs
+from zoo_models import (
+    ZOO,
+    mlp_tf_keras,
+    resnet,
+    subclassed_saved_model,
+    token_sequences,
+    two_inputs,
+    two_outputs,
+)
 
 from kfopt.errors import KfoptError
 from kfopt.recipe_search import search
@@ -117,6 +125,26 @@ def test_the_metric_is_computed_on_the_chosen_output(tmp_path):
     result = optimize(path, even, "quantize(mode=dynamic)", tmp_path / "run", output="even")
     assert result.baseline.metric_name == "binary_accuracy"
     assert result.candidates[0].status == "ok" and abs(result.candidates[0].metric_drop) < 0.02
+
+
+def test_a_resnet_distills_to_a_narrower_student(tmp_path):
+    """A width-0.5 student of the ResNet has a 1x1 stride-2 projection on 8 channels, and the training split
+    (1437 digits) ends in a batch of 29: TensorFlow's oneDNN kernel gradient for that convolution used to corrupt
+    the heap and kill the process. Run as a user would (kfopt optimize), so a crash fails this test, not pytest."""
+    path, data = resnet(tmp_path)
+    assert len(data["x_train"]) % 32 % 2 == 1  # the last batch has an odd size
+    np.savez(tmp_path / "data.npz", **data)
+    proc = subprocess.run(
+        [KFOPT, "optimize", "--model", path, "--data", str(tmp_path / "data.npz"), "--json"]
+        + ["--recipe", "distill(width=0.5,epochs=1)", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (candidate,) = json.loads(proc.stdout)["candidates"]
+    assert candidate["status"] == "ok", candidate.get("reason")
+    assert math.isfinite(candidate["metric"]) and math.isfinite(candidate["metric_drop"])
+    assert 0 < candidate["params"] < json.loads(proc.stdout)["baseline"]["params"] / 2
 
 
 # -- a failing recipe is a failed candidate; a refusal comes before any work ----------------------
