@@ -133,8 +133,10 @@ def default_time_budget(round_one_seconds: float) -> float:
 def estimated_seconds(steps: list[dict], candidates: list[Candidate]) -> float:
     """How long a recipe of planned ``steps`` (``PlannedStep.as_dict()``) will take, from the candidates so far.
 
-    The slowest candidate with the same techniques in the same order, scaled by
-    the fine-tuning epochs (which dominate); else the slowest candidate so far
+    Among candidates with the same techniques in the same order: the slowest
+    one that fine-tuned as many epochs; else the ones nearest in epochs, scaled
+    by the epochs (which dominate; scaling from far away overestimates, as
+    converting and measuring do not scale). Else the slowest candidate so far
     (0 when none ran).
     """
     shape = [s["technique"] for s in steps]
@@ -143,6 +145,8 @@ def estimated_seconds(steps: list[dict], candidates: list[Candidate]) -> float:
     if not alike:
         return max((c.seconds for c in timed), default=0.0)
     want = _epochs(steps)
+    nearest = min(abs(_epochs(c.steps) - want) for c in alike)
+    alike = [c for c in alike if abs(_epochs(c.steps) - want) == nearest]
     return max(c.seconds * (want / _epochs(c.steps) if want and _epochs(c.steps) else 1.0) for c in alike)
 
 
