@@ -18,9 +18,10 @@ runner reads the outcome of a run from these files.
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from kfopt.components import DEFAULT_IMAGE
 
@@ -143,6 +144,7 @@ def optimize(
         item = json.loads(recipe)
         if STOPPED in item:
             stopped_step(candidate.path, item["round"], item[STOPPED])
+            log_metrics(metrics, {})
             return
         record = optimize_step(
             item["recipe"],
@@ -186,15 +188,15 @@ def optimize_group(
     with step_status("optimize-group", status.path) as step:
         import json
 
+        from kfopt.components.ops import log_metrics
         from kfopt.components.steps import optimize_group_step
 
         records = optimize_group_step(json.loads(recipes), baseline.path, dataset.path, candidates.path, seed=seed)
         step.recipe = ", ".join(r.recipe for r in records)
         candidates.metadata.update({"recipes": [r.recipe for r in records], "statuses": [r.status for r in records]})
+        log_metrics(metrics, {})  # the file exists also when no recipe finished
         for record in records:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "position":
-                    metrics.log_metric(f"{record.recipe} {key}", float(value))
+            log_metrics(metrics, record, prefix=f"{record.recipe} ")
 
 
 def evaluate(
@@ -354,17 +356,17 @@ def select(
         results.metadata.update(
             {"winner": result.winner or "", "pareto": result.pareto, "candidates": len(result.candidates)}
         )
-        if result.winning_candidate:
-            log_metrics(metrics, result.winning_candidate)
+        log_metrics(metrics, result.winning_candidate or {})
         return result.winner or ""
 
 
-def report(results: Input[Artifact], report: Output[HTML], status: Output[Artifact]):
-    """Renders the HTML report: the candidates table and accuracy-vs-size/latency plots.
+def report(results: Input[Artifact], report: Output[HTML], summary: Output[Markdown], status: Output[Artifact]):
+    """Renders the HTML report (the candidates table and accuracy-vs-size/latency plots) and a Markdown summary.
 
     Args:
         results: The select step's results.
         report: The HTML page.
+        summary: The candidates table in Markdown (the KFP UI shows it in the step's visualizations).
         status: How the step went (kfopt.components.status.StepStatus as JSON).
     """
     from kfopt.components.status import step_status
@@ -372,7 +374,7 @@ def report(results: Input[Artifact], report: Output[HTML], status: Output[Artifa
     with step_status("report", status.path):
         from kfopt.components.steps import report_step
 
-        report_step(results.path, report.path)
+        report_step(results.path, report.path, summary.path)
 
 
 def promote(
@@ -383,7 +385,7 @@ def promote(
     experiment: str,
     results: Input[Artifact],
     status: Output[Artifact],
-) -> str:
+) -> NamedTuple("Outputs", [("registered_model", str), ("version", str), ("promoted", bool), ("alias", str)]):  # noqa: UP014
     """Registers the winner in MLflow and moves the champion alias if it passes the gate.
 
     Args:
@@ -396,14 +398,22 @@ def promote(
         status: How the step went, with the registration and the MLflow tracking record, also when MLflow failed.
 
     Returns:
-        JSON of the registered model (name, version, aliases, promoted), or of {"skipped": reason}.
+        registered_model: JSON of the registered model (name, version, aliases, promoted), or of {"skipped": reason}.
+        version: The new model version ('' when nothing was registered), for a deploy step downstream.
+        promoted: Whether the champion alias moved to the new version: gate a deploy step with dsl.If on it.
+        alias: 'champion' when promoted, 'challenger' when registered but not promoted, '' when nothing was.
     """
     from kfopt.components.status import step_status
 
     with step_status("promote", status.path) as step:
         import json
+        from typing import NamedTuple
 
         from kfopt.components.steps import promote_step
+
+        outputs = NamedTuple(  # noqa: UP014
+            "Outputs", [("registered_model", str), ("version", str), ("promoted", bool), ("alias", str)]
+        )
 
         promote_step(
             results.path,
@@ -414,20 +424,33 @@ def promote(
             experiment=experiment,
             status=step,
         )
-        if step.registered_model is not None:
-            return json.dumps(step.registered_model.to_dict())
-        return json.dumps({"skipped": step.tracking.error})
+        registration = step.registered_model
+        if registration is None:
+            return outputs(json.dumps({"skipped": step.tracking.error}), "", False, "")
+        version = "" if registration.version is None else str(registration.version)
+        alias = "champion" if registration.promoted else ("challenger" if version else "")
+        return outputs(json.dumps(registration.to_dict()), version, bool(registration.promoted), alias)
 
 
 # -- helpers the component bodies import (they run inside the component) -----------
-def log_metrics(metrics, record) -> None:
-    """Log a record's scalar metrics on a KFP Metrics artifact (the UI shows numbers only).
+def log_metrics(metrics, record, prefix: str = "") -> None:
+    """Log a record's scalar metrics on a KFP Metrics artifact (the UI shows numbers only), and write its file.
 
-    ``record`` is a :class:`~kfopt.result.Candidate` or the baseline's metrics (a dict).
+    ``record`` is a :class:`~kfopt.result.Candidate` or the baseline's metrics (a
+    dict); ``prefix`` goes before each name (a grouped step logs several
+    candidates). KFP keeps the numbers in the artifact's metadata; the file
+    (the same numbers as JSON) makes the artifact exist on disk, which a
+    cache (kfp.local's) checks before it reuses a step's outputs.
     """
+    import json
+    from pathlib import Path
+
     for key, value in record.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "position":
-            metrics.log_metric(key, float(value))
+            metrics.log_metric(prefix + key, float(value))
+    path = Path(metrics.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics.metadata, indent=1, sort_keys=True))
 
 
 def describe(candidate, record) -> None:

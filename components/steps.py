@@ -677,15 +677,71 @@ def _candidate_folders(directories) -> list[tuple[Path, str | None, int | None]]
 
 
 # -- report ----------------------------------------------------------------------
-def report_step(results_dir, html_path) -> Path:
-    """Write the HTML report (candidates table, Pareto plots) of a select step's results."""
+def report_step(results_dir, html_path, markdown_path=None) -> Path:
+    """Write the HTML report (candidates table, Pareto plots) of a select step's results.
+
+    With ``markdown_path`` also the candidates table as Markdown (:func:`markdown_summary`).
+    """
     from kfopt.html_report import render_html
 
     result = RunResult.load(results_dir)
     path = Path(html_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(result))
+    if markdown_path is not None:
+        summary = Path(markdown_path)
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(markdown_summary(result))
     return path
+
+
+def markdown_summary(result: RunResult) -> str:
+    """The candidates table in Markdown, as the KFP UI shows it: the baseline and every candidate with its status,
+    the columns of the ``kfopt run`` table (test split), the winner and the Pareto front marked."""
+    from kfopt.report import columns_for, speedup_cell
+
+    record = result.to_dict()
+    columns = columns_for(record)
+    selection = record.get("selection") or {}
+    winner = record.get("winner")
+    pareto = set(record.get("pareto") or [])
+    budget = selection.get("max_accuracy_drop")
+    lines = [
+        f"**kfopt**: {_md(record.get('model'))} on {_md(record.get('data'))} (test split). "
+        + (f"Winner: **{_md(winner)}**" if winner else "No candidate within the budget")
+        + (f" (objective {_md(selection.get('objective'))}, budget {_md(budget)})" if selection else "")
+        + ". \u2605 = on the Pareto front.",
+        "",
+    ]
+    header = ["model", "format", "status", *(h for _, h, _ in columns)]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    rows = [("baseline", {**record["baseline"], "status": "ok"})]
+    rows += [
+        (
+            ("**" + c["recipe"] + "**" if c["recipe"] == winner else c["recipe"])
+            + (" \u2605" if c["recipe"] in pareto else ""),
+            c,
+        )
+        for c in record["candidates"]
+    ]
+    for label, row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            if value is None:
+                cells.append("-")
+            elif key == "speedup":
+                cells.append(speedup_cell(row))
+            else:
+                cells.append(fmt.format(value / 1024 if key == "gzip_bytes" else value))
+        status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('reason') or ''}"
+        lines.append("| " + " | ".join(_md(v) for v in [label, row.get("format") or "-", status, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _md(value) -> str:
+    """A value as Markdown table text: one line, pipes escaped."""
+    return " ".join(str(value).split()).replace("|", "\\|")
 
 
 # -- promote ---------------------------------------------------------------------

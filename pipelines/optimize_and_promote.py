@@ -41,7 +41,7 @@ import math
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact
+from kfp.dsl import HTML, Artifact, Markdown
 
 from kfopt.components import DEFAULT_IMAGE
 from kfopt.components.ops import build_components
@@ -58,6 +58,8 @@ DESCRIPTION = (
 
 #: Retries of the MLflow step: the tracking server may be briefly unreachable.
 PROMOTE_RETRIES = 3
+#: Retries of the optimize and evaluate steps: a preemptible (spot) GPU node may go away under them.
+STEP_RETRIES = 2
 
 #: The image's non-root user (Dockerfile: `useradd --uid 1000 kfopt`); step containers run as it on a cluster.
 STEP_USER = 1000
@@ -81,6 +83,7 @@ def build_pipeline(
     parallelism: int = 0,
     group_post_training: bool = True,
     promote_retries: int = PROMOTE_RETRIES,
+    step_retries: int = STEP_RETRIES,
     registry=None,
     mlflow_secret: "str | None" = None,
     run_as_user: "int | None" = None,
@@ -101,6 +104,8 @@ def build_pipeline(
         group_post_training: Run post-training recipes in a few grouped steps (see the module docstring);
             False: one step per recipe.
         promote_retries: Retries of the MLflow step (with exponential backoff from 30 s).
+        step_retries: Retries of every optimize and evaluate step (with exponential backoff from 60 s), for
+            preemptible nodes; 0 = none.
         registry: Techniques to plan with (default: the installed plugins).
         mlflow_secret: Kubernetes Secret whose ``username``/``password`` the steps that talk to MLflow
             (those taking a ``tracking_uri``) get as MLFLOW_TRACKING_USERNAME/PASSWORD (kfp-kubernetes).
@@ -113,6 +118,10 @@ def build_pipeline(
         raise KfoptError(
             f"rounds={rounds} is negative.", "pass 0 for the search space only, or 1, 2, ... refinement rounds."
         )
+    if step_retries < 0 or promote_retries < 0:
+        raise KfoptError(
+            f"retries={min(step_retries, promote_retries)} is negative.", "pass 0 (no retries) or a positive count."
+        )
     search = recipes if _planned(recipes) else load_search(recipes, registry)
     positions = {id(r): i for i, r in enumerate(search)}
     training, post_training = split_by_pool(search)
@@ -124,6 +133,12 @@ def build_pipeline(
         if placement is not None:
             apply_pool(task, placement.pool_for(trains))
         return _secure(task, mlflow_secret, run_as_user)
+
+    def retried(task):
+        """An optimize or evaluate task: retried with backoff (a preempted node fails the pod, not the recipe)."""
+        if step_retries:
+            task.set_retry(step_retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="900s")
+        return task
 
     def item(recipe: SearchRecipe) -> dict:
         return {"position": positions[id(recipe)], "recipe": recipe.to_dict()}
@@ -143,7 +158,18 @@ def build_pipeline(
         json.dumps([item(r) for r in part]) for part in post_training_groups(post_training, free)
     ]
 
-    outputs = NamedTuple("Outputs", [("results", Artifact), ("report", HTML), ("registered_model", str)])  # noqa: UP014
+    outputs = NamedTuple(  # noqa: UP014
+        "Outputs",
+        [
+            ("results", Artifact),
+            ("report", HTML),
+            ("summary", Markdown),
+            ("registered_model", str),
+            ("version", str),
+            ("promoted", bool),
+            ("alias", str),
+        ],
+    )
 
     @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
     def optimize_and_promote(
@@ -165,6 +191,33 @@ def build_pipeline(
         stop_when_met: bool = False,
         sensitivity: float = 0.9,
     ) -> outputs:
+        """Optimize a model with every recipe of the search, select the best within the budget, register it.
+
+        Args:
+            model: A .keras/.h5 file, a SavedModel directory, a gs:// or s3:// URI of one, or demo:mlp / demo:cnn.
+            data: An .npz file or URI (x_train, y_train, x_test, y_test; optional x_val, y_val),
+                'py:module:function', or 'digits'.
+            max_accuracy_drop: Largest drop of the budgeted metric a winner may have: absolute ('0.01', one
+                point of accuracy) or relative to the baseline's value ('1%').
+            objective: What the winner minimises within the budget: 'size' (gzip bytes), 'latency' (p50 ms),
+                or 'mix' / 'mix:W' (a weighted mix).
+            metric: The budgeted metric (accuracy, binary_accuracy, top_k_accuracy, macro_f1, auc, mae, rmse, or
+                a plugin's); empty: the task's default.
+            output: For a model with several outputs, the output the metric is computed on and fine-tuning
+                trains on, by name or index; empty: the first.
+            registered_model: MLflow registered model name; empty: 'kfopt-' + the model's name.
+            tracking_uri: MLflow tracking URI; empty: MLFLOW_TRACKING_URI of the step, else a local store.
+            experiment: MLflow experiment of the run.
+            seed: Seed for data splits, training and calibration.
+            epochs: Epochs to train a demo baseline (early stopping on validation).
+            unsafe: Allow models with Lambda layers (they run arbitrary code when loaded).
+            max_trials: Most recipes per refinement round.
+            max_time: Optimization seconds (summed over candidates) after which no refinement round starts;
+                0 = no limit.
+            target: compression_ratio (objective size) or speedup (latency) to reach; 0 = none.
+            stop_when_met: Stop refining once a candidate within the budget reaches the target.
+            sensitivity: Sparsity each layer alone is pruned to when measuring layer sensitivity; 0 = skip.
+        """
         # Never cached: it looks at the model and data now, and prepare's cache key includes what it found,
         # so a model or data file replaced in place is measured anew (and every step after it runs again).
         content = ops.fingerprint(model=model, data=data)
@@ -207,7 +260,9 @@ def build_pipeline(
                     recipe=item, seed=seed, measure=not measure_apart, baseline=baseline, dataset=dataset
                 )
                 place(
-                    optimize.set_display_name("optimize (fine-tuning, accelerator pool)").set_caching_options(True),
+                    retried(
+                        optimize.set_display_name("optimize (fine-tuning, accelerator pool)").set_caching_options(True)
+                    ),
                     trains=True,
                 )
                 candidate = optimize
@@ -215,7 +270,10 @@ def build_pipeline(
                     candidate = ops.evaluate(
                         seed=seed, unmeasured=optimize.outputs["candidate"], baseline=baseline, dataset=dataset
                     )
-                    place(candidate.set_display_name("evaluate (CPU pool)").set_caching_options(True), trains=False)
+                    place(
+                        retried(candidate.set_display_name("evaluate (CPU pool)").set_caching_options(True)),
+                        trains=False,
+                    )
             return candidate
 
         def select_round(number: int, previous, **collected):
@@ -242,7 +300,7 @@ def build_pipeline(
             # groups of post-training ones share its parallelism instead of waiting for each other's loop.
             with dsl.ParallelFor(one_loop_items, name="recipes", parallelism=parallelism) as group:
                 optimize = ops.optimize_group(recipes=group, seed=seed, baseline=baseline, dataset=dataset)
-                place(optimize.set_display_name("optimize recipes").set_caching_options(True), trains=False)
+                place(retried(optimize.set_display_name("optimize recipes").set_caching_options(True)), trains=False)
             collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidates"])
         else:
             if training:
@@ -254,8 +312,10 @@ def build_pipeline(
                 ) as group:
                     optimize = ops.optimize_group(recipes=group, seed=seed, baseline=baseline, dataset=dataset)
                     place(
-                        optimize.set_display_name("optimize post-training recipes (CPU pool)").set_caching_options(
-                            True
+                        retried(
+                            optimize.set_display_name("optimize post-training recipes (CPU pool)").set_caching_options(
+                                True
+                            )
                         ),
                         trains=False,
                     )
@@ -266,7 +326,9 @@ def build_pipeline(
                 ) as one:
                     optimize = ops.optimize(recipe=one, seed=seed, measure=True, baseline=baseline, dataset=dataset)
                     place(
-                        optimize.set_display_name("optimize (post-training, CPU pool)").set_caching_options(True),
+                        retried(
+                            optimize.set_display_name("optimize (post-training, CPU pool)").set_caching_options(True)
+                        ),
                         trains=False,
                     )
                 collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidate"])
@@ -295,7 +357,15 @@ def build_pipeline(
         if promote_retries:
             promote.set_retry(promote_retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="600s")
         place(promote, trains=False)
-        return outputs(results=results, report=report.outputs["report"], registered_model=promote.outputs["Output"])
+        return outputs(
+            results=results,
+            report=report.outputs["report"],
+            summary=report.outputs["summary"],
+            registered_model=promote.outputs["registered_model"],
+            version=promote.outputs["version"],
+            promoted=promote.outputs["promoted"],
+            alias=promote.outputs["alias"],
+        )
 
     return optimize_and_promote
 

@@ -37,6 +37,8 @@ SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 # Progress only: kfp.local's line when a task ends (the other progress lines are kfopt's own, see
 # kfopt.components.status). Nothing a run returns or raises is read from the log.
 _TASK_LINE = re.compile(r"Task .*'(?P<task>[^']+)'.* finished with status .*(?P<status>SUCCESS|FAILURE)")
+#: kfp.local's line when a task's outputs come from its cache (an earlier run into the same --out).
+_CACHED_LINE = re.compile(r"Task (?P<task>\S+) cache hit")
 #: Steps that run once per recipe: their progress is the candidate line, not the task line.
 _PER_RECIPE = re.compile(r"^(optimize|optimize-group|evaluate)(-\d+)?$")
 #: A Kubernetes object name (DNS-1123 subdomain), like the Secret --mlflow-secret names.
@@ -125,6 +127,7 @@ def run_local(
             parallelism=parallelism,
             group_post_training=group_post_training,
             promote_retries=0,
+            step_retries=0,
             registry=registry,
         )
         root = writable_dir(out / "pipeline-root")
@@ -203,7 +206,10 @@ def _quiet_kfp(log, progress):
             if progress is None:
                 return
             task, candidate, round_line = _TASK_LINE.search(line), CANDIDATE_LINE.match(line), ROUND_LINE.match(line)
-            if round_line:
+            cached = _CACHED_LINE.search(line)
+            if cached:
+                progress(f"{cached['task']}: cached (an earlier run's outputs; --no-cache runs it anew)")
+            elif round_line:
                 progress(round_line["line"][:250])
             elif candidate:
                 reason = f" ({candidate['reason'][:400]})" if candidate["reason"] else ""
@@ -304,16 +310,18 @@ def compile_for_cluster(
     placement: str | os.PathLike | None = None,
     parallelism: int = 0,
     mlflow_secret: str | None = None,
+    step_retries: int | None = None,
 ) -> dict:
     """Compile the pipeline with node-pool placement; return a summary (and a one-paragraph ``description``).
 
     Step containers run as the image's non-root user; with ``mlflow_secret`` the steps that talk to
-    MLflow log in with that Kubernetes Secret's ``username`` and ``password``.
+    MLflow log in with that Kubernetes Secret's ``username`` and ``password``. ``step_retries``:
+    retries of every optimize and evaluate step (None: the pipeline's default, for preemptible nodes).
     """
     from kfopt.components import DEFAULT_IMAGE
     from kfopt.recipe_search import load_search, split_by_pool
 
-    from .optimize_and_promote import STEP_USER, compile_pipeline, post_training_groups
+    from .optimize_and_promote import STEP_RETRIES, STEP_USER, compile_pipeline, post_training_groups
     from .placement import load_placement
 
     if mlflow_secret is not None and not _K8S_NAME.fullmatch(mlflow_secret):
@@ -337,6 +345,7 @@ def compile_for_cluster(
         parallelism=parallelism,
         mlflow_secret=mlflow_secret,
         run_as_user=STEP_USER,
+        **({"step_retries": step_retries} if step_retries is not None else {}),
     )
     training, post_training = split_by_pool(recipes)
     accelerator = pools.accelerator.accelerator if pools.accelerator else None
@@ -356,6 +365,8 @@ def compile_for_cluster(
         + (", ".join(r.label for r in post_training) or "none"),
         f"  {rounds} refinement round{'s' if rounds != 1 else ''} after round 1"
         + (f", proposed recipes on the {pool}" if rounds else ""),
+        f"  optimize and evaluate steps retried up to {STEP_RETRIES if step_retries is None else step_retries} "
+        "times (backoff from 60 s)",
         f"  steps run as uid {STEP_USER} (non-root); MLflow login: "
         + (f"Secret {mlflow_secret} (username, password)" if mlflow_secret else "none (--mlflow-secret)"),
     ]

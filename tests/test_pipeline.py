@@ -684,7 +684,7 @@ def test_grouped_steps_in_kfp_local_give_the_same_candidates_as_one_step_per_rec
             rounds=0,
             max_accuracy_drop="5%",
             group_post_training=grouped,
-            tracking_uri=f"sqlite:///{out / 'mlflow.db'}",
+            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         )
         optimize_steps = [s.step for s in read_statuses(out / "pipeline-root") if s.step.startswith("optimize")]
         assert optimize_steps == (["optimize-group"] * 2 if grouped else ["optimize"] * 4)
