@@ -405,7 +405,7 @@ def test_a_binary_candidate_that_flips_every_answer_disagrees_everywhere(tmp_pat
 def test_speedup_comes_with_its_spread(evaluator, model):
     metrics = evaluator.evaluate(ModelHandle.from_tflite(to_tflite(model, "dynamic")))
     assert 0 < metrics["speedup_low"] < metrics["speedup"] < metrics["speedup_high"]
-    # At least the resolution either side: two interpreters of one model differ by a steady percent or two.
+    # At least the resolution either side: two runners of one model differ by a steady few percent.
     assert metrics["speedup_high"] >= metrics["speedup"] * (1 + LATENCY_RESOLUTION) - 1e-12
     assert metrics["speedup_low"] <= metrics["speedup"] / (1 + LATENCY_RESOLUTION) + 1e-12
     # The baseline's latency in the record is the one timed beside this candidate.
