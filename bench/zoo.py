@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -81,7 +82,9 @@ def measure(name: str, recipes: list[str], out: Path, latency_runs: int) -> tupl
     baseline, candidates, remaining, note = None, [], list(recipes), ""
     while remaining:
         before = set(out.glob("run-*"))
-        command = [sys.executable, __file__, "--child", name, "--out", str(out), "--latency-runs", str(latency_runs)]
+        # faulthandler: a crashed child says where (its Python stack), for the reason in the table.
+        command = [sys.executable, "-X", "faulthandler", __file__, "--child", name, "--out", str(out)]
+        command += ["--latency-runs", str(latency_runs)]
         done = subprocess.run(command + ["--recipes", *remaining], capture_output=True, text=True)
         (run,) = set(out.glob("run-*")) - before or {None}
         if run is not None and (run / "refused.txt").exists():
@@ -96,9 +99,21 @@ def measure(name: str, recipes: list[str], out: Path, latency_runs: int) -> tupl
             return None, candidates, f"the model could not be built or measured (exit {done.returncode})"
         crashed = remaining[len(finished)]
         why = signal.Signals(-done.returncode).name if done.returncode < 0 else f"exit {done.returncode}"
-        candidates.append({"recipe": crashed, "status": "crashed", "reason": f"the process died ({why})"})
+        where = _crash_site(done.stderr)
+        reason = f"the process died ({why}){f' in {where}' if where else ''}"
+        candidates.append({"recipe": crashed, "status": "crashed", "reason": reason})
         remaining = remaining[len(finished) + 1 :]
     return baseline, candidates, note
+
+
+def _crash_site(stderr: str) -> str | None:
+    """Where a crashed child was in kfopt's own code (``plugins/distill.py:154 apply``), from faulthandler's dump."""
+    _, fatal, dump = stderr.partition("Fatal Python error")
+    for line in dump.splitlines() if fatal else []:
+        found = re.search(r'File "[^"]*/((?:kfopt|plugins|components|pipelines)/[^"]+)", line (\d+) in (\S+)', line)
+        if found:  # the innermost frame comes first
+            return f"{found.group(1)}:{found.group(2)} {found.group(3)}"
+    return None
 
 
 def main() -> int:
