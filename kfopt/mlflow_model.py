@@ -19,6 +19,7 @@ MLflow is imported when a model is logged, not when this module is imported.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -28,6 +29,7 @@ from contextlib import redirect_stdout
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -193,12 +195,15 @@ def _log_keras(path: Path, name: str, examples: Examples | None):
     if keras3.is_keras3_file(path):
         model = keras3.keras3().saving.load_model(path, compile=False)
         names = [getattr(t, "name", None) or f"input_{i}" for i, t in enumerate(model.inputs)]
-        names = [n.split(":")[0] for n in names]
         predict = _keras_predict(model)
         example, signature = _example_and_signature(_Predictor(names, predict), examples)
-        return mlflow.keras.log_model(
-            model,
+        # mlflow.keras.log_model itself, but with a save_model that creates the model's folder first:
+        # MLflow's keras flavor writes the input example before it makes the folder (FileNotFoundError).
+        return mlflow.models.Model.log(
+            artifact_path=None,
             name=name,
+            flavor=SimpleNamespace(__name__=mlflow.keras.__name__, save_model=_save_keras3),
+            model=model,
             signature=signature,
             input_example=example,
             pip_requirements=requirements("keras", keras3=True),
@@ -215,6 +220,14 @@ def _log_keras(path: Path, name: str, examples: Examples | None):
         input_example=example,
         pip_requirements=requirements("keras"),
     )
+
+
+def _save_keras3(path, **kwargs):
+    """``mlflow.keras.save_model`` into a folder that exists (see _log_keras)."""
+    import mlflow.keras
+
+    os.makedirs(path, exist_ok=True)
+    return mlflow.keras.save_model(path=path, **kwargs)
 
 
 def _keras_predict(model):

@@ -436,3 +436,106 @@ def test_tracking_stays_lazy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+# -- lineage: what a run and a registered version say about where they came from ----------
+@pytest.mark.slow
+def test_runs_carry_datasets_model_names_tags_and_the_version_says_what_was_done(mlflow_server, run_dir, monkeypatch):
+    import yaml
+
+    name, uri = "digits-lineage", mlflow_server.uri
+    monkeypatch.setenv("KFOPT_KFP_RUN_ID", "0f4c-run-uuid")  # as the pipeline's promote step sets it
+    monkeypatch.setenv("KFOPT_KFP_UI", "https://kubeflow.example.com/pipeline/")
+    directory = run_dir("smaller")
+    decision = promote_from(directory, registered_model=name, tracking_uri=uri, max_accuracy_drop=float(BUDGET))
+    assert decision["promoted"]
+    mlflow = client(uri)
+    version = mlflow.get_model_version(name, str(decision["version"]))
+    child = mlflow.get_run(version.run_id)
+    parent = mlflow.get_run(child.data.tags["mlflow.parentRunId"])
+    splits = RunResult.load(directory).splits
+
+    for run in (parent, child):
+        inputs = {
+            {t.key: t.value for t in i.tags}["mlflow.data.context"]: (i.dataset, {t.key: t.value for t in i.tags})
+            for i in run.inputs.dataset_inputs
+        }
+        assert set(inputs) == {"train", "validation", "test"}
+        for split, (dataset, tags) in inputs.items():
+            assert dataset.name == f"digits-{split}" and dataset.digest and "load_digits" in dataset.source
+            assert int(tags["kfopt.samples"]) == splits[split]
+        assert inputs["validation"][1]["kfopt.validation_source"] == splits["validation_source"]
+        assert run.data.tags["kfopt.version"] == kfopt_version()
+        assert run.data.tags["kfopt.kfp_run_id"] == "0f4c-run-uuid"
+        assert (
+            run.data.tags["kfopt.kfp_run_url"] == "https://kubeflow.example.com/pipeline/#/runs/details/0f4c-run-uuid"
+        )
+    digests = {i.dataset.digest for i in child.inputs.dataset_inputs}
+    assert digests == {i.dataset.digest for i in parent.inputs.dataset_inputs} and len(digests) == 3
+
+    # The techniques' packages and the recipe, as a file that runs again.
+    assert (
+        child.data.tags["kfopt.plugin.prune"] == child.data.tags["kfopt.plugin.quantize"] == f"kfopt=={kfopt_version()}"
+    )
+    recipe = yaml.safe_load(Path(mlflow.download_artifacts(child.info.run_id, "recipe.yaml")).read_text())
+    assert recipe["name"] == SMALLER and [next(iter(s)) for s in recipe["steps"]] == ["prune", "quantize"]
+    assert recipe["steps"][0]["prune"]["target_sparsity"] == 0.5 and recipe["steps"][1]["quantize"]["mode"] == "dynamic"
+    from kfopt.recipe import parse_recipe
+
+    assert str(parse_recipe(recipe)).startswith("prune(")
+
+    # LoggedModels named after their recipe; the baseline is one too, on the parent run.
+    candidate_model = mlflow.get_logged_model(child.data.tags["kfopt.model_id"])
+    assert candidate_model.name == "prune-target_sparsity-0_5-epochs-1-quantize-mode-dynamic"
+    assert version.source == f"models:/{candidate_model.model_id}"
+    baseline_model = mlflow.get_logged_model(parent.data.tags["kfopt.baseline_model_id"])
+    assert baseline_model.name == "baseline" and baseline_model.source_run_id == parent.info.run_id
+
+    # The version says what was done and measured, and what was decided.
+    text = version.description
+    assert SMALLER in text and "accuracy" in text and "drop" in text and "compression" in text and "speedup" in text
+    assert "x (gzip" in text and "promoted to champion: no champion yet" in text
+
+
+@pytest.mark.slow
+def test_a_keras3_users_keras_winner_is_logged_in_keras3(mlflow_server, tmp_path):
+    """Issue 11: the registered Keras model is the Keras 3 file the user gets back, loaded by Keras 3."""
+    import mlflow
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from zoo_models import mlp_keras3
+
+    from kfopt.keras3 import keras3
+    from kfopt.rundir import tracking_uri
+
+    model, arrays = mlp_keras3(tmp_path)
+    data = tmp_path / "digits.npz"
+    np.savez(data, **arrays)
+    name, uri = "digits-keras3", mlflow_server.uri
+    result = optimize(
+        model,
+        str(data),
+        "prune(target_sparsity=0.5,epochs=1)",
+        tmp_path / "run",
+        max_accuracy_drop=0.1,
+        tracking={"registered_model": name, "tracking_uri": uri},
+    )
+    assert result.registered_model.promoted, result.registered_model
+    with tracking_uri(uri):
+        info = mlflow.models.get_model_info(f"models:/{name}@champion")
+        loaded = mlflow.keras.load_model(f"models:/{name}@champion")
+        requirements = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion")) / "requirements.txt"
+    assert "keras" in info.flavors and "tensorflow" not in info.flavors
+    assert isinstance(loaded, keras3().Model)  # Keras 3 loads it: not the tf_keras form kfopt worked on
+    listed = requirements.read_text()
+    assert f"keras=={keras3().__version__}" in listed and "tf-keras" not in listed and "kfopt" not in listed
+    x = arrays["x_test"][:32]
+    expected = keras3().saving.load_model(result.candidates[0].artifact).predict(x, verbose=0)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-6)
+    assert list(info.signature.inputs.input_types()) and info.saved_input_example_info is not None
+
+
+def kfopt_version() -> str:
+    from kfopt import __version__
+
+    return __version__
