@@ -28,6 +28,8 @@ BATCH_SIZE = 32
 RAMP_FRACTION = 0.75
 #: How many times the magnitude masks are recomputed during the ramp.
 MASK_UPDATES = 16
+#: Facts of the input model that no longer hold once channels are removed (widths, counts, earlier notes' keys).
+STALE_AFTER_CHANNELS = ("left_dense", "full_width", "channels", "params", "flops")
 #: How many layer names an unknown keep_dense/float_layers name's error lists.
 LAYERS_LISTED = 12
 
@@ -115,7 +117,8 @@ class Prune(Technique):
         keep_dense: LayerNames = Field(
             [],
             description="Names of layers not to prune (e.g. the most sensitive ones); target_sparsity is then "
-            "the sparsity of each pruned layer, not of the whole model.",
+            "the sparsity of each pruned layer, not of the whole model. channels: these layers keep all their "
+            "filters/units (their inputs still lose the channels removed before them).",
         )
 
         @pydantic.field_validator("m_by_n")
@@ -207,7 +210,7 @@ def _prune_channels(model: ModelHandle, source, config: Prune.Config, ctx: StepC
         loss=loss,
         batch_size=BATCH_SIZE,
     )
-    info = {key: value for key, value in model.info.items() if key not in ("left_dense", "full_width", "channels")}
+    info = {key: value for key, value in model.info.items() if key not in STALE_AFTER_CHANNELS}
     info["sparsity"] = weight_sparsity(smaller)
     info["channels"] = {name: list(widths) for name, widths in plan.shrunk.items()}
     notes = with_note(model.info, _channels.note_line(plan, config.target_sparsity))

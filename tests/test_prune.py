@@ -51,6 +51,8 @@ def test_registers_through_the_hook():
         {"m_by_n": "two:four"},
         {"sparsity": 0.5},  # unknown key
         {"method": "structured", "target_sparsity": 0.7},  # would be silently ignored
+        {"method": "l1", "norm": "l2"},  # norm ranks whole filters: channels only
+        {"method": "channels", "norm": "l3"},
     ],
 )
 def test_config_rejects(bad):
