@@ -385,6 +385,7 @@ def promote(
     experiment: str,
     results: Input[Artifact],
     status: Output[Artifact],
+    kfp_run_id: str = "",
 ) -> NamedTuple("Outputs", [("registered_model", str), ("version", str), ("promoted", bool), ("alias", str)]):  # noqa: UP014
     """Registers the winner in MLflow and moves the champion alias if it passes the gate.
 
@@ -396,6 +397,7 @@ def promote(
         experiment: MLflow experiment name.
         results: The select step's results.
         status: How the step went, with the registration and the MLflow tracking record, also when MLflow failed.
+        kfp_run_id: This pipeline run's id (dsl.PIPELINE_JOB_ID_PLACEHOLDER), tagged on the MLflow runs as kfopt.kfp_run_id.
 
     Returns:
         registered_model: JSON of the registered model (name, version, aliases, promoted), or of {"skipped": reason}.
@@ -407,9 +409,14 @@ def promote(
 
     with step_status("promote", status.path) as step:
         import json
+        import os
         from typing import NamedTuple
 
         from kfopt.components.steps import promote_step
+        from kfopt.lineage import KFP_RUN_ID_ENV
+
+        if kfp_run_id:
+            os.environ[KFP_RUN_ID_ENV] = kfp_run_id  # read by kfopt.lineage when the runs are logged
 
         outputs = NamedTuple(  # noqa: UP014
             "Outputs", [("registered_model", str), ("version", str), ("promoted", bool), ("alias", str)]

@@ -351,6 +351,7 @@ def build_pipeline(
             objective=objective,
             experiment=experiment,
             results=results,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
         # Registration has side effects (a new model version), so it is never cached.
         promote.set_display_name("register and promote (MLflow)").set_caching_options(False)
