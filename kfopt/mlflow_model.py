@@ -196,7 +196,7 @@ def _log_keras(path: Path, name: str, examples: Examples | None):
         model = keras3.keras3().saving.load_model(path, compile=False)
         names = [getattr(t, "name", None) or f"input_{i}" for i, t in enumerate(model.inputs)]
         predict = _keras_predict(model)
-        example, signature = _example_and_signature(_Predictor(names, predict), examples)
+        example, signature = _example_and_signature(_Predictor(names, predict, list(model.inputs)), examples)
         # mlflow.keras.log_model itself, but with a save_model that creates the model's folder first:
         # MLflow's keras flavor writes the input example before it makes the folder (FileNotFoundError).
         return mlflow.models.Model.log(
@@ -212,7 +212,7 @@ def _log_keras(path: Path, name: str, examples: Examples | None):
 
     model = load_keras(path)
     names = list(getattr(model, "input_names", None) or ["input"])
-    example, signature = _example_and_signature(_Predictor(names, _keras_predict(model)), examples)
+    example, signature = _example_and_signature(_Predictor(names, _keras_predict(model), list(model.inputs)), examples)
     return mlflow.tensorflow.log_model(
         model,
         name=name,
@@ -245,18 +245,38 @@ def _keras_predict(model):
 
 @dataclass
 class _Predictor:
+    """A Keras model as :func:`_example_and_signature` sees a served one."""
+
     input_names: list[str]
     predict: object
+    inputs: list = None  # the model's input tensors
+
+    def input_specs(self):
+        return [
+            (
+                name,
+                np.dtype(getattr(t.dtype, "name", None) or str(t.dtype)),
+                tuple(-1 if d is None else int(d) for d in t.shape),
+            )
+            for name, t in zip(self.input_names, self.inputs or [])
+        ]
 
 
 def _example_and_signature(model, examples: Examples | None):
-    """(input example, signature) from the real rows run through ``model``; (None, None) without rows.
+    """(input example, signature) from the real rows run through ``model``.
 
-    Without real rows MLflow gets neither rather than zeros that look like data.
+    Without real rows (data passed from Python cannot be read again) there is
+    no example, rather than zeros that look like data, and the signature is the
+    model's inputs alone (names, dtypes, shapes).
     """
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import Schema, TensorSpec
+
     if examples is None:
-        return None, None
-    from mlflow.models import infer_signature
+        specs = model.input_specs()
+        named = len(specs) > 1
+        inputs = [TensorSpec(dtype, (-1, *shape[1:]), name if named else None) for name, dtype, shape in specs]
+        return None, ModelSignature(inputs=Schema(inputs))
 
     example = examples.for_model(list(model.input_names))
     return example, infer_signature(example, model.predict(example))

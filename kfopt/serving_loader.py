@@ -95,6 +95,10 @@ class _Model:
     def outputs(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def input_specs(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """(name, dtype a client sends, shape with -1 for any size) of each input."""
+        raise NotImplementedError
+
 
 class TFLiteModel(_Model):
     """A TFLite flatbuffer in LiteRT's (or TensorFlow's) interpreter, inputs and outputs named by its signature."""
@@ -119,6 +123,15 @@ class TFLiteModel(_Model):
         first = self._inputs[0]["shape_signature"]
         self.fixed_batch = int(first[0]) if len(first) and first[0] > 0 else None
         self._batch = None
+
+    def input_specs(self):
+        specs = []
+        for name, detail in zip(self.input_names, self._inputs):
+            dtype = np.dtype(detail["dtype"])
+            if dtype in (np.int8, np.uint8, np.int16) and detail["quantization"][0]:
+                dtype = np.dtype(np.float32)  # a full-integer model is fed floats, quantized here
+            specs.append((name, dtype, tuple(int(d) if d > 0 else -1 for d in detail["shape_signature"])))
+        return specs
 
     def outputs(self, arrays):
         with self._lock:
@@ -176,6 +189,12 @@ class SavedModelModel(_Model):
         self._specs = self._fn.structured_input_signature[1]
         self.input_names = list(self._specs)
         self.output_names = list(self._fn.structured_outputs)
+
+    def input_specs(self):
+        return [
+            (name, np.dtype(spec.dtype.as_numpy_dtype), tuple(-1 if d is None else int(d) for d in spec.shape))
+            for name, spec in self._specs.items()
+        ]
 
     def outputs(self, arrays):
         feed = {

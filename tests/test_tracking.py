@@ -535,6 +535,30 @@ def test_a_keras3_users_keras_winner_is_logged_in_keras3(mlflow_server, tmp_path
     assert list(info.signature.inputs.input_types()) and info.saved_input_example_info is not None
 
 
+@pytest.mark.slow
+def test_data_passed_from_python_is_said_unlogged_and_the_model_keeps_an_input_signature(run_dir, tmp_path):
+    """No rows to read again: no datasets and no example (never zeros posing as data), but the inputs' schema."""
+    import mlflow
+
+    from kfopt.rundir import tracking_uri
+
+    directory = run_dir("small")
+    record = json.loads((directory / METRICS_FILE).read_text())
+    record["data"] = "arrays passed from Python"
+    (directory / METRICS_FILE).write_text(json.dumps(record))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = RunLogger(directory, uri, "kfopt")
+    logger.log_result(RunResult.load(directory))
+    entry = logger.logged(SMALL)
+    run = client(uri).get_run(entry["run_id"])
+    assert run.data.tags["kfopt.datasets"] == "not logged: the data was passed from Python, so it cannot be read again"
+    assert not run.inputs.dataset_inputs
+    with tracking_uri(uri):
+        info = mlflow.models.get_model_info(entry["model_uri"])
+    assert info.saved_input_example_info is None
+    assert [(str(t.type), t.shape) for t in info.signature.inputs.inputs] == [("float32", (-1, 64))]
+
+
 def kfopt_version() -> str:
     from kfopt import __version__
 
