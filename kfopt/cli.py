@@ -764,6 +764,13 @@ def _print_result(result: dict) -> None:
             f"No winner: no candidate finished within {_a(metric)} drop of {budget} on both the validation and the "
             "test split."
         )
+    same = result.get("best_same_architecture")
+    if same and winner and same != winner["recipe"]:
+        kept = result.candidate(same)
+        click.echo(
+            f"Best that keeps your architecture (no student of another kind): {same}: {_quality_text(kept)}, "
+            f"{kept['compression_ratio']:.1f}x smaller, {kept['speedup']:.2f}x faster."
+        )
     search = result.get("search")
     if search:
         click.echo(f"Search stopped: {search['stopped']} ({search['seconds']:.0f} s of optimization).")

@@ -200,3 +200,32 @@ def test_output_picks_the_scored_output_of_a_two_output_model(tmp_path):
     error = json.loads(refused.stdout)["error"]
     assert error["message"].startswith("The model has no output 'odd'; its outputs are 0: digit, 1: even")
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_the_winner_line_names_the_best_candidate_that_keeps_the_architecture(capsys):
+    from kfopt.cli import _print_result
+    from kfopt.result import RunResult
+
+    def candidate(recipe, ratio, speedup):
+        return {"recipe": recipe, "status": "ok", "metric_name": "accuracy", "metric": 0.97, "metric_drop": 0.004,
+                "accuracy": 0.97, "accuracy_drop": 0.004, "gzip_bytes": 1024, "compression_ratio": ratio,
+                "latency_p50_ms": 0.1, "speedup": speedup}  # fmt: skip
+
+    student = "distill(architecture=dense)>quantize(mode=int8)"
+    channels = "prune(method=channels,target_sparsity=0.5)>quantize(mode=int8)"
+    result = RunResult.of(
+        {
+            "model": "demo:cnn",
+            "data": "digits",
+            "baseline": {"accuracy": 0.974, "metric": 0.974, "metric_name": "accuracy"},
+            "candidates": [candidate(student, 40.0, 11.4), candidate(channels, 9.0, 2.29)],
+            "winner": student,
+            "selection": {"objective": "latency", "metric": "latency_p50_ms", "max_accuracy_drop": 0.01},
+            "best_same_architecture": channels,
+        }
+    )
+    _print_result(result)
+    out = capsys.readouterr().out
+    assert "Winner (latency: lowest latency_p50_ms within an accuracy drop of 0.01" in out
+    assert f"Best that keeps your architecture (no student of another kind): {channels}:" in out
+    assert "9.0x smaller, 2.29x faster" in out
