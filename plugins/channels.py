@@ -336,7 +336,9 @@ def plan_channels(model, target_sparsity: float, keep_dense=(), norm: str = "l1"
             return
         if kind == "Concatenate":
             axis = config.get("axis", -1)
-            if axis in (-1, rank - 1) and not any(isinstance(layout(t), Flat) for t in inputs):
+            if axis in (-1, rank - 1) and any(isinstance(layout(t), Flat) for t in inputs):
+                opaque(layer, inputs, outputs)  # flattened tensors side by side: their positions interleave no more
+            elif axis in (-1, rank - 1):
                 layouts[id(outputs[0])] = tuple(seg for t in inputs for seg in layout(t))
             else:  # joined along another axis: every operand has the same channels
                 for tensor in inputs[1:]:

@@ -151,6 +151,21 @@ def test_keep_dense_and_unfollowable_layers_keep_their_width():
     assert "ln" in plan.left["c2"]
 
 
+def test_flattened_branches_side_by_side_keep_their_producers_whole():
+    keras = _tf.keras()
+    layers = keras.layers
+    inputs_ = keras.Input((6, 6, 3))
+    a = layers.Flatten()(layers.Conv2D(4, 3, name="a")(inputs_))
+    b = layers.Flatten()(layers.Conv2D(4, 3, name="b")(inputs_))
+    x = layers.Dense(8, name="fc")(layers.Concatenate()([a, b]))
+    model = keras.Model(inputs_, layers.Dense(2, name="out")(x))
+    plan = plan_channels(model, 0.5)
+    assert set(plan.shrunk) == {"fc"} and set(plan.left) == {"a", "b"}
+    smaller = remove_channels(model, plan)
+    assert smaller.output_shape == model.output_shape
+    assert np.isfinite(smaller.predict(np.ones((1, 6, 6, 3), np.float32), verbose=0)).all()
+
+
 def test_flops_of_a_small_model_are_counted_by_hand():
     keras = _tf.keras()
     layers = keras.layers
