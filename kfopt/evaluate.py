@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -47,6 +48,9 @@ MIN_PAIRS = 6
 BLOCK_SECONDS = 0.005
 MIN_BLOCK = 3
 MAX_PAIRS = 2000
+#: Interpreters of each TFLite model timed in turn: a model of a microsecond or so runs up to 30% faster or
+#: slower depending on where its interpreter's buffers landed, so one interpreter is one draw of that.
+TFLITE_INSTANCES = 3
 THROUGHPUT_BATCH = 32
 THROUGHPUT_RUNS = 20
 
@@ -377,8 +381,8 @@ def _typical(times: np.ndarray) -> float:
 
 
 def compare_latency(
-    runner: Runner,
-    baseline: Runner,
+    runner: Runner | Sequence[Runner],
+    baseline: Runner | Sequence[Runner],
     sample,
     *,
     min_runs: int = LATENCY_RUNS,
@@ -390,16 +394,19 @@ def compare_latency(
 
     Blocks of batch-1 invocations alternate (candidate, baseline, baseline, candidate, ...: who goes first
     alternates too, so neither always runs on the caches the other warmed). Both keep the thread counts
-    they were built with for the whole comparison. After ``MIN_PAIRS`` pairs it stops once ``min_runs``
-    invocations of each model are timed and the speedup's interval is within ``precision`` of it (relative
-    half width), or when ``max_seconds`` have passed (then the interval is as wide as the noise made it: it
-    says so). The same model on both sides gives an interval around 1.0.
+    they were built with for the whole comparison. Either side may be several runners of one model
+    (separate interpreters): pairs go through every combination, so how much an instance's memory placement
+    moves its speed is part of the interval, not hidden in one draw. After ``MIN_PAIRS`` pairs it stops once
+    ``min_runs`` invocations of each model are timed, every combination ran and the speedup's interval is
+    within ``precision`` of it (relative half width), or when ``max_seconds`` have passed (then the interval
+    is as wide as the noise made it: it says so). The same model on both sides gives an interval around 1.0.
     """
     clock = time.perf_counter
-    run_c, run_b = runner.prepared(sample), baseline.prepared(sample)
+    runs_c = [r.prepared(sample) for r in (runner if isinstance(runner, (list, tuple)) else [runner])]
+    runs_b = [r.prepared(sample) for r in (baseline if isinstance(baseline, (list, tuple)) else [baseline])]
     started = clock()
     slowest = 0.0
-    for run in (run_c, run_b):
+    for run in (*runs_c, *runs_b):
         warm = np.empty(max(warmup, 2))
         for i in range(len(warm)):
             tick = clock()
@@ -407,12 +414,13 @@ def compare_latency(
             warm[i] = clock() - tick
         slowest = max(slowest, float(np.median(warm[len(warm) // 2 :])))  # warmed up, and robust to a hiccup
     block = max(MIN_BLOCK, min(10_000, int(BLOCK_SECONDS / max(slowest, 1e-7))))
-    enough_runs = -(-min_runs // block)
+    enough_pairs = max(-(-min_runs // block), len(runs_c) * len(runs_b))
     times_c: list[np.ndarray] = []
     times_b: list[np.ndarray] = []
     ratios: list[float] = []
     while True:
         pairs = len(ratios)
+        run_c, run_b = runs_c[pairs % len(runs_c)], runs_b[(pairs // len(runs_c)) % len(runs_b)]
         order = ((run_c, times_c), (run_b, times_b)) if pairs % 2 == 0 else ((run_b, times_b), (run_c, times_c))
         for run, times in order:
             row = np.empty(block)
@@ -427,7 +435,7 @@ def compare_latency(
             continue
         speedup = float(np.median(ratios))
         low, high = median_interval(ratios)
-        narrow = pairs >= enough_runs and (high - low) / 2 <= precision * speedup
+        narrow = pairs >= enough_pairs and (high - low) / 2 <= precision * speedup
         if narrow or clock() - started >= max_seconds or pairs >= MAX_PAIRS:
             break
     c, b = np.concatenate(times_c) * 1e3, np.concatenate(times_b) * 1e3
@@ -536,7 +544,7 @@ class Evaluator:
         self._baseline_scored: tuple[_Scored, _Scored | None] | None = None
         self._references: dict[str, dict] = {}
         self._reference_handles: dict[str, ModelHandle] = {}
-        self._reference_runners: dict[str, Runner] = {}
+        self._reference_runners: dict[str, list[Runner]] = {}
         self._reference_size: dict[str, dict] = {}
 
     # The baseline, as deployed in each format, is what ratios are taken against.
@@ -567,10 +575,17 @@ class Evaluator:
         return dict(self._reference_size[format])
 
     def _reference_runner(self, format: str) -> Runner:
-        """The baseline in ``format``, ready to time: one runner per format for the whole run (for TFLite: one
-        thread, the interpreter's deployment default that every candidate's thread count is measured against)."""
+        """The baseline in ``format``, ready to time."""
+        return self._reference_instances(format)[0]
+
+    def _reference_instances(self, format: str) -> list[Runner]:
+        """The baseline in ``format`` as the runners every candidate of that format is timed against, made once
+        per run: ``TFLITE_INSTANCES`` interpreters for TFLite (on one thread, the interpreter's deployment
+        default every candidate's thread count is measured against), one runner for the other formats."""
         if format not in self._reference_runners:
-            self._reference_runners[format] = runner_for(self._reference_handle(format), self.output)
+            count = TFLITE_INSTANCES if format == "tflite" else 1
+            handle = self._reference_handle(format)
+            self._reference_runners[format] = [runner_for(handle, self.output) for _ in range(count)]
         return self._reference_runners[format]
 
     def _baseline_as(self, format: str) -> ModelHandle:
@@ -692,9 +707,12 @@ class Evaluator:
                 else latency(runner, self.x_test[:1], self.latency_runs)
             )
             return LatencyComparison(p50, p95, p50, p95, 1.0, 1.0, 1.0, pairs=0, block=0, seconds=0.0)
+        runners = [runner]
+        if handle.format == "tflite":  # cheap to open again: each interpreter lands elsewhere in memory
+            runners += [runner_for(handle, self.output) for _ in range(TFLITE_INSTANCES - 1)]
         return compare_latency(
-            runner,
-            self._reference_runner(handle.format),
+            runners,
+            self._reference_instances(handle.format),
             self.x_test[:1],
             min_runs=self.latency_runs,
             max_seconds=self.latency_seconds,
