@@ -286,7 +286,11 @@ def plan_channels(model, target_sparsity: float, keep_dense=(), norm: str = "l1"
             opaque(layer, inputs, outputs, f"it meets the nested model '{layer.name}'" if inputs else None)
             return
         rank = len(inputs[0].shape)
-        config = layer.get_config()
+        try:
+            config = layer.get_config()
+        except NotImplementedError:  # a custom layer without a config cannot be rebuilt at another width
+            opaque(layer, inputs, outputs)
+            return
         first = layout(inputs[0])
         if kind in PRODUCERS and config.get("groups", 1) == 1 and _channels_last_axis(layer, rank):
             use = reads(layer, inputs[0], kind, "producer") if PRODUCERS[kind][1] is not None else None
