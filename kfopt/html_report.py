@@ -23,7 +23,7 @@ from .select import OBJECTIVES, objective_metric, pareto_front
 #: A format of None means: shown as it is (numbers compactly).
 COLUMNS = (("format", "format", None), *METRIC_COLUMNS)
 #: The validation-split drop, shown before the test drop when candidates carry it (a search run).
-VAL_DROP = ("val_accuracy_drop", "val drop", "{:+.4f}")
+VAL_DROP = ("val_metric_drop", "val drop", "{:+.4f}")
 #: Which split a column's number comes from; other columns do not depend on the data split.
 SPLITS = {
     "metric": "test",
@@ -35,6 +35,8 @@ SPLITS = {
     "val_accuracy": "validation",
     "val_accuracy_drop": "validation",
     "int8_val_accuracy_drop": "validation",
+    "val_metric": "validation",
+    "int8_val_metric_drop": "validation",
 }
 #: Columns of the search trace before the objective metric; other keys of its entries follow it.
 TRACE_COLUMNS = (
@@ -49,9 +51,9 @@ SENSITIVITY_COLUMNS = (
     ("layer", "layer", None),
     ("params", "kernel params", "{:,}"),
     ("sparsity", "pruned to", "{:.0%}"),
-    ("val_accuracy", "val accuracy", "{:.4f}"),
+    ("val_metric", "val metric", "{:.4f}"),
     VAL_DROP,
-    ("int8_val_accuracy_drop", "val drop, its weights int8", "{:+.4f}"),
+    ("int8_val_metric_drop", "val drop, its weights int8", "{:+.4f}"),
 )
 #: objective -> (metric, x-axis label) of the plots: accuracy against each objective metric.
 PLOTS = {
@@ -124,7 +126,7 @@ def _search_summary(search: dict | None) -> str:
     stopped = search.get("stopped") or "?"
     if search.get("seconds") is not None:
         stopped += f" after {search['seconds']:g} s"
-    chose = search.get("choices_use", "validation split (val_accuracy_drop)")
+    chose = search.get("choices_use", "validation split (val_metric_drop)")
     checked = search.get("final_check_uses", "test split")
     return (
         f"<p>Search: {_e(bounds)}. Stopped: <b>{_e(stopped)}</b>. "
@@ -203,7 +205,7 @@ def _candidates_note(result: dict) -> str:
         f"plots; a drop is how much worse than the baseline the candidate is (positive: worse), and the "
         "budget bounds it."
     )
-    if any("val_accuracy_drop" in c for c in candidates):
+    if any(c.get("val_metric_drop") is not None for c in candidates):
         note += (
             " val drop is on the <b>validation split</b>: what the search chose recipes by, "
             "so no refinement decision looks at the test split."

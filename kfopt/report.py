@@ -227,21 +227,28 @@ def search_table(result: dict) -> Table:
 
 
 def sensitivity_table(rows: list[dict]) -> Table:
-    """Layer sensitivity rows as a rich Table."""
+    """Layer sensitivity rows as a rich Table, in the run's budgeted metric (accuracy drops in points)."""
     sparsity = rows[0]["sparsity"] if rows else 0
+    # Rows name their metric; rows written before metrics were pluggable hold accuracy only.
+    name = (rows[0].get("metric") if rows else None) or "accuracy"
+    points = name == "accuracy"
     table = Table(
         title=f"Layer sensitivity: one layer pruned to {sparsity:.0%} or its weights int8, "
-        "no fine-tuning (validation split)"
+        f"no fine-tuning (validation split; drops in {'accuracy points' if points else name})"
     )
-    for col in ("layer", "kernel params", "val accuracy", "val drop", "int8 weights val drop"):
+    for col in ("layer", "kernel params", f"val {name}", "val drop", "int8 weights val drop"):
         table.add_column(col, justify="left" if col == "layer" else "right")
+
+    def drop(value) -> str:
+        return "-" if value is None else f"{value * 100:+.2f} pt" if points else f"{value:+.4f}"
+
     for row in rows:
-        int8 = row.get("int8_val_accuracy_drop")
+        value = row.get("val_metric", row.get("val_accuracy"))
         table.add_row(
             row["layer"],
             f"{row['params']:,}",
-            f"{row['val_accuracy']:.4f}",
-            f"{row['val_accuracy_drop'] * 100:+.2f} pt",
-            "-" if int8 is None else f"{int8 * 100:+.2f} pt",
+            "-" if value is None else f"{value:.4f}",
+            drop(row.get("val_metric_drop", row.get("val_accuracy_drop"))),
+            drop(row.get("int8_val_metric_drop", row.get("int8_val_accuracy_drop"))),
         )
     return table

@@ -31,6 +31,11 @@ def search_result() -> dict:
             "accuracy_drop": 0.96 - accuracy,
             "val_accuracy": 0.97 - val_drop,
             "val_accuracy_drop": val_drop,
+            "metric_name": "accuracy",
+            "metric": accuracy,
+            "metric_drop": 0.96 - accuracy,
+            "val_metric": 0.97 - val_drop,
+            "val_metric_drop": val_drop,
             "gzip_bytes": gzip,
             "compression_ratio": 300_000 / gzip,
             "latency_p50_ms": latency,
@@ -81,6 +86,7 @@ def search_result() -> dict:
             "why": c["why"],
             "status": c["status"],
             "val_accuracy_drop": c.get("val_accuracy_drop"),
+            "val_metric_drop": c.get("val_metric_drop"),
             "gzip_bytes": c.get("gzip_bytes"),
         }
         for c in candidates
@@ -125,7 +131,7 @@ def search_result() -> dict:
             "max_accuracy_drop": 0.01,
             "target": None,
             "stop_when_met": False,
-            "choices_use": "validation split (val_accuracy_drop)",
+            "choices_use": "validation split (val_metric_drop)",
             "final_check_uses": "test split",
             "stopped": "time budget of 60 s spent",
             "target_met_by": None,
@@ -137,11 +143,19 @@ def search_result() -> dict:
                 "layer": "dense_2",
                 "params": 2560,
                 "sparsity": 0.9,
-                "val_accuracy": 0.91,
-                "val_accuracy_drop": 0.06,
+                "metric": "accuracy",
+                "val_metric": 0.91,
+                "val_metric_drop": 0.06,
                 "kept_after_fine_tune": 0.125,
             },
-            {"layer": "dense_1", "params": 65536, "sparsity": 0.9, "val_accuracy": 0.97, "val_accuracy_drop": 0.0},
+            {
+                "layer": "dense_1",
+                "params": 65536,
+                "sparsity": 0.9,
+                "metric": "accuracy",
+                "val_metric": 0.97,
+                "val_metric_drop": 0.0,
+            },  # fmt: skip
         ],
     }
 
@@ -177,7 +191,7 @@ def test_report_shows_every_candidate_trace_sensitivity_and_splits():
     assert "kept after fine tune" in sensitivity and "0.125" in sensitivity  # an unknown key, shown as it is
 
     # Which split every number comes from.
-    assert "validation split (val_accuracy_drop)" in text and "test split" in text
+    assert "validation split (val_metric_drop)" in text and "test split" in text
     assert "Stopped: time budget of 60 s spent after 61.2 s" in " ".join(text.split())
     assert re.search(r"accuracy\s*test split", text_of(candidates)) and re.search(
         r"val drop\s*validation split", text_of(candidates)
@@ -207,7 +221,7 @@ def test_report_of_a_run_without_search_or_sensitivity():
     for key in ("search", "search_trace", "layer_sensitivity"):
         del result[key]
     for candidate in result["candidates"]:
-        for key in ("round", "why", "val_accuracy", "val_accuracy_drop"):
+        for key in ("round", "why", "val_accuracy", "val_accuracy_drop", "val_metric", "val_metric_drop"):
             candidate.pop(key, None)
     page = render_html(result)
     assert "Search trace" not in page and "Layer sensitivity" not in page and "Stopped" not in page
@@ -297,3 +311,21 @@ def test_plot_points_carry_short_recipe_names_that_never_overlap():
     assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     texts = {label.get_text() for label in drawn}
     assert {"13 xla", "14 distill .25>int8", "0 prune .0>int8"} <= texts and len(drawn) < len(points)
+
+
+def test_sensitivity_tables_speak_the_runs_metric():
+    """A regression run's sensitivity is in mae, never shown as accuracy or in points."""
+    from rich.console import Console
+
+    from kfopt.report import sensitivity_table
+
+    rows = [{"layer": "dense", "params": 640, "sparsity": 0.9, "metric": "mae", "val_metric": 0.41,
+             "val_metric_drop": 0.03, "int8_val_metric_drop": 0.001}]  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(sensitivity_table(rows))
+    text = console.export_text()
+    assert "val mae" in text and "+0.0300" in text and "drops in mae" in text
+    assert "accuracy" not in text and " pt" not in text
+    page = render_html({**search_result(), "layer_sensitivity": rows})
+    section = text_of(table_after(page, "Layer sensitivity"))
+    assert "0.41" in section and "+0.0300" in section and "val_accuracy" not in section

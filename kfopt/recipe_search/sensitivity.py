@@ -21,10 +21,10 @@ def layer_sensitivity(
     ``metric`` (the metric's name), ``val_metric`` and ``val_metric_drop``
     against the unpruned model, and ``int8_val_metric_drop`` when only that
     layer's kernels are rounded to int8 (symmetric, per output channel, as the
-    TFLite converter stores them), all on the validation split. The same three
-    numbers are also written as ``val_accuracy``, ``val_accuracy_drop`` and
-    ``int8_val_accuracy_drop``, the names readers of earlier records know; they
-    hold the metric named in ``metric``. The caller's model is not changed (a
+    TFLite converter stores them), all on the validation split. When the metric
+    is accuracy the same three numbers are also written as ``val_accuracy``,
+    ``val_accuracy_drop`` and ``int8_val_accuracy_drop``, the names readers of
+    earlier records know (never for another metric: an mae is not an accuracy). The caller's model is not changed (a
     copy is changed). Most prune-sensitive layer first.
 
     ``task`` (:class:`kfopt.task.Task`) and ``metric`` (:class:`kfopt.task.Metric`)
@@ -83,11 +83,10 @@ def layer_sensitivity(
                 "val_metric": pruned,
                 "val_metric_drop": drop,
                 "int8_val_metric_drop": int8_drop,
-                "val_accuracy": pruned,
-                "val_accuracy_drop": drop,
-                "int8_val_accuracy_drop": int8_drop,
             }
         )
+        if metric.name == "accuracy":  # the names readers of earlier records know, for accuracy only
+            rows[-1].update(val_accuracy=pruned, val_accuracy_drop=drop, int8_val_accuracy_drop=int8_drop)
     rows.sort(key=lambda r: (-(r["val_metric_drop"] or 0), r["layer"]))
     return rows
 
