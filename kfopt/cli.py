@@ -121,31 +121,18 @@ class _Budget(click.ParamType):
 
     name = "drop|N%"
 
-    def __init__(self, relative: bool = True):
-        self.relative = relative
-
     def convert(self, value, param, ctx):
         from .select import Budget
 
         if value is None:
             return value
         try:
-            budget = Budget.parse(value)
+            return Budget.parse(value).value
         except KfoptError as exc:
             self.fail(exc.one_line(), param, ctx)
-        if budget.relative and not self.relative:
-            self.fail(
-                f"a relative budget ({value}) is not a pipeline parameter (the pipeline takes an absolute drop). "
-                "Fix: pass an absolute drop, e.g. 0.01, or run `kfopt search` with the relative budget.",
-                param,
-                ctx,
-            )
-        return budget.value
 
 
 BUDGET = _Budget()
-#: For the pipeline (`kfopt run`, `kfopt submit`): its max_accuracy_drop parameter is a number.
-ABSOLUTE_BUDGET = _Budget(relative=False)
 
 
 def tracking_options(command):

@@ -962,10 +962,14 @@ def next_round(
     check_stop_when_met(stop_when_met, target)
     if until_no_gain and number > 2:
         gain = round_gain(records, number - 1, max_accuracy_drop=max_accuracy_drop, objective=objective)
-        if gain is not None and gain <= MIN_GAIN:
+        from ..evaluate import LATENCY_RESOLUTION
+
+        # A latency gain smaller than the latency measurement can resolve is noise, not progress.
+        least = MIN_GAIN if objective == "size" else max(MIN_GAIN, LATENCY_RESOLUTION)
+        if gain is not None and gain <= least:
             return [], (
                 f"round {number - 1} improved the best candidate within budget by {gain:.1%} "
-                f"(validation split), not more than {MIN_GAIN:.0%}"
+                f"(validation split), not more than {least:.0%}"
             )
     hit = target_met(records, max_accuracy_drop=max_accuracy_drop, objective=objective, target=target)
     if stop_when_met and hit:
