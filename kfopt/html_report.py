@@ -92,6 +92,7 @@ def render_html(result: RunResult | dict, plots: dict[str, bytes] | None = None)
         f"Objective: <b>{_e(objective)}</b> (lowest {_e(objective_metric(objective))})",
         _budget_text(metric, budget, result.get("baseline") or {}) if budget is not None else "",
         f"; winner: <b>{_e(winner)}</b>." if winner else "; <b>no candidate is within the budget</b>.",
+        _same_architecture_text(result),
         "</p>",
         _search_summary(result.get("search")),
         "<h2>Candidates</h2>",
@@ -337,6 +338,21 @@ def plot_png(result: RunResult, metric: str, label: str) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _same_architecture_text(result) -> str:
+    """The best candidate that keeps the user's architecture, when the winner is a model of another kind."""
+    same, winner = result.get("best_same_architecture"), result.get("winner")
+    if not same or same == winner:
+        return ""
+    kept = next((c for c in result.get("candidates", []) if c.get("recipe") == same), {})
+    numbers = []
+    if kept.get("compression_ratio") is not None:
+        numbers.append(f"{kept['compression_ratio']:.1f}x smaller")
+    if kept.get("speedup") is not None:
+        numbers.append(f"{kept['speedup']:.2f}x faster")
+    numbers = ", ".join(numbers)
+    return f" Best that keeps your architecture: <b>{_e(same)}</b>" + (f" ({_e(numbers)})." if numbers else ".")
 
 
 def _short(recipe: str) -> str:

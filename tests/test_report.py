@@ -329,3 +329,13 @@ def test_sensitivity_tables_speak_the_runs_metric():
     page = render_html({**search_result(), "layer_sensitivity": rows})
     section = text_of(table_after(page, "Layer sensitivity"))
     assert "0.41" in section and "+0.0300" in section and "val_accuracy" not in section
+
+
+def test_the_report_names_the_best_candidate_that_keeps_the_architecture():
+    result = search_result()
+    same = "prune(target_sparsity=0.5)"
+    page = text_of(render_html({**result, "best_same_architecture": same}))
+    assert f"Best that keeps your architecture: {same} (2.0x smaller, 0.98x faster)." in " ".join(page.split())
+    assert "Best that keeps your architecture" not in render_html(
+        {**result, "best_same_architecture": result["winner"]}
+    )
