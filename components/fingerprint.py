@@ -13,13 +13,23 @@ as an input, so new content means a new cache key:
   object is rewritten), without downloading anything;
 - ``demo:*``: the name and the kfopt version (its training code); ``digits``: the
   name and scikit-learn's version (the dataset ships with it);
-  ``py:module:function``: the loader's source file.
+- ``py:module:function``: never the same twice (a unique value), since what a
+  loader returns can change without its code changing (it may read remote or
+  rewritten files), so such a run is never served stale from the cache. A
+  loader module that defines ``kfopt_fingerprint()`` (no arguments, returning
+  a string that changes when its data does, e.g. a dataset version) is keyed on
+  that value instead, and its runs are cached.
+
+Every fingerprint also holds kfopt's version and the installed plugin
+packages' versions (what computes every step), so an upgrade runs anew.
 
 A source that does not exist is ``missing`` (the ``prepare`` step then says
 what is wrong and how to fix it, as it would without this step); one whose
-content cannot be told (a URI ``tf.io.gfile`` cannot stat) gets a unique value,
-so the run is not served from the cache rather than possibly stale. Nothing
-here imports TensorFlow unless a remote URI is given.
+content cannot be told (a URI ``tf.io.gfile`` cannot stat, a loader module
+that fails to import or whose ``kfopt_fingerprint()`` raises) gets a unique
+value, so the run is not served from the cache rather than possibly stale: the
+fingerprint step never fails. Nothing here imports TensorFlow unless a remote
+URI is given (or a loader module imports it).
 """
 
 from __future__ import annotations
@@ -35,12 +45,38 @@ CHUNK = 1 << 20
 MISSING = "missing"
 
 
+#: The function a ``py:`` loader's module may define to make its data cacheable (see the module docstring).
+LOADER_FINGERPRINT = "kfopt_fingerprint"
+
+
 def fingerprint(model: str, data: str) -> str:
-    """One hex digest of the model's and the data's :func:`describe`."""
+    """One hex digest of the model's and the data's :func:`describe` and of :func:`code_versions`."""
     digest = hashlib.sha256()
+    digest.update(f"code\n{code_versions()}\n".encode())
     for kind, source in (("model", model), ("data", data)):
-        digest.update(f"{kind}={source}\n{describe(source, kind)}\n".encode())
+        try:
+            described = describe(source, kind)
+        except Exception as exc:  # this step is never cached and must not fail: unknown content is never stale
+            described = _unknown(kind, source, exc)
+        digest.update(f"{kind}={source}\n{described}\n".encode())
     return digest.hexdigest()
+
+
+def code_versions() -> str:
+    """kfopt's version and every installed kfopt plugin package's (distribution name and version), one per line."""
+    from importlib.metadata import distributions
+
+    from kfopt import __version__
+
+    plugins = set()
+    try:
+        for dist in distributions():
+            # Plugin packages register techniques under the "kfopt" entry-point group (plugins.manager).
+            if any(entry.group == "kfopt" for entry in dist.entry_points):
+                plugins.add(f"{dist.metadata['Name']} {dist.version}")
+    except Exception as exc:  # broken metadata of some package: still a key, never a crash
+        plugins.add(f"plugins unknown ({type(exc).__name__})")
+    return "\n".join([f"kfopt {__version__}", *sorted(plugins)])
 
 
 def describe(source: str, kind: str = "model") -> str:
@@ -112,18 +148,34 @@ def _stat_line(gfile, uri: str, name: str) -> str:
 
 
 def _python_loader(spec: str) -> str:
-    """The source file of a ``py:module:function`` loader (its code decides the data), without importing it."""
+    """What a ``py:module:function`` loader's data is: its module's ``kfopt_fingerprint()``, else a unique value.
+
+    The loader's source cannot tell: the same code may read files that were
+    rewritten since (a bucket, a database), so keying on it would serve a stale
+    baseline from the cache. Without ``kfopt_fingerprint()`` every run is new.
+    """
+    import importlib
     import importlib.util
 
     module = spec[3:].split(":", 1)[0]
     try:
         found = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        found = None
-    origin = getattr(found, "origin", None)
-    if not origin or not Path(origin).is_file():
-        return "not found"  # prepare reports a loader it cannot import; nothing to key on here
-    return "sha256:" + _file_sha256(Path(origin))
+        if found is None:
+            return f"not found {uuid.uuid4()}"  # prepare reports a loader it cannot import
+        loaded = importlib.import_module(module)
+        declared = getattr(loaded, LOADER_FINGERPRINT, None)
+        if not callable(declared):
+            return f"not cacheable {uuid.uuid4()}"
+        return f"{LOADER_FINGERPRINT}: {declared()}"
+    except Exception as exc:  # a module that fails to import or a fingerprint that raises: run anew, never crash
+        return _unknown("data", spec, exc)
 
 
-__all__ = ["fingerprint", "describe"]
+def _unknown(kind: str, source: str, exc: BaseException) -> str:
+    """A unique value for a source whose content cannot be told (said in the step's log)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    print(f"fingerprint: cannot tell the {kind} '{source}' ({type(exc).__name__}: {first}); not cached", flush=True)
+    return f"unknown {uuid.uuid4()}"
+
+
+__all__ = ["fingerprint", "describe", "code_versions", "LOADER_FINGERPRINT"]

@@ -10,6 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from kfopt import _tf
+from kfopt.components import fingerprint as fingerprints
 from kfopt.components.fingerprint import MISSING, describe, fingerprint
 from kfopt.components.status import read_statuses
 from kfopt.pipelines.optimize_and_promote import compile_pipeline
@@ -57,6 +58,38 @@ def test_the_fingerprint_changes_with_content_and_not_otherwise(tmp_path):
     assert fingerprint(str(model), str(data)) != key
     assert describe(str(tmp_path / "none.keras")) == MISSING  # prepare says what is wrong, as without this step
     assert describe("demo:mlp").startswith("kfopt ") and describe("digits").startswith("scikit-learn ")
+
+
+def test_a_python_loader_is_never_cached_unless_its_module_declares_a_fingerprint(tmp_path, monkeypatch):
+    # The same loader code may read rewritten files: its source says nothing of its data.
+    (tmp_path / "fp_plain_loader.py").write_text("def load():\n    return None\n")
+    (tmp_path / "fp_declared_loader.py").write_text(
+        "VERSION = 'v1'\n\ndef kfopt_fingerprint():\n    return VERSION\n\ndef load():\n    return None\n"
+    )
+    (tmp_path / "fp_broken_loader.py").write_text("raise RuntimeError('no credentials')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plain = "py:fp_plain_loader:load"
+    assert fingerprint("demo:mlp", plain) != fingerprint("demo:mlp", plain)
+    declared = "py:fp_declared_loader:load"
+    first = fingerprint("demo:mlp", declared)
+    assert fingerprint("demo:mlp", declared) == first and describe(declared) == "kfopt_fingerprint: v1"
+    import fp_declared_loader
+
+    monkeypatch.setattr(fp_declared_loader, "VERSION", "v2")  # the loader says its data changed
+    assert fingerprint("demo:mlp", declared) != first
+    # A module that fails to import, or one that does not exist: a new key each time, never a failed step.
+    for spec in ("py:fp_broken_loader:load", "py:fp_no_such_module:load"):
+        assert fingerprint("demo:mlp", spec) != fingerprint("demo:mlp", spec)
+
+
+def test_the_fingerprint_holds_the_kfopt_and_plugin_versions(monkeypatch):
+    import kfopt
+
+    versions = fingerprints.code_versions()
+    assert versions.splitlines()[0] == f"kfopt {kfopt.__version__}"
+    before = fingerprint("demo:mlp", "digits")
+    monkeypatch.setattr(kfopt, "__version__", kfopt.__version__ + ".post1")  # an upgrade runs anew
+    assert fingerprints.code_versions() != versions and fingerprint("demo:mlp", "digits") != before
 
 
 def test_remote_uris_are_fingerprinted_by_what_gfile_stat_says(tmp_path):
