@@ -21,6 +21,11 @@ before any weight is touched (:func:`plan_channels`):
   operands' segments side by side (its readers slice each at its offset);
 - Flatten (and a Reshape to one axis) keeps the layout once per spatial
   position, so the Dense that reads it loses the rows of removed channels;
+  flattened tensors concatenated side by side (two flattened conv branches,
+  or one next to a Dense side input) each keep their block at its offset;
+- every layout's width is checked against its tensor's width as the graph is
+  followed: a layer whose output kfopt would describe wrongly is treated as
+  one it cannot see through (its groups keep their widths), never rewritten;
 - a group that reaches the model's input or output keeps every channel (the
   model keeps its shapes), and so does every group that meets a layer kfopt
   cannot see through (LayerNormalization and Softmax mix channels, a
@@ -103,7 +108,10 @@ INPUT, OUTPUT = "it is the model's input", "it is the model's output"
 
 @dataclass(frozen=True)
 class Flat:
-    """The layout of a flattened tensor: ``inner`` (the channels) repeated at each of ``positions`` positions."""
+    """A flattened block of a layout: ``inner`` (a layout, the channels) repeated at each of ``positions`` positions.
+
+    A layout is a tuple of items, each a segment ``(group key, size)`` or a ``Flat`` block, side by side.
+    """
 
     positions: int
     inner: tuple
@@ -143,20 +151,19 @@ class _Groups:
 
 
 def _segments(layout) -> tuple:
-    return _segments(layout.inner) if isinstance(layout, Flat) else layout
+    """Every ``(group key, size)`` segment of ``layout``, flattened blocks' channels once each."""
+    return tuple(seg for item in layout for seg in (_segments(item.inner) if isinstance(item, Flat) else (item,)))
 
 
 def _width(layout) -> int:
-    if isinstance(layout, Flat):
-        return layout.positions * _width(layout.inner)
-    return sum(size for _, size in layout)
+    return sum(item.positions * _width(item.inner) if isinstance(item, Flat) else item[1] for item in layout)
 
 
 def _shape_of(layout) -> tuple:
     """What must match for two layouts to be tied segment by segment."""
-    if isinstance(layout, Flat):
-        return ("flat", layout.positions, _shape_of(layout.inner))
-    return tuple(size for _, size in layout)
+    return tuple(
+        ("flat", item.positions, _shape_of(item.inner)) if isinstance(item, Flat) else item[1] for item in layout
+    )
 
 
 @dataclass
@@ -185,14 +192,17 @@ class ChannelPlan:
 
     def kept(self, layout) -> np.ndarray:
         """Indices, along a tensor's last axis, of the values kept in a tensor of ``layout``."""
-        if isinstance(layout, Flat):
-            inner = self.kept(layout.inner)
-            width = _width(layout.inner)
-            return (np.arange(layout.positions)[:, None] * width + inner[None, :]).ravel()
         parts, offset = [], 0
-        for key, size in layout:
-            parts.append(offset + self.keep.get(self.groups.find(key), np.arange(size)))
-            offset += size
+        for item in layout:
+            if isinstance(item, Flat):  # position p, channel c of the block is at offset + p * width + c
+                width = _width(item.inner)
+                inner = self.kept(item.inner)
+                parts.append(offset + (np.arange(item.positions)[:, None] * width + inner[None, :]).ravel())
+                offset += item.positions * width
+            else:
+                key, size = item
+                parts.append(offset + self.keep.get(self.groups.find(key), np.arange(size)))
+                offset += size
         return np.concatenate(parts) if parts else np.zeros(0, dtype=int)
 
     @property
@@ -325,7 +335,7 @@ def plan_channels(model, target_sparsity: float, keep_dense=(), norm: str = "l1"
         if kind == "Rescaling" and not any(isinstance(config.get(k), (list, tuple)) for k in ("scale", "offset")):
             layouts[id(outputs[0])] = first
             return
-        if kind in ELEMENTWISE and not layer.weights:
+        if kind in ELEMENTWISE and not layer.weights and _channels_last_axis(layer, rank):  # channels_first pools rows
             layouts[id(outputs[0])] = first
             return
         if kind in JOINS:
@@ -340,10 +350,8 @@ def plan_channels(model, target_sparsity: float, keep_dense=(), norm: str = "l1"
             return
         if kind == "Concatenate":
             axis = config.get("axis", -1)
-            if axis in (-1, rank - 1) and any(isinstance(layout(t), Flat) for t in inputs):
-                opaque(layer, inputs, outputs)  # flattened tensors side by side: their positions interleave no more
-            elif axis in (-1, rank - 1):
-                layouts[id(outputs[0])] = tuple(seg for t in inputs for seg in layout(t))
+            if axis in (-1, rank - 1):  # each operand's layout (flattened blocks too) at its offset
+                layouts[id(outputs[0])] = tuple(item for t in inputs for item in layout(t))
             else:  # joined along another axis: every operand has the same channels
                 for tensor in inputs[1:]:
                     tie(first, layout(tensor), f"'{layer.name}' concatenates differently split channels")
@@ -351,13 +359,13 @@ def plan_channels(model, target_sparsity: float, keep_dense=(), norm: str = "l1"
             return
         shape = tuple(inputs[0].shape[1:])
         static = all(isinstance(d, int) for d in shape)
-        if kind == "Flatten" and static and not isinstance(first, Flat):
-            layouts[id(outputs[0])] = first if rank == 2 else Flat(int(np.prod(shape[:-1])), first)
+        if kind == "Flatten" and static:
+            layouts[id(outputs[0])] = first if rank == 2 else (Flat(int(np.prod(shape[:-1])), first),)
             return
-        if kind == "Reshape" and static and not isinstance(first, Flat):
+        if kind == "Reshape" and static:
             target = tuple(config["target_shape"])
             if len(target) == 1 and target[0] in (-1, int(np.prod(shape))):  # a Flatten by another name
-                layouts[id(outputs[0])] = first if rank == 2 else Flat(int(np.prod(shape[:-1])), first)
+                layouts[id(outputs[0])] = first if rank == 2 else (Flat(int(np.prod(shape[:-1])), first),)
                 return
             if target and target[-1] == shape[-1] and int(np.prod(target[:-1])) == int(np.prod(shape[:-1])):
                 uses[layer.name] = _Use(layer, kind, reads=first, role="reshape")
@@ -368,9 +376,32 @@ def plan_channels(model, target_sparsity: float, keep_dense=(), norm: str = "l1"
     for index, tensor in enumerate(model.inputs):
         layouts[id(tensor)] = fresh(("input", index), _last_dim(tensor) or 1)
         fix(layouts[id(tensor)], INPUT)
+
+    def check_widths(node) -> None:
+        """Treat the layer as opaque when a layout it made does not add up to its tensor's width.
+
+        A safety net: a layout that disagrees with its tensor would slice the layers reading it wrongly.
+        """
+        outputs = _tf.tf().nest.flatten(node.outputs)
+        wrong = [
+            t
+            for t in outputs
+            if id(t) in layouts and _last_dim(t) is not None and _width(layouts[id(t)]) != _last_dim(t)
+        ]
+        if not wrong:
+            return
+        layer = node.layer
+        use = uses.pop(layer.name, None)
+        for lay in (use.reads, use.writes) if use is not None else ():
+            if lay is not None:
+                fix(lay, f"kfopt cannot follow the channels of '{layer.name}' ({type(layer).__name__})")
+        opaque(layer, list(node.keras_inputs), outputs)
+
     for depth in sorted(model._nodes_by_depth, reverse=True):  # inputs first
         for node in model._nodes_by_depth[depth]:
             visit(node)
+            if type(node.layer).__name__ != "InputLayer":
+                check_widths(node)
     outputs = set()
     for tensor in model.outputs:
         fix(layout(tensor), OUTPUT)
@@ -415,11 +446,13 @@ def _importance(plan: ChannelPlan, followers: dict[str, str], norm: str) -> dict
     return totals
 
 
-def remove_channels(model, plan: ChannelPlan):
-    """``model`` rebuilt at the widths of ``plan``, with the kept slices of its weights: a new, smaller model.
+def rebuild(model, plan: ChannelPlan):
+    """``model``'s structure rebuilt at the widths of ``plan``, with fresh weights (none copied): a new model.
 
-    The input model is not changed. Raises a KfoptError when the rebuilt model
-    does not give the original outputs' shapes (which would be a bug in the plan).
+    Raises a KfoptError when the rebuilt model does not give the original
+    outputs' shapes, or when a layer of it is not built for the kept slices of
+    the original's weights (either would be a bug in the plan): cheap enough to
+    run before any work, so an impossible model is refused in one line.
     """
     keras = _tf.keras()
     new_width = {name: after for name, (_, after) in plan.widths.items()}
@@ -435,14 +468,35 @@ def remove_channels(model, plan: ChannelPlan):
             config["target_shape"] = (*tuple(config["target_shape"])[:-1], len(plan.kept(use.reads)))
         return layer.__class__.from_config(config)
 
+    fix = "report this model to kfopt; meanwhile use keep_dense=NAME for the layers named, or prune(method=l1)."
     smaller = keras.models.clone_model(model, clone_function=rebuilt)
     got = [tuple(t.shape[1:]) for t in smaller.outputs]
     want = [tuple(t.shape[1:]) for t in model.outputs]
     if got != want:
         raise KfoptError(
-            f"prune(method=channels) rebuilt '{model.name}' with outputs of shapes {got}, not {want}.",
-            "report this model to kfopt; meanwhile use keep_dense=NAME for the layers before its output.",
+            f"prune(method=channels) rebuilt '{model.name}' with outputs of shapes {got}, not {want}.", fix
         )
+    old_layers = {layer.name: layer for layer in model.layers}
+    for layer in smaller.layers:
+        old = [tuple(w.shape) for w in old_layers[layer.name].weights]
+        use = plan.uses.get(layer.name)
+        planned = [_planned_shape(shape, take) for shape, take in zip(old, _takes(use, old, plan))] if use else old
+        built = [tuple(w.shape) for w in layer.weights]
+        if planned != built:
+            raise KfoptError(
+                f"prune(method=channels) would give layer '{layer.name}' of '{model.name}' weights of shapes "
+                f"{planned}, but rebuilt at the planned widths it takes {built}.",
+                fix,
+            )
+    return smaller
+
+
+def remove_channels(model, plan: ChannelPlan):
+    """``model`` rebuilt at the widths of ``plan``, with the kept slices of its weights: a new, smaller model.
+
+    The input model is not changed. Raises a KfoptError (see :func:`rebuild`) when the plan cannot be built.
+    """
+    smaller = rebuild(model, plan)
     old_layers = {layer.name: layer for layer in model.layers}
     for layer in smaller.layers:
         weights = old_layers[layer.name].get_weights()
@@ -453,22 +507,41 @@ def remove_channels(model, plan: ChannelPlan):
     return smaller
 
 
-def _sliced(use: _Use, weights: list[np.ndarray], plan: ChannelPlan) -> list[np.ndarray]:
-    """The kept slices of one layer's weights (a producer's kernel on both axes, per-channel vectors on one)."""
+def _takes(use: _Use, shapes: list[tuple], plan: ChannelPlan) -> list[dict[int, np.ndarray]]:
+    """For each of a layer's weights (given by shape): axis -> the indices it keeps along that axis.
+
+    A producer's kernel loses its removed filters (last axis) and the rows of the removed input channels; its
+    bias, the removed filters. A per-channel layer's vectors (and a depthwise kernel's channel axis) lose the
+    removed channels.
+    """
     if use.role == "producer":
         out = plan.kept(use.writes)
         in_axis = PRODUCERS[use.kind][1]
-        kernel = weights[0].take(out, axis=-1)
+        kernel = {len(shapes[0]) - 1: out}
         if in_axis is not None:
-            kernel = kernel.take(plan.kept(use.reads), axis=in_axis)
-        return [kernel, *(w.take(out, axis=-1) for w in weights[1:])]
+            kernel[len(shapes[0]) + in_axis] = plan.kept(use.reads)
+        return [kernel, *({len(shape) - 1: out} for shape in shapes[1:])]
     if use.role == "per_channel":
         kept = plan.kept(use.reads)
         width = _width(use.reads)
         if use.kind == "DepthwiseConv2D":  # kernel (h, w, channels, 1), bias (channels,)
-            return [weights[0].take(kept, axis=2), *(w.take(kept, axis=-1) for w in weights[1:])]
-        return [w.take(kept, axis=-1) if w.shape[-1] == width else w for w in weights]
-    return weights
+            return [{2: kept}, *({len(shape) - 1: kept} for shape in shapes[1:])]
+        return [{len(shape) - 1: kept} if shape and shape[-1] == width else {} for shape in shapes]
+    return [{} for _ in shapes]
+
+
+def _planned_shape(shape: tuple, take: dict[int, np.ndarray]) -> tuple:
+    return tuple(len(take[axis]) if axis in take else size for axis, size in enumerate(shape))
+
+
+def _sliced(use: _Use, weights: list[np.ndarray], plan: ChannelPlan) -> list[np.ndarray]:
+    """The kept slices of one layer's weights (see :func:`_takes`)."""
+    sliced = []
+    for weight, take in zip(weights, _takes(use, [w.shape for w in weights], plan)):
+        for axis, kept in take.items():
+            weight = weight.take(kept, axis=axis)
+        sliced.append(weight)
+    return sliced
 
 
 def note_line(plan: ChannelPlan, target_sparsity: float, shown: int = 6) -> str | None:

@@ -53,7 +53,7 @@ PATIENCE = 5
 #: Hidden Dense layers of an ``architecture=dense`` student.
 DENSE_HIDDEN_LAYERS = 2
 #: Facts about the input model that do not hold for a new student.
-_STALE_INFO = ("sparsity", "params", "left_dense", "float_layers", "kept_width")
+_STALE_INFO = ("sparsity", "params", "left_dense", "float_layers", "kept_width", "channels", "full_width")
 
 
 class Distill(Technique):

@@ -146,14 +146,18 @@ class Prune(Technique):
             return int(m), int(n)
 
     def check(self, model, config: Prune.Config) -> None:
-        """Refuse, before any work, a model with no layer graph, unknown keep_dense names or nothing to prune."""
+        """Refuse, before any work, a model with no layer graph, unknown keep_dense names or nothing to prune.
+
+        method=channels also rebuilds the model's structure at the planned widths (fresh weights, none copied), so
+        a model it cannot rebuild is refused here, in one line, not after the baseline is measured.
+        """
         if not model.has_keras_layers:
             return  # the recipe check refuses the format itself
         keras_model = model.keras()
         require_layer_graph(keras_model, f"prune(method={config.method})")
         check_layer_names(keras_model, config.keep_dense, "prune", "keep_dense")
         if config.method == "channels":
-            _channel_plan(keras_model, config)
+            _channels.rebuild(keras_model, _channel_plan(keras_model, config))
         else:
             dense_layers(keras_model, config)
 

@@ -151,19 +151,89 @@ def test_keep_dense_and_unfollowable_layers_keep_their_width():
     assert "ln" in plan.left["c2"]
 
 
-def test_flattened_branches_side_by_side_keep_their_producers_whole():
+def zero_half_the_filters(model, names) -> None:
+    """Zero half the filters (kernel and bias) of each named layer: the ones an L1 ranking removes at 0.5."""
+    rng = np.random.default_rng(3)
+    for name in names:
+        layer = model.get_layer(name)
+        kernel, bias = layer.get_weights()
+        channels = rng.choice(bias.shape[0], bias.shape[0] // 2, replace=False)
+        kernel[..., channels] = 0
+        bias[channels] = 0
+        layer.set_weights([kernel, bias])
+
+
+def assert_same_outputs_when_pruned(model, x, shrunk: dict) -> None:
+    """Prune half of zeroed filters: the named widths shrink, the shapes stay and not one output changes."""
+    zero_half_the_filters(model, shrunk)
+    plan = plan_channels(model, 0.5)
+    assert plan.shrunk == shrunk and plan.left == {}
+    smaller = remove_channels(model, plan)
+    assert smaller.output_shape == model.output_shape
+    np.testing.assert_allclose(smaller.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_flattened_conv_branches_concatenated_lose_channels_at_their_offsets():
+    """Flatten -> Concatenate -> Dense: each branch's flattened block sits at its offset in the Dense's rows."""
+    keras = _tf.keras()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs_ = keras.Input((6, 6, 3))
+    a = layers.Flatten()(layers.Conv2D(4, 3, name="a")(inputs_))  # 4x4x4 = 64 values
+    b = layers.Flatten()(layers.Conv2D(6, 3, strides=2, name="b")(inputs_))  # 2x2x6 = 24 values
+    x = layers.Dense(8, activation="relu", name="fc")(layers.Concatenate()([a, b]))
+    model = keras.Model(inputs_, layers.Dense(2, name="out")(x))
+    x = np.random.default_rng(1).normal(size=(4, 6, 6, 3)).astype(np.float32)
+    assert_same_outputs_when_pruned(model, x, {"a": (4, 2), "b": (6, 3), "fc": (8, 4)})
+
+
+def test_flattened_conv_branch_concatenated_with_a_dense_side_input():
+    """The two-input pattern: an image branch flattened next to a Dense over a second input, either order."""
+    keras = _tf.keras()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    for side_first in (False, True):
+        image, extra = keras.Input((6, 6, 3)), keras.Input((5,))
+        a = layers.Flatten()(layers.Conv2D(4, 3, name="a")(image))
+        side = layers.Dense(6, activation="relu", name="side")(extra)
+        x = layers.Concatenate()([side, a] if side_first else [a, side])
+        x = layers.Dense(8, activation="relu", name="fc")(x)
+        model = keras.Model([image, extra], layers.Dense(2, name="out")(x))
+        rng = np.random.default_rng(1)
+        x = [rng.normal(size=(4, 6, 6, 3)).astype(np.float32), rng.normal(size=(4, 5)).astype(np.float32)]
+        assert_same_outputs_when_pruned(model, x, {"a": (4, 2), "side": (6, 3), "fc": (8, 4)})
+        check = Prune.Config(method="channels", target_sparsity=0.5)
+        Prune().check(model_info(ModelHandle.from_keras(model)), check)  # rebuilds the structure: no refusal
+
+
+def test_a_channels_first_pooling_leaves_the_conv_before_it_full_width():
+    """GlobalAveragePooling2D(channels_first) on a channels-last conv averages its rows, not its channels: the conv
+    keeps its filters even when it has as many rows as filters (widths that agree by chance)."""
+    keras = _tf.keras()
+    layers = keras.layers
+    for rows in (8, 6):
+        inputs_ = keras.Input((rows + 2, 6, 3))
+        x = layers.Conv2D(8, 3, name="a")(inputs_)
+        x = layers.GlobalAveragePooling2D(data_format="channels_first")(x)
+        model = keras.Model(inputs_, layers.Dense(2, name="out")(layers.Dense(6, name="fc")(x)))
+        zero_half_the_filters(model, ["fc"])
+        plan = plan_channels(model, 0.5)
+        assert plan.shrunk == {"fc": (6, 3)} and set(plan.left) == {"a"}
+        smaller = remove_channels(model, plan)
+        x = np.random.default_rng(1).normal(size=(2, rows + 2, 6, 3)).astype(np.float32)
+        np.testing.assert_allclose(smaller.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_a_plan_the_rebuilt_model_disagrees_with_is_refused_in_one_line():
     keras = _tf.keras()
     layers = keras.layers
     inputs_ = keras.Input((6, 6, 3))
-    a = layers.Flatten()(layers.Conv2D(4, 3, name="a")(inputs_))
-    b = layers.Flatten()(layers.Conv2D(4, 3, name="b")(inputs_))
-    x = layers.Dense(8, name="fc")(layers.Concatenate()([a, b]))
-    model = keras.Model(inputs_, layers.Dense(2, name="out")(x))
+    x = layers.Flatten()(layers.Conv2D(4, 3, name="a")(inputs_))
+    model = keras.Model(inputs_, layers.Dense(2, name="out")(layers.Dense(8, name="fc")(x)))
     plan = plan_channels(model, 0.5)
-    assert set(plan.shrunk) == {"fc"} and set(plan.left) == {"a", "b"}
-    smaller = remove_channels(model, plan)
-    assert smaller.output_shape == model.output_shape
-    assert np.isfinite(smaller.predict(np.ones((1, 6, 6, 3), np.float32), verbose=0)).all()
+    plan.widths["fc"] = (8, 5)  # a width that disagrees with the kept channels (4): a bug in a plan
+    with pytest.raises(KfoptError, match="layer 'fc' .* weights of shapes"):
+        remove_channels(model, plan)
 
 
 def test_flops_of_a_small_model_are_counted_by_hand():
@@ -231,3 +301,12 @@ def test_channels_then_int8_runs_end_to_end(cnn, digits_images, tmp_path):
     assert candidate.params < result.baseline.params / 2.5
     assert candidate.flops < result.baseline.flops / 2.5
     assert any("prune(method=channels) removed 50%" in line for line in candidate.notes)
+
+
+def test_a_student_distilled_after_channel_pruning_does_not_carry_its_widths(cnn, digits_images, ctx_factory):
+    from kfopt.plugins.distill import Distill
+
+    info = {"channels": {"conv2d": [16, 8]}, "full_width": {"dense": "kept full width by keep_dense"}}
+    handle = ModelHandle.from_keras(cnn, info=info)
+    out = Distill().apply(handle, Distill.Config(width=0.5, epochs=1), ctx_factory(digits_images))
+    assert "channels" not in out.info and "full_width" not in out.info
