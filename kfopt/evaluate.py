@@ -27,6 +27,7 @@ from . import _tf
 from .data import Data
 from .flops import model_flops
 from .plugins.technique import ModelHandle
+from .select import LATENCY_RESOLUTION  # the finest difference a speedup claims; defined where choices use it
 from .sparsity import weight_sparsity
 
 #: Batch-1 invocations timed for latency (after WARMUP untimed ones): at least this many of each model.
@@ -36,10 +37,6 @@ WARMUP = 20
 #: speedup's interval is within LATENCY_PRECISION of it (relative half width), or LATENCY_SECONDS have passed.
 LATENCY_SECONDS = 2.0
 LATENCY_PRECISION = 0.03
-#: The finest difference a speedup claims (its interval is at least this wide either side): two runners of
-#: the very same model, interleaved, differ by a steady 1-2% in TFLite and up to 4% in Keras (where their
-#: buffers and graphs landed in memory), which no number of repetitions averages away.
-LATENCY_RESOLUTION = 0.05
 #: Confidence of the speedup's interval; six block pairs are the fewest that give it distribution-free.
 CONFIDENCE = 0.95
 MIN_PAIRS = 6
@@ -548,18 +545,6 @@ class Evaluator:
         self._reference_size: dict[str, dict] = {}
 
     # The baseline, as deployed in each format, is what ratios are taken against.
-    def reference(self, format: str) -> dict:
-        """Size and latency of the baseline in ``format`` (computed once).
-
-        Its latency is the one measured beside the first candidate of that format (timed alone when no
-        candidate came yet); each candidate's own ``compared_with`` holds the baseline's latency measured
-        interleaved with it.
-        """
-        if format not in self._references:
-            p50, p95 = latency(self._reference_runner(format), self.x_test[:1], self.latency_runs)
-            self._references[format] = {**self._reference_sizes(format), "latency_p50_ms": p50, "latency_p95_ms": p95}
-        return self._references[format]
-
     def _reference_handle(self, format: str) -> ModelHandle:
         if format not in self._reference_handles:
             handle = self._baseline_as(format)
@@ -573,10 +558,6 @@ class Evaluator:
             size, gz = artifact_sizes(self._reference_handle(format).path)
             self._reference_size[format] = {"format": format, "size_bytes": size, "gzip_bytes": gz}
         return dict(self._reference_size[format])
-
-    def _reference_runner(self, format: str) -> Runner:
-        """The baseline in ``format``, ready to time."""
-        return self._reference_instances(format)[0]
 
     def _reference_instances(self, format: str) -> list[Runner]:
         """The baseline in ``format`` as the runners every candidate of that format is timed against, made once

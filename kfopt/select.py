@@ -16,7 +16,8 @@ without metric fields (written before they existed) are budgeted on
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .errors import KfoptError, did_you_mean
@@ -31,6 +32,11 @@ MIX = "mix"
 #: of fractions of the test set, so 0.01 may come out as 0.010000000000000009.
 #: The one tolerance of every budget check (select, search, promotion gate).
 TOLERANCE = 1e-9
+#: The finest difference a speedup claims (its interval is at least this wide either side): two runners of
+#: the very same model, interleaved, differ by a steady 1-2% in TFLite and up to 4% in Keras (where their
+#: buffers and graphs landed in memory), which no number of repetitions averages away. Latencies closer
+#: than this are ties (:func:`within_noise`). Here, not in :mod:`kfopt.evaluate`, so choosing needs no TensorFlow.
+LATENCY_RESOLUTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -192,8 +198,8 @@ class Selection:
     both accuracy and the objective metric (best metric first), ``within_budget``
     the labels of eligible candidates, and ``reasons`` says for every other
     candidate why it was not eligible. ``ties`` lists the candidates a latency
-    or mix objective could not tell from the best one within the noise of the
-    measurement (the winner among them is the smallest).
+    or mix objective could not tell from the best one within the resolution of
+    the measurement (the winner among them has the smallest metric drop, then size).
     """
 
     objective: str
@@ -266,20 +272,25 @@ def mix_weight(objective: str) -> float | None:
     return weight
 
 
-def objective_value(record: dict, objective: str) -> float | None:
+def objective_value(record: dict, objective: str, baselines: dict[str, float] | None = None) -> float | None:
     """What ``objective`` minimises for one candidate, or None when it was not measured.
 
-    ``size`` is ``gzip_bytes`` and ``latency`` is ``latency_p50_ms``. ``mix:W``
-    is ``gzip_bytes^W * latency_p50_ms^(1-W)``: a weighted geometric mean, so
-    halving the size is worth as much as halving the latency (at W = 0.5)
-    whatever the units, and the ranking does not depend on a baseline.
+    ``size`` is ``gzip_bytes`` and ``latency`` is ``latency_p50_ms`` (raw, as
+    displayed), or with ``baselines`` (:func:`latency_baselines`) the steady
+    latency a choice ranks by (see :func:`steady_objective`, which every choice
+    calls). ``mix:W`` is ``gzip_bytes^W * latency^(1-W)``: a weighted geometric
+    mean, so halving the size is worth as much as halving the latency (at
+    W = 0.5) whatever the units.
     """
+    latency = record.get("latency_p50_ms") if baselines is None else _steady_latency(record, baselines)
+    if objective == "latency":
+        return latency
     if objective in OBJECTIVES:
         return record.get(OBJECTIVES[objective])
     weight = mix_weight(objective)
     if weight is None:
         objective_metric(objective)  # raises, naming the choices
-    size, latency = record.get("gzip_bytes"), record.get("latency_p50_ms")
+    size = record.get("gzip_bytes")
     if not size or not latency or size <= 0 or latency <= 0:
         return None
     return size**weight * latency ** (1 - weight)
@@ -300,28 +311,77 @@ def objective_ratio(record: dict, objective: str) -> tuple[str, float | None]:
     return f"compression_ratio^{weight:g} * speedup^{1 - weight:g}", value
 
 
-def objective_interval(record: dict, objective: str) -> tuple[float, float] | None:
-    """The range the noise of its latency measurement leaves ``objective_value`` in (low, high), or None.
+def latency_baselines(records: Iterable[dict]) -> dict[str, float]:
+    """One baseline p50 (ms) per format for a whole set of candidates: the median of their
+    ``compared_with.latency_p50_ms`` (the baseline as timed interleaved with each of them).
 
-    Latency carries the relative spread of the candidate's speedup (``speedup_low``..``speedup_high``,
-    measured interleaved with its baseline): p50 * speedup / speedup_high .. p50 * speedup / speedup_low,
-    and a mix carries it to the power 1 - W. Size is exact, and so is a record without a spread.
+    Read from the records themselves, so ``kfopt run``, the search and the pipeline's select step (which
+    only has the records) all get the same value for the same candidates.
     """
-    value = objective_value(record, objective)
-    if value is None:
-        return None
-    weight = 1.0 if objective == "size" else (0.0 if objective == "latency" else mix_weight(objective))
+    by_format: dict[str, list[float]] = {}
+    for record in records:
+        reference = record.get("compared_with") or {}
+        p50 = reference.get("latency_p50_ms")
+        if record.get("status", "ok") == "ok" and p50 and p50 > 0:
+            by_format.setdefault(record.get("format") or reference.get("format"), []).append(p50)
+    return {fmt: statistics.median(values) for fmt, values in by_format.items()}
+
+
+def steady_objective(records: Iterable[dict], objective: str) -> Callable[[dict], float | None]:
+    """The value every choice of kfopt ranks candidates by on ``objective`` (lower is better): one function
+    for :func:`select`, its ties, the Pareto fronts and the search (best candidate, round gain, target).
+
+    Size is ``gzip_bytes``. Latency is the *steady* latency: the format's one baseline p50 for all of
+    ``records`` (:func:`latency_baselines`) over the candidate's ``speedup``, which was measured interleaved
+    with that baseline, so the machine's load during each candidate's own timing window (or on the node of
+    its pipeline step) cancels out; a raw ``latency_p50_ms`` (each in its own window) does not. A record
+    without a speedup or a baseline falls back to its raw p50. ``mix:W`` combines both as in
+    :func:`objective_value`. The records keep their raw ``latency_p50_ms`` for display.
+    """
+    baselines = latency_baselines(records) if objective != "size" else {}
+    return lambda record: objective_value(record, objective, baselines)
+
+
+def _steady_latency(record: dict, baselines: dict[str, float]) -> float | None:
+    fmt = record.get("format") or (record.get("compared_with") or {}).get("format")
+    baseline, speedup = baselines.get(fmt), record.get("speedup")
+    if baseline and speedup and speedup > 0:
+        return baseline / speedup
+    return record.get("latency_p50_ms")
+
+
+def latency_half_width(record: dict) -> float | None:
+    """The relative half width of the candidate's speedup interval (at least ``LATENCY_RESOLUTION``), or None
+    for a record without a spread (measured before spreads were)."""
     speedup, low, high = record.get("speedup"), record.get("speedup_low"), record.get("speedup_high")
-    if weight == 1.0 or not (speedup and low and high and 0 < low <= speedup <= high):
-        return value, value
-    return value * (speedup / high) ** (1 - weight), value * (speedup / low) ** (1 - weight)
+    if not (speedup and low and high and 0 < low <= speedup <= high):
+        return None
+    return max(LATENCY_RESOLUTION, high / speedup - 1, speedup / low - 1)
 
 
-def within_noise(record: dict, best: dict, objective: str) -> bool:
-    """Whether ``record`` is as good as ``best`` on ``objective`` within the noise of the latency
-    measurements: their :func:`objective_interval` ranges overlap."""
-    ours, theirs = objective_interval(record, objective), objective_interval(best, objective)
-    return ours is not None and theirs is not None and ours[0] <= theirs[1] and theirs[0] <= ours[1]
+def within_noise(record: dict, best: dict, objective: str, value: Callable[[dict], float | None]) -> bool:
+    """Whether ``record`` and ``best`` are too close on ``objective`` for their latency measurements to tell
+    apart: their ``value`` (:func:`steady_objective`) differ by no more than the resolution counted once, the
+    wider of their relative half widths (:func:`latency_half_width`, at least ``LATENCY_RESOLUTION``), to the
+    power 1 - W for ``mix:W``. Size is exact, and so are two records without a spread: never a tie."""
+    if objective == "size":
+        return False
+    widths = [w for w in (latency_half_width(record), latency_half_width(best)) if w is not None]
+    ours, theirs = value(record), value(best)
+    if not widths or not ours or not theirs or ours <= 0 or theirs <= 0:
+        return False
+    weight = 0.0 if objective == "latency" else mix_weight(objective)
+    allowed = (1 + max(widths)) ** (1 - weight)
+    return max(ours, theirs) / min(ours, theirs) <= allowed * (1 + TOLERANCE)
+
+
+def _scorer(candidates: list[dict], key: str) -> Callable[[dict], float | None]:
+    """``key`` is an objective (size, latency, mix:W), one of their metrics (ranked as that objective), or a
+    plain metric name."""
+    objective = {metric: name for name, metric in OBJECTIVES.items()}.get(key, key)
+    if objective in OBJECTIVES or mix_weight(objective) is not None:
+        return steady_objective(candidates, objective)
+    return lambda record: record.get(key)
 
 
 def _value(record: dict, key: str):
@@ -346,9 +406,12 @@ def pareto_front(candidates: Iterable[dict], key: str) -> list[str]:
     (``gzip_bytes``) or an objective (``size``, ``mix:0.7``). A candidate is
     dominated when another is at least as good on both and strictly better on
     one; equal candidates do not dominate each other, so ties all stay on the
-    front. Sorted by ``key``, then quality (best first).
+    front. Sorted by ``key``, then quality (best first). Latency (the objective
+    or its metric ``latency_p50_ms``) is ranked steady (:func:`steady_objective`).
     """
-    points = [(c, _value(c, key), _rank(c)) for c in candidates if measured(c, key)]
+    candidates = list(candidates)
+    value = _scorer(candidates, key)
+    points = [(c, value(c), _rank(c)) for c in candidates if measured(c, key)]
     front = [
         (c, v, r) for c, v, r in points if not any(_dominates(or_, ov, r, v) for o, ov, or_ in points if o is not c)
     ]
@@ -404,10 +467,13 @@ def select(
     split the search decides on: a winner is within the budget on both). Ties
     on the objective go to the smaller metric drop (the higher accuracy), then
     to the recipe label (so the choice never depends on the order candidates
-    finished in). With ``latency`` or ``mix``, a difference inside the noise of
-    the latency measurement is a tie too (:func:`within_noise` of the best
-    candidate): among those, the smallest (``gzip_bytes``) wins, then the
-    smaller metric drop, so noise never picks the winner. Failed and skipped
+    finished in). Latency is ranked steady (:func:`steady_objective`: one
+    baseline per format over each candidate's paired speedup), so the load
+    during each candidate's timing window does not pick the winner. With
+    ``latency`` or ``mix``, a difference within the resolution of the latency
+    measurement is a tie too (:func:`within_noise` of the best candidate):
+    among those, the smaller metric drop wins, then the smaller ``gzip_bytes``,
+    then the steady value and the label. Failed and skipped
     candidates are never eligible; if nothing is eligible the winner is None
     and ``reasons`` says why for each candidate.
     """
@@ -430,17 +496,13 @@ def select(
             eligible.append(candidate)
     selection.within_budget = [c["recipe"] for c in eligible]
     if eligible:
-        best = min(eligible, key=lambda c: (objective_value(c, objective), -_rank(c), c["recipe"]))
-        # Size is measured exactly: only latency has noise to tie in.
-        tied = (
-            [c for c in eligible if c is not best and within_noise(c, best, objective)] if objective != "size" else []
-        )
+        value = steady_objective(candidates, objective)
+        best = min(eligible, key=lambda c: (value(c), -_rank(c), c["recipe"]))
+        tied = [c for c in eligible if c is not best and within_noise(c, best, objective, value)]
         if tied:
             tied.append(best)
-            best = min(
-                tied,
-                key=lambda c: (c.get("gzip_bytes") or math.inf, -_rank(c), objective_value(c, objective), c["recipe"]),
-            )
+            # Noise cannot tell them apart on the objective: what can be told apart decides.
+            best = min(tied, key=lambda c: (-_rank(c), c.get("gzip_bytes") or math.inf, value(c), c["recipe"]))
             selection.ties = sorted(c["recipe"] for c in tied)
         selection.winner = best["recipe"]
     selection.pareto = pareto_front(candidates, objective)

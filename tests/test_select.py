@@ -173,14 +173,18 @@ def test_a_winner_is_within_the_budget_on_both_splits():
     assert "on the validation split is over the budget" in selection.reasons["lucky-on-test"]
 
 
-# -- latency ties within the noise -------------------------------------------------------------
-def timed(label, gzip, latency, speedup, low, high, drop=0.0):
-    """A candidate whose speedup was measured interleaved with its baseline, with its interval."""
+# -- latency: steady ranking, ties within the resolution ------------------------------------------
+def timed(label, gzip, latency, speedup, low, high, drop=0.0, baseline=None, fmt="tflite"):
+    """A candidate whose speedup was measured interleaved with its baseline (``baseline`` ms in that window,
+    by default latency * speedup: a window without drift), with its interval."""
     return {
         **ok(label, 0.97 - drop, drop, gzip, latency=latency),
+        "val_accuracy_drop": drop,
+        "format": fmt,
         "speedup": speedup,
         "speedup_low": low,
         "speedup_high": high,
+        "compared_with": {"format": fmt, "latency_p50_ms": latency * speedup if baseline is None else baseline},
     }
 
 
@@ -189,10 +193,10 @@ def bare(record):
     return {k: v for k, v in record.items() if k not in ("speedup_low", "speedup_high")}
 
 
-def test_latency_differences_inside_the_noise_are_ties_broken_by_size():
+def test_latency_differences_within_the_resolution_are_ties_broken_by_drop_then_size():
     fast_big = timed("fast-big", 90_000, 0.0100, 2.00, 1.90, 2.10)
-    slower_small = timed("slower-small", 30_000, 0.0103, 1.94, 1.85, 2.03)  # 3% slower: inside the spread
-    slow_tiny = timed("slow-tiny", 10_000, 0.0200, 1.00, 0.97, 1.03)  # clearly slower: no tie
+    slower_small = timed("slower-small", 30_000, 0.0103, 1.94, 1.85, 2.03)  # 3% slower: within 5%
+    slow_tiny = timed("slow-tiny", 10_000, 0.0200, 1.00, 0.95, 1.05)  # clearly slower: no tie
     candidates = [fast_big, slower_small, slow_tiny]
     for _ in range(3):
         random.shuffle(candidates)
@@ -202,17 +206,29 @@ def test_latency_differences_inside_the_noise_are_ties_broken_by_size():
         assert selection.as_dict()["ties_within_noise"] == ["fast-big", "slower-small"]
     # Bare numbers (no spread) decide as before: the fastest.
     assert select([bare(c) for c in candidates], objective="latency").winner == "fast-big"
-    # A precise measurement that tells them apart: the fastest.
-    precise = [
-        timed("fast-big", 90_000, 0.0100, 2.00, 1.99, 2.01),
-        timed("slower-small", 30_000, 0.0103, 1.94, 1.93, 1.95),
-    ]
-    selection = select(precise, objective="latency")
+    # 7% apart is more than the resolution counted once: no tie, the fastest...
+    apart = [fast_big, timed("slower-small", 30_000, 0.0107, 1.87, 1.78, 1.96)]
+    selection = select(apart, objective="latency")
     assert selection.winner == "fast-big" and selection.ties == []
     assert "ties_within_noise" not in selection.as_dict()
+    # ...unless a candidate's own interval is wider than that (±10% here).
+    wide = [fast_big, timed("slower-small", 30_000, 0.0107, 1.87, 1.70, 2.06)]
+    assert select(wide, objective="latency").winner == "slower-small"
 
 
-def test_a_latency_tie_of_equal_size_goes_to_the_smaller_metric_drop_and_the_budget_still_rules():
+def test_a_slower_less_accurate_candidate_never_wins_a_latency_tie_on_one_byte():
+    """The reviewer's repro: overlapping ±5% intervals used to tie a 10% difference, and size broke it."""
+    a = timed("a", 30_001, 1.00, 2.0, 2.0 / 1.05, 2.0 * 1.05, drop=0.0)
+    b = timed("b", 30_000, 1.10, 2.0 / 1.1, 2.0 / 1.1 / 1.05, 2.0 / 1.1 * 1.05, drop=0.009)
+    selection = select([a, b], objective="latency")
+    assert selection.winner == "a" and selection.ties == []
+    # Within the resolution they tie, and the smaller drop goes before a much smaller size.
+    c = timed("c", 10_000, 1.03, 2.0 / 1.03, 2.0 / 1.03 / 1.05, 2.0 / 1.03 * 1.05, drop=0.009)
+    selection = select([a, c], objective="latency")
+    assert selection.winner == "a" and selection.ties == ["a", "c"]
+
+
+def test_a_latency_tie_goes_to_the_smaller_metric_drop_and_the_budget_still_rules():
     faster = timed("faster", 30_000, 0.0100, 2.00, 1.90, 2.10, drop=0.004)
     better = timed("better", 30_000, 0.0102, 1.96, 1.86, 2.06, drop=0.001)
     assert select([faster, better], objective="latency").winner == "better"
@@ -222,9 +238,39 @@ def test_a_latency_tie_of_equal_size_goes_to_the_smaller_metric_drop_and_the_bud
     assert selection.winner == "faster" and "over the budget" in selection.reasons["over"]
 
 
-def test_a_mix_ties_within_the_noise_of_its_latency_share():
+def test_the_load_during_a_candidates_own_window_does_not_pick_the_winner():
+    """Raw p50s come from different windows (or pipeline nodes); the paired speedup over one baseline does not."""
+    from kfopt.recipe_search import best_feasible, round_gain, target_met
+    from kfopt.select import latency_baselines, steady_objective
+
+    # 'loaded' was timed while the machine was 3x slower: its baseline read 0.060 ms beside it.
+    loaded = {**timed("loaded", 30_000, 0.0200, 3.00, 2.85, 3.15, baseline=0.060), "round": 1}
+    quiet = {**timed("quiet", 30_000, 0.0100, 1.25, 1.19, 1.31, baseline=0.0125), "round": 1}
+    other = {**timed("other", 30_000, 0.0200, 1.00, 0.95, 1.05, baseline=0.020), "round": 2}
+    records = [loaded, quiet, other]
+    assert latency_baselines(records) == {"tflite": 0.020}
+    steady = steady_objective(records, "latency")
+    assert steady(loaded) == pytest.approx(0.020 / 3) and steady(quiet) == pytest.approx(0.020 / 1.25)
+    assert min(records, key=lambda r: r["latency_p50_ms"])["recipe"] == "quiet"  # what raw p50s would pick
+    for objective in ("latency", "mix"):
+        assert select(records, objective=objective).winner == "loaded"
+        # The search picks and measures its progress the same way.
+        assert best_feasible(records, 0.01, objective)["recipe"] == "loaded"
+    assert round_gain(records, 2, max_accuracy_drop=0.01, objective="latency") == pytest.approx(0.0)
+    hit = target_met(records, max_accuracy_drop=0.01, objective="latency", target=1.2)
+    assert hit["recipe"] == "loaded"
+    # The raw p50 stays in the record, for display.
+    assert loaded["latency_p50_ms"] == 0.0200
+    # Formats keep their own baselines; a record without a paired speedup falls back to its raw p50.
+    keras = timed("keras", 30_000, 0.5, 1.0, 0.95, 1.05, fmt="keras")
+    assert latency_baselines([*records, keras]) == {"tflite": 0.020, "keras": 0.5}
+    old = ok("old", 0.97, 0.0, 30_000, latency=0.004)
+    assert steady_objective([*records, old], "latency")(old) == 0.004
+
+
+def test_a_mix_ties_within_the_resolution_of_its_latency_share():
     quick = timed("quick", 40_000, 0.0100, 2.00, 1.80, 2.20)  # sqrt(40k * 0.0100) = 20.0
-    small = timed("small", 36_000, 0.0115, 1.74, 1.60, 1.90)  # sqrt(36k * 0.0115) = 20.3: inside the noise
+    small = timed("small", 36_000, 0.0115, 1.74, 1.60, 1.90)  # sqrt(36k * 0.0115) = 20.3: within (1.1)^0.5
     assert select([quick, small], objective="mix").winner == "small"
     assert select([bare(quick), bare(small)], objective="mix").winner == "quick"
     # Size alone is exact: no ties there.

@@ -67,13 +67,14 @@ from typing import Any
 from ..errors import KfoptError
 from ..recipe import Recipe, Step, parse_recipe, plan
 from ..select import (
+    LATENCY_RESOLUTION,
     TOLERANCE,
     Budget,
     absolute_budget,
     objective_metric,
     objective_ratio,
-    objective_value,
     quality,
+    steady_objective,
 )
 from .sensitivity import sensitivity_drop
 
@@ -156,12 +157,19 @@ def _val_measured(record: dict) -> bool:
     return record.get("status") == "ok" and val_drop(record) is not None
 
 
-def best_feasible(records: list[dict], max_accuracy_drop: float, objective: str) -> dict | None:
-    """The best candidate by the objective among those within the budget on the validation split."""
-    feasible = [r for r in records if val_feasible(r, max_accuracy_drop) and objective_value(r, objective) is not None]
+def best_feasible(
+    records: list[dict], max_accuracy_drop: float, objective: str, *, among: list[dict] | None = None
+) -> dict | None:
+    """The best candidate by the objective among those within the budget on the validation split.
+
+    Ranked by :func:`~kfopt.select.steady_objective` over ``among`` (default: ``records``), the value
+    :func:`~kfopt.select.select` ranks by, so the search and the final selection agree.
+    """
+    value = steady_objective(records if among is None else among, objective)
+    feasible = [r for r in records if val_feasible(r, max_accuracy_drop) and value(r) is not None]
     if not feasible:
         return None
-    return min(feasible, key=lambda r: (objective_value(r, objective), val_drop(r), r["recipe"]))
+    return min(feasible, key=lambda r: (value(r), val_drop(r), r["recipe"]))
 
 
 def target_met(records: list[dict], *, max_accuracy_drop: float, objective: str, target: float | None) -> dict | None:
@@ -171,7 +179,8 @@ def target_met(records: list[dict], *, max_accuracy_drop: float, objective: str,
     hits = [
         r for r in records if val_feasible(r, max_accuracy_drop) and (objective_ratio(r, objective)[1] or 0) >= target
     ]
-    return max(hits, key=lambda r: objective_ratio(r, objective)[1], default=None)
+    # Of those, the one the selection would rank first (steady latency, not a raw p50 of its own window).
+    return best_feasible(hits, max_accuracy_drop, objective, among=records)
 
 
 def _drop(record: dict) -> str:
@@ -364,6 +373,10 @@ class _Evidence:
     #: The budget as the user gave it (absolute, or relative to the baseline): what "feasible" means.
     given: Budget | None = None
 
+    def __post_init__(self) -> None:
+        # The steady value select() ranks by, with one latency baseline for all the records.
+        self._value = steady_objective(self.records, self.objective)
+
     def feasible(self, record: dict) -> bool:
         return val_feasible(record, self.given or self.budget)
 
@@ -390,7 +403,8 @@ class _Evidence:
         return any("Conv" in (row.get("type") or "") for row in self.sensitivity)
 
     def objective_value(self, record: dict) -> float | None:
-        return objective_value(record, self.objective)
+        """The steady value :func:`~kfopt.select.select` ranks by (one latency baseline for all the records)."""
+        return self._value(record)
 
     def rank(self, record: dict) -> tuple:
         """Best on the objective first, then the smallest val drop, then by label."""
@@ -917,13 +931,15 @@ def round_gain(records: list[dict], number: int, *, max_accuracy_drop: float | s
         return None
     earlier = [r for r in records if (r.get("round") or 1) < number]
     upto = [r for r in records if (r.get("round") or 1) <= number]
-    before = best_feasible(earlier, max_accuracy_drop, objective)
-    after = best_feasible(upto, max_accuracy_drop, objective)
+    # Both sides on one latency baseline (that of all the records): a gain is the candidates', not the load's.
+    before = best_feasible(earlier, max_accuracy_drop, objective, among=records)
+    after = best_feasible(upto, max_accuracy_drop, objective, among=records)
     if after is None:
         return 0.0
     if before is None:
         return math.inf
-    return objective_value(before, objective) / objective_value(after, objective) - 1
+    value = steady_objective(records, objective)
+    return value(before) / value(after) - 1
 
 
 def check_stop_when_met(stop_when_met: bool, target: float | None) -> None:
@@ -962,8 +978,6 @@ def next_round(
     check_stop_when_met(stop_when_met, target)
     if until_no_gain and number > 2:
         gain = round_gain(records, number - 1, max_accuracy_drop=max_accuracy_drop, objective=objective)
-        from ..evaluate import LATENCY_RESOLUTION
-
         # A latency gain smaller than the latency measurement can resolve is noise, not progress.
         least = MIN_GAIN if objective == "size" else max(MIN_GAIN, LATENCY_RESOLUTION)
         if gain is not None and gain <= least:
