@@ -15,7 +15,7 @@ import html
 import io
 
 from .report import COLUMNS as METRIC_COLUMNS
-from .report import budgeted_metric, columns_for
+from .report import budgeted_metric, columns_for, speedup_cell
 from .result import RunResult
 from .select import OBJECTIVES, objective_metric, pareto_front
 
@@ -445,7 +445,8 @@ def _tr(css: str, row: dict, columns) -> str:
     for key, _, fmt in columns:
         value = row.get(key)
         align = "" if _is_number(value) else " class='text'"
-        cells.append(f"<td{align}>{_e(_text(key, value, fmt))}</td>")
+        text = speedup_cell(row) if key == "speedup" else _text(key, value, fmt)  # with its interval
+        cells.append(f"<td{align}>{_e(text)}</td>")
     return f"<tr class='{_e(css)}'>{''.join(cells)}</tr>"
 
 

@@ -66,12 +66,13 @@ COLUMNS = (
 
 
 def speedup_cell(record) -> str:
-    """``speedup`` with its spread, "2.41x ±0.05" (half the width of its interval), or "-" when not measured."""
+    """``speedup`` with its interval, "2.41x [2.30–2.53]" (the interval is not symmetric: it is of a ratio),
+    or "-" when not measured."""
     speedup = record.get("speedup")
     if speedup is None:
         return "-"
     low, high = record.get("speedup_low"), record.get("speedup_high")
-    spread = f" ±{(high - low) / 2:.2f}" if low is not None and high is not None and high > low else ""
+    spread = f" [{low:.2f}–{high:.2f}]" if low is not None and high is not None and high > low else ""
     return f"{speedup:.2f}x{spread}"
 
 
