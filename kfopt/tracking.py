@@ -52,6 +52,8 @@ METRICS = (
     "latency_p95_ms",
     "throughput_per_s",
     "speedup",
+    "speedup_low",
+    "speedup_high",
 )
 #: kfopt's defaults for MLflow's own HTTP retry settings (each can be overridden in the
 #: environment): a few retries with exponential backoff ride out a restarting server
