@@ -376,8 +376,24 @@ def build_student(teacher, width: float, plan: WidthPlan | None = None):
             f"A width-{width} student of '{teacher.name}' gives outputs of shapes {got}, not the teacher's {want}.",
             "use architecture=dense, or pass a student model file with student=PATH.",
         )
+    _fix_reshape_widths(teacher, student, plan)
     _copy_preprocessing_state(teacher, student)
     return student
+
+
+def _fix_reshape_widths(teacher, student, plan: WidthPlan) -> None:
+    """Give each resized Reshape its channel count as a number, not the ``-1`` it was built with.
+
+    Keras worked the count out from the built input, but a traced graph does not: with the batch size unknown
+    a ``-1`` leaves the channels unknown, and the TFLite converter cannot take a Conv2D on an input of unknown
+    channels (a squeeze-excite block's reshape in front of its 1x1 convs).
+    """
+    resized = {layer.name for layer in all_layers(teacher) if id(layer) in plan.reshapes}
+    for layer in all_layers(student):
+        if layer.name in resized and -1 in layer.target_shape:
+            shape = tuple(layer.output_shape[1:])
+            if all(isinstance(d, int) for d in shape):
+                layer.target_shape = shape
 
 
 def _copy_preprocessing_state(teacher, student) -> None:

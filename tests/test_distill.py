@@ -272,3 +272,23 @@ def test_a_narrow_strided_1x1_conv_trains_through_a_unit_stride_conv_with_the_sa
     xs = x.numpy()[(slice(None), *[slice(None, None, 2)] * rank)].reshape(-1, 8).astype(np.float64)
     np.testing.assert_allclose(gradient.reshape(8, 16), 2 * xs.T @ expected.reshape(-1, 16), rtol=1e-4)
     assert "convolution_op" not in vars(conv)  # the layer is itself again
+
+
+def test_a_student_with_a_squeeze_excite_reshape_converts_to_int8():
+    """The resized Reshape names its channel count: with a -1 the traced graph has unknown channels, and the
+    TFLite converter cannot take the 1x1 convs after it (EfficientNet's squeeze-excite blocks)."""
+    from kfopt.convert import to_tflite
+
+    keras = _tf.keras()
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(32, 3, padding="same", activation="relu")(inputs)
+    gate = layers.Reshape((1, 1, 32))(layers.GlobalAveragePooling2D()(x))
+    gate = layers.Conv2D(32, 1, activation="sigmoid")(layers.Conv2D(8, 1, activation="relu")(gate))
+    x = layers.Multiply()([x, gate])
+    teacher = keras.Model(inputs, layers.Dense(10)(layers.GlobalAveragePooling2D()(x)))
+    student = build_student(teacher, 0.5)
+    (reshape,) = [layer for layer in student.layers if type(layer).__name__ == "Reshape"]
+    assert reshape.target_shape == (1, 1, 16)
+    rng = np.random.default_rng(0)
+    assert to_tflite(student, "int8", lambda: ([rng.random((1, 8, 8, 3), dtype=np.float32)] for _ in range(4)))
