@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from kfopt.components import DEFAULT_IMAGE
 
@@ -31,12 +31,13 @@ def fingerprint(model: str, data: str, status: Output[Artifact]) -> str:
 
     Args:
         model: The model as prepare takes it (a path, a URI, or demo:mlp / demo:cnn).
-        data: The data as prepare takes it (an .npz path or URI, 'py:module:function', or 'digits').
+        data: The data as prepare takes it (an .npz path or URI, 'py:module:function', or 'digits'); a py: loader
+            is never cached unless its module defines kfopt_fingerprint().
         status: How the step went (kfopt.components.status.StepStatus as JSON).
 
     Returns:
         A sha256 hex digest: of the content of local files and folders, of size and modification time of
-        remote objects (see kfopt.components.fingerprint).
+        remote objects, and of the kfopt and plugin versions (see kfopt.components.fingerprint).
     """
     from kfopt.components.status import step_status
 
@@ -245,11 +246,14 @@ def plan_search(
     dataset: Input[Dataset],
     search: Output[Artifact],
     status: Output[Artifact],
-):
-    """Records the search's bounds and measures each layer's sensitivity (validation split).
+    until_no_gain: bool = False,
+    channels_at: int = -1,
+) -> list[str]:
+    """Records the search's bounds, measures each layer's sensitivity (validation split), proposes round-1 channels.
 
     Args:
-        rounds: Refinement rounds after round 1 (fixed when the pipeline was compiled).
+        rounds: Refinement rounds after round 1 (fixed when the pipeline was compiled); with until_no_gain the
+            most rounds.
         max_trials: Most recipes per refinement round.
         max_time: Optimization seconds (summed over candidates) after which no round starts; 0 = no limit.
         target: compression_ratio (objective size) or speedup (latency) to reach; 0 = none.
@@ -260,15 +264,21 @@ def plan_search(
         seed: Seed the data splits were made with.
         baseline: The prepared baseline.
         dataset: The prepared data spec.
-        search: search.json: the bounds and the layer sensitivity rows.
+        search: search.json: the bounds, the layer sensitivity rows and the round-1 channel recipes.
         status: How the step went (kfopt.components.status.StepStatus as JSON).
+        until_no_gain: Refine while a round gains (at most `rounds` rounds), as kfopt search does.
+        channels_at: Loop position of a round-1 channel pruning recipe (built-in search space, objective latency
+            or mix, a Keras conv model); -1: none.
+
+    Returns:
+        Loop items (JSON) of the round-1 channel pruning recipes, or one 'stopped' no-op item.
     """
     from kfopt.components.status import step_status
 
     with step_status("plan-search", status.path):
-        from kfopt.components.steps import plan_search_step
+        from kfopt.components.steps import plan_search_step, round_one_items
 
-        plan_search_step(
+        plan = plan_search_step(
             baseline.path,
             dataset.path,
             search.path,
@@ -281,7 +291,10 @@ def plan_search(
             objective=objective,
             sensitivity=sensitivity,
             seed=seed,
+            until_no_gain=until_no_gain,
+            channels_at=channels_at,
         )
+        return round_one_items(plan)
 
 
 def propose(number: int, results: Input[Artifact], search: Input[Artifact], status: Output[Artifact]) -> list[str]:
@@ -310,12 +323,16 @@ def select(
     baseline: Input[Model],
     results: Output[Artifact],
     metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
     status: Output[Artifact],
     number: int = 1,
     accelerator_candidates: Input[list[Model]] = None,
     cpu_candidates: Input[list[Model]] = None,
     previous: Input[Artifact] = None,
     search: Input[Artifact] = None,
+    channel_candidates: Input[list[Model]] = None,
+    dataset: Input[Dataset] = None,
+    seed: int = 0,
 ) -> str:
     """Picks the best candidate within the accuracy budget and the Pareto front.
 
@@ -325,6 +342,8 @@ def select(
         baseline: The prepared baseline.
         results: metrics.json (baseline, candidates, winner, pareto) plus copies of every model.
         metrics: The winner's metrics, for the KFP UI.
+        confusion: The winner's confusion matrix on the test split (a classifier's, with the data given; the KFP UI
+            shows it); empty otherwise.
         status: How the step went (kfopt.components.status.StepStatus as JSON).
         number: The search round whose candidates these are.
         accelerator_candidates: Candidates of the recipes that fine-tune.
@@ -332,6 +351,9 @@ def select(
             recipes; every recipe when the pipeline has no placement) or of optimize steps.
         previous: The previous round's results (a search round after the first).
         search: The search plan (bounds and layer sensitivity), in a search.
+        channel_candidates: Candidates of the round-1 channel pruning recipes the search plan proposed.
+        dataset: The prepared data spec: given to the last select only, which logs the winner's confusion matrix.
+        seed: Seed the data splits were made with.
 
     Returns:
         The winning recipe's label, or an empty string when no candidate is within the budget.
@@ -339,10 +361,11 @@ def select(
     from kfopt.components.status import step_status
 
     with step_status("select", status.path):
-        from kfopt.components.ops import log_metrics
+        from kfopt.components.ops import log_metrics, write_metadata
         from kfopt.components.steps import select_step
 
-        directories = [c.path for c in list(accelerator_candidates or []) + list(cpu_candidates or [])]
+        found = list(accelerator_candidates or []) + list(cpu_candidates or []) + list(channel_candidates or [])
+        directories = [c.path for c in found]
         result = select_step(
             baseline.path,
             directories,
@@ -357,6 +380,15 @@ def select(
             {"winner": result.winner or "", "pareto": result.pareto, "candidates": len(result.candidates)}
         )
         log_metrics(metrics, result.winning_candidate or {})
+        matrix = None
+        if dataset is not None:
+            from kfopt.components.steps import confusion_step
+
+            matrix = confusion_step(results.path, baseline.path, dataset.path, seed=seed)
+        if matrix is not None:
+            confusion.log_confusion_matrix(matrix.categories, matrix.matrix)
+            confusion.metadata["recipe"] = matrix.recipe
+        write_metadata(confusion)  # the file exists also without a matrix: kfp.local's cache checks it
         return result.winner or ""
 
 
@@ -449,15 +481,20 @@ def log_metrics(metrics, record, prefix: str = "") -> None:
     (the same numbers as JSON) makes the artifact exist on disk, which a
     cache (kfp.local's) checks before it reuses a step's outputs.
     """
-    import json
-    from pathlib import Path
-
     for key, value in record.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "position":
             metrics.log_metric(prefix + key, float(value))
-    path = Path(metrics.path)
+    write_metadata(metrics)
+
+
+def write_metadata(artifact) -> None:
+    """Write a metrics artifact's metadata (KFP keeps it there) as its file too, so the artifact exists on disk."""
+    import json
+    from pathlib import Path
+
+    path = Path(artifact.path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics.metadata, indent=1, sort_keys=True))
+    path.write_text(json.dumps(artifact.metadata, indent=1, sort_keys=True))
 
 
 def describe(candidate, record) -> None:

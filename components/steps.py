@@ -33,6 +33,7 @@ import json
 import shutil
 import tempfile
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from kfopt.errors import KfoptError
@@ -482,14 +483,28 @@ def plan_search_step(
     objective: str = "size",
     sensitivity: float = 0.9,
     seed: int = 0,
+    until_no_gain: bool = False,
+    channels_at: int = -1,
+    registry=None,
     reporter: Reporter | None = None,
 ) -> dict:
-    """Write ``search.json``: the search's bounds (``settings``) and the baseline's ``layer_sensitivity``.
+    """Write ``search.json``: the search's bounds (``settings``), the baseline's ``layer_sensitivity`` and the
+    round-1 channel pruning recipes (``round_one``).
 
     Pipeline parameters use 0 for "none" (``max_time``, ``target``,
-    ``sensitivity``). The propose and select steps of every round read this file.
+    ``sensitivity``). ``until_no_gain``: refine while a round gains, at most
+    ``rounds`` rounds (a pipeline compiled without an explicit number of
+    rounds), as ``kfopt search`` does. Layer sensitivity is measured on a Keras
+    baseline only (a SavedModel without Keras layers has none to prune), in the
+    run's task, metric and output (baseline.json's, through the step's
+    Evaluator). ``channels_at`` >= 0 (the built-in search space): for objective
+    latency or mix on a conv model, channel pruning joins round 1 as ``kfopt
+    search`` adds it (:func:`kfopt.recipe_search.driver.channel_recipes`), its loop
+    items numbered from that position; -1: none. The propose and select steps of
+    every round read this file.
     """
     from kfopt.recipe_search import layer_sensitivity, search_settings
+    from kfopt.recipe_search.driver import channel_recipes
     from kfopt.select import budget_value
 
     reporter = reporter or Reporter(enabled=False)
@@ -501,24 +516,62 @@ def plan_search_step(
         max_accuracy_drop=budget_value(max_accuracy_drop),
         target=target or None,
         stop_when_met=stop_when_met,
+        until_no_gain=until_no_gain,
     )
     if not 0 <= sensitivity < 1:
         raise KfoptError(
             f"sensitivity={sensitivity} is not a sparsity in [0, 1).",
             "pass e.g. 0.9 (each layer alone pruned to 90%), or 0 to skip the sensitivity pass.",
         )
-    rows = []
-    if sensitivity:
+    rows, round_one = [], []
+    if sensitivity or channels_at >= 0:
         baseline, info = load_baseline(baseline_dir)
-        dataset = load_step_data(data_dir, info["input_shape"], seed, baseline=baseline)
-        reporter.say(
-            f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
-            "(validation split)"
-        )
-        rows = layer_sensitivity(baseline.keras(), dataset, sensitivity)
-    plan = {"settings": settings, "layer_sensitivity": rows}
+        if sensitivity and baseline.format == "keras":
+            dataset = load_step_data(data_dir, info["input_shape"], seed, baseline=baseline)
+            with tempfile.TemporaryDirectory(prefix="kfopt-plan-") as tmp:
+                # The run's task, metric and output (baseline.json's), as the in-process search passes its own.
+                evaluator = _evaluator(dataset, baseline, Path(tmp), info)
+                reporter.say(
+                    f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
+                    f"(validation split, {evaluator.metric.name})"
+                )
+                rows = layer_sensitivity(
+                    baseline.keras(),
+                    dataset,
+                    sensitivity,
+                    task=evaluator.task,
+                    metric=evaluator.metric,
+                    output=evaluator.output,
+                )
+        elif sensitivity:
+            reporter.say(f"Layer sensitivity: skipped, the baseline is a {baseline.format} without Keras layers")
+        if channels_at >= 0 and baseline.format == "keras":
+            if registry is None:
+                from kfopt.plugins.manager import registry as build_registry
+
+                registry = build_registry()
+            round_one = [
+                {"position": channels_at + index, "round": 1, "why": proposal.why, "recipe": proposal.recipe}
+                for index, proposal in enumerate(channel_recipes(baseline.keras(), objective, registry))
+            ]
+    plan = {"settings": settings, "layer_sensitivity": rows, "round_one": round_one}
     write_json(writable_dir(search_dir) / SEARCH_FILE, plan)
     return plan
+
+
+def round_one_items(plan: dict) -> list[str]:
+    """The loop items of the round-1 channel recipes a plan step proposed (:func:`plan_search_step`).
+
+    A KFP loop always gets at least one item (an empty ParallelFor breaks the
+    fan-in in kfp.local): without a channel recipe the one item is a round-1
+    ``stopped`` no-op, which :func:`select_step` drops (a round-1 item never stops the search).
+    """
+    items = plan.get("round_one") or []
+    for item in items:
+        print(proposal_line(1, item["recipe"], item["why"]), flush=True)
+    if not items:
+        return [json.dumps({"round": 1, STOPPED: "no round-1 channel pruning (objective, model or search space)"})]
+    return [json.dumps(item) for item in items]
 
 
 def propose_step(results_dir, search_dir, number: int, *, registry=None) -> list[str]:
@@ -550,6 +603,7 @@ def propose_step(results_dir, search_dir, number: int, *, registry=None) -> list
             max_time=bounds["max_time"],
             sensitivity=settings.get("layer_sensitivity"),
             techniques=registry,
+            until_no_gain=bounds.get("until_no_gain", False),
         )
     if stopped:
         print(stopped_line(number, stopped), flush=True)
@@ -580,6 +634,7 @@ def select_step(
     number: int = 1,
     previous_dir=None,
     search_dir=None,
+    registry=None,
 ) -> RunResult:
     """Collect every candidate, pick the winner within the budget, write a self-contained ``results_dir``.
 
@@ -590,8 +645,11 @@ def select_step(
     too) and ``search_dir`` the plan of
     :func:`plan_search_step`; the result then also carries ``search``,
     ``search_trace`` and ``layer_sensitivity``, like ``kfopt search`` writes.
+    ``best_same_architecture`` names the best candidate that keeps the user's
+    architecture, as ``kfopt search`` does (``registry``: the techniques whose
+    defaults tell which student a distill step builds; default the installed ones).
     """
-    from kfopt.recipe_search import ALL_ROUNDS_DONE, search_outcome, trace_entry
+    from kfopt.recipe_search import ALL_ROUNDS_DONE, best_same_architecture, search_outcome, trace_entry
     from kfopt.rundir import resolve_artifact
     from kfopt.select import budget_value, objective_metric, select
 
@@ -618,7 +676,8 @@ def select_step(
             candidate = Candidate.failed(label or f"candidate {index + 1}", reason, **fields)
         candidate.info = None
         if candidate.status == STOPPED:
-            stops.append(candidate.reason)
+            if (candidate.round or 1) > 1:  # a round-1 no-op (no channel recipe) never stops the search
+                stops.append(candidate.reason)
             continue
         if candidate.ok:
             candidate.artifact = str(Path(directory) / Path(candidate.artifact).name)
@@ -653,8 +712,62 @@ def select_step(
         ]
         result.layer_sensitivity = plan.get("layer_sensitivity") or []
     result.apply(select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
+    # As `kfopt search` names it: the best candidate that keeps the user's architecture (the report shows it
+    # beside a winner that is a dense student).
+    if registry is None:  # the techniques' defaults say which student a distill step without one builds
+        from kfopt.plugins.manager import registry as build_registry
+
+        registry = build_registry()
+    result.best_same_architecture = best_same_architecture(
+        candidates, max_accuracy_drop=max_accuracy_drop, objective=objective, techniques=registry
+    )
     result.save(results_dir)
     return result
+
+
+@dataclass
+class ConfusionMatrix:
+    """The winner's confusion matrix on the test split: ``matrix[true][predicted]`` counts, rows and columns
+    in the order of ``categories`` (the class ids as text)."""
+
+    recipe: str
+    categories: list[str]
+    matrix: list[list[int]]
+
+
+def confusion_step(results_dir, baseline_dir, data_dir, *, seed: int = 0) -> ConfusionMatrix | None:
+    """The confusion matrix of a select step's winner on the test split, for KFP's ``ClassificationMetrics``.
+
+    None when there is no winner or the task is not single-label classification
+    (multiclass or binary: a regression or multi-label model has no confusion
+    matrix). The winner runs as the Evaluator runs it (its format, the scored
+    output, the task's predicted class), on the data the prepare step stored.
+    """
+    import numpy as np
+
+    from kfopt.evaluate import runner_for
+    from kfopt.plugins.technique import ModelHandle
+    from kfopt.rundir import resolve_artifact
+
+    result = RunResult.load(results_dir)
+    winner = result.winning_candidate
+    if winner is None or not winner.ok:
+        return None
+    baseline, info = load_baseline(baseline_dir)
+    if (info.get("task") or {}).get("kind") not in ("multiclass", "binary"):
+        return None
+    dataset = load_step_data(data_dir, info["input_shape"], seed, baseline=baseline)
+    with tempfile.TemporaryDirectory(prefix="kfopt-confusion-") as tmp:
+        evaluator = _evaluator(dataset, baseline, Path(tmp), info)
+        handle = ModelHandle(winner.format, path=resolve_artifact(results_dir, winner.artifact), info=baseline.info)
+        runner = runner_for(handle, evaluator.output)
+        x, truth = evaluator.x_test, np.asarray(evaluator.y_test).astype(int).ravel()
+        outputs = np.concatenate([runner(x[i : i + 256]) for i in range(0, len(x), 256)])
+        predicted = np.asarray(evaluator.task.predict(evaluator.task.scores(outputs))).astype(int).ravel()
+    classes = evaluator.task.num_classes or int(max(truth.max(), predicted.max()) + 1)
+    matrix = np.zeros((classes, classes), dtype=int)
+    np.add.at(matrix, (truth, predicted), 1)
+    return ConfusionMatrix(winner.recipe, [str(c) for c in range(classes)], matrix.tolist())
 
 
 def _candidate_folders(directories) -> list[tuple[Path, str | None, int | None]]:
@@ -713,6 +826,9 @@ def markdown_summary(result: RunResult) -> str:
         + ". \u2605 = on the Pareto front.",
         "",
     ]
+    same = record.get("best_same_architecture")
+    if same and same != winner:
+        lines += [f"Best that keeps the model's architecture (no student of another kind): **{_md(same)}**.", ""]
     header = ["model", "format", "status", *(h for _, h, _ in columns)]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     rows = [("baseline", {**record["baseline"], "status": "ok"})]
@@ -844,9 +960,12 @@ __all__ = [
     "evaluate_step",
     "read_candidate",
     "plan_search_step",
+    "round_one_items",
     "propose_step",
     "stopped_step",
     "select_step",
+    "confusion_step",
+    "ConfusionMatrix",
     "report_step",
     "promote_step",
     "load_baseline",

@@ -595,7 +595,14 @@ def _run_parameter_options(command):
     type=click.IntRange(1),
     help="Recipes optimized at once (kfp.local runs at most 2 at a time).",
 )
-@_rounds_option
+@click.option(
+    "--rounds",
+    default=None,
+    type=click.IntRange(0),
+    # The cap is kfopt.pipelines.runners.RUN_ROUNDS (not imported here: it would import kfp).
+    help="Refinement rounds after round 1: each proposes more aggressive recipes from the candidates so far "
+    "(0 = the search space only) [default: refine while a round gains, at most 3 rounds].",
+)
 @_search_bound_options
 @click.option("--unsafe", is_flag=True, help="Allow models with Lambda layers (they run arbitrary code when loaded).")
 @click.option(
@@ -634,8 +641,9 @@ def run(
     """Run the whole pipeline on this machine through kfp.local; with no options, the digits demo.
 
     Trains (or loads) the baseline, tries every recipe of the search in
-    parallel subprocesses, then --rounds refinement rounds that propose more
-    aggressive recipes (deciding on the validation split), picks the best
+    parallel subprocesses, then refinement rounds that propose more
+    aggressive recipes (deciding on the validation split; while a round gains,
+    at most 3, or exactly --rounds), picks the best
     candidate within the accuracy budget on both the validation and the test
     split, writes an HTML
     report and registers the winner in MLflow (a
@@ -646,9 +654,11 @@ def run(
     """
     import time
 
-    from .pipelines.runners import run_local
+    from .pipelines.runners import RUN_ROUNDS, run_local
     from .recipe_search import load_search, search_settings
 
+    # Without --rounds: keep refining while a round gains, as kfopt search does, within the compiled cap.
+    until_no_gain, rounds = rounds is None, RUN_ROUNDS if rounds is None else rounds
     recipes = load_search(search)  # every recipe checked before any work
     search_settings(
         rounds=rounds,
@@ -667,6 +677,7 @@ def run(
 
     if not as_json:
         more = f", then up to {rounds} refinement round{'s' if rounds != 1 else ''} of {max_trials}" if rounds else ""
+        more += " (while a round gains)" if rounds and until_no_gain else ""
         click.echo(
             f"Running {len(recipes)} recipe{'s' if len(recipes) != 1 else ''}{more} on {model} / {data} "
             f"through kfp.local (log: {out}/pipeline.log)",
@@ -694,6 +705,7 @@ def run(
         target=target_compression,
         stop_when_met=stop_when_met,
         sensitivity=sensitivity,
+        until_no_gain=until_no_gain,
         cache=not no_cache,
         progress=progress,
     )

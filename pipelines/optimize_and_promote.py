@@ -29,7 +29,12 @@ round is its own part of the graph): a ``propose`` step reads every candidate
 so far and the layer sensitivity, and a ``ParallelFor`` over its output runs
 the proposed recipes on the accelerator pool (refinements fine-tune: pruning,
 distillation, QAT); that round's ``select`` merges them with the earlier
-rounds' results. The last select's results feed the report and promotion.
+rounds' results. The last select's results feed the report and promotion, and
+it logs the winner's confusion matrix (a classifier's) as ``ClassificationMetrics``.
+With ``until_no_gain`` the rounds stop once one does not gain (the later ones
+are no-op steps), as ``kfopt search`` does. With the built-in search space the
+search plan step also proposes round-1 channel pruning for objective latency or
+mix on a conv model, run in a loop of its own (one no-op item when none).
 
 Every step also writes a ``status`` output (:mod:`kfopt.components.status`),
 so a step's return value is ``task.outputs["Output"]``, not ``task.output``.
@@ -77,6 +82,8 @@ def build_pipeline(
     recipes: "str | list | None" = None,
     *,
     rounds: int = 1,
+    until_no_gain: bool = False,
+    channels: "bool | None" = None,
     image: str = DEFAULT_IMAGE,
     accelerator_image: "str | None" = None,
     placement: "Placement | None" = None,
@@ -94,6 +101,11 @@ def build_pipeline(
         recipes: A search YAML file, a list of recipes (inline strings, mappings or
             :class:`~kfopt.recipe_search.SearchRecipe`), or None for the built-in search.
         rounds: Refinement rounds after round 1 (see the module docstring); 0 = round 1 only.
+        until_no_gain: Refine while a round gains, ``rounds`` being the most (as ``kfopt search`` without
+            ``--rounds``); False: every round runs unless nothing is left to refine.
+        channels: With refinement rounds, let the search plan add channel pruning to round 1 for objective latency
+            or mix on a conv model, as ``kfopt search`` does for its built-in space; None: when ``recipes`` is the
+            built-in search space.
         image: Image every step runs in.
         accelerator_image: Image of the fine-tuning steps (e.g. the GPU variant); default ``image``.
         placement: Node pools; None leaves resources unset (``kfp.local``, where they have no effect).
@@ -123,6 +135,9 @@ def build_pipeline(
             f"retries={min(step_retries, promote_retries)} is negative.", "pass 0 (no retries) or a positive count."
         )
     search = recipes if _planned(recipes) else load_search(recipes, registry)
+    if channels is None:
+        # The built-in space (kfopt run passes it planned): the recipes kfopt search adds channels to.
+        channels = [r.recipe.label for r in search] == [r.recipe.label for r in load_search(None, registry)]
     positions = {id(r): i for i, r in enumerate(search)}
     training, post_training = split_by_pool(search)
     ops = build_components(image)
@@ -196,7 +211,8 @@ def build_pipeline(
         Args:
             model: A .keras/.h5 file, a SavedModel directory, a gs:// or s3:// URI of one, or demo:mlp / demo:cnn.
             data: An .npz file or URI (x_train, y_train, x_test, y_test; optional x_val, y_val),
-                'py:module:function', or 'digits'.
+                'py:module:function' (run anew every time unless its module defines kfopt_fingerprint(), a string
+                that changes when its data does), or 'digits'.
             max_accuracy_drop: Largest drop of the budgeted metric a winner may have: absolute ('0.01', one
                 point of accuracy) or relative to the baseline's value ('1%').
             objective: What the winner minimises within the budget: 'size' (gzip bytes), 'latency' (p50 ms),
@@ -249,6 +265,8 @@ def build_pipeline(
                 seed=seed,
                 baseline=baseline,
                 dataset=dataset,
+                until_no_gain=until_no_gain,
+                channels_at=len(search) if channels else -1,
             )
             place(plan.set_display_name("search plan + layer sensitivity").set_caching_options(True), trains=False)
             search_plan = plan.outputs["search"]
@@ -285,6 +303,8 @@ def build_pipeline(
                 **collected,
                 **({"previous": previous} if previous is not None else {}),
                 **({"search": search_plan} if search_plan is not None else {}),
+                # The last round's select logs the winner's confusion matrix (it needs the data).
+                **({"dataset": dataset, "seed": seed} if number == rounds + 1 else {}),
             )
             place(
                 select.set_display_name(
@@ -332,6 +352,11 @@ def build_pipeline(
                         trains=False,
                     )
                 collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidate"])
+        if search_plan is not None and channels:
+            # Channel pruning joins round 1 when the objective (a run parameter) and the model call for it;
+            # otherwise the plan's one item is a no-op that select drops.
+            candidate = optimize_on_accelerator(plan.outputs["Output"], "round-1-channel-recipes")
+            collected["channel_candidates"] = dsl.Collected(candidate.outputs["candidate"])
         results = select_round(1, None, **collected)
 
         for number in range(2, rounds + 2):

@@ -45,6 +45,11 @@ _PER_RECIPE = re.compile(r"^(optimize|optimize-group|evaluate)(-\d+)?$")
 _K8S_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
+#: `kfopt run` without --rounds: refinement rounds compiled into the pipeline, run while a round gains (KFP has no
+#: loops of unknown length, so the cap is fixed; a stopped round is a no-op step).
+RUN_ROUNDS = 3
+
+
 def run_local(
     recipes=None,
     *,
@@ -68,6 +73,8 @@ def run_local(
     target: float | None = None,
     stop_when_met: bool = False,
     sensitivity: float = 0.9,
+    until_no_gain: bool = False,
+    channels: bool | None = None,
     group_post_training: bool = True,
     cache: bool = True,
     progress=None,
@@ -81,7 +88,10 @@ def run_local(
     results folder), ``log`` and ``seconds``. Also writes
     ``OUT/metrics.json`` and ``OUT/report.html``. ``rounds`` refinement rounds
     follow round 1, bounded by ``max_trials``, ``max_time``, ``target`` and
-    ``stop_when_met`` as in ``kfopt search``. ``max_accuracy_drop`` is absolute
+    ``stop_when_met`` as in ``kfopt search``; with ``until_no_gain`` they stop
+    once a round does not gain, ``rounds`` being the most. ``channels``: round-1
+    channel pruning for latency/mix on a conv model (None: with the built-in
+    search space, see :func:`build_pipeline`). ``max_accuracy_drop`` is absolute
     (0.01) or relative to the baseline's metric ("1%"); ``output`` names the
     output (or its index) the metric is computed on. With ``cache`` a re-run
     into the same ``out`` reuses the steps whose inputs did not change (the
@@ -124,6 +134,8 @@ def run_local(
         pipeline = build_pipeline(
             recipes,
             rounds=rounds,
+            until_no_gain=until_no_gain,
+            channels=channels,
             parallelism=parallelism,
             group_post_training=group_post_training,
             promote_retries=0,
@@ -162,7 +174,7 @@ def run_local(
                 max_time=max_time or 0.0,
                 target=target or 0.0,
                 stop_when_met=stop_when_met,
-                sensitivity=sensitivity,
+                sensitivity=float(sensitivity),
             )
         seconds = round(time.perf_counter() - started, 1)
         run_dir = _new_run_dir(root, before)

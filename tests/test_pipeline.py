@@ -16,7 +16,7 @@ from kfopt.components.status import STATUS_OUTPUT, StepStatus, read_statuses, st
 from kfopt.errors import KfoptError
 from kfopt.pipelines.optimize_and_promote import compile_pipeline
 from kfopt.pipelines.placement import Placement, load_placement
-from kfopt.recipe_search import load_search, split_by_pool
+from kfopt.recipe_search import load_search, search_settings, split_by_pool
 from kfopt.result import Baseline, RunResult
 
 SEARCH = [
@@ -106,10 +106,10 @@ def test_compiled_pipeline_retries_promotion_and_caches_the_deterministic_steps(
         assert "retryPolicy" not in tasks[name]
     assert tasks["prepare"]["taskInfo"]["name"] == "prepare baseline"
     assert tasks["promote"]["taskInfo"]["name"] == "register and promote (MLflow)"
-    # select fans in both loops; models travel as artifacts, never parameters.
+    # select fans in both loops; models travel as artifacts, never parameters (the data: the winner's confusion matrix).
     select_inputs = tasks["select"]["inputs"]
-    assert set(select_inputs["artifacts"]) == {"baseline", "accelerator_candidates", "cpu_candidates"}
-    assert set(select_inputs["parameters"]) == {"max_accuracy_drop", "objective", "number"}
+    assert set(select_inputs["artifacts"]) == {"baseline", "accelerator_candidates", "cpu_candidates", "dataset"}
+    assert set(select_inputs["parameters"]) == {"max_accuracy_drop", "objective", "number", "seed"}
     assert set(pipeline["root"]["inputDefinitions"]["parameters"]) == {
         "model",
         "data",
@@ -291,7 +291,8 @@ def test_without_an_accelerator_pool_everything_runs_on_cpu(tmp_path):
 def test_a_search_of_post_training_recipes_only_has_one_loop(tmp_path):
     pipeline, k8s = compiled(tmp_path, recipes=["quantize(mode=int8)"], placement=load_placement("gke"))
     assert list(loops(pipeline)) == ["post-training-recipes"]
-    assert set(pipeline["root"]["dag"]["tasks"]["select"]["inputs"]["artifacts"]) == {"baseline", "cpu_candidates"}
+    select = set(pipeline["root"]["dag"]["tasks"]["select"]["inputs"]["artifacts"])
+    assert select == {"baseline", "cpu_candidates", "dataset"}
     assert k8s == {}
 
 
@@ -708,4 +709,123 @@ def test_without_placement_one_loop_runs_fine_tuning_recipes_alone_and_the_cheap
     assert items == [[SEARCH[1]], [SEARCH[3]], [SEARCH[0], SEARCH[2]]]
     assert list(loop["dag"]["tasks"]) == ["optimize-group"] and task["iteratorPolicy"]["parallelismLimit"] == 3
     select = pipeline["root"]["dag"]["tasks"]["select"]["inputs"]["artifacts"]
-    assert set(select) == {"baseline", "cpu_candidates"}
+    assert set(select) == {"baseline", "cpu_candidates", "dataset"}
+
+
+def test_propose_stops_when_the_last_round_did_not_gain_and_until_no_gain(tmp_path):
+    baseline = tmp_path / "baseline"
+    baseline.mkdir()
+    (baseline / steps.BASELINE_MODEL).write_bytes(b"keras")
+    (baseline / steps.BASELINE_FILE).write_text(
+        json.dumps(
+            {"model": "demo:mlp", "data": "digits", "seed": 0, "input_shape": [64], "metrics": {"accuracy": 0.97}}
+        )
+    )
+    prune = [
+        {"technique": "prune", "config": {"method": "magnitude", "target_sparsity": 0.5, "epochs": 1}},
+        {"technique": "quantize", "config": {"mode": "int8"}},
+    ]
+    for until_no_gain in (False, True):
+        root = tmp_path / str(until_no_gain)
+        plan = root / "plan"
+        plan.mkdir(parents=True)
+        settings = search_settings(
+            rounds=3,
+            max_trials=1,
+            max_time=None,
+            objective="size",
+            max_accuracy_drop=0.01,
+            target=None,
+            stop_when_met=False,
+            until_no_gain=until_no_gain,
+        )
+        (plan / steps.SEARCH_FILE).write_text(json.dumps({"settings": settings, "layer_sensitivity": []}))
+        first = [_candidate(root / "c1", "prune-0.5", prune, 0.0, 20000, position=0)]
+        steps.select_step(baseline, first, root / "r1", max_accuracy_drop=0.01, number=1, search_dir=plan)
+        # Round 2 gained nothing (its one candidate is no smaller): round 3 is not worth running.
+        same = _candidate(root / "c2", "prune-0.6", prune, 0.0, 20000, position=0, round=2, why="bisect")
+        steps.select_step(
+            baseline,
+            [same],
+            root / "r2",
+            max_accuracy_drop=0.01,
+            number=2,
+            previous_dir=root / "r1",
+            search_dir=plan,
+        )
+        items = [json.loads(i) for i in steps.propose_step(root / "r2", plan, 3)]
+        if until_no_gain:
+            (stop,) = items
+            assert stop["round"] == 3 and "round 2 improved the best candidate" in stop[steps.STOPPED]
+        else:
+            assert items and steps.STOPPED not in items[0] and items[0]["round"] == 3
+
+
+def test_the_built_in_search_adds_round_one_channel_pruning_to_the_compiled_plan(tmp_path):
+    built_in = yaml.safe_load(Path(compile_pipeline(tmp_path / "b.yaml", None, rounds=1)).read_text())
+    tasks = built_in["root"]["dag"]["tasks"]
+    assert tasks["plan-search"]["inputs"]["parameters"]["channels_at"]["runtimeValue"]["constant"] >= 0
+    loops = [name for name, task in tasks.items() if "parameterIterator" in task]
+    # A loop runs over the plan step's round-1 items (channel recipes, or one no-op).
+    assert any('"producerTask": "plan-search"' in json.dumps(tasks[name]) for name in loops), loops
+    assert tasks["select"]["inputs"]["artifacts"]["channel_candidates"]
+    custom = yaml.safe_load(Path(compile_pipeline(tmp_path / "c.yaml", ["quantize(mode=int8)"], rounds=1)).read_text())
+    tasks = custom["root"]["dag"]["tasks"]
+    assert tasks["plan-search"]["inputs"]["parameters"]["channels_at"]["runtimeValue"]["constant"] == -1
+    assert "channel_candidates" not in tasks["select"]["inputs"].get("artifacts", {})
+
+
+@pytest.mark.slow
+def test_kfp_local_run_adds_round_one_channel_pruning_for_latency_on_a_conv_model(tmp_path):
+    from kfopt.pipelines.runners import run_local
+
+    result = run_local(
+        ["quantize(mode=dynamic)"],
+        model="demo:cnn",
+        out=tmp_path / "run",
+        epochs=2,
+        objective="latency",
+        max_accuracy_drop=0.5,
+        rounds=1,
+        max_trials=1,
+        max_time=1.0,  # round 1 only: the refinement round would fine-tune the channel candidate again
+        until_no_gain=True,
+        channels=True,
+        sensitivity=0,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    round_one = [c for c in result["candidates"] if c["round"] == 1]
+    assert [c["recipe"] for c in round_one][0] == "quantize(mode=dynamic)"
+    channel = [c for c in round_one if "method=channels" in c["recipe"]]
+    assert len(channel) == 1 and "channel pruning for latency" in channel[0]["why"], result["candidates"]
+    assert result["search"]["until_no_gain"] is True
+    assert result["best_same_architecture"] is not None
+
+
+def test_the_last_select_declares_the_winners_confusion_matrix(tmp_path):
+    pipeline = yaml.safe_load(
+        Path(compile_pipeline(tmp_path / "p.yaml", ["quantize(mode=int8)"], rounds=1)).read_text()
+    )
+    components = pipeline["components"]
+    tasks = pipeline["root"]["dag"]["tasks"]
+    select = components[tasks["select-2"]["componentRef"]["name"]]
+    confusion = select["outputDefinitions"]["artifacts"]["confusion"]["artifactType"]
+    assert confusion["schemaTitle"] == "system.ClassificationMetrics"
+    # The last round's select gets the data to run the winner on; the earlier rounds' do not.
+    assert tasks["select-2"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]["producerTask"] == "prepare"
+    assert "dataset" not in tasks["select"]["inputs"]["artifacts"]
+
+
+@pytest.mark.slow
+def test_the_winners_confusion_matrix_counts_every_test_sample(prepared, tmp_path):
+    root, baseline = prepared
+    steps.optimize_group_step(
+        [{"position": 0, "recipe": "quantize(mode=dynamic)"}], root / "baseline", root / "data", tmp_path / "group"
+    )
+    result = steps.select_step(root / "baseline", [tmp_path / "group"], tmp_path / "results", max_accuracy_drop=0.2)
+    assert result.winner == "quantize(mode=dynamic)"
+    matrix = steps.confusion_step(tmp_path / "results", root / "baseline", root / "data")
+    assert matrix.recipe == result.winner and matrix.categories == [str(c) for c in range(10)]
+    assert sum(map(sum, matrix.matrix)) == baseline["splits"]["test"]
+    correct = sum(matrix.matrix[c][c] for c in range(10))
+    assert correct / baseline["splits"]["test"] == pytest.approx(result.winning_candidate.accuracy)

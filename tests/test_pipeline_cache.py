@@ -168,3 +168,11 @@ def test_cli_run_and_submit_take_no_cache():
     for command in ("run", "submit"):
         result = runner.invoke(main, [command, "--help"])
         assert result.exit_code == 0 and "--no-cache" in result.output, command
+
+
+def test_cli_run_keeps_refining_by_default_and_says_so():
+    from kfopt.cli import main
+    from kfopt.pipelines.runners import RUN_ROUNDS
+
+    text = " ".join(CliRunner().invoke(main, ["run", "--help"]).output.split())
+    assert f"[default: refine while a round gains, at most {RUN_ROUNDS} rounds]" in text

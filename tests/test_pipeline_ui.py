@@ -136,6 +136,12 @@ def test_markdown_summary_lists_every_candidate_and_marks_the_winner():
     assert table[2].startswith("| **quantize(mode=int8)** \u2605 | tflite | ok | 0.9650")
     assert "29.3" in table[2] and "4.00x" in table[2]
     assert "distill\\|odd" in table[3] and "bad \\| file" in table[3]  # pipes escaped: the row keeps its columns
+    assert "keeps the model's architecture" not in text  # the winner keeps it: nothing more to say
+
+    # A dense student won: the summary names the best candidate that keeps the architecture, as kfopt search does.
+    result.winner, result.best_same_architecture = "distill(architecture=dense)", "quantize(mode=int8)"
+    same = [line for line in steps.markdown_summary(result).splitlines() if "keeps the model's architecture" in line]
+    assert same == ["Best that keeps the model's architecture (no student of another kind): **quantize(mode=int8)**."]
 
 
 @pytest.mark.slow
