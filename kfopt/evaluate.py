@@ -28,6 +28,7 @@ from .data import Data
 from .flops import model_flops
 from .plugins.technique import ModelHandle
 from .select import LATENCY_RESOLUTION  # the finest difference a speedup claims; defined where choices use it
+from .serving_loader import from_output, to_input  # one conversion: what serves is what was measured
 from .sparsity import weight_sparsity
 
 #: Batch-1 invocations timed for latency (after WARMUP untimed ones): at least this many of each model.
@@ -177,14 +178,14 @@ class TFLiteRunner(Runner):
             self.output_details = self.interpreter.get_output_details()
             self._batch = len(arrays[0])
         for detail, array in zip(self.input_details, arrays):
-            self.interpreter.set_tensor(detail["index"], _to_input(np.asarray(array), detail))
+            self.interpreter.set_tensor(detail["index"], to_input(array, detail))
 
     def _run(self, x) -> list[np.ndarray]:
         self._feed(x)
         # A fused LSTM keeps its state in variable tensors between calls: every batch starts from zeros.
         self.interpreter.reset_all_variables()
         self.interpreter.invoke()
-        return [_from_output(self.interpreter.get_tensor(d["index"]), d) for d in self.output_details]
+        return [from_output(self.interpreter.get_tensor(d["index"]), d) for d in self.output_details]
 
     def outputs(self, x):
         if self.fixed_batch is None or len(x) == self.fixed_batch:
@@ -201,23 +202,6 @@ class TFLiteRunner(Runner):
 
     def input_shape(self):
         return tuple(int(d) for d in self.input_details[0]["shape"][1:])
-
-
-def _to_input(array: np.ndarray, detail: dict) -> np.ndarray:
-    """``array`` as the interpreter's input ``detail`` takes it: quantized for an int8 input fed floats."""
-    dtype = detail["dtype"]
-    scale, zero = detail["quantization"]
-    if dtype in (np.int8, np.uint8, np.int16) and scale:  # full-integer model: quantize as a device would
-        limits = np.iinfo(dtype)
-        return np.clip(np.round(array.astype(np.float32) / scale + zero), limits.min, limits.max).astype(dtype)
-    return array.astype(dtype, copy=False)  # integer ids stay integers, floats float
-
-
-def _from_output(out: np.ndarray, detail: dict) -> np.ndarray:
-    scale, zero = detail["quantization"]
-    if out.dtype in (np.int8, np.uint8, np.int16) and scale:
-        return (out.astype(np.float32) - zero) * scale
-    return out.astype(np.float32)
 
 
 class SavedModelRunner(Runner):
