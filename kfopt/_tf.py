@@ -17,11 +17,6 @@ def _prepare_environment() -> None:
     # only has to be set before tfmot and the subprocesses kfopt starts (kfp.local steps) import it.
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # TensorFlow's oneDNN CPU kernels kill the process (segfault, "double free or corruption") when
-    # training some narrow convolutions (8-12 channels, strided 1x1 projections), the widths channel
-    # pruning and distillation make (uxlfoundation/oneDNN#6035). Off unless the user turned them on;
-    # TFLite timings do not use them. Like TF_USE_LEGACY_KERAS it only binds before TensorFlow loads.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def tf():
