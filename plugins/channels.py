@@ -49,7 +49,8 @@ import numpy as np
 from kfopt import _tf
 from kfopt.errors import KfoptError
 
-from .layers import has_layer_graph
+from .layers import WidthGroups, has_layer_graph
+from .student import KEEP_WIDTH
 
 #: Layers that set the width of their output: the config key, and the kernel axis of their inputs (None: none).
 PRODUCERS = {
@@ -60,44 +61,21 @@ PRODUCERS = {
     "Embedding": ("output_dim", None),
 }
 #: Layers without weights that act on each channel on its own: removing a channel before them removes it after.
-ELEMENTWISE = frozenset(
-    {
-        "ReLU",
-        "LeakyReLU",
-        "ELU",
-        "ThresholdedReLU",
-        "Dropout",
-        "SpatialDropout1D",
-        "SpatialDropout2D",
-        "SpatialDropout3D",
-        "GaussianDropout",
-        "GaussianNoise",
-        "AlphaDropout",
-        "ActivityRegularization",
-        "MaxPooling1D",
-        "MaxPooling2D",
-        "MaxPooling3D",
-        "AveragePooling1D",
-        "AveragePooling2D",
-        "AveragePooling3D",
-        "GlobalAveragePooling1D",
-        "GlobalAveragePooling2D",
-        "GlobalAveragePooling3D",
-        "GlobalMaxPooling1D",
-        "GlobalMaxPooling2D",
-        "GlobalMaxPooling3D",
-        "ZeroPadding1D",
-        "ZeroPadding2D",
-        "ZeroPadding3D",
-        "Cropping1D",
-        "Cropping2D",
-        "Cropping3D",
-        "UpSampling1D",
-        "UpSampling2D",
-        "UpSampling3D",
-        "RepeatVector",
-    }
-)
+#: The layers a student's width passes through, less those with per-channel weights (handled on their own),
+#: those that mix channels (normalizing over them, a softmax, a mask) and those that change the layout.
+ELEMENTWISE = KEEP_WIDTH - {
+    "BatchNormalization",
+    "SyncBatchNormalization",
+    "PReLU",
+    "DepthwiseConv1D",
+    "DepthwiseConv2D",
+    "LayerNormalization",
+    "UnitNormalization",
+    "Softmax",
+    "Activation",
+    "Masking",
+    "Flatten",
+}
 #: Activations that mix channels (a softmax over the channel axis): the others act on each value alone.
 MIXING_ACTIVATIONS = frozenset({"softmax", "log_softmax"})
 #: Layers joining same-shaped tensors value by value: their operands share one channel set.
@@ -117,37 +95,17 @@ class Flat:
     inner: tuple
 
 
-class _Groups:
-    """Union-find over channel groups, remembering each group's width and why it must keep all its channels."""
+class _Groups(WidthGroups):
+    """Channel groups that also remember each group's width (its number of channels)."""
 
     def __init__(self):
-        self.parent: dict = {}
+        super().__init__()
         self.size: dict = {}
-        self.fixed: dict = {}
 
     def new(self, key, size: int):
         self.parent.setdefault(key, key)
         self.size.setdefault(key, size)
         return key
-
-    def find(self, key):
-        while self.parent[key] != key:
-            self.parent[key] = self.parent[self.parent[key]]
-            key = self.parent[key]
-        return key
-
-    def union(self, a, b) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-            if rb in self.fixed:
-                self.fixed.setdefault(ra, self.fixed.pop(rb))
-
-    def fix(self, key, why: str) -> None:
-        self.fixed.setdefault(self.find(key), why)
-
-    def why_fixed(self, key) -> str | None:
-        return self.fixed.get(self.find(key))
 
 
 def _segments(layout) -> tuple:

@@ -74,3 +74,38 @@ def with_note(info: dict, line: str | None) -> list[str]:
     """The notes of ``info`` (earlier steps' lines) followed by ``line``: what ``info["notes"]`` becomes."""
     notes = list(info.get("notes") or [])
     return [*notes, line] if line else notes
+
+
+class WidthGroups:
+    """Union-find over the tensors of a layer graph that must keep one width (or one channel set).
+
+    Layers that join tensors value by value (Add, Multiply, ...) tie their operands together;
+    a group that reaches something which cannot change (the model's input or output, a layer
+    kfopt cannot follow) is fixed, with the first reason given. Width-scaled students and
+    channel pruning both plan on it.
+    """
+
+    def __init__(self):
+        self.parent: dict = {}
+        self.fixed: dict = {}  # root -> why this group keeps its width
+
+    def find(self, key):
+        self.parent.setdefault(key, key)
+        while self.parent[key] != key:
+            self.parent[key] = self.parent[self.parent[key]]
+            key = self.parent[key]
+        return key
+
+    def union(self, a, b) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        self.parent[rb] = ra
+        if rb in self.fixed:
+            self.fixed.setdefault(ra, self.fixed.pop(rb))
+
+    def fix(self, key, why: str) -> None:
+        self.fixed.setdefault(self.find(key), why)
+
+    def why_fixed(self, key) -> str | None:
+        return self.fixed.get(self.find(key))

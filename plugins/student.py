@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from kfopt import _tf
 from kfopt.errors import KfoptError
 
-from .layers import all_layers, has_layer_graph
+from .layers import WidthGroups, all_layers, has_layer_graph
 
 #: Layer config keys that set the width of a layer's output (Dense/RNN, Conv, Embedding).
 WIDTH_KEYS = ("units", "filters", "output_dim")
@@ -94,35 +94,6 @@ INPUT, OUTPUT = "the model's input", "the model's output"
 PER_CHANNEL_CONSTANTS = {"Rescaling": ("scale", "offset"), "Normalization": ("mean", "variance")}
 
 
-class _Groups:
-    """Union-find over width groups, remembering why a group must keep its width."""
-
-    def __init__(self):
-        self.parent: dict = {}
-        self.fixed: dict = {}  # root -> why this group keeps its width
-
-    def find(self, key):
-        self.parent.setdefault(key, key)
-        while self.parent[key] != key:
-            self.parent[key] = self.parent[self.parent[key]]
-            key = self.parent[key]
-        return key
-
-    def union(self, a, b) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        self.parent[rb] = ra
-        if rb in self.fixed:
-            self.fixed.setdefault(ra, self.fixed.pop(rb))
-
-    def fix(self, key, why: str) -> None:
-        self.fixed.setdefault(self.find(key), why)
-
-    def why_fixed(self, key) -> str | None:
-        return self.fixed.get(self.find(key))
-
-
 @dataclass
 class WidthPlan:
     """Which layers a width-``W`` student resizes, and which keep the teacher's width and why."""
@@ -173,7 +144,7 @@ def plan_widths(model) -> WidthPlan:
             "pass the teacher as a functional or Sequential model built on keras.Input, or a student model file "
             "with student=PATH.",
         )
-    groups = _Groups()
+    groups = WidthGroups()
     width_layers: dict[int, tuple] = {}  # layer id -> (layer, group key of its output)
     reshapes: dict[int, tuple] = {}
     attention: set[int] = set()
