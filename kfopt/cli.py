@@ -511,7 +511,8 @@ def _search_bound_options(command):
 
 
 def _cluster_options(command):
-    """--image, --accelerator-image, --placement, --parallelism, --mlflow-secret: how the pipeline is compiled for a cluster."""
+    """--image, --accelerator-image, --placement, --parallelism, --mlflow-secret, --step-retries: how the pipeline is
+    compiled for a cluster."""
     from .components import DEFAULT_IMAGE
 
     for option in reversed(
@@ -540,6 +541,13 @@ def _cluster_options(command):
                 default=None,
                 help="Kubernetes Secret, in the namespace the steps run in, with the MLflow login of the steps that "
                 "talk to MLflow: its keys username and password become MLFLOW_TRACKING_USERNAME/PASSWORD.",
+            ),
+            click.option(
+                "--step-retries",
+                default=None,
+                type=click.IntRange(0, 10),
+                help="Retries (with backoff) of every optimize and evaluate step, for preemptible GPU/TPU nodes "
+                "[default: 2].",
             ),
         ]
     ):
@@ -961,7 +969,9 @@ def search_(
 @_rounds_option
 @_cluster_options
 @_handle_errors
-def compile_(output, search, rounds, image, accelerator_image, placement, parallelism, mlflow_secret) -> None:
+def compile_(
+    output, search, rounds, image, accelerator_image, placement, parallelism, mlflow_secret, step_retries
+) -> None:
     """Compile the optimize-and-promote pipeline for a Kubeflow cluster.
 
     The round-1 recipes and the number of refinement rounds are fixed in the
@@ -981,6 +991,7 @@ def compile_(output, search, rounds, image, accelerator_image, placement, parall
         placement=placement,
         parallelism=parallelism,
         mlflow_secret=mlflow_secret,
+        step_retries=step_retries,
     )
     click.echo(summary["description"])
 
@@ -1041,6 +1052,7 @@ def submit(
     placement,
     parallelism,
     mlflow_secret,
+    step_retries,
     no_cache,
 ) -> None:
     """Compile the pipeline, upload it to Kubeflow Pipelines and start a run; print the run's URL."""
@@ -1069,6 +1081,7 @@ def submit(
             placement=placement,
             parallelism=parallelism,
             mlflow_secret=mlflow_secret,
+            step_retries=step_retries,
         )
         click.echo(summary["description"], err=True)
         arguments = {

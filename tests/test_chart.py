@@ -541,6 +541,7 @@ def test_the_registration_hook_compiles_with_the_configmap_and_publishes_with_th
                 "acceleratorImage": "r/kfopt:gpu",
                 "parallelism": 4,
                 "rounds": 2,
+                "stepRetries": 5,
                 "search": ["quantize(mode=int8)"],
             },
             "kfp": {"namespace": "team-a", "host": "https://kubeflow.example.com/pipeline"},
@@ -561,6 +562,7 @@ def test_the_registration_hook_compiles_with_the_configmap_and_publishes_with_th
         "--search": "/etc/kfopt/search.yaml",
         "--parallelism": "4",
         "--rounds": "2",
+        "--step-retries": "5",
     }
     assert yaml.safe_load(rendered.one("ConfigMap", f"{FULLNAME}-config")["data"]["search.yaml"]) == [
         "quantize(mode=int8)"

@@ -229,3 +229,11 @@ def test_the_winner_line_names_the_best_candidate_that_keeps_the_architecture(ca
     assert "Winner (latency: lowest latency_p50_ms within an accuracy drop of 0.01" in out
     assert f"Best that keeps your architecture (no student of another kind): {channels}:" in out
     assert "9.0x smaller, 2.29x faster" in out
+
+
+def test_compile_sets_the_retries_of_optimize_and_evaluate_steps(tmp_path):
+    code, out, _ = run("compile", "--output", str(tmp_path / "p.yaml"), "--step-retries", "4")
+    assert code == 0, out
+    compiled = (tmp_path / "p.yaml").read_text()
+    assert "maxRetryCount: 4" in compiled and "maxRetryCount: 2" not in compiled
+    assert "retried up to 4 times" in out

@@ -306,6 +306,8 @@ tolerations:
 - {{ int .Values.pipeline.parallelism | quote }}
 - --rounds
 - {{ int .Values.pipeline.rounds | quote }}
+- --step-retries
+- {{ int .Values.pipeline.stepRetries | quote }}
 {{- with .Values.pipeline.mlflowSecret }}
 - --mlflow-secret
 - {{ . | quote }}
