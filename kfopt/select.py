@@ -182,6 +182,12 @@ def _rank(candidate) -> float:
     return q.value
 
 
+def _val_drop(candidate) -> float:
+    """The validation drop of the budgeted metric, for choosing (infinity when not measured)."""
+    drop = quality(candidate).val_drop
+    return math.inf if drop is None else drop
+
+
 def _describe_drop(q: Quality, drop: float | None, relative: float | None, budget: Budget) -> str:
     if budget.relative:
         shown = f"{relative * 100:.2f}% of the baseline" if relative is not None else f"{drop or 0:.4f} (baseline 0)"
@@ -350,13 +356,18 @@ def _steady_latency(record: dict, baselines: dict[str, float]) -> float | None:
     return record.get("latency_p50_ms")
 
 
+#: The widest tie band: a candidate timed so noisily that its interval is wider than this ties no more
+#: than this (otherwise a noisy measurement would tie with, and win against, a clearly faster candidate).
+MAX_TIE_WIDTH = 2 * LATENCY_RESOLUTION
+
+
 def latency_half_width(record: dict) -> float | None:
-    """The relative half width of the candidate's speedup interval (at least ``LATENCY_RESOLUTION``), or None
-    for a record without a spread (measured before spreads were)."""
+    """The relative half width of the candidate's speedup interval (at least ``LATENCY_RESOLUTION``, at most
+    ``MAX_TIE_WIDTH``), or None for a record without a spread (measured before spreads were)."""
     speedup, low, high = record.get("speedup"), record.get("speedup_low"), record.get("speedup_high")
     if not (speedup and low and high and 0 < low <= speedup <= high):
         return None
-    return max(LATENCY_RESOLUTION, high / speedup - 1, speedup / low - 1)
+    return min(MAX_TIE_WIDTH, max(LATENCY_RESOLUTION, high / speedup - 1, speedup / low - 1))
 
 
 def within_noise(record: dict, best: dict, objective: str, value: Callable[[dict], float | None]) -> bool:
@@ -501,8 +512,12 @@ def select(
         tied = [c for c in eligible if c is not best and within_noise(c, best, objective, value)]
         if tied:
             tied.append(best)
-            # Noise cannot tell them apart on the objective: what can be told apart decides.
-            best = min(tied, key=lambda c: (-_rank(c), c.get("gzip_bytes") or math.inf, value(c), c["recipe"]))
+            # Noise cannot tell them apart on the objective: what can be told apart decides, the validation
+            # split first (the test split is for the budget check, not for choosing), then the size.
+            best = min(
+                tied,
+                key=lambda c: (_val_drop(c), -_rank(c), c.get("gzip_bytes") or math.inf, value(c), c["recipe"]),
+            )
             selection.ties = sorted(c["recipe"] for c in tied)
         selection.winner = best["recipe"]
     selection.pareto = pareto_front(candidates, objective)

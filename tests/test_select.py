@@ -306,3 +306,19 @@ def test_the_evaluator_gives_the_validation_resolution_of_counted_metrics_only(t
     evaluator = Evaluator(data, handle, tmp_path, latency_runs=2)
     assert evaluator.val_resolution == pytest.approx(1 / len(data.validation.y))
     assert Evaluator(data, handle, tmp_path, latency_runs=2, metric="macro_f1").val_resolution is None
+
+
+def test_a_noisy_measurement_ties_no_wider_than_twice_the_resolution():
+    """A candidate timed under load (1.2x, interval 0.6-2.4) must not tie with, and beat, a 2x one."""
+    fast = timed("fast", 30_000, 0.0100, 2.0, 2.0 / 1.05, 2.0 * 1.05, drop=0.002)
+    noisy = timed("noisy", 30_000, 0.0167, 1.2, 0.6, 2.4, drop=0.0)
+    selection = select([fast, noisy], objective="latency")
+    assert selection.winner == "fast"
+    assert not selection.ties
+
+
+def test_a_latency_tie_is_broken_on_the_validation_split_not_on_test():
+    """Choosing on test is what the validation split is there to avoid: within a tie, validation decides."""
+    better_on_val = {**timed("val-better", 30_000, 0.0100, 2.0, 1.9, 2.1, drop=0.004), "val_accuracy_drop": 0.0}
+    better_on_test = {**timed("test-better", 30_000, 0.0101, 1.98, 1.88, 2.08, drop=0.0), "val_accuracy_drop": 0.006}
+    assert select([better_on_val, better_on_test], objective="latency").winner == "val-better"
