@@ -468,7 +468,11 @@ def _shown(budget: Budget) -> str:
 
 
 def select(
-    candidates: Iterable[dict], *, max_accuracy_drop: float | str | Budget = 0.01, objective: str = "size"
+    candidates: Iterable[dict],
+    *,
+    max_accuracy_drop: float | str | Budget = 0.01,
+    objective: str = "size",
+    among: Callable[[dict], bool] | None = None,
 ) -> Selection:
     """Pick the candidate with the best objective metric among those within the budget.
 
@@ -486,7 +490,9 @@ def select(
     among those, the smaller metric drop wins, then the smaller ``gzip_bytes``,
     then the steady value and the label. Failed and skipped
     candidates are never eligible; if nothing is eligible the winner is None
-    and ``reasons`` says why for each candidate.
+    and ``reasons`` says why for each candidate. ``among`` limits the winner to
+    the candidates it accepts (e.g. those keeping the architecture) while every
+    candidate still sets the per-format latency baselines.
     """
     metric = objective_metric(objective)
     budget = Budget.parse(max_accuracy_drop)
@@ -503,7 +509,7 @@ def select(
         reason = why_not_eligible(candidate, max_accuracy_drop=budget, objective=objective)
         if reason:
             selection.reasons[candidate["recipe"]] = reason
-        else:
+        elif among is None or among(candidate):
             eligible.append(candidate)
     selection.within_budget = [c["recipe"] for c in eligible]
     if eligible:

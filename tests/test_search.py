@@ -527,6 +527,7 @@ def test_latency_on_a_conv_model_proposes_channel_pruning_and_bisects_it(techniq
 def test_round_one_gets_channel_pruning_only_for_a_conv_model_and_latency(techniques):
     from kfopt._tf import keras
     from kfopt.recipe_search.driver import best_same_architecture, channel_recipes, keeps_architecture
+    from kfopt.select import select
 
     k = keras()
     conv = k.Sequential([k.Input((8, 8, 1)), k.layers.Conv2D(4, 3), k.layers.Flatten(), k.layers.Dense(10)])
@@ -550,6 +551,11 @@ def test_round_one_gets_channel_pruning_only_for_a_conv_model_and_latency(techni
     assert not keeps_architecture(candidates[0], techniques) and keeps_architecture(candidates[1], techniques)
     assert best_same_architecture(candidates, max_accuracy_drop=BUDGET, objective="latency", techniques=techniques) == (
         "prune(method=channels,target_sparsity=0.5)>quantize(mode=int8)"
+    )
+    # When the winner itself keeps the architecture, it is the one named (never a second model beside it).
+    kept = candidates[1:]
+    assert best_same_architecture(kept, max_accuracy_drop=BUDGET, objective="latency", techniques=techniques) == (
+        select(kept, max_accuracy_drop=BUDGET, objective="latency").winner
     )
 
 

@@ -182,10 +182,16 @@ def keeps_architecture(record, techniques=None) -> bool:
 def best_same_architecture(candidates: list[Candidate], *, max_accuracy_drop, objective: str, techniques=None):
     """The recipe :func:`~kfopt.select.select` picks among the candidates that keep the user's architecture
     (:func:`keeps_architecture`), or None: what the report shows beside an overall winner that is a dense student."""
-    same = [c for c in candidates if keeps_architecture(c, techniques)]
-    if not same:
-        return None
-    return select(same, max_accuracy_drop=max_accuracy_drop, objective=objective).winner
+
+    def keeps(candidate) -> bool:
+        return keeps_architecture(candidate, techniques)
+
+    overall = select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective)
+    winner = next((c for c in candidates if c["recipe"] == overall.winner), None)
+    if winner is not None and keeps(winner):
+        return winner["recipe"]  # the winner itself keeps it: never name another model beside it
+    # Among all candidates, so the latency baselines are the same ones the winner was ranked on.
+    return select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective, among=keeps).winner
 
 
 def channel_recipes(keras_model, objective: str, techniques) -> list[Proposal]:
