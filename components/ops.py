@@ -384,7 +384,10 @@ def select(
         if dataset is not None:
             from kfopt.components.steps import confusion_step
 
-            matrix = confusion_step(results.path, baseline.path, dataset.path, seed=seed)
+            try:
+                matrix = confusion_step(results.path, baseline.path, dataset.path, seed=seed)
+            except Exception as exc:  # a picture for the UI: it never costs the run its report and promotion
+                print(f"no confusion matrix: {type(exc).__name__}: {exc}")
         if matrix is not None:
             confusion.log_confusion_matrix(matrix.categories, matrix.matrix)
             confusion.metadata["recipe"] = matrix.recipe

@@ -735,12 +735,16 @@ class ConfusionMatrix:
     matrix: list[list[int]]
 
 
+#: Above this many classes no confusion matrix is logged (a 1000-class matrix is a million cells of metadata).
+MAX_CONFUSION_CLASSES = 100
+
+
 def confusion_step(results_dir, baseline_dir, data_dir, *, seed: int = 0) -> ConfusionMatrix | None:
     """The confusion matrix of a select step's winner on the test split, for KFP's ``ClassificationMetrics``.
 
-    None when there is no winner or the task is not single-label classification
+    None when there is no winner, the task is not single-label classification
     (multiclass or binary: a regression or multi-label model has no confusion
-    matrix). The winner runs as the Evaluator runs it (its format, the scored
+    matrix) or it has more than ``MAX_CONFUSION_CLASSES`` classes. The winner runs as the Evaluator runs it (its format, the scored
     output, the task's predicted class), on the data the prepare step stored.
     """
     import numpy as np
@@ -765,6 +769,8 @@ def confusion_step(results_dir, baseline_dir, data_dir, *, seed: int = 0) -> Con
         outputs = np.concatenate([runner(x[i : i + 256]) for i in range(0, len(x), 256)])
         predicted = np.asarray(evaluator.task.predict(evaluator.task.scores(outputs))).astype(int).ravel()
     classes = evaluator.task.num_classes or int(max(truth.max(), predicted.max()) + 1)
+    if classes > MAX_CONFUSION_CLASSES:
+        return None
     matrix = np.zeros((classes, classes), dtype=int)
     np.add.at(matrix, (truth, predicted), 1)
     return ConfusionMatrix(winner.recipe, [str(c) for c in range(classes)], matrix.tolist())

@@ -829,3 +829,8 @@ def test_the_winners_confusion_matrix_counts_every_test_sample(prepared, tmp_pat
     assert sum(map(sum, matrix.matrix)) == baseline["splits"]["test"]
     correct = sum(matrix.matrix[c][c] for c in range(10))
     assert correct / baseline["splits"]["test"] == pytest.approx(result.winning_candidate.accuracy)
+    # Rows are the true classes (a transposed matrix has the same total and diagonal, not the same rows).
+    import numpy as np
+
+    truth = steps.load_step_data(root / "data", baseline["input_shape"]).test.y
+    assert [sum(row) for row in matrix.matrix] == np.bincount(np.asarray(truth).astype(int), minlength=10).tolist()
