@@ -63,12 +63,17 @@ def fingerprint(model: str, data: str) -> str:
 
 
 def code_versions() -> str:
-    """kfopt's version and every installed kfopt plugin package's (distribution name and version), one per line."""
-    from importlib.metadata import distributions
+    """kfopt's, TensorFlow's, tf-keras's, tfmot's and every installed kfopt plugin package's versions, one per line."""
+    from importlib.metadata import PackageNotFoundError, distributions, version
 
     from kfopt import __version__
 
     plugins = set()
+    for name in ("tensorflow", "tf-keras", "tensorflow-model-optimization"):  # what measures and converts
+        try:
+            plugins.add(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            plugins.add(f"{name} not installed")
     try:
         for dist in distributions():
             # Plugin packages register techniques under the "kfopt" entry-point group (plugins.manager).
@@ -166,9 +171,11 @@ def _python_loader(spec: str) -> str:
         declared = getattr(loaded, LOADER_FINGERPRINT, None)
         if not callable(declared):
             return f"not cacheable {uuid.uuid4()}"
-        return f"{LOADER_FINGERPRINT}: {declared()}"
-    except Exception as exc:  # a module that fails to import or a fingerprint that raises: run anew, never crash
-        return _unknown("data", spec, exc)
+        # The loader's own code too: new preprocessing over the same data version is new data.
+        source = hashlib.sha256(Path(loaded.__file__).read_bytes()).hexdigest() if loaded.__file__ else "-"
+        return f"{LOADER_FINGERPRINT}: {declared()}\nloader source {source}"
+    except (Exception, SystemExit) as exc:  # a module that fails (or exits) on import, a fingerprint that
+        return _unknown("data", spec, exc)  # raises: run anew, never crash this never-cached step
 
 
 def _unknown(kind: str, source: str, exc: BaseException) -> str:

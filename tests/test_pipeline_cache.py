@@ -72,13 +72,19 @@ def test_a_python_loader_is_never_cached_unless_its_module_declares_a_fingerprin
     assert fingerprint("demo:mlp", plain) != fingerprint("demo:mlp", plain)
     declared = "py:fp_declared_loader:load"
     first = fingerprint("demo:mlp", declared)
-    assert fingerprint("demo:mlp", declared) == first and describe(declared) == "kfopt_fingerprint: v1"
+    assert fingerprint("demo:mlp", declared) == first and describe(declared).startswith("kfopt_fingerprint: v1\n")
     import fp_declared_loader
 
     monkeypatch.setattr(fp_declared_loader, "VERSION", "v2")  # the loader says its data changed
     assert fingerprint("demo:mlp", declared) != first
-    # A module that fails to import, or one that does not exist: a new key each time, never a failed step.
-    for spec in ("py:fp_broken_loader:load", "py:fp_no_such_module:load"):
+    # New preprocessing in the loader over the same data version is new data.
+    before_edit = fingerprint("demo:mlp", declared)
+    source = tmp_path / "fp_declared_loader.py"
+    source.write_text(source.read_text() + "\nSCALE = 2\n")
+    assert fingerprint("demo:mlp", declared) != before_edit
+    (tmp_path / "fp_exits_loader.py").write_text("import sys\nsys.exit(2)\n")
+    # A module that fails to import (or exits), or one that does not exist: a new key each time, never a failure.
+    for spec in ("py:fp_broken_loader:load", "py:fp_exits_loader:load", "py:fp_no_such_module:load"):
         assert fingerprint("demo:mlp", spec) != fingerprint("demo:mlp", spec)
 
 
