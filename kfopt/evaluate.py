@@ -521,7 +521,8 @@ class Evaluator:
         self.y_test = self.task.targets(labels(y_test, one_hot))
         self.y_val = self.task.targets(labels(y_val, one_hot)) if len(y_val) else np.zeros((0,))
         #: One validation value's worth of a counted metric (accuracy: 1/n); None for other metrics.
-        self.val_resolution = 1 / self.y_val.size if self.metric.counted and self.y_val.size else None
+        counted = {"samples": len(self.y_val), "labels": self.y_val.size}.get(self.metric.counted or "", 0)
+        self.val_resolution = 1 / counted if counted else None
         self._baseline_scored: tuple[_Scored, _Scored | None] | None = None
         self._references: dict[str, dict] = {}
         self._reference_handles: dict[str, ModelHandle] = {}

@@ -100,9 +100,10 @@ class Metric:
     tasks: frozenset[str]
     higher_is_better: bool = True
     description: str = ""
-    #: The metric is the fraction of scored values that are right (samples; labels for multi-label binary
-    #: accuracy): a split of n of them cannot show a change finer than 1/n (see ``val_resolution``).
-    counted: bool = False
+    #: What the metric counts when it is the fraction of them that are right: "samples" (accuracy: a split of
+    #: n samples cannot show a change finer than 1/n) or "labels" (binary accuracy: one per label of each
+    #: sample); None for other metrics (see ``val_resolution``).
+    counted: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", frozenset(self.tasks))
