@@ -35,6 +35,10 @@ Helpers the built-in techniques use:
 - ``task_loss(keras_model, ctx)``: the loss to fine-tune with: the model's own
   compiled loss, else the task's (``ctx.task``).
 - ``weight_sparsity(keras_model)``: the fraction of zero kernel weights.
+- ``unit_stride_pointwise(keras_model)``: a context manager to train in when a
+  technique runs its own ``fit`` or loop (``fine_tune`` already does): it
+  routes strided 1x1 convolutions on fewer than 16 channels around a
+  TensorFlow CPU kernel that crashes the process on them (oneDNN#6035).
 
 Metrics (``kfopt_register_metrics``):
 
@@ -57,7 +61,7 @@ from kfopt.observers import RunContext
 from kfopt.signature import ModelInfo, TensorInfo
 from kfopt.sparsity import weight_sparsity
 from kfopt.task import Metric
-from kfopt.training import classifier_loss, fine_tune, task_loss
+from kfopt.training import classifier_loss, fine_tune, task_loss, unit_stride_pointwise
 
 from .spec import hookimpl, hookspec
 from .technique import FORMATS, ModelHandle, StepContext, Technique
@@ -80,6 +84,7 @@ __all__ = [
     "fine_tune",
     "classifier_loss",
     "task_loss",
+    "unit_stride_pointwise",
     "Metric",
     "weight_sparsity",
     "RunContext",
