@@ -817,7 +817,7 @@ def report_step(results_dir, html_path, markdown_path=None) -> Path:
 def markdown_summary(result: RunResult) -> str:
     """The candidates table in Markdown, as the KFP UI shows it: the baseline and every candidate with its status,
     the columns of the ``kfopt run`` table (test split), the winner and the Pareto front marked."""
-    from kfopt.report import columns_for, speedup_cell
+    from kfopt.report import columns_for, metric_cells
 
     record = result.to_dict()
     columns = columns_for(record)
@@ -847,17 +847,9 @@ def markdown_summary(result: RunResult) -> str:
         for c in record["candidates"]
     ]
     for label, row in rows:
-        cells = []
-        for key, _, fmt in columns:
-            value = row.get(key)
-            if value is None:
-                cells.append("-")
-            elif key == "speedup":
-                cells.append(speedup_cell(row))
-            else:
-                cells.append(fmt.format(value / 1024 if key == "gzip_bytes" else value))
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('reason') or ''}"
-        lines.append("| " + " | ".join(_md(v) for v in [label, row.get("format") or "-", status, *cells]) + " |")
+        cells = [label, row.get("format") or "-", status, *metric_cells(row, columns)]
+        lines.append("| " + " | ".join(_md(v) for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

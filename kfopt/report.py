@@ -111,18 +111,23 @@ def results_table(result: dict) -> Table:
     rows = [("baseline", {**result["baseline"], "status": "ok"})]
     rows += [(c["recipe"], c) for c in result["candidates"]]
     for label, row in rows:
-        cells = []
-        for key, _, fmt in columns:
-            value = row.get(key)
-            if value is None:
-                cells.append("-")
-            elif key == "speedup":
-                cells.append(speedup_cell(row))
-            else:
-                cells.append(fmt.format(value / 1024 if key == "gzip_bytes" else value))
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('reason')}"
-        table.add_row(escape(label), row.get("format", "-"), escape(status), *cells)
+        table.add_row(escape(label), row.get("format", "-"), escape(status), *metric_cells(row, columns))
     return table
+
+
+def metric_cells(row: dict, columns) -> list[str]:
+    """The metric cells of one table row (``columns`` from :func:`columns_for`): the terminal and Markdown tables'."""
+    cells = []
+    for key, _, fmt in columns:
+        value = row.get(key)
+        if value is None:
+            cells.append("-")
+        elif key == "speedup":
+            cells.append(speedup_cell(row))
+        else:
+            cells.append(fmt.format(value / 1024 if key == "gzip_bytes" else value))
+    return cells
 
 
 def history_table(name: str, rows: list[dict]) -> Table:
