@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kfopt
+from kfopt import _tf
 from kfopt.data import load_data
 from kfopt.keras3 import keras3
 from kfopt.models import build_demo
@@ -49,17 +50,12 @@ def digits_arrays(arch: str) -> dict[str, np.ndarray]:
 
 def user_model(arch: str, flavour: str, data: dict, directory: Path) -> str:
     """The demo architecture built and trained by a user in ``flavour`` (keras3 / tf_keras), saved as .keras."""
-    demo = build_demo(f"demo:{arch}")  # tf_keras: the architecture, not its weights
-    keras = keras3() if flavour == "keras3" else None
-    if keras is None:
-        model = demo
-        from kfopt import _tf
-
-        keras = _tf.keras()
-    else:
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential.from_config(_keras3_config(demo))
+    model = build_demo(f"demo:{arch}")  # tf_keras, untrained: the architecture, not its weights
+    keras = keras3() if flavour == "keras3" else _tf.keras()
     keras.utils.set_random_seed(0)
+    if flavour == "keras3":
+        model = keras.Sequential.from_config(_keras3_config(model))
+        keras.utils.set_random_seed(0)  # training shuffles alike in both flavours
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     model.fit(data["x_train"], data["y_train"], epochs=USER_EPOCHS[arch], batch_size=32, verbose=0)
     path = directory / f"{arch}-{flavour}.keras"

@@ -28,7 +28,7 @@ from .data import Data
 from .flops import model_flops
 from .plugins.technique import ModelHandle
 from .select import LATENCY_RESOLUTION  # the finest difference a speedup claims; defined where choices use it
-from .serving_loader import from_output, to_input  # one conversion: what serves is what was measured
+from .serving_loader import from_output, tensor_names, to_input  # one conversion: what serves is what was measured
 from .sparsity import weight_sparsity
 
 #: Batch-1 invocations timed for latency (after WARMUP untimed ones): at least this many of each model.
@@ -155,14 +155,7 @@ class TFLiteRunner(Runner):
         self.input_details = self.interpreter.get_input_details()
         self.output_details = self.interpreter.get_output_details()
         # The interpreter lists inputs and outputs in the model's order; the signature names them.
-        names: dict[int, str] = {}
-        signatures = self.interpreter.get_signature_list()
-        if len(signatures) == 1:
-            runner = self.interpreter.get_signature_runner(next(iter(signatures)))
-            for details in (runner.get_input_details(), runner.get_output_details()):
-                names.update({detail["index"]: name for name, detail in details.items()})
-        self.input_names = [names.get(d["index"], d["name"]) for d in self.input_details]
-        self.output_names = [names.get(d["index"], d["name"]) for d in self.output_details]
+        self.input_names, self.output_names = tensor_names(self.interpreter)
         first = self.input_details[0]["shape_signature"]
         #: The batch size the model was converted for (1 for a fused LSTM), or None when it takes any.
         self.fixed_batch = int(first[0]) if len(first) and first[0] > 0 else None

@@ -112,14 +112,7 @@ class TFLiteModel(_Model):
         self._lock = threading.Lock()  # an interpreter is not thread-safe; MLflow's server may call from threads
         self._inputs = self.interpreter.get_input_details()
         self._outputs = self.interpreter.get_output_details()
-        names: dict[int, str] = {}
-        signatures = self.interpreter.get_signature_list()
-        if len(signatures) == 1:
-            runner = self.interpreter.get_signature_runner(next(iter(signatures)))
-            for details in (runner.get_input_details(), runner.get_output_details()):
-                names.update({detail["index"]: name for name, detail in details.items()})
-        self.input_names = [names.get(d["index"], d["name"]) for d in self._inputs]
-        self.output_names = [names.get(d["index"], d["name"]) for d in self._outputs]
+        self.input_names, self.output_names = tensor_names(self.interpreter)
         first = self._inputs[0]["shape_signature"]
         self.fixed_batch = int(first[0]) if len(first) and first[0] > 0 else None
         self._batch = None
@@ -156,6 +149,19 @@ class TFLiteModel(_Model):
         self.interpreter.reset_all_variables()
         self.interpreter.invoke()
         return [from_output(self.interpreter.get_tensor(d["index"]), d) for d in self._outputs]
+
+
+def tensor_names(interpreter) -> tuple[list[str], list[str]]:
+    """The input and output names of a TFLite interpreter, in its tensor order: its one signature's names
+    (the model's), else the tensors' own."""
+    names: dict[int, str] = {}
+    signatures = interpreter.get_signature_list()
+    if len(signatures) == 1:
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        for details in (runner.get_input_details(), runner.get_output_details()):
+            names.update({detail["index"]: name for name, detail in details.items()})
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    return [names.get(d["index"], d["name"]) for d in inputs], [names.get(d["index"], d["name"]) for d in outputs]
 
 
 def to_input(array: np.ndarray, detail: dict) -> np.ndarray:
