@@ -25,9 +25,11 @@ from .errors import KfoptError
 from .observers import DEFAULT_EXPERIMENT, DEFAULT_MAX_ACCURACY_DROP
 from .result import Candidate, Registration, RunResult, Tracking
 from .select import (
+    MAX_TIE_WIDTH,
     Budget,
     budget_value,
     check_goal,
+    mix_weight,
     objective_metric,
     objective_value,
     quality,
@@ -392,7 +394,24 @@ def gate(
         return False, f"{metric} {mine:.4f} is more than {budget} {_worse(metric)} {name}'s {its:.4f}"
     if not ours < theirs:
         return False, f"{key} {ours:g} is not below {name}'s {theirs:g}"
+    margin = _latency_margin(objective)
+    if not ours * margin < theirs:  # timed in another run, maybe on another node: a small gain is noise
+        return False, (
+            f"{key} {ours:g} is not clearly below {name}'s {theirs:g}: latencies timed in different runs "
+            f"count as different only beyond {MAX_TIE_WIDTH:.0%}"
+        )
     return True, f"{key} {ours:g} < {name}'s {theirs:g}, {metric} {mine:.4f} vs {its:.4f} (budget {budget})"
+
+
+def _latency_margin(objective: str) -> float:
+    """How many times lower than the champion's the challenger's objective must be: 1 for size (exact), and
+    for objectives with latency the widest tie of one selection (``MAX_TIE_WIDTH``), to the power 1 - W for
+    ``mix:W``. A champion's latency was timed in an earlier run, in another process and maybe on another node,
+    not interleaved with the challenger's, so a difference any smaller than that is not evidence."""
+    if objective == "size":
+        return 1.0
+    weight = 0.0 if objective == "latency" else mix_weight(objective)
+    return (1 + MAX_TIE_WIDTH) ** (1 - weight)
 
 
 def _budgeted(challenger: dict, champion: dict) -> tuple[str, float | None, float | None]:

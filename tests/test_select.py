@@ -322,3 +322,19 @@ def test_a_latency_tie_is_broken_on_the_validation_split_not_on_test():
     better_on_val = {**timed("val-better", 30_000, 0.0100, 2.0, 1.9, 2.1, drop=0.004), "val_accuracy_drop": 0.0}
     better_on_test = {**timed("test-better", 30_000, 0.0101, 1.98, 1.88, 2.08, drop=0.0), "val_accuracy_drop": 0.006}
     assert select([better_on_val, better_on_test], objective="latency").winner == "val-better"
+
+
+def test_the_gate_wants_a_latency_gain_beyond_the_noise_between_runs():
+    from kfopt.promotion import gate
+
+    champion = ok("champion", 0.97, 0.0, 10_000, latency=0.100)
+    for objective in ("latency", "mix"):
+        promoted, reason = gate(
+            ok("a-bit-faster", 0.97, 0.0, 10_000, latency=0.097), champion, max_accuracy_drop=0.01, objective=objective
+        )
+        assert not promoted and "not clearly below" in reason and "10%" in reason
+    assert gate(ok("faster", 0.97, 0.0, 10_000, latency=0.080), champion, max_accuracy_drop=0.01, objective="latency")[
+        0
+    ]
+    # Sizes are exact: one byte less is a gain.
+    assert gate(ok("smaller", 0.97, 0.0, 9_999, latency=0.2), champion, max_accuracy_drop=0.01, objective="size")[0]
