@@ -169,7 +169,22 @@ def tflite_flops(content: bytes) -> int | None:
     return total // max(1, batch)
 
 
+#: TFLite operators that multiply by weights but whose count kfopt does not know: a model with one has None.
+UNCOUNTED_OPS = frozenset({"BIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_RNN", "LSTM", "RNN", "SVDF"})
+#: Words in a Select TF (Flex) or custom operator's name that mean it multiplies by weights.
+UNCOUNTED_KERNELS = ("Conv", "MatMul", "Einsum", "LSTM", "GRU", "RNN", "Attention")
+
+
 def _tflite_op_macs(name: str, inputs: list, output) -> int:
+    if name in UNCOUNTED_OPS or (not name.isupper() and any(word in name for word in UNCOUNTED_KERNELS)):
+        raise _Unknown(f"operator {name}")
+    if name == "UNIDIRECTIONAL_SEQUENCE_LSTM":  # output (batch, steps, units); input_to_input weights (1) absent: CIFG
+        gates = 4 if inputs[1] is not None else 3
+        units, features = inputs[2]  # input_to_forget weights (units, input features)
+        return _prod(output[:-1]) * gates * units * (features + units)
+    if name == "UNIDIRECTIONAL_SEQUENCE_RNN":  # weights (units, in), recurrent (units, units)
+        units, features = inputs[1]
+        return _prod(output[:-1]) * units * (features + units)
     if name == "CONV_2D":  # filter (out, h, w, in / groups)
         return _prod(output) * _prod(inputs[1][1:])
     if name == "CONV_3D":  # filter (d, h, w, in, out)
