@@ -5,7 +5,9 @@ MobileNetV2 (alpha 0.35, 32x32, random init trained briefly on digits
 upsampled), each at channel sparsity 0.25, 0.5 and 0.75 (``channels S``: prune(method=channels,
 target_sparsity=S, epochs=--epochs), ``> fp32 tflite``: then accelerate(backend=tflite),
 ``> int8``: then quantize(mode=int8)): the channel-pruned
-model (fine-tuned) converted to fp32 TFLite and to int8 TFLite, beside int8 alone.
+model (fine-tuned) converted to fp32 TFLite and to int8 TFLite, beside int8 alone. Each sparsity runs
+once per ``--allocations`` value (``uniform``: every channel group loses the same fraction;
+``sensitivity``: sensitive groups lose fewer, at the same MACs), so the two compare at equal flops.
 Prints accuracy drop, params, flops (MACs for one input), gzip compression,
 batch-1 TFLite latency speedup against the fp32 TFLite baseline, and wall time.
 
@@ -18,6 +20,7 @@ other models still run. The children run with oneDNN off
 12 channels; TFLite latency does not use oneDNN, so the numbers are unchanged.
 
 Usage: .venv/bin/python bench/channels.py [--models demo:cnn resnet mobilenet_v2] [--epochs 10] [--out runs/bench-channels]
+       [--allocations uniform sensitivity] [--no-tflite]
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ COLUMNS = ("model", "recipe", "format", "accuracy", "drop", "params", "flops", "
 COLUMNS = (*COLUMNS, "speedup", "seconds")
 #: What a child hands the parent for each row.
 KEYS = ("recipe", "status", "reason", "format", "accuracy", "accuracy_drop", "params", "flops", "gzip_bytes")
-KEYS = (*KEYS, "compression_ratio", "latency_p50_ms", "speedup", "seconds")
+KEYS = (*KEYS, "compression_ratio", "latency_p50_ms", "speedup", "seconds", "notes")
 
 
 def zoo_baseline(name: str, directory: Path, extra_epochs: int) -> tuple[str, dict]:
@@ -84,6 +87,14 @@ def main() -> int:
     parser.add_argument("--baseline-epochs", type=int, default=8, help="zoo models: epochs beyond the zoo's two")
     parser.add_argument("--out", default="runs/bench-channels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--allocations",
+        nargs="+",
+        choices=("uniform", "sensitivity"),
+        default=["uniform", "sensitivity"],
+        help="prune(allocation=...) rows at each sparsity: side by side at the same MACs",
+    )
+    parser.add_argument("--no-tflite", action="store_true", help="skip the fp32/int8 TFLite rows (accuracy, flops)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run one model and print its rows as JSON
     args = parser.parse_args()
 
@@ -122,6 +133,11 @@ def main() -> int:
         )
         verdict = "" if aim is None or best is None else (" meets" if best["speedup"] >= aim else " misses")
         console.print(f"{model}: best TFLite speedup within 1 point: {said}{verdict} the aim of {aim}x")
+        for row in rows:
+            note = next((n for n in row.get("notes") or () if n.startswith("prune(method=channels) removed")), None)
+            if row["status"] == "ok" and row["format"] == "keras" and note:
+                drop, flops = row["accuracy_drop"] * 100, row["flops"]
+                console.print(f"  {row['recipe']}: drop {drop:+.2f} pt, flops {flops:,}; {note[:150]}")
     console.print(f"total wall time {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -152,16 +168,19 @@ def bench_model(model: str, args, techniques, reporter: Reporter) -> list[dict]:
         rows.append(candidate.to_dict())
         return candidate
 
-    run(FP32, baseline, "fp32 tflite")
-    run(INT8, baseline, "int8")
+    if not args.no_tflite:
+        run(FP32, baseline, "fp32 tflite")
+        run(INT8, baseline, "int8")
     for sparsity in args.sparsities:
-        prune = f"prune(method=channels,target_sparsity={sparsity:g},epochs={args.epochs})"
-        pruned = run(prune, baseline, f"channels {sparsity:g}")
-        if pruned.status != "ok":
-            continue
-        smaller = ModelHandle.load(pruned.artifact, info={"notes": pruned.notes, "params": pruned.params})
-        run(FP32, smaller, f"channels {sparsity:g} > fp32 tflite", pruned.seconds)
-        run(INT8, smaller, f"channels {sparsity:g} > int8", pruned.seconds)
+        for allocation in args.allocations:
+            prune = f"prune(method=channels,target_sparsity={sparsity:g},allocation={allocation},epochs={args.epochs})"
+            label = f"channels {sparsity:g} {allocation}"
+            pruned = run(prune, baseline, label)
+            if pruned.status != "ok" or args.no_tflite:
+                continue
+            smaller = ModelHandle.load(pruned.artifact, info={"notes": pruned.notes, "params": pruned.params})
+            run(FP32, smaller, f"{label} > fp32 tflite", pruned.seconds)
+            run(INT8, smaller, f"{label} > int8", pruned.seconds)
     write_json(out / "bench.json", {"rows": rows, "references": evaluator.references})
     return [{k: row.get(k) for k in KEYS} for row in rows]
 

@@ -32,16 +32,38 @@ before any weight is touched (:func:`plan_channels`):
   custom layer, a nested model, a grouped convolution, attention, ...): those
   layers are left as they are, never rewritten wrongly.
 
-Each free group then keeps the ``1 - target_sparsity`` fraction of its channels
-with the largest importance: the L1 (or L2) norm of each producing layer's
-filter, times ``|gamma|`` of a BatchNormalization right after it, summed over
-the group's producers (each normalised to mean 1, so a wide and a narrow
-layer count alike). :func:`remove_channels` rebuilds the model with
-``clone_model`` at the new widths and copies the kept slices of every weight.
+Each free group then keeps its most important channels: the L1 (or L2) norm
+of each producing layer's filter, times ``|gamma|`` of a BatchNormalization
+right after it, summed over the group's producers (each normalised to mean 1,
+so a wide and a narrow layer count alike). :func:`remove_channels` rebuilds
+the model with ``clone_model`` at the new widths and copies the kept slices
+of every weight.
+
+How many channels a group keeps (``round(size * (1 - fraction))``, at least one):
+
+- uniform: every free group removes ``target_sparsity`` of its channels;
+- by sensitivity (:func:`measure_sensitivity`, :func:`allocate`): each free
+  group alone loses its ``target_sparsity`` least important channels, and the
+  task's metric is scored on the validation split (one forward pass per group,
+  no rebuild, no training: removing a channel is zeroing the kernel rows that
+  read it, :func:`masked`). Each group's *rank* ``u`` in [-1, 1] is the share
+  of the other groups it is clearly more sensitive than minus the share it is
+  clearly less sensitive than; drops within the metric's resolution (one
+  validation sample for accuracy) are alike, so groups a small split cannot
+  tell apart rank together, and when none can be told apart the plan is the
+  uniform one. A group removes ``clip(level * (1 - SPREAD * u), 0,
+  min(0.95, 2 * target_sparsity))``, and ``level`` is the smallest for which the
+  model's multiply-accumulates are no more than uniform removal's: the two
+  allocations compare at the same flops (within one channel's rounding), and
+  sensitive groups pay for what they keep with the insensitive ones' channels.
+  Weighting by MACs rather than channel counts makes ``target_sparsity`` mean
+  the same cost either way; where no changed layer multiplies (embeddings
+  only), channel counts are matched instead.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +104,12 @@ MIXING_ACTIVATIONS = frozenset({"softmax", "log_softmax"})
 JOINS = frozenset({"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"})
 #: Why a group keeps every channel when it reaches the model's input or output.
 INPUT, OUTPUT = "it is the model's input", "it is the model's output"
+#: Sensitivity allocation: the most sensitive group removes ``1 - SPREAD`` times the common fraction, the least
+#: sensitive ``1 + SPREAD`` times it (before clipping to [0, ``min(MAX_SPARSITY, 2 * target)``]).
+SPREAD = 0.6
+MAX_SPARSITY = 0.95
+#: Validation samples the sensitivity pass scores: one forward pass over them per free group.
+SENSITIVITY_SAMPLES = 2048
 
 
 @dataclass(frozen=True)
@@ -147,6 +175,60 @@ class ChannelPlan:
     widths: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: Layers that set a width but keep it, other than the output's: name -> why.
     left: dict[str, str] = field(default_factory=dict)
+    #: Group root -> importance of each of its channels (larger: kept first); every group with a producer.
+    scores: dict = field(default_factory=dict)
+    #: Layer name -> its multiply-accumulates for one input at full width (layers whose cost the plan changes).
+    macs: dict[str, int] = field(default_factory=dict)
+    #: Roots of the groups that reach the model's output.
+    outputs: frozenset = frozenset()
+    #: Free group root -> the fraction of its channels asked removed (before rounding to whole channels).
+    sparsity: dict = field(default_factory=dict)
+
+    @property
+    def free(self) -> list:
+        """Roots of the groups that can lose a channel (not tied to the input, output or a layer kfopt cannot
+        follow, and wider than one channel), in the graph's order."""
+        return [r for r in self.scores if not self.groups.why_fixed(r) and self.groups.size[r] > 1]
+
+    def removing(self, sparsity) -> ChannelPlan:
+        """This plan's graph with ``sparsity`` removed: one fraction for every free group, or a mapping of group
+        root -> fraction (groups not in it keep every channel). Each group keeps its ``round(size * (1 -
+        fraction))`` most important channels, at least one. A new plan; this one is unchanged."""
+        fractions = {r: sparsity for r in self.free} if isinstance(sparsity, (int, float)) else dict(sparsity)
+        plan = ChannelPlan(self.groups, self.uses, scores=self.scores, macs=self.macs, outputs=self.outputs)
+        for root, fraction in fractions.items():
+            size = self.groups.size[root]
+            count = max(1, int(round(size * (1 - fraction))))
+            plan.sparsity[root] = float(fraction)
+            if count < size:
+                plan.keep[root] = np.sort(np.argsort(-self.scores[root], kind="stable")[:count])
+        for name, use in self.uses.items():
+            if use.role != "producer":
+                continue
+            (key, width), *_ = use.writes
+            plan.widths[name] = (width, len(plan.kept(use.writes)))
+            why = self.groups.why_fixed(key)
+            if why and self.groups.find(key) not in self.outputs:  # the output's width is the model's, not a choice
+                plan.left[name] = why
+        return plan
+
+    def cost(self) -> float:
+        """The multiply-accumulates, for one input, of the layers whose widths the plan sets (what removing
+        channels saves): each layer's full-width count times the fractions of its inputs and outputs kept."""
+        total = 0.0
+        for name, macs in self.macs.items():
+            use = self.uses[name]
+            kept = len(self.kept(use.reads)) / _width(use.reads) if use.reads is not None else 1.0
+            if use.role == "producer":
+                kept *= len(self.kept(use.writes)) / _width(use.writes)
+            total += macs * kept
+        return total
+
+    def removed_fraction(self) -> float:
+        """The fraction of the free groups' channels the plan removes (channel-count weighted)."""
+        sizes = {root: self.groups.size[root] for root in self.free}
+        kept = sum(len(self.keep.get(root, range(size))) for root, size in sizes.items())
+        return 1 - kept / max(1, sum(sizes.values()))
 
     def kept(self, layout) -> np.ndarray:
         """Indices, along a tensor's last axis, of the values kept in a tensor of ``layout``."""
@@ -365,24 +447,10 @@ def plan_channels(model, target_sparsity: float, keep_dense=(), norm: str = "l1"
         fix(layout(tensor), OUTPUT)
         outputs |= {groups.find(key) for key, _ in _segments(layout(tensor))}
 
-    plan = ChannelPlan(groups, uses)
-    scores = _importance(plan, followers, norm)
-    for root, score in scores.items():
-        if groups.why_fixed(root):
-            continue
-        size = groups.size[root]
-        count = max(1, int(round(size * (1 - target_sparsity))))
-        if count < size:
-            plan.keep[root] = np.sort(np.argsort(-score, kind="stable")[:count])
-    for name, use in uses.items():
-        if use.role != "producer":
-            continue
-        (key, width), *_ = use.writes
-        plan.widths[name] = (width, len(plan.kept(use.writes)))
-        why = groups.why_fixed(key)
-        if why and groups.find(key) not in outputs:  # the output's width is the model's: not a choice to report
-            plan.left[name] = why
-    return plan
+    plan = ChannelPlan(groups, uses, outputs=frozenset(outputs))
+    plan.scores = _importance(plan, followers, norm)
+    plan.macs = _macs(model, plan)
+    return plan.removing(target_sparsity)
 
 
 def _importance(plan: ChannelPlan, followers: dict[str, str], norm: str) -> dict:
@@ -402,6 +470,27 @@ def _importance(plan: ChannelPlan, followers: dict[str, str], norm: str) -> dict
         root = plan.groups.find(use.writes[0][0])
         totals[root] = totals.get(root, 0) + score
     return totals
+
+
+def _macs(model, plan: ChannelPlan) -> dict[str, int]:
+    """Layer name -> multiply-accumulates for one input (every call) of the producers and depthwise convs of
+    ``plan``: what removing channels changes. When a count is unknown (a spatial size known only at run time),
+    every layer counts its kernel's size instead, so the layers still weigh alike against each other."""
+    from kfopt.flops import layer_macs
+
+    costed = {name for name, use in plan.uses.items() if use.role == "producer" or use.kind == "DepthwiseConv2D"}
+    macs: dict[str, int] = {}
+    try:
+        for depth in model._nodes_by_depth:
+            for node in model._nodes_by_depth[depth]:
+                layer = node.layer
+                if layer.name in costed:
+                    shapes = [tuple(t.shape) for t in node.keras_inputs]
+                    outputs = [tuple(t.shape) for t in _tf.tf().nest.flatten(node.outputs)]
+                    macs[layer.name] = macs.get(layer.name, 0) + layer_macs(layer, shapes, outputs)
+    except Exception:  # flops's _Unknown: a dimension not known before run time
+        macs = {name: int(np.prod(plan.uses[name].layer.weights[0].shape)) for name in costed}
+    return macs
 
 
 def rebuild(model, plan: ChannelPlan):
@@ -502,14 +591,154 @@ def _sliced(use: _Use, weights: list[np.ndarray], plan: ChannelPlan) -> list[np.
     return sliced
 
 
-def note_line(plan: ChannelPlan, target_sparsity: float, shown: int = 6) -> str | None:
-    """One line naming the layers that shrank and by how much, e.g. ``... conv2d 32->16, dense 64->32``."""
+@contextmanager
+def masked(model, plan: ChannelPlan):
+    """Within the block, ``model`` computes what ``remove_channels(model, plan)`` computes, without a rebuild.
+
+    A removed channel is one no layer reads any more, so zeroing the kernel rows through which every producer
+    reads it gives the smaller model's outputs (the removed channels are still computed, then multiplied by 0).
+    ``model`` is the planned model or a copy of it (its layers are found by name); its kernels are assigned in
+    place and restored when the block ends, however it ends.
+    """
+    saved = []
+    try:
+        for name, use in plan.uses.items():
+            if use.role != "producer" or PRODUCERS[use.kind][1] is None:
+                continue
+            rows, width = plan.kept(use.reads), _width(use.reads)
+            if len(rows) == width:
+                continue
+            kernel = model.get_layer(name).kernel
+            value = kernel.numpy()
+            saved.append((kernel, value))
+            axis = value.ndim + PRODUCERS[use.kind][1]
+            mask = np.zeros(width, dtype=value.dtype)
+            mask[rows] = 1
+            kernel.assign(value * mask.reshape([-1 if a == axis else 1 for a in range(value.ndim)]))
+        yield model
+    finally:
+        for kernel, value in reversed(saved):
+            kernel.assign(value)
+
+
+@dataclass
+class Sensitivity:
+    """What removing each free group's channels alone (no fine-tuning) costs the task's metric on validation."""
+
+    #: The metric's name (the run's budgeted metric).
+    metric: str
+    #: Group root -> the metric's drop (positive: worse) with only that group pruned; None when not finite.
+    drops: dict
+    #: One validation value's worth of a counted metric (accuracy: 1/samples); None for other metrics.
+    resolution: float | None
+    #: Validation samples scored.
+    samples: int
+
+
+def measure_sensitivity(model, plan: ChannelPlan, sparsity: float, x, y_true, task, metric, position: int = 0):
+    """Each free group of ``plan`` pruned alone at ``sparsity`` (through :func:`masked`, on ``model`` or a copy):
+    the drop of ``metric`` (:class:`kfopt.task.Metric`) on ``x``/``y_true`` (``task.targets`` of the labels).
+
+    One forward pass over ``x`` per free group, plus one for the unpruned model; ``position`` picks the scored
+    output of a model with several. Returns a :class:`Sensitivity`.
+    """
+    from kfopt.data import input_list
+
+    def score() -> float | None:
+        raw = []
+        for start in range(0, len(x), 256):
+            inputs = input_list(x[start : start + 256])
+            out = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+            if isinstance(out, dict):
+                out = list(out.values())
+            if isinstance(out, (list, tuple)):
+                out = out[position]
+            raw.append(np.asarray(out))
+        return metric.score(y_true, task.scores(np.concatenate(raw)))
+
+    base = score()
+    drops = {}
+    for root in plan.free:
+        with masked(model, plan.removing({root: sparsity})):
+            drops[root] = metric.drop(base, score())
+    counted = {"samples": len(y_true), "labels": np.asarray(y_true).size}.get(metric.counted or "", 0)
+    return Sensitivity(metric.name, drops, 1 / counted if counted else None, len(y_true))
+
+
+def sensitivity_ranks(sensitivity: Sensitivity) -> dict:
+    """Group root -> where it stands among the free groups, from -1 (less sensitive than every other) to 1 (more
+    sensitive than every other): the share of the others it is clearly more sensitive than, minus the share it is
+    clearly less sensitive than. Drops within the metric's resolution (one validation sample for accuracy) are
+    alike: neither counts against the other, so groups a small split cannot tell apart stand together. A drop
+    that could not be scored counts as the largest."""
+    drops = {root: np.inf if d is None else d for root, d in sensitivity.drops.items()}
+    tolerance = (sensitivity.resolution or 0.0) + 1e-9
+    others = max(1, len(drops) - 1)
+    return {
+        root: (
+            sum(other < drop - tolerance for other in drops.values())
+            - sum(other > drop + tolerance for other in drops.values())
+        )
+        / others
+        for root, drop in drops.items()
+    }
+
+
+def allocate(plan: ChannelPlan, target_sparsity: float, sensitivity: Sensitivity) -> ChannelPlan:
+    """A plan that removes fewer channels from sensitive groups and more from the others, at the cost (MACs)
+    of removing ``target_sparsity`` of every free group: see the module doc for the rule."""
+    ranks = sensitivity_ranks(sensitivity)
+    if not any(ranks.values()):  # no group tells apart from the others: nothing to move
+        return plan.removing(target_sparsity)
+    upper = min(MAX_SPARSITY, 2 * target_sparsity)
+    if any(plan.macs.values()):
+        cost = ChannelPlan.cost
+    else:  # no layer the plan changes multiplies (embeddings only): count channels instead
+
+        def cost(p: ChannelPlan) -> float:
+            return 1 - p.removed_fraction()
+
+    def at(level: float) -> ChannelPlan:
+        return plan.removing(
+            {root: float(np.clip(level * (1 - SPREAD * ranks.get(root, 0.0)), 0, upper)) for root in plan.free}
+        )
+
+    budget = cost(plan.removing(target_sparsity))
+    low, high = 0.0, upper / (1 - SPREAD)  # at high every group is at the upper bound
+    if cost(at(high)) > budget:  # the bounds cannot reach the budget: remove as much as they allow
+        return at(high)
+    for _ in range(40):  # the smallest level that costs no more than the budget
+        middle = (low + high) / 2
+        low, high = (low, middle) if cost(at(middle)) <= budget else (middle, high)
+    return at(high)
+
+
+def group_fractions(plan: ChannelPlan) -> dict:
+    """Free group root -> the fraction of its channels ``plan`` removes (after rounding to whole channels)."""
+    return {
+        root: 1 - len(plan.keep.get(root, range(plan.groups.size[root]))) / plan.groups.size[root] for root in plan.free
+    }
+
+
+def note_line(plan: ChannelPlan, target_sparsity: float, by: str | None = None, shown: int = 6) -> str | None:
+    """One line naming the layers that shrank and by how much, e.g. ``... conv2d 32->16, dense 64->32``.
+
+    ``by``: what per-group fractions were allocated by (e.g. ``validation accuracy``); None: uniform.
+    """
     shrunk = plan.shrunk
     if not shrunk:
         return None
     parts = [f"{name} {before}->{after}" for name, (before, after) in list(shrunk.items())[:shown]]
     more = f" and {len(shrunk) - shown} more" if len(shrunk) > shown else ""
+    removed, extra = f"{target_sparsity:.0%}", ""
+    if by is not None:
+        fractions = group_fractions(plan).values()
+        removed = f"{plan.removed_fraction():.0%}"
+        extra = (
+            f", per layer {min(fractions):.0%}-{max(fractions):.0%} by {by} sensitivity "
+            f"(the MACs of {target_sparsity:.0%} everywhere)"
+        )
     return (
-        f"prune(method=channels) removed {target_sparsity:.0%} of the channels of {len(shrunk)} of "
-        f"{len(plan.widths)} layers that set a width: " + ", ".join(parts) + more
+        f"prune(method=channels) removed {removed} of the channels of {len(shrunk)} of {len(plan.widths)} layers "
+        f"that set a width{extra}: " + ", ".join(parts) + more
     )

@@ -53,7 +53,12 @@ class Prune(Technique):
     a smaller dense model of the same architecture and fine-tunes it. The
     model's inputs and outputs keep their shapes; layers it cannot follow keep
     their widths and are named in ``info["notes"]``, as are the layers that
-    shrank (``info["channels"]``: name -> [width before, after]).
+    shrank (``info["channels"]``: name -> [width before, after]). With
+    ``allocation=sensitivity`` (the default) each channel group's fraction
+    comes from what removing ``target_sparsity`` of it alone costs the task's
+    metric on the validation split: sensitive groups lose fewer channels, the
+    others more, and the model keeps the multiply-accumulates removing
+    ``target_sparsity`` everywhere would leave (``allocation=uniform``).
 
     ``keep_dense`` names layers left dense (every method): tfmot wraps only the
     other layers (per-layer pruning through ``clone_model``), l1 neither
@@ -92,7 +97,8 @@ class Prune(Technique):
             lt=1,
             description="Fraction of kernel weights to zero (magnitude and l1; structured gets m/n); "
             "with keep_dense, of the pruned layers' weights (the whole model's sparsity is lower); "
-            "channels: fraction of each prunable layer's filters/units removed.",
+            "channels: fraction of each prunable layer's filters/units removed (allocation=uniform), or the "
+            "MACs of removing that fraction, shared out by sensitivity (allocation=sensitivity).",
         )
         # 20 epochs at Adam's default rate (tfmot's own guide fine-tunes at 1e-3) let demo:mlp
         # reach 90% sparsity + int8 within ~0.5 points; lower rates left it 1-2 points short.
@@ -113,6 +119,12 @@ class Prune(Technique):
         norm: Literal["l1", "l2"] = Field(
             "l1",
             description="channels only: the norm of a filter that ranks it (times |gamma| of a BatchNorm after it).",
+        )
+        allocation: Literal["sensitivity", "uniform"] = Field(
+            "sensitivity",
+            description="channels only: sensitivity: each channel group loses a fraction set by what removing it "
+            "alone costs the task's metric on the validation split (sensitive groups lose fewer channels, the "
+            "others more, at the MACs uniform removal would leave); uniform: every group loses target_sparsity.",
         )
         keep_dense: LayerNames = Field(
             [],
@@ -139,6 +151,8 @@ class Prune(Technique):
                 )
             if self.method != "channels" and "norm" in self.model_fields_set:
                 raise ValueError("norm applies to method=channels only (it ranks whole filters)")
+            if self.method != "channels" and "allocation" in self.model_fields_set:
+                raise ValueError("allocation applies to method=channels only (it shares out whole filters)")
             return self
 
         def m_n(self) -> tuple[int, int]:
@@ -200,9 +214,40 @@ def _channel_plan(keras_model, config: Prune.Config) -> _channels.ChannelPlan:
     return plan
 
 
+def _by_sensitivity(source, plan: _channels.ChannelPlan, config: Prune.Config, ctx: StepContext):
+    """``plan`` with per-group fractions from each group's sensitivity on the validation split
+    (:func:`kfopt.plugins.channels.allocate`), and the metric they were measured with; ``(plan, None)`` when there
+    is no validation split to measure on (every group then loses ``target_sparsity``)."""
+    from kfopt.data import labels
+    from kfopt.recipe_search.sensitivity import _task_and_metric
+    from kfopt.training import scored_output, task_of
+
+    try:
+        x, y = ctx.validation.arrays() if ctx.validation is not None else ((), ())
+    except ValueError:  # an empty tf.data split
+        x, y = (), ()
+    if not len(x):
+        return plan, None
+    x, y = x[: _channels.SENSITIVITY_SAMPLES], labels(y[: _channels.SENSITIVITY_SAMPLES])
+    task, metric = _task_and_metric(source, y, task_of(source, ctx), None)
+    copy = copy_model(source)  # masked() assigns kernels: never the caller's
+    reporter = ctx.progress
+    if reporter is not None:
+        reporter.say(f"prune(method=channels): measuring {len(plan.free)} channel groups' sensitivity")
+    sensitivity = _channels.measure_sensitivity(
+        copy, plan, config.target_sparsity, x, task.targets(y), task, metric, scored_output(source, ctx)
+    )
+    return _channels.allocate(plan, config.target_sparsity, sensitivity), f"validation {sensitivity.metric}"
+
+
 def _prune_channels(model: ModelHandle, source, config: Prune.Config, ctx: StepContext, loss) -> ModelHandle:
     """Remove channels (see :mod:`kfopt.plugins.channels`), then fine-tune the smaller model with the task's loss."""
     plan = _channel_plan(source, config)
+    by, uniform_why = None, None
+    if config.allocation == "sensitivity":
+        plan, by = _by_sensitivity(source, plan, config, ctx)
+        if by is None:
+            uniform_why = "no validation split to measure layer sensitivity on: every layer lost the same fraction"
     with ctx.strategy.scope():
         smaller = _channels.remove_channels(source, plan)
     fine_tune(
@@ -210,14 +255,16 @@ def _prune_channels(model: ModelHandle, source, config: Prune.Config, ctx: StepC
         ctx,
         epochs=config.epochs,
         learning_rate=config.learning_rate,
-        description=f"fine-tuning after removing {config.target_sparsity:.0%} of the channels",
+        description=f"fine-tuning after removing {plan.removed_fraction():.0%} of the channels",
         loss=loss,
         batch_size=BATCH_SIZE,
     )
     info = {key: value for key, value in model.info.items() if key not in STALE_AFTER_CHANNELS}
     info["sparsity"] = weight_sparsity(smaller)
     info["channels"] = {name: list(widths) for name, widths in plan.shrunk.items()}
-    notes = with_note(model.info, _channels.note_line(plan, config.target_sparsity))
+    notes = with_note(model.info, _channels.note_line(plan, config.target_sparsity, by))
+    if uniform_why:
+        notes = with_note({"notes": notes}, f"prune(method=channels): {uniform_why}")
     if plan.left:
         info["full_width"] = plan.left
         notes = with_note({"notes": notes}, note("prune(method=channels)", plan.left, len(plan.widths), "full width"))

@@ -11,7 +11,15 @@ from kfopt import _tf
 from kfopt.errors import KfoptError
 from kfopt.flops import keras_flops, tflite_flops
 from kfopt.plugins import ModelHandle
-from kfopt.plugins.channels import plan_channels, remove_channels
+from kfopt.plugins.channels import (
+    Sensitivity,
+    allocate,
+    group_fractions,
+    masked,
+    measure_sensitivity,
+    plan_channels,
+    remove_channels,
+)
 from kfopt.plugins.prune import Prune
 from kfopt.signature import model_info
 
@@ -271,7 +279,7 @@ def test_a_model_with_nothing_to_remove_is_refused_before_any_work():
 def test_technique_fine_tunes_and_reports_what_shrank(cnn, digits_images, ctx_factory):
     out = Prune().apply(
         ModelHandle.from_keras(cnn),
-        Prune.Config(method="channels", target_sparsity=0.5, epochs=1),
+        Prune.Config(method="channels", target_sparsity=0.5, allocation="uniform", epochs=1),
         ctx_factory(digits_images),
     )
     smaller = out.keras()
@@ -298,9 +306,10 @@ def test_channels_then_int8_runs_end_to_end(cnn, digits_images, tmp_path):
     (candidate,) = result.candidates
     assert candidate.status == "ok", candidate.reason
     assert candidate.format == "tflite"
-    assert candidate.params < result.baseline.params / 2.5
+    # by sensitivity (the default) at the MACs of removing half everywhere: the params fall less than the flops
+    assert candidate.params < result.baseline.params
     assert candidate.flops < result.baseline.flops / 2.5
-    assert any("prune(method=channels) removed 50%" in line for line in candidate.notes)
+    assert any("prune(method=channels) removed" in line and "sensitivity" in line for line in candidate.notes)
 
 
 def test_a_student_distilled_after_channel_pruning_does_not_carry_its_widths(cnn, digits_images, ctx_factory):
@@ -310,3 +319,129 @@ def test_a_student_distilled_after_channel_pruning_does_not_carry_its_widths(cnn
     handle = ModelHandle.from_keras(cnn, info=info)
     out = Distill().apply(handle, Distill.Config(width=0.5, epochs=1), ctx_factory(digits_images))
     assert "channels" not in out.info and "full_width" not in out.info
+
+
+# -- per-group fractions from sensitivity ---------------------------------------------------------------------------
+def test_a_masked_model_computes_what_the_smaller_model_computes():
+    """Zeroing the rows that read removed channels is removing them: what the sensitivity pass relies on."""
+    model = graph_model()
+    x = inputs(16)
+    before = model.predict(x, verbose=0)
+    uniform = plan_channels(model, 0.5)
+    ranks = {root: (i % 3) * 0.3 for i, root in enumerate(uniform.free)}  # an uneven plan too
+    for plan in (uniform, uniform.removing(ranks)):
+        assert plan.shrunk
+        with masked(model, plan):
+            got = model.predict(x, verbose=0)
+        np.testing.assert_allclose(got, remove_channels(model, plan).predict(x, verbose=0), atol=1e-5)
+        assert np.abs(got - before).max() > 1e-3  # it did remove something
+    np.testing.assert_array_equal(model.predict(x, verbose=0), before)  # the kernels were restored
+
+
+def two_convs(tiny_half: str):
+    """Two conv groups feeding a softmax head; ``tiny_half``'s least important half carries almost nothing."""
+    keras = _tf.keras()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs_ = keras.Input((8, 8, 3))
+    x = layers.Conv2D(8, 3, activation="relu", name="a")(inputs_)
+    x = layers.Conv2D(8, 3, activation="relu", name="b")(x)
+    model = keras.Model(inputs_, layers.Dense(3, activation="softmax", name="out")(layers.GlobalAveragePooling2D()(x)))
+    layer = model.get_layer(tiny_half)
+    kernel, bias = layer.get_weights()
+    kernel[..., :4] *= 1e-3
+    bias[:4] = 0
+    layer.set_weights([kernel, bias])
+    return model
+
+
+def sensitivity_of(model, count=300):
+    from kfopt.plugins.manager import registry
+    from kfopt.task import infer_task
+
+    x = np.random.default_rng(4).normal(size=(count, 8, 8, 3)).astype(np.float32)
+    y = model.predict(x, verbose=0).argmax(axis=1)  # the model is right on every sample: drops are its losses
+    task = infer_task(model, [y])
+    metric = registry().metrics[task.metric]
+    return measure_sensitivity(model, plan_channels(model, 0.5), 0.5, x, task.targets(y), task, metric)
+
+
+def test_a_sensitive_group_loses_fewer_channels_than_an_insensitive_one():
+    for insensitive, sensitive in (("a", "b"), ("b", "a")):
+        model = two_convs(insensitive)
+        plan = plan_channels(model, 0.5)
+        found = sensitivity_of(model)
+        root = {name: plan.groups.find(("out", name)) for name in "ab"}
+        assert found.metric == "accuracy" and found.resolution == pytest.approx(1 / 300)
+        assert found.drops[root[sensitive]] > found.drops[root[insensitive]] + 3 * found.resolution
+        smaller = allocate(plan, 0.5, found)
+        fractions = group_fractions(smaller)
+        assert fractions[root[sensitive]] < 0.5 < fractions[root[insensitive]]
+        assert smaller.widths[sensitive][1] > smaller.widths[insensitive][1]
+        # the same cost as removing half everywhere, within one channel
+        assert smaller.cost() <= plan.cost()
+        assert smaller.cost() > plan.cost() * 0.85
+
+
+def test_groups_a_small_split_cannot_tell_apart_lose_the_same_fraction():
+    model = graph_model()
+    plan = plan_channels(model, 0.5)
+    alike = Sensitivity("accuracy", {root: 0.01 * (i % 2) for i, root in enumerate(plan.free)}, 0.01, 100)
+    assert allocate(plan, 0.5, alike).widths == plan.widths  # within one sample of each other: uniform exactly
+    apart = Sensitivity("accuracy", {root: 0.05 * i for i, root in enumerate(plan.free)}, 0.01, 100)
+    varied = allocate(plan, 0.5, apart)
+    assert varied.widths != plan.widths
+    assert max(varied.sparsity.values()) <= 0.95 and min(varied.sparsity.values()) >= 0
+    assert all(after >= 1 for _, after in varied.widths.values())
+    assert varied.cost() <= plan.cost()
+
+
+def test_keep_dense_layers_keep_their_width_under_sensitivity():
+    model = graph_model()
+    plan = plan_channels(model, 0.5, keep_dense=["mix", "fc"])
+    drops = Sensitivity("accuracy", {root: 0.03 * i for i, root in enumerate(plan.free)}, 0.01, 100)
+    varied = allocate(plan, 0.5, drops)
+    assert varied.widths["mix"] == (24, 24) and varied.widths["fc"] == (32, 32)
+    assert set(varied.left) == {"mix", "fc"} and varied.shrunk
+
+
+def test_config_allocation_is_for_channels_only():
+    assert Prune.Config(method="channels", target_sparsity=0.5).allocation == "sensitivity"
+    assert Prune.Config(method="channels", allocation="uniform").allocation == "uniform"
+    with pytest.raises(pydantic.ValidationError, match="allocation applies to method=channels"):
+        Prune.Config(method="magnitude", allocation="uniform")
+    with pytest.raises(pydantic.ValidationError):
+        Prune.Config(method="channels", allocation="flops")
+
+
+def test_technique_allocates_by_validation_sensitivity(cnn, digits_images, ctx_factory):
+    """The default: per-layer fractions vary, every shrunk layer is reported, no more MACs than uniform."""
+    from kfopt.flops import keras_flops
+
+    handle = ModelHandle.from_keras(cnn)
+    ctx = ctx_factory(digits_images)
+    out = Prune().apply(handle, Prune.Config(method="channels", target_sparsity=0.5, epochs=1), ctx)
+    uniform = remove_channels(cnn, plan_channels(cnn, 0.5))
+    (line,) = [n for n in out.info["notes"] if n.startswith("prune(method=channels) removed")]
+    assert "by validation accuracy sensitivity (the MACs of 50% everywhere)" in line, line
+    shrunk = {name: [before, after] for name, (before, after) in plan_channels(cnn, 0.5).widths.items()}
+    assert set(out.info["channels"]) <= set(shrunk) and out.info["channels"]
+    assert all(out.info["channels"][name][0] == shrunk[name][0] for name in out.info["channels"])
+    assert keras_flops(out.keras()) <= keras_flops(uniform)
+    x, y = digits_images.test.arrays()
+    assert float((out.keras().predict(x, verbose=0).argmax(axis=1) == y).mean()) > 0.8
+
+
+def test_without_validation_data_every_layer_loses_the_same_fraction(cnn, digits_images, ctx_factory):
+    from dataclasses import replace
+
+    from kfopt.data import Split
+    from kfopt.plugins.prune import _by_sensitivity
+
+    ctx = ctx_factory(digits_images)
+    x, y = digits_images.validation.arrays()
+    plan = plan_channels(cnn, 0.5)
+    config = Prune.Config(method="channels", target_sparsity=0.5)
+    assert _by_sensitivity(cnn, plan, config, replace(ctx, validation=Split(x[:0], y[:0]))) == (plan, None)
+    measured, by = _by_sensitivity(cnn, plan, config, ctx)
+    assert by == "validation accuracy" and measured.widths != plan.widths
