@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
+
 from . import _tf
 
 #: Recurrent cells: multiply-accumulate blocks per step (one per gate).
@@ -149,7 +151,10 @@ def _attention_macs(layer, inputs: list[tuple], outputs: list[tuple]) -> int:
 
 
 def tflite_flops(content: bytes) -> int | None:
-    """Multiply-accumulates of a TFLite model for one input, from its operators (None when a shape is unknown)."""
+    """Multiply-accumulates of a TFLite model for one input, from its operators (None when a shape is unknown).
+
+    The model runs once on zeros first: the shapes of tensors a runtime Reshape makes are only known then.
+    """
     tf = _tf.tf()
     with warnings.catch_warnings():  # tf.lite.Interpreter's notice about LiteRT
         warnings.simplefilter("ignore")
@@ -157,8 +162,15 @@ def tflite_flops(content: bytes) -> int | None:
             model_content=content,
             experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
         )
-    shapes = {t["index"]: tuple(int(d) for d in t["shape"]) for t in interpreter.get_tensor_details()}
     inputs = interpreter.get_input_details()
+    try:  # a tensor after a Reshape computed at run time has its shape only once the model ran
+        interpreter.allocate_tensors()
+        for detail in inputs:
+            interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+        interpreter.invoke()
+    except (RuntimeError, ValueError):
+        return None
+    shapes = {t["index"]: tuple(int(d) for d in t["shape"]) for t in interpreter.get_tensor_details()}
     batch = int(inputs[0]["shape"][0]) if inputs and len(inputs[0]["shape"]) > 1 else 1
     total = 0
     try:

@@ -30,3 +30,17 @@ def test_a_tflite_operator_that_multiplies_by_weights_kfopt_cannot_count_gives_n
         with pytest.raises(_Unknown):
             _tflite_op_macs(name, [(1, 4)], (1, 4))
     assert _tflite_op_macs("FlexTensorListReserve", [(1, 4)], (1, 4)) == 0
+
+
+def test_a_transformer_has_the_same_flops_in_keras_and_in_tflite():
+    # Its feed-forward block reads a tensor reshaped at run time: counted before running, it looked 1 token long.
+    keras = _tf.keras()
+    layers = keras.layers
+    tokens = keras.Input((24,), dtype="int32")
+    x = layers.Embedding(64, 32)(tokens)
+    x = layers.Add()([x, layers.MultiHeadAttention(num_heads=2, key_dim=16)(x, x)])
+    x = layers.Dense(32)(layers.Dense(64, activation="relu")(x))
+    model = keras.Model(tokens, layers.Dense(3)(layers.GlobalAveragePooling1D()(x)))
+    attention = 4 * 24 * 32 * 32 + 2 * 24 * 24 * 2 * 16
+    assert keras_flops(model) == attention + 2 * 24 * 32 * 64 + 32 * 3
+    assert tflite_flops(to_tflite(model)) == keras_flops(model)
