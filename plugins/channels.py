@@ -46,19 +46,21 @@ How many channels a group keeps (``round(size * (1 - fraction))``, at least one)
   group alone loses its ``target_sparsity`` least important channels, and the
   task's metric is scored on the validation split (one forward pass per group,
   no rebuild, no training: removing a channel is zeroing the kernel rows that
-  read it, :func:`masked`). Each group's *rank* ``u`` in [-1, 1] is the share
-  of the other groups it is clearly more sensitive than minus the share it is
-  clearly less sensitive than; drops within the metric's resolution (one
-  validation sample for accuracy) are alike, so groups a small split cannot
-  tell apart rank together, and when none can be told apart the plan is the
-  uniform one. A group removes ``clip(level * (1 - SPREAD * u), 0,
-  min(0.95, 2 * target_sparsity))``, and ``level`` is the smallest for which the
-  model's multiply-accumulates are no more than uniform removal's: the two
-  allocations compare at the same flops (within one channel's rounding), and
-  sensitive groups pay for what they keep with the insensitive ones' channels.
-  Weighting by MACs rather than channel counts makes ``target_sparsity`` mean
-  the same cost either way; where no changed layer multiplies (embeddings
-  only), channel counts are matched instead.
+  read it, :func:`masked`). A drop is counted in whole units of the metric's
+  resolution, at least one (accuracy: validation samples), so drops within one
+  sample are alike and a split that cannot tell the groups apart gives the
+  uniform plan. Each group's *gain* is the MACs its removal saves per unit of
+  metric lost; a group keeps ``clip(1 - level * gain / mean gain, k/2,
+  min(1, 2k))`` of its channels (``k = 1 - target_sparsity``, what uniform
+  removal keeps), and ``level`` is the smallest for which the model's MACs are
+  no more than uniform removal's. So both allocations compare at the same
+  flops (within one channel's rounding), groups that cost the metric little
+  for what they save lose more, the others fewer, and none is pruned to less
+  than half the width uniform pruning would leave it. MACs rather than channel
+  counts make ``target_sparsity`` mean the same cost either way; where no
+  changed layer multiplies (embeddings only), channel counts are matched.
+
+The bench (``bench/channels.py``) decides the default: see ``Prune.Config.allocation``.
 """
 
 from __future__ import annotations
@@ -104,10 +106,9 @@ MIXING_ACTIVATIONS = frozenset({"softmax", "log_softmax"})
 JOINS = frozenset({"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"})
 #: Why a group keeps every channel when it reaches the model's input or output.
 INPUT, OUTPUT = "it is the model's input", "it is the model's output"
-#: Sensitivity allocation: the most sensitive group removes ``1 - SPREAD`` times the common fraction, the least
-#: sensitive ``1 + SPREAD`` times it (before clipping to [0, ``min(MAX_SPARSITY, 2 * target)``]).
-SPREAD = 0.6
-MAX_SPARSITY = 0.95
+#: Sensitivity allocation: every group keeps between these multiples of the fraction uniform removal keeps (and
+#: at most all of its channels): no group becomes a bottleneck far narrower than uniform pruning would make it.
+KEEP_RANGE = (0.5, 2.0)
 #: Validation samples the sensitivity pass scores: one forward pass over them per free group.
 SENSITIVITY_SAMPLES = 2048
 
@@ -665,32 +666,29 @@ def measure_sensitivity(model, plan: ChannelPlan, sparsity: float, x, y_true, ta
     return Sensitivity(metric.name, drops, 1 / counted if counted else None, len(y_true))
 
 
-def sensitivity_ranks(sensitivity: Sensitivity) -> dict:
-    """Group root -> where it stands among the free groups, from -1 (less sensitive than every other) to 1 (more
-    sensitive than every other): the share of the others it is clearly more sensitive than, minus the share it is
-    clearly less sensitive than. Drops within the metric's resolution (one validation sample for accuracy) are
-    alike: neither counts against the other, so groups a small split cannot tell apart stand together. A drop
-    that could not be scored counts as the largest."""
-    drops = {root: np.inf if d is None else d for root, d in sensitivity.drops.items()}
-    tolerance = (sensitivity.resolution or 0.0) + 1e-9
-    others = max(1, len(drops) - 1)
-    return {
-        root: (
-            sum(other < drop - tolerance for other in drops.values())
-            - sum(other > drop + tolerance for other in drops.values())
-        )
-        / others
-        for root, drop in drops.items()
-    }
+def counted_drops(sensitivity: Sensitivity) -> dict:
+    """Group root -> its drop in whole units of the metric's resolution, at least one (accuracy: validation
+    samples, so drops within one sample of each other are alike and a drop of 0 or 1 sample counts as 1); for a
+    metric without a resolution the drop itself, at least 1e-6. A drop that could not be scored is infinite."""
+    unit = sensitivity.resolution
+    counted = {}
+    for root, drop in sensitivity.drops.items():
+        if drop is None or not np.isfinite(drop):
+            counted[root] = np.inf
+        elif unit:
+            counted[root] = max(1, round(drop / unit)) * unit
+        else:
+            counted[root] = max(drop, 1e-6)
+    return counted
 
 
 def allocate(plan: ChannelPlan, target_sparsity: float, sensitivity: Sensitivity) -> ChannelPlan:
-    """A plan that removes fewer channels from sensitive groups and more from the others, at the cost (MACs)
-    of removing ``target_sparsity`` of every free group: see the module doc for the rule."""
-    ranks = sensitivity_ranks(sensitivity)
-    if not any(ranks.values()):  # no group tells apart from the others: nothing to move
+    """A plan that removes fewer channels from groups whose removal costs the metric much for the MACs it saves,
+    and more from the others, at the MACs of removing ``target_sparsity`` of every free group: see the module doc
+    for the rule. The uniform plan when the groups' drops cannot be told apart."""
+    drops = counted_drops(sensitivity)
+    if len(set(drops.values())) < 2:  # no group tells apart from the others: nothing to move
         return plan.removing(target_sparsity)
-    upper = min(MAX_SPARSITY, 2 * target_sparsity)
     if any(plan.macs.values()):
         cost = ChannelPlan.cost
     else:  # no layer the plan changes multiplies (embeddings only): count channels instead
@@ -698,19 +696,24 @@ def allocate(plan: ChannelPlan, target_sparsity: float, sensitivity: Sensitivity
         def cost(p: ChannelPlan) -> float:
             return 1 - p.removed_fraction()
 
+    full = cost(plan.removing(0.0))
+    # MACs saved per unit of metric lost, when the group alone loses target_sparsity of its channels
+    gain = {root: (full - cost(plan.removing({root: target_sparsity}))) / drops[root] for root in plan.free}
+    mean = float(np.mean(list(gain.values()))) or 1.0
+    kept = 1 - target_sparsity
+    low, high = kept * KEEP_RANGE[0], min(1.0, kept * KEEP_RANGE[1])
+
     def at(level: float) -> ChannelPlan:
-        return plan.removing(
-            {root: float(np.clip(level * (1 - SPREAD * ranks.get(root, 0.0)), 0, upper)) for root in plan.free}
-        )
+        return plan.removing({root: 1 - float(np.clip(1 - level * gain[root] / mean, low, high)) for root in plan.free})
 
     budget = cost(plan.removing(target_sparsity))
-    low, high = 0.0, upper / (1 - SPREAD)  # at high every group is at the upper bound
-    if cost(at(high)) > budget:  # the bounds cannot reach the budget: remove as much as they allow
-        return at(high)
+    small, large = 0.0, 1.0
+    while cost(at(large)) > budget and large < 1e6:  # at a large enough level every group keeps ``low``
+        small, large = large, large * 2
     for _ in range(40):  # the smallest level that costs no more than the budget
-        middle = (low + high) / 2
-        low, high = (low, middle) if cost(at(middle)) <= budget else (middle, high)
-    return at(high)
+        middle = (small + large) / 2
+        small, large = (small, middle) if cost(at(middle)) <= budget else (middle, large)
+    return at(large)
 
 
 def group_fractions(plan: ChannelPlan) -> dict:
