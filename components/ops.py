@@ -240,16 +240,15 @@ def plan_search(
     stop_when_met: bool,
     max_accuracy_drop: str,
     objective: str,
-    sensitivity: float,
-    seed: int,
     baseline: Input[Model],
-    dataset: Input[Dataset],
     search: Output[Artifact],
     status: Output[Artifact],
+    items: list,
     until_no_gain: bool = False,
     channels_at: int = -1,
+    groups: bool = False,
 ) -> list[str]:
-    """Records the search's bounds, measures each layer's sensitivity (validation split), proposes round-1 channels.
+    """Records the search's bounds and proposes round-1 channel pruning, as loop items of the round-1 loop.
 
     Args:
         rounds: Refinement rounds after round 1 (fixed when the pipeline was compiled); with until_no_gain the
@@ -259,19 +258,19 @@ def plan_search(
         target: compression_ratio (objective size) or speedup (latency) to reach; 0 = none.
         stop_when_met: Stop refining once a candidate within the budget reaches the target.
         max_accuracy_drop: The budget: a drop of the metric (0.01) or a percentage of the baseline's value (1%).
-        objective: 'size' or 'latency'.
-        sensitivity: Sparsity each layer alone is pruned to when measuring sensitivity; 0 = skip.
-        seed: Seed the data splits were made with.
+        objective: 'size', 'latency' or 'mix'.
         baseline: The prepared baseline.
-        dataset: The prepared data spec.
-        search: search.json: the bounds, the layer sensitivity rows and the round-1 channel recipes.
+        search: search.json: the bounds and the round-1 channel recipes.
         status: How the step went (kfopt.components.status.StepStatus as JSON).
+        items: The round-1 loop's own items (JSON), which the channel recipes join.
         until_no_gain: Refine while a round gains (at most `rounds` rounds), as kfopt search does.
         channels_at: Loop position of a round-1 channel pruning recipe (built-in search space, objective latency
             or mix, a Keras conv model); -1: none.
+        groups: The loop runs optimize-group steps (its items are lists): a channel recipe comes as a group of one.
 
     Returns:
-        Loop items (JSON) of the round-1 channel pruning recipes, or one 'stopped' no-op item.
+        The loop items: `items`, then the round-1 channel pruning recipes (or one 'stopped' no-op item when both
+        are empty).
     """
     from kfopt.components.status import step_status
 
@@ -280,7 +279,6 @@ def plan_search(
 
         plan = plan_search_step(
             baseline.path,
-            dataset.path,
             search.path,
             rounds=rounds,
             max_trials=max_trials,
@@ -289,12 +287,38 @@ def plan_search(
             stop_when_met=stop_when_met,
             max_accuracy_drop=max_accuracy_drop,
             objective=objective,
-            sensitivity=sensitivity,
-            seed=seed,
             until_no_gain=until_no_gain,
             channels_at=channels_at,
         )
-        return round_one_items(plan)
+        return round_one_items(plan, items, groups=groups)
+
+
+def layer_sensitivity(
+    sensitivity: float,
+    seed: int,
+    baseline: Input[Model],
+    dataset: Input[Dataset],
+    plan: Input[Artifact],
+    search: Output[Artifact],
+    status: Output[Artifact],
+):
+    """Measures each layer's sensitivity (validation split) for the refinement rounds, beside round 1.
+
+    Args:
+        sensitivity: Sparsity each layer alone is pruned to when measuring sensitivity; 0 = skip.
+        seed: Seed the data splits were made with.
+        baseline: The prepared baseline.
+        dataset: The prepared data spec.
+        plan: The plan step's search plan.
+        search: search.json: the plan with the layer sensitivity rows.
+        status: How the step went (kfopt.components.status.StepStatus as JSON).
+    """
+    from kfopt.components.status import step_status
+
+    with step_status("layer-sensitivity", status.path):
+        from kfopt.components.steps import sensitivity_step
+
+        sensitivity_step(baseline.path, dataset.path, plan.path, search.path, sensitivity=sensitivity, seed=seed)
 
 
 def propose(number: int, results: Input[Artifact], search: Input[Artifact], status: Output[Artifact]) -> list[str]:
@@ -323,16 +347,12 @@ def select(
     baseline: Input[Model],
     results: Output[Artifact],
     metrics: Output[Metrics],
-    confusion: Output[ClassificationMetrics],
     status: Output[Artifact],
     number: int = 1,
     accelerator_candidates: Input[list[Model]] = None,
     cpu_candidates: Input[list[Model]] = None,
     previous: Input[Artifact] = None,
     search: Input[Artifact] = None,
-    channel_candidates: Input[list[Model]] = None,
-    dataset: Input[Dataset] = None,
-    seed: int = 0,
 ) -> str:
     """Picks the best candidate within the accuracy budget and the Pareto front.
 
@@ -342,8 +362,6 @@ def select(
         baseline: The prepared baseline.
         results: metrics.json (baseline, candidates, winner, pareto) plus copies of every model.
         metrics: The winner's metrics, for the KFP UI.
-        confusion: The winner's confusion matrix on the test split (a classifier's, with the data given; the KFP UI
-            shows it); empty otherwise.
         status: How the step went (kfopt.components.status.StepStatus as JSON).
         number: The search round whose candidates these are.
         accelerator_candidates: Candidates of the recipes that fine-tune.
@@ -351,9 +369,6 @@ def select(
             recipes; every recipe when the pipeline has no placement) or of optimize steps.
         previous: The previous round's results (a search round after the first).
         search: The search plan (bounds and layer sensitivity), in a search.
-        channel_candidates: Candidates of the round-1 channel pruning recipes the search plan proposed.
-        dataset: The prepared data spec: given to the last select only, which logs the winner's confusion matrix.
-        seed: Seed the data splits were made with.
 
     Returns:
         The winning recipe's label, or an empty string when no candidate is within the budget.
@@ -361,10 +376,10 @@ def select(
     from kfopt.components.status import step_status
 
     with step_status("select", status.path):
-        from kfopt.components.ops import log_metrics, write_metadata
+        from kfopt.components.ops import log_metrics
         from kfopt.components.steps import select_step
 
-        found = list(accelerator_candidates or []) + list(cpu_candidates or []) + list(channel_candidates or [])
+        found = list(accelerator_candidates or []) + list(cpu_candidates or [])
         directories = [c.path for c in found]
         result = select_step(
             baseline.path,
@@ -380,18 +395,6 @@ def select(
             {"winner": result.winner or "", "pareto": result.pareto, "candidates": len(result.candidates)}
         )
         log_metrics(metrics, result.winning_candidate or {})
-        matrix = None
-        if dataset is not None:
-            from kfopt.components.steps import confusion_step
-
-            try:
-                matrix = confusion_step(results.path, baseline.path, dataset.path, seed=seed)
-            except Exception as exc:  # a picture for the UI: it never costs the run its report and promotion
-                print(f"no confusion matrix: {type(exc).__name__}: {exc}")
-        if matrix is not None:
-            confusion.log_confusion_matrix(matrix.categories, matrix.matrix)
-            confusion.metadata["recipe"] = matrix.recipe
-        write_metadata(confusion)  # the file exists also without a matrix: kfp.local's cache checks it
         return result.winner or ""
 
 
@@ -419,10 +422,17 @@ def promote(
     objective: str,
     experiment: str,
     results: Input[Artifact],
+    confusion: Output[ClassificationMetrics],
     status: Output[Artifact],
     kfp_run_id: str = "",
+    baseline: Input[Model] = None,
+    dataset: Input[Dataset] = None,
+    seed: int = 0,
 ) -> NamedTuple("Outputs", [("registered_model", str), ("version", str), ("promoted", bool), ("alias", str)]):  # noqa: UP014
-    """Registers the winner in MLflow and moves the champion alias if it passes the gate.
+    """Registers the winner in MLflow, moves the champion alias if it passes the gate, logs its confusion matrix.
+
+    The confusion matrix runs the winner on the test split, which needs TensorFlow: this step loads it for
+    MLflow anyway, so select and report stay light (no TensorFlow in their processes).
 
     Args:
         registered_model: Registered model name ('' = 'kfopt-' + the model's name).
@@ -431,8 +441,13 @@ def promote(
         objective: 'size' or 'latency'.
         experiment: MLflow experiment name.
         results: The select step's results.
+        confusion: The winner's confusion matrix on the test split (a classifier's, given the baseline and data; the
+            KFP UI shows it); empty otherwise.
         status: How the step went, with the registration and the MLflow tracking record, also when MLflow failed.
         kfp_run_id: This pipeline run's id (dsl.PIPELINE_JOB_ID_PLACEHOLDER), tagged on the MLflow runs as kfopt.kfp_run_id.
+        baseline: The prepared baseline (the confusion matrix runs the winner as the Evaluator ran it).
+        dataset: The prepared data spec (the test split of the confusion matrix).
+        seed: Seed the data splits were made with.
 
     Returns:
         registered_model: JSON of the registered model (name, version, aliases, promoted), or of {"skipped": reason}.
@@ -447,7 +462,8 @@ def promote(
         import os
         from typing import NamedTuple
 
-        from kfopt.components.steps import promote_step
+        from kfopt.components.ops import write_metadata
+        from kfopt.components.steps import confusion_step, promote_step
         from kfopt.lineage import KFP_RUN_ID_ENV
 
         if kfp_run_id:
@@ -466,6 +482,17 @@ def promote(
             experiment=experiment,
             status=step,
         )
+        # After registering (a picture for the UI never delays or costs the registration).
+        matrix = None
+        if baseline is not None and dataset is not None:
+            try:
+                matrix = confusion_step(results.path, baseline.path, dataset.path, seed=seed)
+            except Exception as exc:
+                print(f"no confusion matrix: {type(exc).__name__}: {exc}")
+        if matrix is not None:
+            confusion.log_confusion_matrix(matrix.categories, matrix.matrix)
+            confusion.metadata["recipe"] = matrix.recipe
+        write_metadata(confusion)  # the file exists also without a matrix
         registration = step.registered_model
         if registration is None:
             return outputs(json.dumps({"skipped": step.tracking.error}), "", False, "")
@@ -523,6 +550,7 @@ class Components:
     optimize_group: object
     evaluate: object
     plan_search: object
+    layer_sensitivity: object
     propose: object
     select: object
     report: object
@@ -540,6 +568,7 @@ def build_components(image: str = DEFAULT_IMAGE) -> Components:
         optimize_group=make(optimize_group),
         evaluate=make(evaluate),
         plan_search=make(plan_search),
+        layer_sensitivity=make(layer_sensitivity),
         propose=make(propose),
         select=make(select),
         report=make(report),

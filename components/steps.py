@@ -471,7 +471,6 @@ STOPPED = "stopped"
 
 def plan_search_step(
     baseline_dir,
-    data_dir,
     search_dir,
     *,
     rounds: int,
@@ -481,33 +480,27 @@ def plan_search_step(
     stop_when_met: bool = False,
     max_accuracy_drop: float | str = 0.01,
     objective: str = "size",
-    sensitivity: float = 0.9,
-    seed: int = 0,
     until_no_gain: bool = False,
     channels_at: int = -1,
     registry=None,
-    reporter: Reporter | None = None,
 ) -> dict:
-    """Write ``search.json``: the search's bounds (``settings``), the baseline's ``layer_sensitivity`` and the
-    round-1 channel pruning recipes (``round_one``).
+    """Write ``search.json``: the search's bounds (``settings``) and the round-1 channel pruning recipes
+    (``round_one``); :func:`sensitivity_step` adds the layer sensitivity.
 
-    Pipeline parameters use 0 for "none" (``max_time``, ``target``,
-    ``sensitivity``). ``until_no_gain``: refine while a round gains, at most
-    ``rounds`` rounds (a pipeline compiled without an explicit number of
-    rounds), as ``kfopt search`` does. Layer sensitivity is measured on a Keras
-    baseline only (a SavedModel without Keras layers has none to prune), in the
-    run's task, metric and output (baseline.json's, through the step's
-    Evaluator). ``channels_at`` >= 0 (the built-in search space): for objective
-    latency or mix on a conv model, channel pruning joins round 1 as ``kfopt
-    search`` adds it (:func:`kfopt.recipe_search.driver.channel_recipes`), its loop
-    items numbered from that position; -1: none. The propose and select steps of
-    every round read this file.
+    Pipeline parameters use 0 for "none" (``max_time``, ``target``).
+    ``until_no_gain``: refine while a round gains, at most ``rounds`` rounds (a
+    pipeline compiled without an explicit number of rounds), as ``kfopt
+    search`` does. ``channels_at`` >= 0 (the built-in search space): channel
+    pruning joins round 1 where ``kfopt search`` adds it, decided by the same
+    function (:func:`kfopt.recipe_search.driver.channel_recipes`: objective
+    latency or mix, a Keras conv model), its loop items numbered from that
+    position; -1: none. Round 1 is the same with or without refinement rounds.
+    The propose and select steps of every round read this file.
     """
-    from kfopt.recipe_search import layer_sensitivity, search_settings
+    from kfopt.recipe_search import search_settings
     from kfopt.recipe_search.driver import channel_recipes
     from kfopt.select import budget_value
 
-    reporter = reporter or Reporter(enabled=False)
     settings = search_settings(
         rounds=rounds,
         max_trials=max_trials,
@@ -518,60 +511,94 @@ def plan_search_step(
         stop_when_met=stop_when_met,
         until_no_gain=until_no_gain,
     )
+    round_one = []
+    info = read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
+    # channel_recipes proposes nothing for objective size: the model (and TensorFlow) is not loaded for it.
+    if channels_at >= 0 and objective != "size" and (info.get("format") or "keras") == "keras":
+        baseline, _ = load_baseline(baseline_dir)
+        if registry is None:
+            from kfopt.plugins.manager import registry as build_registry
+
+            registry = build_registry()
+        round_one = [
+            {"position": channels_at + index, "round": 1, "why": proposal.why, "recipe": proposal.recipe}
+            for index, proposal in enumerate(channel_recipes(baseline.keras(), objective, registry))
+        ]
+    plan = {"settings": settings, "layer_sensitivity": [], "round_one": round_one}
+    write_json(writable_dir(search_dir) / SEARCH_FILE, plan)
+    return plan
+
+
+def sensitivity_step(
+    baseline_dir,
+    data_dir,
+    plan_dir,
+    search_dir,
+    *,
+    sensitivity: float = 0.9,
+    seed: int = 0,
+    reporter: Reporter | None = None,
+) -> list[dict]:
+    """Measure the baseline's layer sensitivity; write the plan's ``search.json`` with it to ``search_dir``.
+
+    A step of its own, beside round 1 rather than before it: on a big model it
+    takes minutes, and only the refinement rounds use it. Measured on a Keras
+    baseline only (a SavedModel without Keras layers has none to prune), in
+    the run's task, metric and output (baseline.json's, through the step's
+    Evaluator); ``sensitivity`` 0 skips it. Returns the rows.
+    """
+    from kfopt.recipe_search import layer_sensitivity
+
+    reporter = reporter or Reporter(enabled=False)
     if not 0 <= sensitivity < 1:
         raise KfoptError(
             f"sensitivity={sensitivity} is not a sparsity in [0, 1).",
             "pass e.g. 0.9 (each layer alone pruned to 90%), or 0 to skip the sensitivity pass.",
         )
-    rows, round_one = [], []
-    if sensitivity or channels_at >= 0:
+    plan = read_json(Path(plan_dir) / SEARCH_FILE, "search plan")
+    rows = []
+    info = read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
+    if sensitivity and (info.get("format") or "keras") == "keras":
         baseline, info = load_baseline(baseline_dir)
-        if sensitivity and baseline.format == "keras":
-            dataset = load_step_data(data_dir, info["input_shape"], seed, baseline=baseline)
-            with tempfile.TemporaryDirectory(prefix="kfopt-plan-") as tmp:
-                # The run's task, metric and output (baseline.json's), as the in-process search passes its own.
-                evaluator = _evaluator(dataset, baseline, Path(tmp), info)
-                reporter.say(
-                    f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
-                    f"(validation split, {evaluator.metric.name})"
-                )
-                rows = layer_sensitivity(
-                    baseline.keras(),
-                    dataset,
-                    sensitivity,
-                    task=evaluator.task,
-                    metric=evaluator.metric,
-                    output=evaluator.output,
-                )
-        elif sensitivity:
-            reporter.say(f"Layer sensitivity: skipped, the baseline is a {baseline.format} without Keras layers")
-        if channels_at >= 0 and baseline.format == "keras":
-            if registry is None:
-                from kfopt.plugins.manager import registry as build_registry
-
-                registry = build_registry()
-            round_one = [
-                {"position": channels_at + index, "round": 1, "why": proposal.why, "recipe": proposal.recipe}
-                for index, proposal in enumerate(channel_recipes(baseline.keras(), objective, registry))
-            ]
-    plan = {"settings": settings, "layer_sensitivity": rows, "round_one": round_one}
+        dataset = load_step_data(data_dir, info["input_shape"], seed, baseline=baseline)
+        with tempfile.TemporaryDirectory(prefix="kfopt-sensitivity-") as tmp:
+            # The run's task, metric and output (baseline.json's), as the in-process search passes its own.
+            evaluator = _evaluator(dataset, baseline, Path(tmp), info)
+            reporter.say(
+                f"Layer sensitivity: one layer at a time pruned to {sensitivity:.0%}, then its weights int8 "
+                f"(validation split, {evaluator.metric.name})"
+            )
+            rows = layer_sensitivity(
+                baseline.keras(),
+                dataset,
+                sensitivity,
+                task=evaluator.task,
+                metric=evaluator.metric,
+                output=evaluator.output,
+            )
+    elif sensitivity:
+        reporter.say(f"Layer sensitivity: skipped, the baseline is a {info.get('format')} without Keras layers")
+    plan["layer_sensitivity"] = rows
     write_json(writable_dir(search_dir) / SEARCH_FILE, plan)
-    return plan
+    return rows
 
 
-def round_one_items(plan: dict) -> list[str]:
-    """The loop items of the round-1 channel recipes a plan step proposed (:func:`plan_search_step`).
+def round_one_items(plan: dict, items: list[str] = (), *, groups: bool = False) -> list[str]:
+    """The round-1 loop items the channel recipes join: ``items`` (the loop's own, JSON) and then one per
+    channel recipe a plan step proposed (:func:`plan_search_step`), as a one-recipe group with ``groups``
+    (a loop of optimize-group steps).
 
     A KFP loop always gets at least one item (an empty ParallelFor breaks the
-    fan-in in kfp.local): without a channel recipe the one item is a round-1
-    ``stopped`` no-op, which :func:`select_step` drops (a round-1 item never stops the search).
+    fan-in in kfp.local): with neither, the one item is a round-1 ``stopped``
+    no-op, which :func:`select_step` drops (a round-1 item never stops the search).
     """
-    items = plan.get("round_one") or []
-    for item in items:
+    proposed = plan.get("round_one") or []
+    for item in proposed:
         print(proposal_line(1, item["recipe"], item["why"]), flush=True)
-    if not items:
+    found = list(items) + [json.dumps([item] if groups else item) for item in proposed]
+    if not found:
         return [json.dumps({"round": 1, STOPPED: "no round-1 channel pruning (objective, model or search space)"})]
-    return [json.dumps(item) for item in items]
+    return found
 
 
 def propose_step(results_dir, search_dir, number: int, *, registry=None) -> list[str]:
@@ -958,6 +985,7 @@ __all__ = [
     "evaluate_step",
     "read_candidate",
     "plan_search_step",
+    "sensitivity_step",
     "round_one_items",
     "propose_step",
     "stopped_step",

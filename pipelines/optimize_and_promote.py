@@ -17,7 +17,14 @@ there are enough. A grouped step writes one candidate record per recipe, and a
 failing recipe in it is a failed candidate. Without placement (``kfp.local``)
 every step runs on the same machine, so there is one loop: each fine-tuning
 recipe a step of its own, the post-training ones grouped into the slots of
-``parallelism`` the fine-tuning ones leave.
+``parallelism`` the fine-tuning ones leave, or riding along after a
+fine-tuning recipe when they leave none (:func:`one_pool_steps`).
+
+Every step is a fresh process, and most import TensorFlow (seconds each), so
+only the steps that run a model do: fingerprint, the search plan (unless it
+looks at a model for channel pruning), select and report never import it; the
+winner's confusion matrix is logged by the promote step, which loads
+TensorFlow for MLflow anyway.
 
 Caching keys on content: a ``fingerprint`` step that is never cached digests
 the model and data (:mod:`kfopt.components.fingerprint`) and ``prepare`` takes
@@ -25,16 +32,23 @@ the digest as an input, so a model replaced in place gets a new cache key, and
 so does every step downstream of the new baseline.
 
 With ``rounds`` > 0 the search refines itself (KFP has no recursion, so each
-round is its own part of the graph): a ``propose`` step reads every candidate
-so far and the layer sensitivity, and a ``ParallelFor`` over its output runs
-the proposed recipes on the accelerator pool (refinements fine-tune: pruning,
-distillation, QAT); that round's ``select`` merges them with the earlier
-rounds' results. The last select's results feed the report and promotion, and
-it logs the winner's confusion matrix (a classifier's) as ``ClassificationMetrics``.
-With ``until_no_gain`` the rounds stop once one does not gain (the later ones
-are no-op steps), as ``kfopt search`` does. With the built-in search space the
-search plan step also proposes round-1 channel pruning for objective latency or
-mix on a conv model, run in a loop of its own (one no-op item when none).
+round is its own part of the graph): a ``layer-sensitivity`` step measures the
+baseline beside round 1, a ``propose`` step reads every candidate so far and
+the layer sensitivity, and a ``ParallelFor`` over its output runs the proposed
+recipes on the accelerator pool (refinements fine-tune: pruning, distillation,
+QAT); that round's ``select`` merges them with the earlier rounds' results.
+The last select's results feed the report and promotion; promote logs the
+winner's confusion matrix (a classifier's) as ``ClassificationMetrics``. With
+``until_no_gain`` the rounds stop once one does not gain (the later ones are
+no-op steps), as ``kfopt search`` does.
+
+With the built-in search space, round 1 also gets channel pruning for
+objective latency or mix on a conv model, as ``kfopt search`` adds it, with or
+without refinement rounds: objective and model are run parameters, so a
+``search plan`` step decides (with the in-process search's own function) and
+hands the round-1 loop that runs fine-tuning recipes its items, its own plus
+the channel recipe. No loop exists just for it, so none starts a no-op pod on
+the accelerator pool when there is nothing to prune.
 
 Every step also writes a ``status`` output (:mod:`kfopt.components.status`),
 so a step's return value is ``task.outputs["Output"]``, not ``task.output``.
@@ -103,9 +117,9 @@ def build_pipeline(
         rounds: Refinement rounds after round 1 (see the module docstring); 0 = round 1 only.
         until_no_gain: Refine while a round gains, ``rounds`` being the most (as ``kfopt search`` without
             ``--rounds``); False: every round runs unless nothing is left to refine.
-        channels: With refinement rounds, let the search plan add channel pruning to round 1 for objective latency
-            or mix on a conv model, as ``kfopt search`` does for its built-in space; None: when ``recipes`` is the
-            built-in search space.
+        channels: Let the search plan add channel pruning to round 1 for objective latency or mix on a conv model,
+            as ``kfopt search`` does for its built-in space (with or without refinement rounds); None: when
+            ``recipes`` is the built-in search space.
         image: Image every step runs in.
         accelerator_image: Image of the fine-tuning steps (e.g. the GPU variant); default ``image``.
         placement: Node pools; None leaves resources unset (``kfp.local``, where they have no effect).
@@ -167,10 +181,8 @@ def build_pipeline(
 
     # Without placement (kfp.local, or a cluster's default pool) and one image, every recipe runs alike.
     one_pool = placement is None and (accelerator_image or image) == image
-    # Fine-tuning recipes one per step; post-training ones in the slots the fine-tuning ones leave.
-    free = max(1, parallelism - len(training)) if parallelism > 0 else 0
-    one_loop_items = [json.dumps([item(r)]) for r in training] + [
-        json.dumps([item(r) for r in part]) for part in post_training_groups(post_training, free)
+    one_loop_items = [
+        json.dumps([item(r) for r in part]) for part in one_pool_steps(training, post_training, parallelism)
     ]
 
     outputs = NamedTuple(  # noqa: UP014
@@ -251,8 +263,14 @@ def build_pipeline(
         place(prepare.set_display_name("prepare baseline").set_caching_options(True), trains=False)
         baseline, dataset = prepare.outputs["baseline"], prepare.outputs["dataset"]
 
-        search_plan = None
-        if rounds:
+        grouped_loop = one_pool and group_post_training
+        # The round-1 loop channel pruning joins (it fine-tunes): the one loop, or the fine-tuning one.
+        static_items = one_loop_items if grouped_loop else items(training)
+        search_plan = round_one = None
+        if rounds or channels:
+            # Round 1 is the same with or without refinement rounds: the plan step decides on channel pruning
+            # (objective and model are run parameters) and hands the loop its items, so no loop of its own
+            # ever starts a no-op step on the accelerator pool.
             plan = ops.plan_search(
                 rounds=rounds,
                 max_trials=max_trials,
@@ -261,15 +279,22 @@ def build_pipeline(
                 stop_when_met=stop_when_met,
                 max_accuracy_drop=max_accuracy_drop,
                 objective=objective,
-                sensitivity=sensitivity,
-                seed=seed,
                 baseline=baseline,
-                dataset=dataset,
+                items=static_items if channels else [],
                 until_no_gain=until_no_gain,
                 channels_at=len(search) if channels else -1,
+                groups=grouped_loop,
             )
-            place(plan.set_display_name("search plan + layer sensitivity").set_caching_options(True), trains=False)
-            search_plan = plan.outputs["search"]
+            place(plan.set_display_name("search plan").set_caching_options(True), trains=False)
+            if channels:
+                round_one = plan.outputs["Output"]
+            if rounds:
+                # Beside round 1, not before it: only the refinement rounds use it, and on a big model it is slow.
+                sensitive = ops.layer_sensitivity(
+                    sensitivity=sensitivity, seed=seed, baseline=baseline, dataset=dataset, plan=plan.outputs["search"]
+                )
+                place(sensitive.set_display_name("layer sensitivity").set_caching_options(True), trains=False)
+                search_plan = sensitive.outputs["search"]
 
         def optimize_on_accelerator(loop_items, name: str):
             """A ParallelFor of fine-tuning recipes; returns the task whose 'candidate' is measured."""
@@ -303,8 +328,6 @@ def build_pipeline(
                 **collected,
                 **({"previous": previous} if previous is not None else {}),
                 **({"search": search_plan} if search_plan is not None else {}),
-                # The last round's select logs the winner's confusion matrix (it needs the data).
-                **({"dataset": dataset, "seed": seed} if number == rounds + 1 else {}),
             )
             place(
                 select.set_display_name(
@@ -315,16 +338,19 @@ def build_pipeline(
             return select.outputs["results"]
 
         collected = {}
-        if one_pool and group_post_training:
+        if grouped_loop:
             # Every step runs on one machine (kfp.local) or one pool: one loop, so fine-tuning recipes and the
             # groups of post-training ones share its parallelism instead of waiting for each other's loop.
-            with dsl.ParallelFor(one_loop_items, name="recipes", parallelism=parallelism) as group:
+            loop_items = one_loop_items if round_one is None else round_one
+            with dsl.ParallelFor(loop_items, name="recipes", parallelism=parallelism) as group:
                 optimize = ops.optimize_group(recipes=group, seed=seed, baseline=baseline, dataset=dataset)
                 place(retried(optimize.set_display_name("optimize recipes").set_caching_options(True)), trains=False)
             collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidates"])
         else:
-            if training:
-                candidate = optimize_on_accelerator(items(training), "fine-tuning-recipes")
+            if training or round_one is not None:
+                candidate = optimize_on_accelerator(
+                    items(training) if round_one is None else round_one, "fine-tuning-recipes"
+                )
                 collected["accelerator_candidates"] = dsl.Collected(candidate.outputs["candidate"])
             if post_training and group_post_training:
                 with dsl.ParallelFor(
@@ -352,11 +378,6 @@ def build_pipeline(
                         trains=False,
                     )
                 collected["cpu_candidates"] = dsl.Collected(optimize.outputs["candidate"])
-        if search_plan is not None and channels:
-            # Channel pruning joins round 1 when the objective (a run parameter) and the model call for it;
-            # otherwise the plan's one item is a no-op that select drops.
-            candidate = optimize_on_accelerator(plan.outputs["Output"], "round-1-channel-recipes")
-            collected["channel_candidates"] = dsl.Collected(candidate.outputs["candidate"])
         results = select_round(1, None, **collected)
 
         for number in range(2, rounds + 2):
@@ -376,6 +397,9 @@ def build_pipeline(
             objective=objective,
             experiment=experiment,
             results=results,
+            baseline=baseline,
+            dataset=dataset,
+            seed=seed,
             kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
         # Registration has side effects (a new model version), so it is never cached.
@@ -394,6 +418,26 @@ def build_pipeline(
         )
 
     return optimize_and_promote
+
+
+def one_pool_steps(training: list, post_training: list, parallelism: int = 0) -> list[list]:
+    """The recipes of each step of the one loop a pipeline without placement runs (kfp.local, one pool).
+
+    Each fine-tuning recipe gets a step of its own. The post-training ones are
+    grouped (:func:`post_training_groups`) into the slots of ``parallelism`` the
+    fine-tuning steps leave free; when they leave none, they ride along after
+    a fine-tuning recipe (dealt round-robin from the first step, which starts first), since a step of
+    their own would start one more TensorFlow process and wait for a slot anyway.
+    """
+    steps = [[recipe] for recipe in training]
+    free = parallelism - len(training) if parallelism > 0 else 0
+    if not post_training:
+        return steps
+    if parallelism <= 0 or free > 0 or not steps:
+        return steps + post_training_groups(post_training, max(free, 1) if parallelism > 0 else 0)
+    for index, recipe in enumerate(post_training):
+        steps[index % len(steps)].append(recipe)
+    return steps
 
 
 def post_training_groups(recipes: list, parallelism: int = 0) -> list[list]:

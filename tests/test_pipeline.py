@@ -45,9 +45,17 @@ def loops(pipeline):
         return [label(i) for i in item] if isinstance(item, list) else item["recipe"]["name"]
 
     found = {}
-    for task in pipeline["root"]["dag"]["tasks"].values():
+    tasks = pipeline["root"]["dag"]["tasks"]
+    for task in tasks.values():
         if "parameterIterator" in task:
-            items = [label(json.loads(i)) for i in json.loads(task["parameterIterator"]["items"]["raw"])]
+            given = task["parameterIterator"]["items"]
+            if "raw" in given:
+                raw = json.loads(given["raw"])
+            elif given["inputParameter"] == "pipelinechannel--plan-search-Output":  # the search space's, from the plan
+                raw = tasks["plan-search"]["inputs"]["parameters"]["items"]["runtimeValue"]["constant"]
+            else:  # a refinement round's: proposed at run time
+                raw = []
+            items = [label(json.loads(i)) for i in raw]
             found[task["taskInfo"]["name"]] = (items, pipeline["components"][task["componentRef"]["name"]], task)
     return found
 
@@ -106,10 +114,10 @@ def test_compiled_pipeline_retries_promotion_and_caches_the_deterministic_steps(
         assert "retryPolicy" not in tasks[name]
     assert tasks["prepare"]["taskInfo"]["name"] == "prepare baseline"
     assert tasks["promote"]["taskInfo"]["name"] == "register and promote (MLflow)"
-    # select fans in both loops; models travel as artifacts, never parameters (the data: the winner's confusion matrix).
+    # select fans in both loops; models travel as artifacts, never parameters.
     select_inputs = tasks["select"]["inputs"]
-    assert set(select_inputs["artifacts"]) == {"baseline", "accelerator_candidates", "cpu_candidates", "dataset"}
-    assert set(select_inputs["parameters"]) == {"max_accuracy_drop", "objective", "number", "seed"}
+    assert set(select_inputs["artifacts"]) == {"baseline", "accelerator_candidates", "cpu_candidates"}
+    assert set(select_inputs["parameters"]) == {"max_accuracy_drop", "objective", "number"}
     assert set(pipeline["root"]["inputDefinitions"]["parameters"]) == {
         "model",
         "data",
@@ -134,7 +142,7 @@ def test_compiled_pipeline_retries_promotion_and_caches_the_deterministic_steps(
 def test_search_rounds_propose_recipes_at_run_time_and_merge_every_round(tmp_path):
     pipeline, k8s = compiled(tmp_path, rounds=2, placement=load_placement("gke"))
     tasks = pipeline["root"]["dag"]["tasks"]
-    assert {"plan-search", "propose", "propose-2", "select", "select-2", "select-3"} <= set(tasks)
+    assert {"plan-search", "layer-sensitivity", "propose", "propose-2", "select", "select-2", "select-3"} <= set(tasks)
     # Each refinement round loops over what its propose step returned (KFP has no recursion).
     for propose, loop in (("propose", "round-2-recipes"), ("propose-2", "round-3-recipes")):
         task = next(t for t in tasks.values() if t["taskInfo"]["name"] == loop)
@@ -149,7 +157,7 @@ def test_search_rounds_propose_recipes_at_run_time_and_merge_every_round(tmp_pat
     for select, previous in (("select-2", "select"), ("select-3", "select-2")):
         artifacts = tasks[select]["inputs"]["artifacts"]
         assert artifacts["previous"]["taskOutputArtifact"]["producerTask"] == previous
-        assert artifacts["search"]["taskOutputArtifact"]["producerTask"] == "plan-search"
+        assert artifacts["search"]["taskOutputArtifact"]["producerTask"] == "layer-sensitivity"
     assert tasks["propose-2"]["inputs"]["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == "select-2"
     for final in ("report", "promote"):
         assert tasks[final]["inputs"]["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == "select-3"
@@ -292,7 +300,7 @@ def test_a_search_of_post_training_recipes_only_has_one_loop(tmp_path):
     pipeline, k8s = compiled(tmp_path, recipes=["quantize(mode=int8)"], placement=load_placement("gke"))
     assert list(loops(pipeline)) == ["post-training-recipes"]
     select = set(pipeline["root"]["dag"]["tasks"]["select"]["inputs"]["artifacts"])
-    assert select == {"baseline", "cpu_candidates", "dataset"}
+    assert select == {"baseline", "cpu_candidates"}
     assert k8s == {}
 
 
@@ -432,6 +440,34 @@ def test_promote_records_an_unreachable_mlflow_in_its_status_and_the_run_record(
     )
     assert "http://127.0.0.1:9" not in tracking.error and "Fix:" not in tracking.error  # the reason only
     assert RunResult.load(tmp_path).tracking == tracking  # `kfopt promote --from` finds the settings there
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ("succeeded.set()", 0),  # the step's outputs are written: no teardown, status 0
+        ("succeeded.set()\nraise RuntimeError('writing the outputs failed')", 1),  # after the body: still a failure
+        ("sys.exit(3)", 3),  # a body that did not succeed exits the ordinary way, with its own status
+    ],
+)
+def test_a_step_process_skips_the_interpreter_teardown_only_after_success(body, status):
+    from kfopt.components import status as step_status_module
+
+    code = (
+        "import atexit, sys\n"
+        "from kfopt.components.status import _skip_teardown_after_success\n"
+        "succeeded = _skip_teardown_after_success()\n"
+        # Registered later, as MLflow's and TensorFlow's are: it runs first, and still runs.
+        "atexit.register(lambda: print('later handler ran', flush=True))\n"
+        # Freed by the interpreter's teardown only.
+        "class Module:\n    def __del__(self):\n        print('torn down', flush=True)\n"
+        "module = Module()\n" + body + "\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == status, done.stderr
+    assert "later handler ran" in done.stdout
+    assert ("torn down" in done.stdout) == (status == 3), done.stdout
+    assert not step_status_module._in_kfp_step_process()  # never armed in pytest's (or the CLI's) own process
 
 
 def test_default_registered_model_names():
@@ -709,7 +745,26 @@ def test_without_placement_one_loop_runs_fine_tuning_recipes_alone_and_the_cheap
     assert items == [[SEARCH[1]], [SEARCH[3]], [SEARCH[0], SEARCH[2]]]
     assert list(loop["dag"]["tasks"]) == ["optimize-group"] and task["iteratorPolicy"]["parallelismLimit"] == 3
     select = pipeline["root"]["dag"]["tasks"]["select"]["inputs"]["artifacts"]
-    assert set(select) == {"baseline", "cpu_candidates", "dataset"}
+    assert set(select) == {"baseline", "cpu_candidates"}
+
+
+def test_without_a_free_slot_cheap_recipes_ride_along_with_fine_tuning_ones_instead_of_a_step_of_their_own():
+    from kfopt.pipelines.optimize_and_promote import one_pool_steps
+
+    # The built-in space on kfp.local (parallelism 2): 6 fine-tuning recipes fill both slots, so the 5
+    # post-training ones join the first steps (each still holds one fine-tuning recipe) and no 7th step starts.
+    assert one_pool_steps(list("ABCDEF"), list("abcde"), 2) == [
+        ["A", "a"],
+        ["B", "b"],
+        ["C", "c"],
+        ["D", "d"],
+        ["E", "e"],
+        ["F"],
+    ]
+    assert one_pool_steps(list("AB"), list("abcde"), 3) == [["A"], ["B"], list("abcde")]  # a free slot: grouped
+    assert one_pool_steps(list("AB"), list("abcde"), 0) == [["A"], ["B"], list("ace"), list("bd")]
+    assert one_pool_steps([], list("abcde"), 2) == [list("ace"), list("bd")]
+    assert one_pool_steps(list("AB"), [], 2) == [["A"], ["B"]]
 
 
 def test_propose_stops_when_the_last_round_did_not_gain_and_until_no_gain(tmp_path):
@@ -761,22 +816,66 @@ def test_propose_stops_when_the_last_round_did_not_gain_and_until_no_gain(tmp_pa
             assert items and steps.STOPPED not in items[0] and items[0]["round"] == 3
 
 
-def test_the_built_in_search_adds_round_one_channel_pruning_to_the_compiled_plan(tmp_path):
-    built_in = yaml.safe_load(Path(compile_pipeline(tmp_path / "b.yaml", None, rounds=1)).read_text())
+def _plan_items(tasks) -> list:
+    """The round-1 items the compiled plan step hands its loop (a constant list of JSON strings)."""
+    return [json.loads(i) for i in tasks["plan-search"]["inputs"]["parameters"]["items"]["runtimeValue"]["constant"]]
+
+
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_the_built_in_search_adds_round_one_channel_pruning_with_or_without_refinement_rounds(tmp_path, rounds):
+    built_in = yaml.safe_load(Path(compile_pipeline(tmp_path / "b.yaml", None, rounds=rounds)).read_text())
     tasks = built_in["root"]["dag"]["tasks"]
-    assert tasks["plan-search"]["inputs"]["parameters"]["channels_at"]["runtimeValue"]["constant"] >= 0
-    loops = [name for name, task in tasks.items() if "parameterIterator" in task]
-    # A loop runs over the plan step's round-1 items (channel recipes, or one no-op).
-    assert any('"producerTask": "plan-search"' in json.dumps(tasks[name]) for name in loops), loops
-    assert tasks["select"]["inputs"]["artifacts"]["channel_candidates"]
-    custom = yaml.safe_load(Path(compile_pipeline(tmp_path / "c.yaml", ["quantize(mode=int8)"], rounds=1)).read_text())
+    plan = tasks["plan-search"]["inputs"]["parameters"]
+    assert plan["channels_at"]["runtimeValue"]["constant"] == len(load_search())
+    assert plan["objective"]["componentInputParameter"] == "objective"  # decided at run time, on the run's model
+    # The round-1 loop runs over the plan step's items: the search space's own, then any channel recipe.
+    (loop,) = [task for task in tasks.values() if task["taskInfo"]["name"] == "recipes"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-search-Output"
+    assert sorted(i["recipe"]["name"] for group in _plan_items(tasks) for i in group) == sorted(
+        r.label for r in load_search()
+    )
+    assert ("layer-sensitivity" in tasks) == bool(rounds)
+    custom = yaml.safe_load(
+        Path(compile_pipeline(tmp_path / "c.yaml", ["quantize(mode=int8)"], rounds=rounds)).read_text()
+    )
     tasks = custom["root"]["dag"]["tasks"]
-    assert tasks["plan-search"]["inputs"]["parameters"]["channels_at"]["runtimeValue"]["constant"] == -1
-    assert "channel_candidates" not in tasks["select"]["inputs"].get("artifacts", {})
+    assert ("plan-search" in tasks) == bool(rounds)
+    if rounds:
+        assert tasks["plan-search"]["inputs"]["parameters"]["channels_at"]["runtimeValue"]["constant"] == -1
+    (loop,) = [task for task in tasks.values() if task["taskInfo"]["name"] == "recipes"]
+    assert "raw" in loop["parameterIterator"]["items"]  # a custom space's round 1 is fixed when compiled
+
+
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_no_loop_starts_a_no_op_pod_on_the_accelerator_pool(tmp_path, rounds):
+    pipeline, k8s = compiled(tmp_path, recipes=None, rounds=rounds, placement=load_placement("gke"), parallelism=2)
+    tasks = pipeline["root"]["dag"]["tasks"]
+    loops_ = {task["taskInfo"]["name"]: task for task in tasks.values() if "parameterIterator" in task}
+    # Round-1 channel pruning rides in the fine-tuning loop (the plan step adds it when objective and model call
+    # for it); no loop exists for it alone, so none runs a no-op item on the accelerator pool.
+    assert set(loops_) == {"fine-tuning-recipes", "post-training-recipes"} | {
+        f"round-{n}-recipes" for n in range(2, rounds + 2)
+    }
+    fine_tuning = loops_["fine-tuning-recipes"]
+    assert fine_tuning["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-search-Output"
+    training, _ = split_by_pool(load_search())
+    assert [i["recipe"]["name"] for i in _plan_items(tasks)] == [r.label for r in training]
+    # The plan step and the layer sensitivity run on the CPU pool; only optimize steps of fine-tuning loops on GPUs.
+    for name in ("plan-search", "layer-sensitivity", "select", "report", "promote"):
+        if name in tasks:
+            assert executor_of(pipeline, tasks[name]["componentRef"]["name"]) not in k8s, name
+    accelerated = {
+        name
+        for name, task in loops_.items()
+        for inner in pipeline["components"][task["componentRef"]["name"]]["dag"]["tasks"].values()
+        if executor_of(pipeline, inner["componentRef"]["name"]) in k8s
+    }
+    assert accelerated == set(loops_) - {"post-training-recipes"}
+    assert "channel_candidates" not in tasks["select"]["inputs"]["artifacts"]
 
 
 @pytest.mark.slow
-def test_kfp_local_run_adds_round_one_channel_pruning_for_latency_on_a_conv_model(tmp_path):
+def test_kfp_local_run_adds_round_one_channel_pruning_for_latency_on_a_conv_model_without_refinement(tmp_path):
     from kfopt.pipelines.runners import run_local
 
     result = run_local(
@@ -786,34 +885,52 @@ def test_kfp_local_run_adds_round_one_channel_pruning_for_latency_on_a_conv_mode
         epochs=2,
         objective="latency",
         max_accuracy_drop=0.5,
-        rounds=1,
-        max_trials=1,
-        max_time=1.0,  # round 1 only: the refinement round would fine-tune the channel candidate again
-        until_no_gain=True,
+        rounds=0,  # round 1 is the same with or without refinement rounds
         channels=True,
-        sensitivity=0,
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
     )
-    round_one = [c for c in result["candidates"] if c["round"] == 1]
-    assert [c["recipe"] for c in round_one][0] == "quantize(mode=dynamic)"
-    channel = [c for c in round_one if "method=channels" in c["recipe"]]
+    assert [c["recipe"] for c in result["candidates"]][0] == "quantize(mode=dynamic)"
+    channel = [c for c in result["candidates"] if "method=channels" in c["recipe"]]
     assert len(channel) == 1 and "channel pruning for latency" in channel[0]["why"], result["candidates"]
-    assert result["search"]["until_no_gain"] is True
+    assert channel[0]["round"] == 1 and channel[0]["status"] == "ok", channel[0].get("reason")
     assert result["best_same_architecture"] is not None
 
 
-def test_the_last_select_declares_the_winners_confusion_matrix(tmp_path):
+def test_promote_declares_the_winners_confusion_matrix_and_select_needs_no_data(tmp_path):
     pipeline = yaml.safe_load(
         Path(compile_pipeline(tmp_path / "p.yaml", ["quantize(mode=int8)"], rounds=1)).read_text()
     )
     components = pipeline["components"]
     tasks = pipeline["root"]["dag"]["tasks"]
-    select = components[tasks["select-2"]["componentRef"]["name"]]
-    confusion = select["outputDefinitions"]["artifacts"]["confusion"]["artifactType"]
+    promote = components[tasks["promote"]["componentRef"]["name"]]
+    confusion = promote["outputDefinitions"]["artifacts"]["confusion"]["artifactType"]
     assert confusion["schemaTitle"] == "system.ClassificationMetrics"
-    # The last round's select gets the data to run the winner on; the earlier rounds' do not.
-    assert tasks["select-2"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]["producerTask"] == "prepare"
-    assert "dataset" not in tasks["select"]["inputs"]["artifacts"]
+    # Promote runs the winner on the prepared data (it loads TensorFlow for MLflow anyway); select and report,
+    # which never run a model, get no data, so their processes never import TensorFlow.
+    assert tasks["promote"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]["producerTask"] == "prepare"
+    for name in ("select", "select-2", "report"):
+        assert "dataset" not in tasks[name]["inputs"]["artifacts"], name
+
+
+def test_select_and_report_steps_run_without_tensorflow(tmp_path):
+    """select, report and a size-objective plan are cheap steps: a fresh process for each must not pay for TensorFlow."""
+    code = f"""
+import json, sys
+from pathlib import Path
+from kfopt.components import steps
+base = Path({str(tmp_path)!r}) / "baseline"
+base.mkdir()
+(base / steps.BASELINE_MODEL).write_bytes(b"keras")
+(base / steps.BASELINE_FILE).write_text(json.dumps(
+    {{"model": "demo:mlp", "data": "digits", "seed": 0, "input_shape": [64], "metrics": {{"accuracy": 0.97}}}}
+))
+steps.plan_search_step(base, base.parent / "plan", rounds=0, objective="size", channels_at=3)
+steps.select_step(base, [], base.parent / "results", max_accuracy_drop=0.01)
+steps.report_step(base.parent / "results", base.parent / "report.html", base.parent / "summary.md")
+print(json.dumps(sorted(m for m in ("tensorflow", "tf_keras", "sklearn") if m in sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 @pytest.mark.slow

@@ -51,11 +51,13 @@ def test_a_savedmodel_baseline_goes_through_every_step_in_its_own_format(tmp_pat
 
     # A search plan on it: no Keras layers to measure sensitivity on or to prune channels of, never a crash.
     plan = steps.plan_search_step(
-        tmp_path / "baseline", tmp_path / "data", tmp_path / "plan", rounds=1, objective="latency", channels_at=2
+        tmp_path / "baseline", tmp_path / "plan", rounds=1, objective="latency", channels_at=2
     )
-    assert plan["layer_sensitivity"] == [] and plan["round_one"] == []
+    assert plan["round_one"] == []
     (noop,) = [json.loads(i) for i in steps.round_one_items(plan)]
     assert noop["round"] == 1 and steps.STOPPED in noop
+    rows = steps.sensitivity_step(tmp_path / "baseline", tmp_path / "data", tmp_path / "plan", tmp_path / "search")
+    assert rows == [] and json.loads((tmp_path / "search" / steps.SEARCH_FILE).read_text())["layer_sensitivity"] == []
 
 
 def _digit_second(directory: Path) -> str:
@@ -94,16 +96,17 @@ def test_the_output_the_metric_is_computed_on_reaches_optimize_and_evaluate(tmp_
     measured = steps.evaluate_step(tmp_path / "c2", tmp_path / "baseline", tmp_path / "data", tmp_path / "c3")
     assert measured.status == "ok" and measured.accuracy > 0.8 and abs(measured.accuracy_drop) <= 0.05
 
-    # The layer sensitivity of the search plan scores the same output, in the run's metric.
-    plan = steps.plan_search_step(tmp_path / "baseline", tmp_path / "data", tmp_path / "plan", rounds=1)
-    rows = plan["layer_sensitivity"]
+    # The layer sensitivity the search plan gets scores the same output, in the run's metric.
+    steps.plan_search_step(tmp_path / "baseline", tmp_path / "plan", rounds=1)
+    rows = steps.sensitivity_step(tmp_path / "baseline", tmp_path / "data", tmp_path / "plan", tmp_path / "search")
     assert rows and {r["metric"] for r in rows} == {"accuracy"}
+    assert json.loads((tmp_path / "search" / steps.SEARCH_FILE).read_text())["layer_sensitivity"] == rows
     # The unpruned value is the digit head's accuracy: the bias head would not score so.
     assert all(r["val_metric"] + r["val_metric_drop"] > 0.8 for r in rows)
     mae = steps.prepare_step(model, spec, tmp_path / "b-mae", tmp_path / "d-mae", output="bias", metric="mae")
     assert mae["task"]["metric"] == "mae"
-    plan = steps.plan_search_step(tmp_path / "b-mae", tmp_path / "d-mae", tmp_path / "plan-mae", rounds=1)
-    assert {r["metric"] for r in plan["layer_sensitivity"]} == {"mae"}
+    rows = steps.sensitivity_step(tmp_path / "b-mae", tmp_path / "d-mae", tmp_path / "plan", tmp_path / "search-mae")
+    assert {r["metric"] for r in rows} == {"mae"}
 
 
 def test_select_takes_a_relative_budget_from_a_pipeline_parameter(tmp_path):

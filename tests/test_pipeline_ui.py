@@ -146,21 +146,22 @@ def test_markdown_summary_lists_every_candidate_and_marks_the_winner():
 
 @pytest.mark.slow
 def test_promote_returns_the_version_whether_it_was_promoted_and_the_alias(tmp_path):
-    from kfp.dsl import Artifact
+    from kfp.dsl import Artifact, ClassificationMetrics
 
     from kfopt.components.ops import promote
     from kfopt.components.status import StepStatus
 
     root = tmp_path / "prepared"
-    steps.prepare_step("demo:mlp", "digits", root / "baseline", root / "data", epochs=3)
+    prepared = steps.prepare_step("demo:mlp", "digits", root / "baseline", root / "data", epochs=3)
     steps.optimize_step("quantize(mode=dynamic)", root / "baseline", root / "data", tmp_path / "c", position=0)
     steps.select_step(root / "baseline", [tmp_path / "c"], tmp_path / "results", max_accuracy_drop=0.05)
 
-    def artifact(path):
-        made = Artifact()
+    def artifact(path, kind=Artifact):
+        made = kind()
         made.path = str(path)
         return made
 
+    confusion = artifact(tmp_path / "confusion", ClassificationMetrics)
     outputs = promote(
         registered_model="digits-ui",
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -168,8 +169,17 @@ def test_promote_returns_the_version_whether_it_was_promoted_and_the_alias(tmp_p
         objective="size",
         experiment="kfopt",
         results=artifact(tmp_path / "results"),
+        confusion=confusion,
         status=artifact(tmp_path / "status"),
+        baseline=artifact(root / "baseline"),
+        dataset=artifact(root / "data"),
     )
     assert (outputs.version, outputs.promoted, outputs.alias) == ("1", True, "champion")  # the first champion
     assert json.loads(outputs.registered_model)["version"] == 1
     assert StepStatus.load(tmp_path / "status").status == "ok"
+    # The winner's confusion matrix, for the KFP UI: every test sample counted once, rows the true classes.
+    matrix = confusion.metadata["confusionMatrix"]
+    assert confusion.metadata["recipe"] == "quantize(mode=dynamic)"
+    assert [c["displayName"] for c in matrix["annotationSpecs"]] == [str(c) for c in range(10)]
+    assert sum(sum(r["row"]) for r in matrix["rows"]) == prepared["splits"]["test"]
+    assert json.loads((tmp_path / "confusion").read_text())["recipe"] == "quantize(mode=dynamic)"
