@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -78,6 +79,53 @@ def pipeline_report_and_mlflow_seconds(run_out: Path) -> float | None:
 
     statuses = [s for s in read_statuses(run_out / "pipeline-root") if s.step in ("report", "promote")]
     return sum(s.seconds or 0 for s in statuses) if statuses else None
+
+
+#: kfp.local's lines when a task starts and ends (timestamps first); the bench reads them for the step table only.
+_STARTED = re.compile(r"^(?P<time>\d\d:\d\d:\d\d\.\d+) - INFO - Executing task '(?P<task>[^']+)'")
+_FINISHED = re.compile(r"^(?P<time>\d\d:\d\d:\d\d\.\d+) - (?:INFO|ERROR) - Task '(?P<task>[^']+)' finished")
+#: Steps that run inside the round-1 loop (several at once), reported as one phase.
+_LOOP_STEPS = ("optimize", "optimize-group", "evaluate")
+
+
+def _seconds(clock: str) -> float:
+    hours, minutes, seconds = clock.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def pipeline_steps(run_out: Path) -> list[tuple[str, int, float, float]]:
+    """(step, processes, wall seconds, seconds inside the step bodies) of a kfp.local run, in the order they ran.
+
+    Wall time from kfp.local's task lines in the run's log; body time from each step's status file (what
+    ``step_status`` timed: everything after the interpreter and kfp started, TensorFlow's import included).
+    The loop's steps run several at once, so they are one row: its wall is the whole loop's.
+    """
+    from kfopt.components.status import read_statuses
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", (run_out / "pipeline.log").read_text())
+    phases: dict[str, list] = {}  # step -> [processes, first start, last end]
+    for line in text.splitlines():
+        started, finished = _STARTED.match(line), _FINISHED.match(line)
+        found = started or finished
+        if not found:
+            continue
+        task = re.sub(r"-\d+$", "", found["task"])
+        name = "round-1 loop (optimize)" if task in _LOOP_STEPS else task
+        phase = phases.setdefault(name, [0, None, None])
+        if started:
+            phase[0] += 1
+            phase[1] = phase[1] if phase[1] is not None else _seconds(found["time"])
+        else:
+            phase[2] = _seconds(found["time"])
+    body: dict[str, float] = {}
+    for status in read_statuses(run_out / "pipeline-root"):
+        name = "round-1 loop (optimize)" if status.step in _LOOP_STEPS else status.step
+        body[name] = body.get(name, 0.0) + (status.seconds or 0.0)
+    return [
+        (name, count, (end or start) - start, body.get(name, 0.0))
+        for name, (count, start, end) in phases.items()
+        if start is not None
+    ]
 
 
 def timed(command: list[str]) -> tuple[float, dict]:
@@ -155,6 +203,13 @@ def main() -> int:
 
     def outcome(result: dict) -> list[tuple[str, str]]:
         return [(c["recipe"], c["status"]) for c in result["candidates"]]
+
+    steps = Table(title="kfopt run, step by step (kfp.local runs top-level steps one after another)")
+    for column in ("step", "processes", "wall s", "inside step bodies s"):
+        steps.add_column(column, justify="left" if column == "step" else "right")
+    for name, count, wall, inside in pipeline_steps(out / "pipeline"):
+        steps.add_row(name, str(count), f"{wall:.1f}", f"{inside:.1f}")
+    console.print(steps)
 
     same = outcome(in_process_run[1]) == outcome(pipeline_run[1])
     same_winner = in_process_run[1].get("winner") == pipeline_run[1].get("winner")

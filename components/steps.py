@@ -98,7 +98,7 @@ def prepare_step(
         reporter.say("Measuring the baseline")
         evaluator = Evaluator(dataset, handle, Path(tmp) / "reference", metric=metric, output=output or None)
         metrics = evaluator.baseline_metrics()
-    _store_data(data, data_dir, dataset.validation_from)
+    _store_data(data, data_dir, dataset)
     baseline = {
         "model": model,
         "data": data,
@@ -139,13 +139,26 @@ def _fetch(model: str, target: Path) -> str:
     return str(local)
 
 
-def _store_data(data: str, data_dir: Path, validation_from: str = "test") -> None:
-    """Record the data spec; an .npz source is copied so every step reads the same bytes."""
-    info = {"source": data, "spec": data, "file": None, "validation_from": validation_from}
+def _store_data(data: str, data_dir: Path, dataset) -> None:
+    """Record the data spec; an .npz source is copied so every step reads the same bytes.
+
+    The bundled ``digits`` are stored as the splits ``dataset`` holds (an .npz
+    with ``x_val``/``y_val``, inputs as this model reads them): every later step
+    reads the very same arrays without importing scikit-learn, which costs each
+    step's process about a second.
+    """
+    info = {"source": data, "spec": data, "file": None, "validation_from": dataset.validation_from}
     if data.endswith(".npz") or "://" in data:
         from kfopt import _tf
 
         _tf.tf().io.gfile.copy(data, str(data_dir / "data.npz"), overwrite=True)
+        info.update(spec=None, file="data.npz")
+    elif data == "digits":
+        import numpy as np
+
+        splits = {"train": dataset.train, "val": dataset.validation, "test": dataset.test}
+        arrays = {f"{axis}_{name}": getattr(split, axis) for name, split in splits.items() for axis in ("x", "y")}
+        np.savez(data_dir / "data.npz", **arrays)
         info.update(spec=None, file="data.npz")
     write_json(data_dir / DATA_FILE, info)
 

@@ -552,6 +552,28 @@ def test_steps_measure_a_candidate_optimized_on_another_pool_like_any_other(prep
 
 
 @pytest.mark.slow
+def test_steps_read_the_prepared_digits_splits_without_scikit_learn(prepared):
+    import numpy as np
+
+    from kfopt.data import load_data
+
+    root, baseline = prepared
+    stored = steps.load_step_data(root / "data", baseline["input_shape"])
+    loaded = load_data("digits", input_shape=tuple(baseline["input_shape"]), validation_from="train")
+    for split in ("train", "validation", "test"):  # the very splits prepare used, as this model reads them
+        ours, theirs = getattr(stored, split), getattr(loaded, split)
+        assert np.array_equal(ours.x, theirs.x) and ours.x.dtype == theirs.x.dtype, split
+        assert np.array_equal(ours.y, theirs.y), split
+    code = (
+        "import sys\nfrom kfopt.components import steps\n"
+        f"steps.load_step_data({str(root / 'data')!r}, {baseline['input_shape']!r})\n"
+        "print('sklearn' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-1] == "False"
+
+
+@pytest.mark.slow
 def test_kfp_local_run_picks_a_winner_and_survives_a_failing_recipe(tmp_path):
     from kfopt.pipelines.runners import run_local
 
