@@ -137,7 +137,7 @@ def main() -> int:
             note = next((n for n in row.get("notes") or () if n.startswith("prune(method=channels) removed")), None)
             if row["status"] == "ok" and row["format"] == "keras" and note:
                 drop, flops = row["accuracy_drop"] * 100, row["flops"]
-                console.print(f"  {row['recipe']}: drop {drop:+.2f} pt, flops {flops:,}; {note[:150]}")
+                console.print(f"  {row['recipe']}: drop {drop:+.2f} pt, flops {flops:,}; {note.split(': ')[0]}")
     console.print(f"total wall time {time.perf_counter() - started:.0f} s")
     return 0
 
