@@ -23,7 +23,7 @@ from .plugins.technique import ModelHandle, StepContext
 from .progress import Reporter
 from .recipe import Recipe, parse_recipe, plan
 from .result import Baseline, Candidate, RunResult
-from .rundir import locked
+from .rundir import clear_run, locked
 from .signature import ModelInfo, keras_info, model_info
 from .task import Task, compiled_loss_info
 
@@ -369,6 +369,7 @@ def optimize(
     if metric is not None:
         techniques.metric(metric)  # an unknown metric name fails before any work
     planned = plan(parsed, techniques)
+    # The earlier run in ``out`` is replaced only once the model and data loaded: a wrong path loses nothing.
     with locked(out, "kfopt optimize", fresh=True, inputs=(model, data)) as out:
         settings = {**(tracking or {}), "max_accuracy_drop": max_accuracy_drop, "objective": objective}
         observers = Observers(techniques.pm, observer_context(out, **settings))
@@ -385,6 +386,7 @@ def optimize(
             workdir=out,
             check=refuse_early([(parsed, planned)]),
         )
+        clear_run(out)
         baseline.save(out / "baseline")
         evaluator = Evaluator(
             dataset, baseline, out / "baseline", metric=metric, metrics=techniques.metrics, output=output

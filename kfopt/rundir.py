@@ -228,8 +228,9 @@ def locked(
     so the system releases it when a process dies: there are no stale locks.
 
     ``fresh`` is for a new run: ``inputs`` (the model and data paths) are
-    refused when they are inside what the run replaces, then :func:`clear_run`
-    removes what an earlier run left. Inside the block SIGTERM and SIGHUP
+    refused when they are inside what the run replaces, and temporary files a
+    killed run left are removed. The run then calls :func:`clear_run` itself
+    once its model and data loaded, so a wrong path loses nothing. Inside the block SIGTERM and SIGHUP
     raise KeyboardInterrupt like SIGINT, so temporary files and directories are
     removed on the way out and the lock is released.
     """
@@ -253,7 +254,7 @@ def locked(
         with _interrupted_by_signals():
             if fresh:
                 check_inputs(directory, inputs)
-                clear_run(directory)
+                _remove_leftovers(directory)
             yield directory
     finally:
         with _held_guard:
@@ -356,17 +357,22 @@ def clear_run(directory: str | os.PathLike) -> None:
     directory = Path(directory)
     for name in RUN_FILES:
         (directory / name).unlink(missing_ok=True)
-    for leftover in [*directory.glob(".*.tmp"), *directory.glob(".work-*")]:  # from a run that was killed
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover)
-        else:
-            leftover.unlink()
+    _remove_leftovers(directory)
     for name in RUN_DIRS:
         path = directory / name
         if path.is_symlink() or path.is_file():
             path.unlink()
         elif path.is_dir():
             shutil.rmtree(path)
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Remove the temporary files and directories of a run that was killed (only the lock holder may)."""
+    for leftover in [*directory.glob(".*.tmp"), *directory.glob(".work-*")]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
 
 
 def check_inputs(directory: str | os.PathLike, inputs: Iterable) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from kfopt.components.status import CANDIDATE_LINE, ROUND_LINE, StepStatus, read_statuses
 from kfopt.errors import KfoptError
 from kfopt.result import RunResult, Tracking
-from kfopt.rundir import METRICS_FILE, REPORT_FILE, locked, writable_dir
+from kfopt.rundir import METRICS_FILE, REPORT_FILE, clear_run, locked, writable_dir
 
 LOG_FILE = "pipeline.log"
 #: Where kfp.local keeps its cache entries (they point at artifacts of earlier runs under pipeline-root/).
@@ -129,6 +129,7 @@ def run_local(
 
         check_uri(tracking_uri)  # a URI MLflow cannot use fails now, not after every recipe has run
     with locked(Path(out).resolve(), "kfopt run", fresh=True, inputs=(model, data)) as out:
+        clear_run(out)  # the steps load the model and data, so a wrong one shows only once the pipeline runs
         # No retries here: MLflow's client already retries HTTP calls, and a local
         # store that failed once fails again; `kfopt promote --from` finishes the job.
         pipeline = build_pipeline(

@@ -294,10 +294,24 @@ def test_the_input_model_is_never_inside_what_the_run_replaces(run_dir, tiny):
     assert model.is_file() and data.is_file() and (out / METRICS_FILE).is_file()  # nothing was touched
 
 
-def test_a_rerun_starts_clean_and_a_killed_one_leaves_no_record_and_no_temporary_files(run_dir):
-    """SIGTERM in the middle of a re-run into a finished --out: the old record went first, temporary
-    files are removed, the lock is released, and promote --from finds nothing to promote."""
+def test_a_wrong_path_or_bad_data_loses_nothing_of_the_earlier_run(run_dir, tiny, tmp_path):
     out = run_dir()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_test=np.zeros((4, 3), "float32"), y_test=np.zeros(4, "int64"))  # the model takes 64 features
+    for args in (["--data", tmp_path / "nope.npz"], ["--data", bad]):
+        for command in ("optimize", "search"):
+            code, output = cli(command, "--model", tiny / "model.keras", *args, "--recipe", RECIPE, "--out", out)
+            assert code == 2, output
+            after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+            assert after == before, f"{command} {args}: {set(before) ^ set(after)}"
+
+
+def test_a_rerun_killed_while_loading_keeps_the_earlier_run_and_removes_temporary_files(run_dir):
+    """SIGTERM while a re-run into a finished --out trains its baseline: the earlier record is intact (it is
+    replaced only once the model and data loaded), temporary files are removed, the lock is released."""
+    out = run_dir()
+    record = (out / METRICS_FILE).read_bytes()
     (out / ".metrics.json.999.tmp").write_text("{")  # left by a run killed earlier
     command = [sys.executable, "-m", "kfopt.cli", "optimize", "--model", "demo:mlp", "--epochs", "300"]
     process = subprocess.Popen(
@@ -311,11 +325,13 @@ def test_a_rerun_starts_clean_and_a_killed_one_leaves_no_record_and_no_temporary
     _, stderr = process.communicate(timeout=120)
     # 130, or Python ending the interrupted process by SIGINT itself: what a shell shows as 130 too.
     assert process.returncode in (130, -signal.SIGINT) and "interrupted" in stderr, stderr[-2000:]
-    assert not (out / METRICS_FILE).exists() and not (out / "candidate").exists()
+    assert (out / METRICS_FILE).read_bytes() == record
     assert not list(out.glob(".*.tmp")) and not list(out.glob(".work-*"))
     assert (out / LOCK_FILE).read_text() == ""
-    code, output = cli("promote", "--from", out, "--registered-model", NAME)
-    assert code == 2 and "No metrics.json" in one_error(output)
+    from kfopt.promotion import verify_run
+    from kfopt.result import RunResult
+
+    verify_run(out, RunResult.load(out))  # every file it lists is there, with its sha256
 
 
 @pytest.mark.slow

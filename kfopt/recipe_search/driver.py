@@ -273,7 +273,7 @@ def search(
     from ..plugins.manager import registry
     from ..progress import Reporter
     from ..recipe import plan
-    from ..rundir import locked
+    from ..rundir import clear_run, locked
     from .space import load_search
 
     started = time.perf_counter()
@@ -292,6 +292,7 @@ def search(
     if metric is not None:
         techniques.metric(metric)  # an unknown metric name fails before any work
     first = load_search(recipes, techniques)  # every recipe checked before any work
+    # The earlier run in ``out`` is replaced only once the model and data loaded: a wrong path loses nothing.
     with locked(out, "kfopt search", fresh=True, inputs=(model, data)) as out:
         handle, dataset = baseline or prepare(
             model,
@@ -303,6 +304,7 @@ def search(
             workdir=out,
             check=refuse_early([(r.recipe, r.planned) for r in first]),
         )
+        clear_run(out)
         handle.save(out / "baseline")
         evaluator = Evaluator(
             dataset,
