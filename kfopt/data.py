@@ -388,7 +388,7 @@ def _cast_to(array: np.ndarray, spec, where: str) -> np.ndarray:
             "reshape the arrays to the model's input shape, or pass the model the data was made for.",
         )
     dtype = np.dtype(spec.dtype) if spec.dtype not in ("string", "variant", "resource") else None
-    if dtype is None or array.dtype == dtype:
+    if dtype is None or (array.dtype == dtype and not spec.vocabulary):
         return array
     if dtype.kind in "iu" and array.dtype.kind == "f":
         whole = np.isfinite(array).all() and (array == np.round(array)).all()
@@ -406,6 +406,13 @@ def _cast_to(array: np.ndarray, spec, where: str) -> np.ndarray:
                 f"{spec.describe()}.",
                 "give ids the model's input type can hold, or a model whose input has a wider type.",
             )
+    if spec.vocabulary and array.size and (array.min() < 0 or array.max() >= spec.vocabulary):
+        raise KfoptError(
+            f"{where} has ids from {array.min()} to {array.max()} for the model's input {spec.describe()}, which "
+            f"an Embedding of {spec.vocabulary} ids reads (0 to {spec.vocabulary - 1}).",
+            "map the ids the model never learned to an id it knows (e.g. its out-of-vocabulary id), or pass the "
+            "model the data was made for.",
+        )
     return array.astype(dtype)
 
 

@@ -950,9 +950,12 @@ def _input_consumers(model) -> dict[str, list]:
 
 
 def _sample(sample, specs) -> tuple[list[np.ndarray], str]:
+    """Up to 32 rows of ``sample`` (the user's test inputs) when they fit the model's inputs, else generated rows:
+    data that does not fit is refused in one line once it is matched to the converted model, not here."""
     if sample is not None:
-        arrays = list(sample) if isinstance(sample, (list, tuple)) else [sample]
-        return [np.asarray(a)[:32] for a in arrays], "given"
+        arrays = [np.asarray(a)[:32] for a in (list(sample) if isinstance(sample, (list, tuple)) else [sample])]
+        if _fits(arrays, specs):
+            return arrays, "given"
     rng = np.random.default_rng(0)
     arrays = []
     for shape, dtype, bound in specs:
@@ -964,6 +967,18 @@ def _sample(sample, specs) -> tuple[list[np.ndarray], str]:
         else:
             arrays.append(rng.standard_normal((SAMPLE_ROWS, *dims)).astype(dtype))
     return arrays, "generated"
+
+
+def _fits(arrays: list[np.ndarray], specs) -> bool:
+    """Whether ``arrays`` have the shapes of the model's inputs and, where an Embedding reads one, ids it knows."""
+    if len(arrays) != len(specs):
+        return False
+    for array, (shape, _, bound) in zip(arrays, specs):
+        if len(array.shape) != len(shape) + 1 or any(d is not None and d != a for d, a in zip(shape, array.shape[1:])):
+            return False
+        if bound is not None and array.size and not (array.min() >= 0 and array.max() < bound):
+            return False
+    return True
 
 
 def _outputs(model, inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -30,6 +30,8 @@ class TensorInfo:
     name: str
     shape: tuple[int | None, ...]
     dtype: str
+    #: For an input read by an Embedding: its number of ids (valid ids are 0 to vocabulary - 1); else None.
+    vocabulary: int | None = None
 
     @property
     def integer(self) -> bool:
@@ -105,9 +107,10 @@ def keras_info(model, handle=None) -> ModelInfo:
     input_names = list(getattr(model, "input_names", None) or [f"input_{i}" for i in range(len(inputs))])
     output_names = list(getattr(model, "output_names", None) or [f"output_{i}" for i in range(len(outputs))])
     layers = list(_walk_layers(model))
+    vocabularies = _vocabularies(model)
     return ModelInfo(
         format="keras",
-        inputs=tuple(_tensor(name, t) for name, t in zip(input_names, inputs)),
+        inputs=tuple(_tensor(name, t, vocabularies.get(id(t))) for name, t in zip(input_names, inputs)),
         outputs=tuple(_tensor(name, t) for name, t in zip(output_names, outputs)),
         layers=tuple(type(layer).__name__ for layer in layers),
         recurrent=tuple(layer.name for layer in layers if type(layer).__name__ in RECURRENT_LAYERS),
@@ -224,9 +227,23 @@ def _dim(value) -> int | None:
     return None if value < 0 else value
 
 
-def _tensor(name: str, tensor) -> TensorInfo:
+def _tensor(name: str, tensor, vocabulary: int | None = None) -> TensorInfo:
     shape = tuple(tensor.shape)[1:]
-    return TensorInfo(str(name), tuple(_dim(d) for d in shape), _dtype_name(tensor.dtype))
+    return TensorInfo(str(name), tuple(_dim(d) for d in shape), _dtype_name(tensor.dtype), vocabulary)
+
+
+def _vocabularies(model) -> dict[int, int]:
+    """id() of each model input read directly by Embedding layers -> the smallest of their ``input_dim``."""
+    inputs = {id(t) for t in getattr(model, "inputs", None) or []}
+    found: dict[int, int] = {}
+    for layer in getattr(model, "layers", []):
+        if type(layer).__name__ != "Embedding":
+            continue
+        for node in getattr(layer, "_inbound_nodes", []):
+            for tensor in getattr(node, "keras_inputs", []):
+                if id(tensor) in inputs:
+                    found[id(tensor)] = min(found.get(id(tensor), layer.input_dim), layer.input_dim)
+    return found
 
 
 def _spec(name: str, spec) -> TensorInfo:

@@ -285,3 +285,34 @@ def test_a_pruned_keras3_model_is_saved_for_keras3_with_the_predictions_kfopt_me
     assert float((in_keras3.argmax(axis=1) == y_test).mean()) == pytest.approx(candidate.accuracy, abs=1e-9)
     # What kfopt reads back from the file is what Keras 3 computes.
     _assert_same(_predict(load_keras(artifact), [x_test]), [in_keras3])
+
+
+def _optimize_exit(model: Path, data: Path, out: Path) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from kfopt.cli import main
+
+    args = ["optimize", "--model", str(model), "--data", str(data), "--recipe", "quantize(mode=dynamic)"]
+    done = CliRunner().invoke(main, [*args, "--out", str(out), "--no-tracking"])
+    return done.exit_code, done.output
+
+
+def test_data_that_does_not_fit_a_keras3_model_is_refused_in_one_line(zoo, tmp_path):
+    # The conversion is proven on the user's rows only when they fit; misfit data gets the data check's line.
+    rng = np.random.default_rng(0)
+    wrong = tmp_path / "seven_features.npz"
+    x, y = rng.normal(size=(40, 7)).astype("float32"), np.arange(40) % 10
+    np.savez(wrong, x_train=x, y_train=y, x_test=x, y_test=y)
+    code, output = _optimize_exit(zoo / "digits_mlp.keras", wrong, tmp_path / "out")
+    assert code == 2 and "has inputs of shape (7,)" in output and "(64,)" in output, output
+    assert len(output.strip().splitlines()) <= 2, output
+
+
+@pytest.mark.parametrize("bad_id, where", [(50, 0), (-1, 35)])  # in the rows a conversion is proven on, or not
+def test_token_ids_an_embedding_never_learned_are_refused_in_one_line(zoo, tmp_path, bad_id, where):
+    x = np.random.default_rng(0).integers(0, 50, (40, 12)).astype("int32")
+    x[where, 3] = bad_id
+    data = tmp_path / "tokens.npz"
+    np.savez(data, x_train=x, y_train=np.arange(40) % 3, x_test=x, y_test=np.arange(40) % 3)
+    code, output = _optimize_exit(zoo / "text_rnn.keras", data, tmp_path / "out")
+    assert code == 2 and "an Embedding of 50 ids reads (0 to 49)" in output, output
