@@ -751,7 +751,7 @@ def select_step(
             trace_entry(c, objective) for c in new
         ]
         result.layer_sensitivity = plan.get("layer_sensitivity") or []
-    result.apply(select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
+    result.settle_baseline_latency().apply(select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
     # As `kfopt search` names it: the best candidate that keeps the user's architecture (the report shows it
     # beside a winner that is a dense student).
     if registry is None:  # the techniques' defaults say which student a distill step without one builds

@@ -423,4 +423,5 @@ def finish_result(
     from .select import select
 
     result.baseline.references = evaluator.references
+    result.settle_baseline_latency()
     return result.apply(select(result.candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))

@@ -272,6 +272,20 @@ class RunResult(_Record):
         return f"<RunResult {self.model} on {self.data}: {len(self.candidates)} candidates, winner {self.winner!r}>"
 
     # -- deciding -----------------------------------------------------------------
+    def settle_baseline_latency(self) -> RunResult:
+        """Show the baseline's latency in each format as it was timed beside the candidates (the median over
+        them, :func:`kfopt.select.latency_baselines`), not a lone timing taken at another moment, which could
+        contradict the speedups next to it. Formats no candidate was timed against keep their timing."""
+        from .select import latency_baselines
+
+        for key in ("latency_p50_ms", "latency_p95_ms"):
+            for format, value in latency_baselines(self.candidates, key).items():
+                if format in self.baseline.references:
+                    self.baseline.references[format] = {**self.baseline.references[format], key: value}
+                if format == (self.baseline.format or "keras"):
+                    setattr(self.baseline, key, value)
+        return self
+
     def apply(self, selection) -> RunResult:
         """Record a :class:`kfopt.select.Selection`: winner, Pareto front, and per candidate why it is out."""
         self.winner = selection.winner

@@ -317,9 +317,10 @@ def objective_ratio(record: dict, objective: str) -> tuple[str, float | None]:
     return f"compression_ratio^{weight:g} * speedup^{1 - weight:g}", value
 
 
-def latency_baselines(records: Iterable[dict]) -> dict[str, float]:
+def latency_baselines(records: Iterable[dict], key: str = "latency_p50_ms") -> dict[str, float]:
     """One baseline p50 (ms) per format for a whole set of candidates: the median of their
-    ``compared_with.latency_p50_ms`` (the baseline as timed interleaved with each of them).
+    ``compared_with.latency_p50_ms`` (the baseline as timed interleaved with each of them); ``key`` another
+    of its latencies (``latency_p95_ms``).
 
     Read from the records themselves, so ``kfopt run``, the search and the pipeline's select step (which
     only has the records) all get the same value for the same candidates.
@@ -327,7 +328,7 @@ def latency_baselines(records: Iterable[dict]) -> dict[str, float]:
     by_format: dict[str, list[float]] = {}
     for record in records:
         reference = record.get("compared_with") or {}
-        p50 = reference.get("latency_p50_ms")
+        p50 = reference.get(key)
         if record.get("status", "ok") == "ok" and p50 and p50 > 0:
             by_format.setdefault(record.get("format") or reference.get("format"), []).append(p50)
     return {fmt: statistics.median(values) for fmt, values in by_format.items()}
