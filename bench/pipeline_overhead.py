@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -129,12 +130,18 @@ def pipeline_steps(run_out: Path) -> list[tuple[str, int, float, float]]:
 
 
 def timed(command: list[str]) -> tuple[float, dict]:
+    """Wall seconds and the JSON a command printed; the record gets ``cpu_seconds``, the CPU time of the command
+    and every process under it (user + system): far less moved by other work on a shared machine than wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return seconds, json.loads(proc.stdout[proc.stdout.index("{") :])
+    record = json.loads(proc.stdout[proc.stdout.index("{") :])
+    record["cpu_seconds"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, record
 
 
 def main() -> int:
@@ -178,10 +185,21 @@ def main() -> int:
         title=f"{len(args.recipes)} recipes on demo:mlp / digits (baseline {args.epochs} epochs, no refinement "
         "rounds), each mode in a fresh process"
     )
-    columns = ("mode", "wall s", "inside recipes s", "report + MLflow s", "everything else s", "ratio", "ok", "winner")
+    columns = (
+        "mode",
+        "wall s",
+        "inside recipes s",
+        "report + MLflow s",
+        "everything else s",
+        "ratio",
+        "CPU s",
+        "CPU ratio",
+        "ok",
+        "winner",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column in ("mode", "winner") else "right")
-    base = in_process_run[0]
+    base, base_cpu = in_process_run[0], in_process_run[1]["cpu_seconds"]
     for mode, (seconds, result) in runs.items():
         work = sum(c.get("seconds", 0) for c in result["candidates"])
         final = result.get("report_and_mlflow_seconds") or 0.0
@@ -193,6 +211,8 @@ def main() -> int:
             f"{final:.1f}",
             f"{seconds - work - final:.1f}",
             f"{seconds / base:.2f}x",
+            f"{result['cpu_seconds']:.1f}",
+            f"{result['cpu_seconds'] / base_cpu:.2f}x",
             f"{ok}/{len(result['candidates'])}",
             str(result.get("winner")),
         )
