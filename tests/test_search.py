@@ -88,15 +88,29 @@ def test_bisection_narrows_between_feasible_and_over_budget(techniques):
     assert sparsity_of(proposals[0].recipe) == pytest.approx(0.85)
     assert not proposals[0].recipe.startswith("distill")
     assert 0.125 < width_of(proposals[1].recipe) < 0.25
-    # Never proposes a recipe already tried; nothing feasible -> nothing to refine.
+    # Never proposes a recipe already tried.
     again = propose(records, max_accuracy_drop=BUDGET, tried=[p.recipe for p in proposals], techniques=techniques)
     assert not {p.recipe for p in again} & {p.recipe for p in proposals}
-    assert (
-        propose(
-            [r for r in records if r["val_accuracy_drop"] > BUDGET], max_accuracy_drop=BUDGET, techniques=techniques
-        )
-        == []
-    )
+
+
+def test_when_everything_tried_is_over_budget_the_search_retreats_instead_of_stopping(techniques):
+    # A model with little redundancy: round 1's prune and student lose far more than the budget.
+    over = [
+        record(techniques, "prune(target_sparsity=0.8)>quantize(mode=int8)", 0.35, 0.35, 6000),
+        record(techniques, "distill(width=0.25)>quantize(mode=int8)", 0.30, 0.30, 5000),
+        record(techniques, "quantize(mode=int8)", 0.0, 0.0, 20000),
+    ]
+    proposals = propose(over, max_accuracy_drop=BUDGET, max_trials=4, techniques=techniques)
+    recipes = {p.recipe.split(">")[0].split("(")[0]: p for p in proposals}
+    assert sparsity_of(recipes["prune"].recipe) == pytest.approx(0.4) and "retreat" in recipes["prune"].why
+    assert width_of(recipes["distill"].recipe) == pytest.approx(0.5) and "retreat" in recipes["distill"].why
+    # Once the retreat fits the budget, the bisection climbs from it again, between it and what was over.
+    fits = record(techniques, "prune(target_sparsity=0.4)>quantize(mode=int8)", 0.004, 0.004, 12000)
+    up = propose([*over, fits], max_accuracy_drop=BUDGET, max_trials=1, techniques=techniques)[0]
+    assert sparsity_of(up.recipe) == pytest.approx(0.6) and "bisect prune sparsity up" in up.why
+    # Nothing below the floor: pruning 10% saves too little to be worth a trial.
+    low = [record(techniques, "prune(target_sparsity=0.3)", 0.35, 0.35, 6000)]
+    assert propose(low, max_accuracy_drop=BUDGET, techniques=techniques) == []
 
 
 def test_refinement_chooses_on_validation_not_test(techniques):
@@ -206,7 +220,9 @@ def test_a_chain_a_little_over_budget_is_retried_with_longer_fine_tuning(techniq
     (bisect,) = [p for p in proposals if p.why.startswith("bisect prune sparsity up")]
     assert sparsity_of(bisect.recipe) == pytest.approx(0.89) and "epochs=20" in bisect.recipe
     assert "provisional start" in bisect.why
-    assert not any(p.recipe.startswith("distill(") for p in proposals)
+    # The far one is not fine-tuned longer at its width: a wider student is tried instead.
+    (student,) = [p for p in proposals if p.recipe.startswith("distill(")]
+    assert width_of(student.recipe) == pytest.approx(0.5) and "retreat" in student.why
 
 
 def test_two_round_search_on_digits_finds_a_more_aggressive_recipe(tmp_path):

@@ -88,6 +88,8 @@ WIDTH_FLOOR = 0.0625
 #: Stop bisecting when the bracket is this narrow.
 MIN_SPARSITY_STEP = 0.01
 MIN_WIDTH_RATIO = 1.15
+#: The lowest sparsity a retreat from an over-budget prune proposes (below it, pruning saves too little).
+RETREAT_FLOOR = 0.2
 #: Width of the first dense (Flatten + Dense) student: hidden layers as wide as the teacher's widest layer.
 DENSE_WIDTH = 1.0
 
@@ -467,7 +469,9 @@ def _bracket(evidence: _Evidence, keep: tuple[str, ...] = (), method: str = "mag
 
 def _bisect_prune(evidence: _Evidence, keep: tuple[str, ...] = (), method: str = "magnitude") -> Proposal | None:
     bracket = _bracket(evidence, keep, method)
-    if bracket is None or bracket.high - bracket.low < MIN_SPARSITY_STEP:
+    if bracket is None:
+        return _retreat_prune(evidence, keep, method)
+    if bracket.high - bracket.low < MIN_SPARSITY_STEP:
         return None
     best = bracket.best
     middle = round((bracket.low + bracket.high) / 2, 3)
@@ -479,6 +483,33 @@ def _bisect_prune(evidence: _Evidence, keep: tuple[str, ...] = (), method: str =
         steps,
         f"bisect {what} up{kept} from '{best.record['recipe']}' "
         f"(sparsity {bracket.low:g}, {_drop(best.record)}; {bracket.bound}): try {middle:g}",
+    )
+
+
+def _retreat_prune(evidence: _Evidence, keep: tuple[str, ...], method: str) -> Proposal | None:
+    """Every prune of ``method`` (not after a distill) is over budget: try half the lowest sparsity tried.
+
+    A model with little redundancy (small, or trained on all its data) loses too much at the round-1 sparsity;
+    a lower one may still fit the budget, and the bisection then climbs from it.
+    """
+    runs = [
+        run
+        for run in evidence.prune_runs()
+        if run.method == method and run.keep == keep and _distill_step(run.record, evidence.defaults) is None
+    ]
+    if not runs or any(evidence.usable(run.record) for run in runs):
+        return None
+    lowest = min(runs, key=lambda run: (run.sparsity, val_drop(run.record)))
+    half = round(lowest.sparsity / 2, 3)
+    if half < RETREAT_FLOOR:
+        return None
+    steps = _copied_recipe(lowest.record, evidence.defaults)
+    steps[lowest.index] = lowest.proposed(half, keep)
+    what = "channel sparsity" if method == "channels" else "prune sparsity"
+    return Proposal(
+        steps,
+        f"every {what} tried is over budget (lowest: '{lowest.record['recipe']}', {_drop(lowest.record)}): "
+        f"retreat to half of it, {half:g}",
     )
 
 
@@ -698,7 +729,7 @@ def _bisect_distill(evidence: _Evidence, architecture: str = "same") -> Proposal
     if provisional:  # none within budget yet: start from one a little over it after short fine-tuning
         feasible = [s for s in students if evidence.provisional(s.record)]
     if not feasible:
-        return None
+        return _retreat_distill(evidence, students, architecture)
     best = min(feasible, key=lambda s: (s.width, val_drop(s.record)))
     high = float(best.width)
     # A student over budget bounds the bracket when it was trained at least as long as the best one.
@@ -717,6 +748,25 @@ def _bisect_distill(evidence: _Evidence, architecture: str = "same") -> Proposal
         steps,
         f"bisect distill width{kind} down from '{best.record['recipe']}' "
         f"(width {high:g}, {_drop(best.record)}; {bound}): try {middle:g}",
+    )
+
+
+def _retreat_distill(evidence: _Evidence, students: list, architecture: str) -> Proposal | None:
+    """Every student of ``architecture`` is over budget: try one wider than the widest tried (its width's
+    square root, halfway to the teacher's width on a log scale), while that is clearly narrower than the teacher."""
+    if not students:
+        return None
+    widest = max(students, key=lambda s: (s.width, -val_drop(s.record)))
+    wider = round(math.sqrt(widest.width), 4)
+    if 1 / wider < MIN_WIDTH_RATIO or any(s.width >= wider for s in students):
+        return None
+    steps = _copied_recipe(widest.record, evidence.defaults)
+    steps[widest.index] = widest.proposed(wider, evidence.defaults)
+    kind = "student" if architecture == "same" else f"{architecture} student"
+    return Proposal(
+        steps,
+        f"every {kind} tried is over budget (widest: '{widest.record['recipe']}', {_drop(widest.record)}): "
+        f"retreat to width {wider:g}",
     )
 
 
