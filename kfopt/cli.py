@@ -288,6 +288,7 @@ def optimize(
         click.echo(_json(result))
     else:
         _console().print(results_table(result))
+        _print_warnings(result)
         click.echo(
             f"Results: {out}/metrics.json" + (f"; model: {candidate['artifact']}" if candidate.get("artifact") else "")
         )
@@ -744,6 +745,11 @@ def _console():
     return console if console.is_terminal else Console(width=200)
 
 
+def _print_warnings(result) -> None:
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
+
+
 def _print_result(result: dict) -> None:
     """The tables of a run or a search (sensitivity, candidates), the winner, and how the search stopped."""
     from .report import results_table, search_table, sensitivity_table
@@ -955,6 +961,7 @@ def search_(
         click.echo(_json(result))
     else:
         _print_result(result)
+        _print_warnings(result)
         click.echo(f"Report: {_file_url(report)}")
         click.echo(f"Results: {out}/metrics.json (and every model under {out})")
     if not any(c["status"] == "ok" for c in result["candidates"]):

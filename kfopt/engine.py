@@ -27,6 +27,9 @@ from .rundir import clear_run, locked
 from .signature import ModelInfo, keras_info, model_info
 from .task import Task, compiled_loss_info
 
+#: A baseline whose test accuracy is within this of the most frequent label's rate learned nothing worth keeping.
+CHANCE_MARGIN = 0.02
+
 
 def prepare(
     model: str,
@@ -407,13 +410,20 @@ def optimize(
 
 def start_result(model: str, data: str, seed: int, baseline: ModelHandle, evaluator: Evaluator) -> RunResult:
     """The run record of a run that measured ``baseline``, before any candidate: one skeleton for every path."""
-    return RunResult(
+    result = RunResult(
         model=model,
         data=data,
         seed=seed,
         splits=evaluator.data.splits.as_dict(),
         baseline=Baseline(artifact=str(baseline.path), **evaluator.baseline_metrics()),
     )
+    accuracy, chance = result.baseline.accuracy, evaluator.majority_rate()
+    if accuracy is not None and chance is not None and accuracy <= chance + CHANCE_MARGIN:
+        result.warnings.append(
+            f"the baseline's test accuracy {accuracy:.4f} is at chance level (always predicting the most frequent "
+            f"label scores {chance:.4f}): an accuracy budget against it means little; train the model first"
+        )
+    return result
 
 
 def finish_result(

@@ -568,6 +568,19 @@ class Evaluator:
         """The baseline's size and latency in every format measured so far."""
         return dict(self._references)
 
+    def majority_rate(self) -> float | None:
+        """Test accuracy of always predicting the most frequent test label: what a model that learned nothing
+        scores (single-label classification; None for other tasks)."""
+        if self.task.kind not in ("multiclass", "binary") or not len(self.y_test):
+            return None
+        y = np.asarray(self.y_test)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1:
+            return None
+        _, counts = np.unique(np.round(y).astype(np.int64), return_counts=True)
+        return float(counts.max() / len(y))
+
     def baseline_metrics(self) -> dict:
         """The baseline's metrics in its Keras form (plus its like-for-like references)."""
         metrics = self.evaluate(self.baseline)

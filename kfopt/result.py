@@ -215,6 +215,8 @@ class RunResult(_Record):
     layer_sensitivity: list[dict[str, Any]] | None = None
     #: A search's best candidate that keeps the user's architecture (no dense student), beside ``winner``.
     best_same_architecture: str | None = None
+    #: What the user should know about the run as a whole, one line each (e.g. a baseline at chance level).
+    warnings: list[str] = Field(default_factory=list)
     #: Set by ``kfopt run``: the HTML report, the self-contained results folder, the log, wall seconds.
     report: str | None = None
     results: str | None = None

@@ -237,3 +237,21 @@ def test_compile_sets_the_retries_of_optimize_and_evaluate_steps(tmp_path):
     compiled = (tmp_path / "p.yaml").read_text()
     assert "maxRetryCount: 4" in compiled and "maxRetryCount: 2" not in compiled
     assert "retried up to 4 times" in out
+
+
+def test_a_baseline_at_chance_level_gets_a_warning(tmp_path):
+    from kfopt import _tf
+
+    keras = _tf.keras()
+    model = keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(10, activation="softmax", kernel_initializer="zeros")]
+    )
+    model.save(tmp_path / "untrained.keras")  # predicts class 0 for every digit
+    code, output, stderr = run(
+        "optimize", "--model", tmp_path / "untrained.keras", "--recipe", "quantize(mode=dynamic)",
+        "--out", tmp_path / "out", "--no-tracking",
+    )  # fmt: skip
+    assert code == 0, output
+    assert "warning: the baseline's test accuracy" in stderr and "is at chance level" in stderr, stderr
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert len(record["warnings"]) == 1
