@@ -99,6 +99,10 @@ def columns_for(result: dict) -> list[tuple[str, str, str]]:
     return quality + [c for c in COLUMNS if c[0] not in ("accuracy", "accuracy_drop", "agreement")]
 
 
+#: How the table names the baseline converted to another format, which that format's candidates are compared with.
+REFERENCE_NAMES = {"tflite": "fp32 TFLite", "saved_model": "SavedModel"}
+
+
 def results_table(result: dict) -> Table:
     """Baseline and candidates, one row each; ratios are against the baseline in the candidate's format."""
     table = Table(title=f"kfopt: {result.get('model')} on {result.get('data')} (test split)")
@@ -109,9 +113,18 @@ def results_table(result: dict) -> Table:
     for _, header, _ in columns:
         table.add_column(header, justify="right")
     rows = [("baseline", {**result["baseline"], "status": "ok"})]
+    used = {c.get("format") for c in result["candidates"] if c.get("status") == "ok"}
+    for fmt, reference in (result["baseline"].get("references") or {}).items():
+        if fmt in used and fmt != result["baseline"].get("format", "keras"):  # what that format's ratios divide by
+            rows.append(
+                (
+                    f"baseline as {REFERENCE_NAMES.get(fmt, fmt)}",
+                    {**reference, "compression_ratio": 1.0, "speedup": 1.0, "status": "reference"},
+                )
+            )
     rows += [(c["recipe"], c) for c in result["candidates"]]
     for label, row in rows:
-        status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('reason')}"
+        status = row["status"] if row["status"] in ("ok", "reference") else f"{row['status']}: {row.get('reason')}"
         table.add_row(escape(label), row.get("format", "-"), escape(status), *metric_cells(row, columns))
     return table
 

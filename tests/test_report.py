@@ -339,3 +339,26 @@ def test_the_report_names_the_best_candidate_that_keeps_the_architecture():
     assert "Best that keeps your architecture" not in render_html(
         {**result, "best_same_architecture": result["winner"]}
     )
+
+
+def test_the_table_shows_the_baseline_each_formats_ratios_divide_by():
+    from rich.console import Console
+
+    from kfopt.report import results_table
+    from kfopt.result import Baseline, Candidate, RunResult
+
+    reference = {"format": "tflite", "size_bytes": 12_000, "gzip_bytes": 11_439, "latency_p50_ms": 0.02}
+    result = RunResult(
+        model="m",
+        data="d",
+        baseline=Baseline(format="keras", gzip_bytes=12_083, accuracy=0.95, references={"tflite": reference}),
+        candidates=[
+            Candidate(recipe="quantize(mode=int8)", format="tflite", gzip_bytes=4_878, compression_ratio=11_439 / 4_878)
+        ],
+    )
+    console = Console(width=250, record=True)
+    console.print(results_table(result))
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 3}
+    assert set(rows) == {"baseline", "baseline as fp32 TFLite", "quantize(mode=int8)"}
+    assert "11.2" in rows["baseline as fp32 TFLite"] and "reference" in rows["baseline as fp32 TFLite"]
+    assert "2.3x" in rows["quantize(mode=int8)"]  # 11,439 / 4,878: the row above, not the Keras baseline's 11.8 KB
