@@ -263,21 +263,32 @@ def artifact_sizes(path: Path) -> tuple[int, int]:
     return size, len(gzip.compress(buffer.getvalue(), compresslevel=9, mtime=0))
 
 
+#: The inputs of stateful TFLite operators that hold their state (variables reset between requests), by position.
+STATE_INPUTS = {"UNIDIRECTIONAL_SEQUENCE_LSTM": (18, 19), "UNIDIRECTIONAL_SEQUENCE_RNN": (4,), "SVDF": (4,)}
+#: The types a TFLite weight is stored in.
+WEIGHT_DTYPES = (np.float32, np.float16, np.int8, np.uint8)
+
+
 def tflite_sparsity(content: bytes) -> float | None:
-    """Fraction of zeros in a TFLite model's constant weight tensors (ndim >= 2)."""
+    """Fraction of zeros in a TFLite model's weights: its constant tensors of two or more axes in a weight type
+    (float or 8-bit: not shapes, paddings or int32 biases), as the Keras side counts every weight of ndim >= 2.
+
+    A constant is an operator input no operator makes and the model is not fed (an embedding table read by a
+    GATHER counts, as its Keras weight does); a fused LSTM's or RNN's state inputs are variables, not weights.
+    An 8-bit weight's zero is its zero point.
+    """
     interpreter = TFLiteRunner(content).interpreter
-    io_indices = {d["index"] for d in interpreter.get_input_details() + interpreter.get_output_details()}
+    ops = interpreter._get_ops_details()  # tf.lite has no public per-operator listing
+    fed = {d["index"] for d in interpreter.get_input_details()}
+    made = {index for op in ops for index in op["outputs"]}
+    state = {op["inputs"][i] for op in ops for i in STATE_INPUTS.get(op["op_name"], ()) if i < len(op["inputs"])}
+    state |= {op["inputs"][0] for op in ops if op["op_name"] == "DEQUANTIZE" and op["outputs"][0] in state}
+    constants = {i for op in ops for i in op["inputs"] if i >= 0} - made - fed - state
     zeros = total = 0
     for detail in interpreter.get_tensor_details():
-        if detail["index"] in io_indices or len(detail["shape"]) < 2:
+        if detail["index"] not in constants or len(detail["shape"]) < 2 or detail["dtype"] not in WEIGHT_DTYPES:
             continue
-        try:
-            value = interpreter.get_tensor(detail["index"])
-        except ValueError:  # intermediate tensors hold no data
-            continue
-        name = detail["name"].lower()
-        if value.size == 0 or not any(k in name for k in ("matmul", "conv", "kernel", "weights", "dense")):
-            continue
+        value = interpreter.get_tensor(detail["index"])
         zero_point = detail["quantization"][1] if value.dtype in (np.int8, np.uint8) else 0
         zeros += int((value == zero_point).sum())
         total += value.size
