@@ -139,6 +139,12 @@ def _skip_teardown_after_success() -> threading.Event:
                 stream.flush()
             except Exception:  # a closed stream: nothing left to lose
                 pass
+        try:  # and what C code (TensorFlow, TFLite) printed through C's own buffers
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)
+        except Exception:
+            pass
         os._exit(1 if raised.is_set() else 0)
 
     sys.excepthook = record
