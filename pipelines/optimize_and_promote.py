@@ -150,8 +150,7 @@ def build_pipeline(
         )
     search = recipes if _planned(recipes) else load_search(recipes, registry)
     if channels is None:
-        # The built-in space (kfopt run passes it planned): the recipes kfopt search adds channels to.
-        channels = [r.recipe.label for r in search] == [r.recipe.label for r in load_search(None, registry)]
+        channels = is_built_in(search, registry)
     positions = {id(r): i for i, r in enumerate(search)}
     training, post_training = split_by_pool(search)
     ops = build_components(image)
@@ -418,6 +417,12 @@ def build_pipeline(
         )
 
     return optimize_and_promote
+
+
+def is_built_in(search: list[SearchRecipe], registry=None) -> bool:
+    """Whether ``search`` is the built-in search space (``kfopt run`` passes it planned): the recipes ``kfopt
+    search`` adds round-1 channel pruning to."""
+    return [r.recipe.label for r in search] == [r.recipe.label for r in load_search(None, registry)]
 
 
 def one_pool_steps(training: list, post_training: list, parallelism: int = 0) -> list[list]:

@@ -334,7 +334,7 @@ def compile_for_cluster(
     from kfopt.components import DEFAULT_IMAGE
     from kfopt.recipe_search import load_search, split_by_pool
 
-    from .optimize_and_promote import STEP_RETRIES, STEP_USER, compile_pipeline, post_training_groups
+    from .optimize_and_promote import STEP_RETRIES, STEP_USER, compile_pipeline, is_built_in, post_training_groups
     from .placement import load_placement
 
     if mlflow_secret is not None and not _K8S_NAME.fullmatch(mlflow_secret):
@@ -378,6 +378,11 @@ def compile_for_cluster(
         + (", ".join(r.label for r in post_training) or "none"),
         f"  {rounds} refinement round{'s' if rounds != 1 else ''} after round 1"
         + (f", proposed recipes on the {pool}" if rounds else ""),
+        *(
+            ["  round 1 also channel pruning for objective latency or mix on a conv model (decided at run time)"]
+            if is_built_in(recipes)
+            else []
+        ),
         f"  optimize and evaluate steps retried up to {STEP_RETRIES if step_retries is None else step_retries} "
         "times (backoff from 60 s)",
         f"  steps run as uid {STEP_USER} (non-root); MLflow login: "
