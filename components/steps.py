@@ -542,6 +542,15 @@ def plan_search_step(
     return plan
 
 
+def check_sensitivity(sensitivity: float) -> None:
+    """A KfoptError unless ``sensitivity`` is a sparsity in [0, 1) (0: no sensitivity pass)."""
+    if not 0 <= sensitivity < 1:
+        raise KfoptError(
+            f"sensitivity={sensitivity} is not a sparsity in [0, 1).",
+            "pass e.g. 0.9 (each layer alone pruned to 90%), or 0 to skip the sensitivity pass.",
+        )
+
+
 def sensitivity_step(
     baseline_dir,
     data_dir,
@@ -563,11 +572,7 @@ def sensitivity_step(
     from kfopt.recipe_search import layer_sensitivity
 
     reporter = reporter or Reporter(enabled=False)
-    if not 0 <= sensitivity < 1:
-        raise KfoptError(
-            f"sensitivity={sensitivity} is not a sparsity in [0, 1).",
-            "pass e.g. 0.9 (each layer alone pruned to 90%), or 0 to skip the sensitivity pass.",
-        )
+    check_sensitivity(sensitivity)
     plan = read_json(Path(plan_dir) / SEARCH_FILE, "search plan")
     rows = []
     info = read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
@@ -999,6 +1004,7 @@ __all__ = [
     "read_candidate",
     "plan_search_step",
     "sensitivity_step",
+    "check_sensitivity",
     "round_one_items",
     "propose_step",
     "stopped_step",

@@ -114,6 +114,10 @@ def run_local(
         target=target,
         stop_when_met=stop_when_met,
     )
+    if rounds:
+        from kfopt.components.steps import check_sensitivity
+
+        check_sensitivity(sensitivity)  # its step runs beside round 1: a bad value fails now, not after it
     if model.startswith("demo:"):
         from kfopt.models import DEMO_MODELS
 

@@ -470,6 +470,14 @@ def test_a_step_process_skips_the_interpreter_teardown_only_after_success(body, 
     assert not step_status_module._in_kfp_step_process()  # never armed in pytest's (or the CLI's) own process
 
 
+def test_a_bad_sensitivity_fails_before_any_step_runs(tmp_path):
+    from kfopt.pipelines.runners import run_local
+
+    with pytest.raises(KfoptError, match=r"sensitivity=1.5 is not a sparsity in \[0, 1\)"):
+        run_local(["quantize(mode=dynamic)"], out=tmp_path / "run", rounds=1, sensitivity=1.5)
+    assert not (tmp_path / "run").exists()  # its step runs beside round 1: checked before the pipeline starts
+
+
 def test_default_registered_model_names():
     assert steps.default_registered_model("demo:mlp") == "kfopt-demo-mlp"
     assert steps.default_registered_model("/models/My_Model.keras") == "kfopt-my-model"
