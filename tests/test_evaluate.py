@@ -492,6 +492,7 @@ def test_tflite_sparsity_counts_the_weights_keras_counts_embedding_tables_includ
     from kfopt.sparsity import weight_sparsity
 
     keras = _tf.keras()
+    keras.utils.set_random_seed(0)
     layers = keras.layers
     tokens = keras.Input((12,), dtype="int32")
     x = layers.LSTM(8)(layers.Embedding(50, 8)(tokens))
@@ -502,4 +503,6 @@ def test_tflite_sparsity_counts_the_weights_keras_counts_embedding_tables_includ
     model.set_weights(weights)
     rows = np.random.default_rng(0).integers(0, 50, (10, 1, 12)).astype("int32")
     content = to_tflite(model, mode, lambda: ([r] for r in rows))
-    assert tflite_sparsity(content) == pytest.approx(weight_sparsity(model), abs=0.005)
+    # int8 also rounds a few tiny weights to exactly zero: the model it stores has those zeros too.
+    more = 0.01 if mode == "int8" else 0.0
+    assert weight_sparsity(model) - 0.005 <= tflite_sparsity(content) <= weight_sparsity(model) + 0.005 + more
