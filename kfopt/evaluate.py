@@ -103,6 +103,11 @@ class Runner:
         return arrays
 
 
+def predict(runner: Runner, x, batch: int = 256) -> np.ndarray:
+    """What calling ``runner`` gives (its chosen output) for every row of ``x``, ``batch`` rows at a time."""
+    return np.concatenate([runner(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
 def _as_float(value) -> np.ndarray:
     return np.asarray(value, np.float32)
 
@@ -599,16 +604,13 @@ class Evaluator:
         return metrics
 
     # -- scoring: the task turns raw outputs into scores, labels and the metric ----------
-    def _outputs(self, runner: Runner, x: np.ndarray) -> np.ndarray:
-        batches = [runner(x[i : i + 256]) for i in range(0, len(x), 256)]
-        return np.concatenate(batches)
 
     def _score(self, runner: Runner, x: np.ndarray, y: np.ndarray) -> _Scored | None:
         if not len(x):
             return None
         from .task import exact_accuracy
 
-        scores = self.task.scores(self._outputs(runner, x))
+        scores = self.task.scores(predict(runner, x))
         predictions = self.task.predict(scores)
         return _Scored(predictions, self.metric.score(y, scores), exact_accuracy(self.task, y, predictions))
 

@@ -649,19 +649,12 @@ def measure_sensitivity(model, plan: ChannelPlan, sparsity: float, x, y_true, ta
     One forward pass over ``x`` per free group, plus one for the unpruned model; ``position`` picks the scored
     output of a model with several. Returns a :class:`Sensitivity`.
     """
-    from kfopt.data import input_list
+    from kfopt.evaluate import KerasRunner, predict
+
+    runner = KerasRunner(model).choose(position)  # reads the kernels as masked() leaves them at each call
 
     def score() -> float | None:
-        raw = []
-        for start in range(0, len(x), 256):
-            inputs = input_list(x[start : start + 256])
-            out = model(inputs if len(inputs) > 1 else inputs[0], training=False)
-            if isinstance(out, dict):
-                out = list(out.values())
-            if isinstance(out, (list, tuple)):
-                out = out[position]
-            raw.append(np.asarray(out))
-        return metric.score(y_true, task.scores(np.concatenate(raw)))
+        return metric.score(y_true, task.scores(predict(runner, x)))
 
     base = score()
     drops = {}

@@ -32,8 +32,8 @@ def layer_sensitivity(
     model and the validation labels with the task's default metric, as the
     Evaluator does. ``output`` picks the scored output of a multi-output model.
     """
-    import numpy as np
 
+    from ..evaluate import KerasRunner, predict
     from ..models import copy_model
     from ..plugins.prune import layer_kernels
 
@@ -45,16 +45,10 @@ def layer_sensitivity(
     y_true = task.targets(y)
     position = _output_position(model, output)
 
+    runner = KerasRunner(model).choose(position)  # reads the variables as they are at each call
+
     def val_metric() -> float | None:
-        raw = []
-        for i in range(0, len(x), 256):
-            out = model(x[i : i + 256], training=False)
-            if isinstance(out, dict):
-                out = list(out.values())
-            if isinstance(out, (list, tuple)):
-                out = out[position]
-            raw.append(np.asarray(out))
-        return metric.score(y_true, task.scores(np.concatenate(raw)))
+        return metric.score(y_true, task.scores(predict(runner, x)))
 
     def metric_with(variables, values) -> float | None:
         original = [v.numpy() for v in variables]
