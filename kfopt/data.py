@@ -22,6 +22,7 @@ where validation came from and how many samples each split has.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -143,6 +144,17 @@ class Split:
             )
         return size
 
+    def digest(self) -> str | None:
+        """sha256 (first 16 hex digits) of the arrays' values, dtypes and shapes; None for a tf.data split."""
+        if self.x is None:
+            return None
+        sha = hashlib.sha256()
+        for array in (*input_list(self.x), self.y):
+            array = np.ascontiguousarray(array)
+            sha.update(f"{array.dtype.str}{array.shape}".encode())
+            sha.update(array.tobytes())
+        return sha.hexdigest()[:16]
+
     def count(self) -> int | None:
         """The number of samples (``None`` for a dataset that repeats forever).
 
@@ -205,6 +217,9 @@ class Splits:
     validation: int
     test: int
     validation_source: str
+    #: sha256 (16 hex digits) of the test split's inputs and labels: which test data every number was measured
+    #: on, so a champion measured on other data is never compared with (None for a tf.data test split).
+    test_digest: str | None = None
 
     def as_dict(self) -> dict[str, int | str | None]:
         """``{"train", "validation", "test", "validation_source"}``, JSON-ready."""
@@ -243,6 +258,7 @@ class Data:
             validation=len(self.validation),
             test=len(self.test),
             validation_source=self.validation_source,
+            test_digest=self.test.digest(),
         )
 
 

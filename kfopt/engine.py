@@ -24,6 +24,7 @@ from .progress import Reporter
 from .recipe import Recipe, parse_recipe, plan
 from .result import Baseline, Candidate, RunResult
 from .rundir import clear_run, locked
+from .select import check_budget
 from .signature import ModelInfo, keras_info, model_info
 from .task import Task, compiled_loss_info
 
@@ -394,6 +395,7 @@ def optimize(
         evaluator = Evaluator(
             dataset, baseline, out / "baseline", metric=metric, metrics=techniques.metrics, output=output
         )
+        check_budget(max_accuracy_drop, evaluator.metric)
         reporter.say("Measuring the baseline")
         result = start_result(model, describe(data), seed, baseline, evaluator)
         candidate = run_recipe(

@@ -28,6 +28,7 @@ from .select import (
     MAX_TIE_WIDTH,
     Budget,
     budget_value,
+    check_budget,
     check_goal,
     mix_weight,
     objective_metric,
@@ -385,6 +386,12 @@ def gate(
         return True, "no champion yet"
     name = f"champion v{champion_version}" if champion_version else "the champion"
     ours, theirs = objective_value(challenger, objective), objective_value(champion, objective)
+    ours_on, theirs_on = challenger.get("test_digest"), champion.get("test_digest")
+    if ours_on and theirs_on and ours_on != theirs_on:
+        return False, (
+            f"cannot compare with {name}: it was measured on other test data (test split {theirs_on}, this one "
+            f"{ours_on}); a version counts against the champion only on the test data it was measured on"
+        )
     metric, mine, its = _budgeted(challenger, champion)
     missing = [k for k, a, b in ((metric, mine, its), (key, ours, theirs)) if a is None or b is None]
     if missing:
@@ -455,6 +462,12 @@ def promote(
     """
     selection = select(result.candidates, max_accuracy_drop=max_accuracy_drop, objective=objective)
     candidate: Candidate | None = result.candidate(selection.winner)
+    if candidate is not None:  # a budget the metric cannot even lose gates nothing, against the champion least of all
+        from .plugins.manager import registry
+
+        metric = registry().metrics.get(candidate.metric_name or "accuracy")
+        if metric is not None:
+            check_budget(max_accuracy_drop, metric)
     if candidate is None:
         why = "; ".join(f"{label}: {reason}" for label, reason in selection.reasons.items())
         return Registration(
@@ -470,7 +483,13 @@ def promote(
     # MLflow resolves the ``models:/`` source of a new version against its default tracking URI.
     with rundir.tracking_uri(logger.uri):
         return _register(
-            logger, candidate, name, max_accuracy_drop=max_accuracy_drop, objective=objective, baseline=result.baseline
+            logger,
+            candidate,
+            name,
+            max_accuracy_drop=max_accuracy_drop,
+            objective=objective,
+            baseline=result.baseline,
+            test_digest=(result.splits or {}).get("test_digest"),
         )
 
 
@@ -482,8 +501,12 @@ def _register(
     max_accuracy_drop: float,
     objective: str,
     baseline: dict | None = None,
+    test_digest: str | None = None,
 ) -> Registration:
-    """Create (once) the version of ``name`` for the logged ``candidate``, set challenger, decide on champion."""
+    """Create (once) the version of ``name`` for the logged ``candidate``, set challenger, decide on champion.
+
+    ``test_digest`` names the test data the candidate was measured on (tag ``kfopt.test_digest``).
+    """
     winner = candidate.recipe
     logged = logger.logged(winner)
     client = logger.client
@@ -496,6 +519,7 @@ def _register(
             "kfopt.run_dir": str(logger.directory.resolve()),
             **{f"kfopt.{k}": repr(float(candidate[k])) for k in VERSION_METRICS if candidate.get(k) is not None},
             **({"kfopt.metric_name": candidate.metric_name} if candidate.get("metric_name") else {}),
+            **({"kfopt.test_digest": test_digest} if test_digest else {}),
         }
         version = client.create_model_version(
             name,
@@ -510,8 +534,9 @@ def _register(
     if "kfopt.decision" in version.tags:  # decided by an earlier attempt: report it again, change nothing
         return _summary(client, name, version.version)
     _set_alias(client, name, CHALLENGER, version.version)
+    challenger = {**candidate.to_dict(), "test_digest": test_digest}
     promoted, reason, previous = _decide(
-        client, name, str(version.version), candidate, max_accuracy_drop=max_accuracy_drop, objective=objective
+        client, name, str(version.version), challenger, max_accuracy_drop=max_accuracy_drop, objective=objective
     )
     decision = {
         "kfopt.reason": reason[:5000],
@@ -631,8 +656,9 @@ def _metrics_of(client, name: str, version: str) -> dict:
         except Exception:
             run_metrics = {}
         metrics = {**{k: run_metrics[k] for k in VERSION_METRICS if k in run_metrics}, **metrics}
-    if "kfopt.metric_name" in mv.tags:
-        metrics["metric_name"] = mv.tags["kfopt.metric_name"]
+    for key in ("metric_name", "test_digest"):
+        if f"kfopt.{key}" in mv.tags:
+            metrics[key] = mv.tags[f"kfopt.{key}"]
     return metrics
 
 

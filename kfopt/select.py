@@ -122,6 +122,20 @@ def worse_than_champion(
     return loss > limit + TOLERANCE
 
 
+def check_budget(max_accuracy_drop, metric) -> None:
+    """Refuse (exit 2) an absolute budget of at least all that ``metric`` (:class:`kfopt.task.Metric`) can
+    lose: under it every candidate passes and no champion is safe (``5`` meant as 5 points is 500 points)."""
+    budget = Budget.parse(max_accuracy_drop)
+    if budget.relative or metric.at_most is None or budget.drop < metric.at_most:
+        return
+    raise KfoptError(
+        f"A budget of {budget.drop:g} allows a drop of {metric.name} larger than all it can lose (it is at most "
+        f"{metric.at_most:g}), so every candidate would pass.",
+        f"give it in the metric's units ({budget.drop / 100:g} for {budget.drop:g} points) or relative to the "
+        f"baseline ('{budget.drop:g}%').",
+    )
+
+
 def budget_value(max_accuracy_drop: float | str | Budget) -> float | str:
     """A budget as settings and records keep it: a float (absolute) or ``"N%"`` (relative)."""
     return Budget.parse(max_accuracy_drop).value

@@ -104,6 +104,9 @@ class Metric:
     #: n samples cannot show a change finer than 1/n) or "labels" (binary accuracy: one per label of each
     #: sample); None for other metrics (see ``val_resolution``).
     counted: str | None = None
+    #: The largest value the metric takes (1.0 for a fraction: accuracy, F1, AUC), None when unbounded (errors).
+    #: An absolute budget of at least this much lets every candidate through, so it is refused.
+    at_most: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", frozenset(self.tasks))

@@ -94,6 +94,7 @@ BUILT_IN = (
     Metric(
         "accuracy",
         accuracy,
+        at_most=1.0,
         counted="samples",
         tasks={"multiclass", "binary", "multilabel"},
         description="fraction of samples predicted right (all labels right, for multilabel)",
@@ -101,6 +102,7 @@ BUILT_IN = (
     Metric(
         "binary_accuracy",
         binary_accuracy,
+        at_most=1.0,
         counted="labels",
         tasks={"binary", "multilabel"},
         description="fraction of yes/no answers right (per label, for multilabel)",
@@ -108,6 +110,7 @@ BUILT_IN = (
     Metric(
         "top_k_accuracy",
         top_k_accuracy,
+        at_most=1.0,
         counted="samples",
         tasks={"multiclass"},
         description=f"fraction of samples whose class is in the top {TOP_K} scores",
@@ -115,10 +118,11 @@ BUILT_IN = (
     Metric(
         "macro_f1",
         macro_f1,
+        at_most=1.0,
         tasks={"multiclass", "binary", "multilabel"},
         description="F1 averaged over classes (labels) with equal weight",
     ),
-    Metric("auc", auc, tasks={"binary", "multilabel"}, description="area under the ROC curve"),
+    Metric("auc", auc, tasks={"binary", "multilabel"}, at_most=1.0, description="area under the ROC curve"),
     Metric("mae", mae, tasks={"regression"}, higher_is_better=False, description="mean absolute error"),
     Metric("rmse", rmse, tasks={"regression"}, higher_is_better=False, description="root mean squared error"),
 )

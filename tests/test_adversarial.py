@@ -537,6 +537,7 @@ USER_ERRORS = [
         lambda t, m: ["--data", _npz(t, "negative", y_train=np.arange(80) % 3 - 1), "--recipe", "prune(epochs=1)"],
     ),
     ("epochs-optimize", "--epochs -5", lambda t, m: ["--epochs", "-5"]),
+    ("budget-in-points", "larger than all it can lose", lambda t, m: ["--max-accuracy-drop", "5"]),
     ("name-optimize", "is not usable", lambda t, m: ["--registered-model", BAD_NAME]),
 ]
 #: The same checks in the other commands: (id, message, full argument list).

@@ -359,3 +359,37 @@ def test_the_baseline_shows_the_latency_it_had_beside_the_candidates_not_a_lone_
     assert result.baseline.latency_p50_ms == pytest.approx(0.33)
     assert result.baseline.references["tflite"]["latency_p50_ms"] == pytest.approx(0.02)
     assert result.baseline.references["saved_model"]["latency_p50_ms"] == 0.9  # no candidate timed beside it
+
+
+def test_the_gate_never_compares_with_a_champion_measured_on_other_test_data():
+    import numpy as np
+
+    from kfopt.data import load_data
+    from kfopt.promotion import gate
+
+    x, y = np.random.default_rng(0).normal(size=(100, 4)).astype("float32"), np.arange(100) % 3
+    digest = load_data((x, y, x, y)).splits.test_digest
+    assert len(digest) == 16 and load_data((x, y, x, y)).splits.test_digest == digest
+    easier = y.copy()
+    easier[0] = 1
+    other = load_data((x, y, x, easier)).splits.test_digest
+    assert other != digest
+    # A small model scored 1.0 on test rows it gets right: against a champion measured on the real test split.
+    champion = {**ok("champion", 0.97, 0.0, 10_000), "test_digest": digest}
+    lucky = {**ok("lucky", 1.0, 0.0, 2_000), "test_digest": other}
+    promoted, reason = gate(lucky, champion, max_accuracy_drop=0.01, objective="size", champion_version="1")
+    assert not promoted and "measured on other test data" in reason
+    assert gate({**lucky, "test_digest": digest}, champion, max_accuracy_drop=0.01, objective="size")[0]
+
+
+def test_a_budget_larger_than_the_metric_can_lose_is_refused_but_an_error_budget_is_not():
+    from kfopt.plugins.manager import registry
+    from kfopt.select import check_budget
+
+    metrics = registry().metrics
+    for name in ("accuracy", "binary_accuracy", "auc", "macro_f1"):
+        with pytest.raises(KfoptError, match="0.05 for 5 points"):
+            check_budget(5, metrics[name])
+        check_budget(0.05, metrics[name])
+        check_budget("5%", metrics[name])
+    check_budget(5, metrics["mae"])  # an error in the target's units: 5 may be a fine budget

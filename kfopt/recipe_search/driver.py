@@ -274,6 +274,7 @@ def search(
     from ..progress import Reporter
     from ..recipe import plan
     from ..rundir import clear_run, locked
+    from ..select import check_budget
     from .space import load_search
 
     started = time.perf_counter()
@@ -315,6 +316,7 @@ def search(
             metrics=techniques.metrics,
             output=output,
         )
+        check_budget(max_accuracy_drop, evaluator.metric)
         reporter.say("Measuring the baseline")
         result = start_result(model, describe(data), seed, handle, evaluator)
         result.search, result.search_trace = settings, []
