@@ -137,6 +137,14 @@ def mlflow_errors() -> tuple[type[BaseException], ...]:
 _NOT_MEASURED = ("artifact", "within_budget", "not_selected_because")
 
 
+def _decided(result: RunResult) -> str:
+    """A fingerprint of what a run decided from its measurements: the winner and how it was selected."""
+    import hashlib
+
+    decision = json.dumps({"winner": result.winner, "selection": result.selection}, sort_keys=True, default=jsonable)
+    return hashlib.sha256(decision.encode()).hexdigest()[:16]
+
+
 def run_key(result: RunResult) -> str:
     """A fingerprint of what a run measured: model, data, seed, the baseline and every candidate,
     with the sha256 of each model file (not its path, nor the winner or budget decided from them).
@@ -269,7 +277,9 @@ class RunLogger:
             **lineage.kfp_tags(),
             **({"kfopt.run_key": key} if key else {}),
         }
-        parent = self.client.create_run(self.experiment_id(), run_name=f"kfopt {self.directory.name}", tags=tags)
+        model = str(run.get("model"))
+        name = f"kfopt {Path(model.rstrip('/')).name or model} ({self.directory.name})"  # the model tells runs apart
+        parent = self.client.create_run(self.experiment_id(), run_name=name, tags=tags)
         run_id = parent.info.run_id
         self.state.update(parent_run_id=run_id, finished=False)
         self.save()
@@ -285,10 +295,23 @@ class RunLogger:
         return run_id
 
     def finish(self, result: RunResult) -> None:
-        """Log the baseline, metrics.json and the report on the parent run and close it (once)."""
+        """Log the baseline, metrics.json and the report on the parent run and close it (once).
+
+        A parent run an earlier attempt finished is taken over as it is, unless that attempt decided otherwise
+        (another budget or objective picked another winner, over the same measured candidates): then its
+        winner, metrics.json and report are logged again, so MLflow never shows an outcome the run no longer has.
+        """
         run_id = self.start(result)
+        decided = _decided(result)
         if self.state.get("finished"):
+            if self.client.get_run(run_id).data.tags.get("kfopt.decided") not in (None, decided):
+                tags = {"kfopt.winner": str(result.winner), "kfopt.decided": decided, **lineage.kfp_tags()}
+                for key, value in tags.items():
+                    self.client.set_tag(run_id, key, value)
+                self.client.log_dict(run_id, result.to_dict(), METRICS_FILE)
+                self._log_report(run_id, result)
             return
+        self.client.set_tag(run_id, "kfopt.decided", decided)
         self._log_batch(run_id, metrics=numeric_metrics(result.baseline, prefix="baseline_"))
         self.client.set_tag(run_id, "kfopt.winner", str(result.winner))
         self.client.set_tag(run_id, "kfopt.run_key", run_key(result))

@@ -566,3 +566,25 @@ def kfopt_version() -> str:
     from kfopt import __version__
 
     return __version__
+
+
+def test_a_rerun_that_decides_otherwise_updates_the_parent_run_it_takes_over(mlflow_server, run_dir):
+    """A cached pipeline re-run with another budget: the same measured candidates, another outcome."""
+    from kfopt.select import select
+    from kfopt.tracking import RunLogger
+
+    out = run_dir("small")
+    first = RunResult.load(out)
+    RunLogger(out, mlflow_server.uri, "rerun-decided").log_result(first)
+    (out / TRACKING_FILE).unlink()  # a fresh pod: the parent run is found again by the results' fingerprint
+    strict = RunResult.load(out).apply(select(first.candidates, max_accuracy_drop=0.0, objective="size"))
+    assert strict.selection != first.selection  # decided under another budget
+    RunLogger(out, mlflow_server.uri, "rerun-decided").log_result(strict)
+    mlflow = client(mlflow_server.uri)
+    (parent,) = mlflow.search_runs(
+        [mlflow.get_experiment_by_name("rerun-decided").experiment_id], "tags.`mlflow.parentRunId` IS NULL"
+    )
+    assert parent.data.tags["kfopt.winner"] == str(strict.winner)
+    assert parent.info.run_name.startswith("kfopt demo:mlp")
+    logged = json.loads(Path(mlflow.download_artifacts(parent.info.run_id, "metrics.json")).read_text())
+    assert logged["winner"] == strict.winner and logged["selection"] == json.loads(json.dumps(strict.selection))
