@@ -721,7 +721,7 @@ def run(
     if as_json:
         click.echo(_json(result))
     else:
-        _print_run(result)
+        _print_run(result, out)
     if not any(c["status"] == "ok" for c in result["candidates"]):
         sys.exit(1)
     if (result.get("tracking") or {}).get("status") == "failed":
@@ -811,7 +811,7 @@ def _quality_text(candidate) -> str:
     return f"{name} {value:.4f} (test drop {drop:+.4f})"
 
 
-def _print_run(result: dict) -> None:
+def _print_run(result: dict, out) -> None:
     _print_result(result)
     click.echo(
         f"Report: {_file_url(result.get('report'))}" if result.get("report") else "Report: not written (see the log)"
@@ -829,7 +829,7 @@ def _print_run(result: dict) -> None:
     if tracked.get("status") == "skipped":
         click.echo(f"MLflow: skipped: {tracked.get('error')}", err=True)
     else:
-        _report_tracking(result, result["results"])
+        _report_tracking(result, out)  # promote --from OUT also brings OUT/metrics.json up to date
 
 
 def _file_url(path) -> str:
