@@ -694,14 +694,19 @@ def select_step(
     architecture, as ``kfopt search`` does (``registry``: the techniques whose
     defaults tell which student a distill step builds; default the installed ones).
     """
+    from kfopt.plugins.manager import registry as installed
     from kfopt.recipe_search import ALL_ROUNDS_DONE, best_same_architecture, search_outcome, trace_entry
     from kfopt.rundir import resolve_artifact
-    from kfopt.select import budget_value, objective_metric, select
+    from kfopt.select import budget_value, check_budget, objective_metric, select
 
     objective_metric(objective)  # a bad objective or budget is the user's error: fail before copying anything
     max_accuracy_drop = budget_value(max_accuracy_drop)
     results_dir = writable_dir(results_dir)
     info = read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
+    registry = registry or installed()  # the techniques' defaults say which student a distill step builds
+    metric = registry.metrics.get(info["metrics"].get("metric_name") or "accuracy")
+    if metric is not None:  # a budget of all the metric can lose selects everything and gates no champion
+        check_budget(max_accuracy_drop, metric)
     baseline_path = _copy_model(baseline_model_path(baseline_dir, info), writable_dir(results_dir / "baseline"))
     previous = RunResult.load(previous_dir) if previous_dir else None
     candidates, stops, new = [], [], []
@@ -759,10 +764,6 @@ def select_step(
     result.settle_baseline_latency().apply(select(candidates, max_accuracy_drop=max_accuracy_drop, objective=objective))
     # As `kfopt search` names it: the best candidate that keeps the user's architecture (the report shows it
     # beside a winner that is a dense student).
-    if registry is None:  # the techniques' defaults say which student a distill step without one builds
-        from kfopt.plugins.manager import registry as build_registry
-
-        registry = build_registry()
     result.best_same_architecture = best_same_architecture(
         candidates, max_accuracy_drop=max_accuracy_drop, objective=objective, techniques=registry
     )
