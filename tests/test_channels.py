@@ -301,7 +301,7 @@ def test_channels_then_int8_runs_end_to_end(cnn, digits_images, tmp_path):
         "prune(method=channels,target_sparsity=0.5,epochs=1)>quantize(mode=int8)",
         out=tmp_path / "run",
         progress=False,
-        max_accuracy_drop=1.0,
+        max_accuracy_drop=0.5,  # any outcome: this test is about what the chain builds
     )
     (candidate,) = result.candidates
     assert candidate.status == "ok", candidate.reason
