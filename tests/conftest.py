@@ -54,6 +54,19 @@ def cnn(digits_images, tmp_path_factory):
     return train_demo("demo:cnn", ctx, epochs=5)
 
 
+def baseline_record(directory, accuracy: float = 0.97):
+    """A pipeline ``baseline`` folder for steps that read only its record (the model file is a placeholder)."""
+    import json
+
+    from kfopt.components import steps
+
+    directory.mkdir(parents=True)
+    (directory / steps.BASELINE_MODEL).write_bytes(b"keras")
+    record = {"model": "demo:mlp", "data": "digits", "seed": 0, "input_shape": [64], "metrics": {"accuracy": accuracy}}
+    (directory / steps.BASELINE_FILE).write_text(json.dumps(record))
+    return directory
+
+
 def accuracy(keras_model, data) -> float:
     x, y = data.test.arrays()
     return float((keras_model.predict(x, verbose=0).argmax(axis=1) == y).mean())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import baseline_record
 
 from kfopt.cli import main
 from kfopt.components import steps
@@ -192,14 +193,7 @@ def _candidate(directory, recipe, steps_, val_drop, gzip_bytes, **extra):
 
 
 def test_round_steps_propose_from_validation_and_merge_rounds_into_one_results_folder(tmp_path):
-    baseline = tmp_path / "baseline"
-    baseline.mkdir()
-    (baseline / steps.BASELINE_MODEL).write_bytes(b"keras")
-    (baseline / steps.BASELINE_FILE).write_text(
-        json.dumps(
-            {"model": "demo:mlp", "data": "digits", "seed": 0, "input_shape": [64], "metrics": {"accuracy": 0.97}}
-        )
-    )
+    baseline = baseline_record(tmp_path / "baseline")
     plan = tmp_path / "plan"
     plan.mkdir()
     (plan / steps.SEARCH_FILE).write_text(
@@ -798,14 +792,7 @@ def test_without_a_free_slot_cheap_recipes_ride_along_with_fine_tuning_ones_inst
 
 
 def test_propose_stops_when_the_last_round_did_not_gain_and_until_no_gain(tmp_path):
-    baseline = tmp_path / "baseline"
-    baseline.mkdir()
-    (baseline / steps.BASELINE_MODEL).write_bytes(b"keras")
-    (baseline / steps.BASELINE_FILE).write_text(
-        json.dumps(
-            {"model": "demo:mlp", "data": "digits", "seed": 0, "input_shape": [64], "metrics": {"accuracy": 0.97}}
-        )
-    )
+    baseline = baseline_record(tmp_path / "baseline")
     prune = [
         {"technique": "prune", "config": {"method": "magnitude", "target_sparsity": 0.5, "epochs": 1}},
         {"technique": "quantize", "config": {"mode": "int8"}},

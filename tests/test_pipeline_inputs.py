@@ -14,6 +14,7 @@ from kfopt.pipelines.optimize_and_promote import compile_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from conftest import baseline_record  # noqa: E402
 from zoo_models import digits_flat, subclassed_saved_model  # noqa: E402
 
 
@@ -110,14 +111,7 @@ def test_the_output_the_metric_is_computed_on_reaches_optimize_and_evaluate(tmp_
 
 
 def test_select_takes_a_relative_budget_from_a_pipeline_parameter(tmp_path):
-    baseline = tmp_path / "baseline"
-    baseline.mkdir()
-    (baseline / steps.BASELINE_MODEL).write_bytes(b"keras")
-    (baseline / steps.BASELINE_FILE).write_text(
-        json.dumps(
-            {"model": "demo:mlp", "data": "digits", "seed": 0, "input_shape": [64], "metrics": {"accuracy": 0.9}}
-        )
-    )
+    baseline = baseline_record(tmp_path / "baseline", accuracy=0.9)
 
     def candidate(name, accuracy, gzip_bytes):
         directory = tmp_path / name
