@@ -528,11 +528,10 @@ def plan_search_step(
     info = read_json(Path(baseline_dir) / BASELINE_FILE, "baseline record")
     # channel_recipes proposes nothing for objective size: the model (and TensorFlow) is not loaded for it.
     if channels_at >= 0 and objective != "size" and (info.get("format") or "keras") == "keras":
-        baseline, _ = load_baseline(baseline_dir)
-        if registry is None:
-            from kfopt.plugins.manager import registry as build_registry
+        from kfopt.plugins.manager import registry as installed
 
-            registry = build_registry()
+        baseline, _ = load_baseline(baseline_dir)
+        registry = registry or installed()
         round_one = [
             {"position": channels_at + index, "round": 1, "why": proposal.why, "recipe": proposal.recipe}
             for index, proposal in enumerate(channel_recipes(baseline.keras(), objective, registry))
